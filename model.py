@@ -1,0 +1,342 @@
+"""The DINOv2 Vision Transformer, written to be read, and to load the official checkpoints unchanged.
+
+Follows facebookresearch/dinov2 (Oquab et al. 2023, "DINOv2: Learning Robust Visual Features without
+Supervision") and its registers variant (Darcet et al. 2024, "Vision Transformers Need Registers").
+DBT-DINO (../shared/papers/dbt-dino.txt) continues pretraining dinov2_vitb14 on tomosynthesis slices and
+releases a DINOv2 teacher checkpoint, so everything here is key-for-key the hub model: the official
+`dinov2_*_pretrain.pth` files and DBT-DINO's `dbt_dino.pth` load with strict key checking and give the
+same features as the original code.
+
+Dimension names used in shape comments:
+    B batch, C channels, H/W image height/width, p patch size (14), h/w = H/p, W/p patch grid,
+    N = h*w patch tokens, R register tokens (0 or 4), D width, nh heads, hd = D/nh head width.
+
+Token layout through the network:
+    image (B, 3, H, W)
+      -> patch_embed (conv p x p, stride p)             (B, N, D)
+      -> masked patches := mask_token (iBOT student)     (B, N, D)
+      -> [cls] + patches, + interpolated pos_embed       (B, 1+N, D)
+      -> [cls] + [reg_1..reg_R] + patches (no pos)       (B, 1+R+N, D)
+      -> depth x Block (pre-norm attention + MLP, LayerScale on both residuals)
+      -> final LayerNorm -> x_norm_clstoken (B, D), x_norm_regtokens (B, R, D), x_norm_patchtokens (B, N, D)
+"""
+import math
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Named architectures. The hub ones are the official dinov2_* entry points (spec dinov2.md §1a);
+# "tiny" is ours, for tests and one-minute CPU runs. A "_reg" suffix adds the 4 registers variant.
+PRESETS = {
+    "tiny": dict(img_size=112, embed_dim=96, depth=4, num_heads=3),
+    "vits14": dict(embed_dim=384, depth=12, num_heads=6),
+    "vitb14": dict(embed_dim=768, depth=12, num_heads=12),
+    "vitl14": dict(embed_dim=1024, depth=24, num_heads=16),
+    "vitg14": dict(embed_dim=1536, depth=40, num_heads=24, ffn="swiglu"),
+}
+# Register models interpolate pos_embed to an explicit size with antialiasing; the others use the
+# older scale_factor=(g+0.1)/M rule. Both must be kept: the released weights were trained with them.
+REGISTERS = dict(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> D-dim tokens, row-major over the (h, w) grid."""
+
+    def __init__(self, patch_size, in_chans, embed_dim):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        H, W = x.shape[-2:]
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"input {H}x{W} is not divisible by the patch size {self.patch_size}")
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        # the 3D output is [q | k | v], each split into contiguous heads (same order as the checkpoints)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, nh, N, hd)
+        # SDPA's default scale is hd^-0.5, as in DINOv2; it picks flash/memory-efficient kernels on GPU
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, nh, N, hd)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()  # exact erf GELU, not the tanh approximation
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwiGLU(nn.Module):
+    """ViT-g's FFN: silu(x W1) * (x W2) -> W3, with W1 and W2 packed in one `w12` matrix."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8  # 2/3 keeps the FLOPs of a 4D MLP; x8 for kernels
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim, init_values):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+def drop_path(x, rate, training):
+    """Stochastic depth: zero the residual branch of whole samples, rescale the survivors."""
+    if rate == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], 1, 1).bernoulli_(1 - rate)
+    return x * keep / (1 - rate)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
+
+    def __init__(self, dim, num_heads, mlp_ratio, ffn, init_values, drop_path_rate):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.ls1 = LayerScale(dim, init_values)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = (SwiGLU if ffn == "swiglu" else Mlp)(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, init_values)
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x):
+        x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path_rate, self.training)
+        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path_rate, self.training)
+
+
+class ViT(nn.Module):
+    """DINOv2's DinoVisionTransformer with the hub's defaults; parameter names match its state dict."""
+
+    def __init__(self, img_size=518, patch_size=14, in_chans=3, embed_dim=768, depth=12, num_heads=12,
+                 mlp_ratio=4.0, ffn="mlp", num_register_tokens=0, interpolate_antialias=False,
+                 interpolate_offset=0.1, init_values=1.0, drop_path_rate=0.0):
+        super().__init__()
+        # kept so a checkpoint can rebuild the model without the command line (build(**config))
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.embed_dim, self.patch_size, self.n_blocks = embed_dim, patch_size, depth
+        self.num_register_tokens = num_register_tokens
+        self.interpolate_antialias, self.interpolate_offset = interpolate_antialias, interpolate_offset
+        grid = img_size // patch_size
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))  # cls + grid, no registers
+        self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))  # exists in every hub checkpoint
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, ffn, init_values, drop_path_rate)
+                                    for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """DINOv2's from-scratch init; irrelevant when a checkpoint is loaded, but it makes training reproducible."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def interpolate_pos_encoding(self, x, H, W):
+        """Resample the stored square pos_embed grid to the (H/p, W/p) grid of this input, as DINOv2 does."""
+        n_patch, n_stored = x.shape[1] - 1, self.pos_embed.shape[1] - 1
+        if n_patch == n_stored and H == W:
+            return self.pos_embed
+        pos = self.pos_embed.float()  # bicubic in fp32 even under autocast, as the reference
+        M = int(math.sqrt(n_stored))
+        h, w = H // self.patch_size, W // self.patch_size
+        grid = pos[:, 1:].reshape(1, M, M, -1).permute(0, 3, 1, 2)  # (1, D, M, M)
+        if self.interpolate_offset:
+            # QUIRK kept on purpose: the released non-register weights were evaluated with this rule;
+            # the +0.1 makes floor(M * s) land on h, and the given scale (not h/M) drives the sampling.
+            scale = ((h + self.interpolate_offset) / M, (w + self.interpolate_offset) / M)
+            grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", antialias=self.interpolate_antialias)
+        else:
+            grid = F.interpolate(grid, size=(h, w), mode="bicubic", antialias=self.interpolate_antialias)
+        assert grid.shape[-2:] == (h, w), f"pos_embed resampled to {tuple(grid.shape[-2:])}, wanted {(h, w)}"
+        grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)  # (1, N, D)
+        return torch.cat([pos[:, :1], grid], dim=1).to(x.dtype)
+
+    def prepare_tokens_with_masks(self, x, masks=None):
+        B, _, H, W = x.shape
+        x = self.patch_embed(x)  # (B, N, D)
+        if masks is not None:  # masks (B, N) bool, True = hidden from the student (iBOT)
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1+N, D)
+        x = x + self.interpolate_pos_encoding(x, H, W)
+        if self.register_tokens is not None:  # registers go after cls and get no position
+            x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)  # (B, 1+R+N, D)
+        return x
+
+    def forward_features(self, x, masks=None):
+        """Returns DINOv2's dict of normed tokens; a list of crops (multi-crop training) gives a list of dicts."""
+        if isinstance(x, (list, tuple)):
+            masks = masks if masks is not None else [None] * len(x)
+            return [self.forward_features(xi, mi) for xi, mi in zip(x, masks)]
+        x = self.prepare_tokens_with_masks(x, masks)
+        for blk in self.blocks:
+            x = blk(x)
+        x_norm = self.norm(x)
+        R = self.num_register_tokens
+        return {
+            "x_norm_clstoken": x_norm[:, 0],  # (B, D)
+            "x_norm_regtokens": x_norm[:, 1:1 + R],  # (B, R, D)
+            "x_norm_patchtokens": x_norm[:, 1 + R:],  # (B, N, D)
+            "x_prenorm": x,  # (B, 1+R+N, D)
+            "masks": masks,
+        }
+
+    def get_intermediate_layers(self, x, n=1, reshape=False, return_class_token=False, norm=True):
+        """Outputs of the last n blocks (or of the block indices in n), in block order, registers dropped."""
+        B, _, H, W = x.shape
+        take = set(range(self.n_blocks - n, self.n_blocks)) if isinstance(n, int) else set(n)
+        tokens, outputs = self.prepare_tokens_with_masks(x), []
+        for i, blk in enumerate(self.blocks):
+            tokens = blk(tokens)
+            if i in take:
+                outputs.append(tokens)
+        if len(outputs) != len(take):
+            raise ValueError(f"asked for blocks {sorted(take)} of a {self.n_blocks}-block model")
+        if norm:
+            outputs = [self.norm(o) for o in outputs]
+        cls = [o[:, 0] for o in outputs]  # (B, D) each
+        patches = [o[:, 1 + self.num_register_tokens:] for o in outputs]  # (B, N, D) each
+        if reshape:
+            h, w = H // self.patch_size, W // self.patch_size
+            patches = [p.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() for p in patches]  # (B, D, h, w)
+        return tuple(zip(patches, cls)) if return_class_token else tuple(patches)
+
+    def forward(self, x):
+        return self.forward_features(x)["x_norm_clstoken"]  # (B, D); the hub head is Identity
+
+
+# ---------------------------------------------------------------------------------------------------
+# Builders named like the torch.hub entry points; `weights` is a local file (nothing is downloaded).
+
+def build(name, weights=None, **kwargs):
+    """build("vitb14"), build("vits14_reg", weights="dinov2_vits14_reg4_pretrain.pth"), build("tiny")."""
+    base = name[:-4] if name.endswith("_reg") else name
+    if base not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(PRESETS)} (optionally with _reg)")
+    cfg = dict(PRESETS[base], **(REGISTERS if name.endswith("_reg") else {}))
+    model = ViT(**dict(cfg, **kwargs))
+    return load_pretrained(model, weights) if weights is not None else model
+
+
+def dinov2_vits14(weights=None, **kwargs): return build("vits14", weights, **kwargs)
+def dinov2_vitb14(weights=None, **kwargs): return build("vitb14", weights, **kwargs)
+def dinov2_vitl14(weights=None, **kwargs): return build("vitl14", weights, **kwargs)
+def dinov2_vitg14(weights=None, **kwargs): return build("vitg14", weights, **kwargs)
+def dinov2_vits14_reg(weights=None, **kwargs): return build("vits14_reg", weights, **kwargs)
+def dinov2_vitb14_reg(weights=None, **kwargs): return build("vitb14_reg", weights, **kwargs)
+def dinov2_vitl14_reg(weights=None, **kwargs): return build("vitl14_reg", weights, **kwargs)
+def dinov2_vitg14_reg(weights=None, **kwargs): return build("vitg14_reg", weights, **kwargs)
+def vit_tiny(weights=None, **kwargs): return build("tiny", weights, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints
+
+@torch.no_grad()
+def ema_update(teacher, student, m):
+    """teacher = m * teacher + (1 - m) * student, parameter by parameter (buffers are not averaged)."""
+    t, s = list(teacher.parameters()), list(student.parameters())
+    torch._foreach_mul_(t, m)
+    torch._foreach_add_(t, s, alpha=1.0 - m)
+
+
+def backbone_state_dict(ckpt, name="<state dict>"):
+    """Reduce any supported checkpoint to hub-format backbone keys.
+
+    Accepted: (a) a hub file (flat ViT keys); (b) DINOv2's teacher_checkpoint.pth, {"teacher": {"backbone.*",
+    "dino_head.*", "ibot_head.*"}}, with flat or FSDP-chunked `blocks.<chunk>.<i>` keys; (c) DBT-DINO's
+    dbt_dino.pth (format b); (d) our pretrain ckpt.pt ({"teacher": ...}) and backbone.pth (format a).
+    """
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{name}: not a checkpoint (a {type(ckpt).__name__}, not a dict of tensors)")
+    for key in ("teacher", "model", "state_dict"):  # training files wrap the weights one level down
+        if isinstance(ckpt.get(key), dict):
+            ckpt = ckpt[key]
+            break
+    out = {}
+    for k, v in ckpt.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        for prefix in ("module.", "_orig_mod.", "backbone."):  # DDP, torch.compile, DINOv2 ModuleDict
+            k = k[len(prefix):] if k.startswith(prefix) else k
+        if k.startswith(("dino_head.", "ibot_head.", "head.")):
+            continue  # projection heads are not part of the backbone
+        out[re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k)] = v  # un-chunk FSDP BlockChunks
+    if not out:
+        raise ValueError(f"{name}: no tensors found; is this a model checkpoint?")
+    return out
+
+
+def resample_pos_embed(pos_embed, grid, antialias):
+    """(1, 1+M*M, D) -> (1, 1+grid*grid, D): bicubic on the patch part, cls position kept."""
+    M = int(math.sqrt(pos_embed.shape[1] - 1))
+    patch = pos_embed[:, 1:].float().reshape(1, M, M, -1).permute(0, 3, 1, 2)  # (1, D, M, M)
+    patch = F.interpolate(patch, size=(grid, grid), mode="bicubic", antialias=antialias)
+    patch = patch.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)  # (1, grid*grid, D)
+    return torch.cat([pos_embed[:, :1].float(), patch], dim=1).to(pos_embed.dtype)
+
+
+def load_pretrained(model, path_or_state_dict):
+    """Load DINOv2 / DBT-DINO / our weights into `model`; any key or shape mismatch is an error listing them."""
+    name = "<state dict>"
+    ckpt = path_or_state_dict
+    if not isinstance(ckpt, dict):
+        name = str(path_or_state_dict)
+        try:
+            ckpt = torch.load(name, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{name}: no such checkpoint file") from None
+        except Exception as e:  # truncated zip, pickle of arbitrary objects, a text file, ...
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{name}: not a readable PyTorch checkpoint ({reason})") from None
+    state = backbone_state_dict(ckpt, name)
+    own = model.state_dict()
+    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
+        grid = int(math.sqrt(own["pos_embed"].shape[1] - 1))
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], grid, model.interpolate_antialias)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                    for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        raise ValueError(f"{name}: does not fit the model: missing {missing}; unexpected {unexpected}; "
+                         f"wrong shape {shapes}")
+    model.load_state_dict(state, strict=True)
+    return model

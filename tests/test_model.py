@@ -1,0 +1,230 @@
+"""model.py against the DINOv2 spec (../shared/spec/dinov2.md §1a-1b) and reference implementations."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model
+
+# (builder, D, depth, ffn, registers) from spec §1a
+ARCHS = [
+    (model.dinov2_vits14, 384, 12, "mlp", 0), (model.dinov2_vitb14, 768, 12, "mlp", 0),
+    (model.dinov2_vitl14, 1024, 24, "mlp", 0), (model.dinov2_vitg14, 1536, 40, "swiglu", 0),
+    (model.dinov2_vits14_reg, 384, 12, "mlp", 4), (model.dinov2_vitb14_reg, 768, 12, "mlp", 4),
+    (model.dinov2_vitl14_reg, 1024, 24, "mlp", 4), (model.dinov2_vitg14_reg, 1536, 40, "swiglu", 4),
+]
+
+
+def hub_keys(D, depth, ffn, R):
+    """The hub checkpoint's keys and shapes, written out from spec §1b."""
+    keys = {"cls_token": (1, 1, D), "pos_embed": (1, 1370, D), "mask_token": (1, D),
+            "patch_embed.proj.weight": (D, 3, 14, 14), "patch_embed.proj.bias": (D,),
+            "norm.weight": (D,), "norm.bias": (D,)}
+    if R:
+        keys["register_tokens"] = (1, R, D)
+    hidden = 4096 if ffn == "swiglu" else 4 * D  # spec: (int(4D*2/3)+7)//8*8 = 4096 for D=1536
+    for i in range(depth):
+        b = f"blocks.{i}."
+        keys.update({b + "norm1.weight": (D,), b + "norm1.bias": (D,), b + "norm2.weight": (D,), b + "norm2.bias": (D,),
+                     b + "attn.qkv.weight": (3 * D, D), b + "attn.qkv.bias": (3 * D,),
+                     b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,),
+                     b + "ls1.gamma": (D,), b + "ls2.gamma": (D,)})
+        if ffn == "swiglu":
+            keys.update({b + "mlp.w12.weight": (2 * hidden, D), b + "mlp.w12.bias": (2 * hidden,),
+                         b + "mlp.w3.weight": (D, hidden), b + "mlp.w3.bias": (D,)})
+        else:
+            keys.update({b + "mlp.fc1.weight": (hidden, D), b + "mlp.fc1.bias": (hidden,),
+                         b + "mlp.fc2.weight": (D, hidden), b + "mlp.fc2.bias": (D,)})
+    return keys
+
+
+@pytest.mark.parametrize("builder,D,depth,ffn,R", ARCHS)
+def test_hub_keys_and_shapes(builder, D, depth, ffn, R):
+    with torch.device("meta"):  # ViT-g is 1.1B parameters: no memory is spent on meta
+        m = builder()
+    got = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert got == hub_keys(D, depth, ffn, R)
+
+
+def test_parameter_counts():
+    def count(D, depth):  # independent count from the layer list in spec §1a
+        per_block = 4 * D + (3 * D * D + 3 * D) + (D * D + D) + 2 * D + (4 * D * D + 4 * D) + (4 * D * D + D)
+        return 3 * 14 * 14 * D + D + D + 1370 * D + D + depth * per_block + 2 * D
+    s = sum(p.numel() for p in model.dinov2_vits14().parameters())
+    b = sum(p.numel() for p in model.dinov2_vitb14().parameters())
+    assert (s, b) == (count(384, 12), count(768, 12))
+    assert round(s / 1e6, 2) == 22.06 and round(b / 1e6, 2) == 86.58  # the spec's reference counts
+
+
+def randomize(m, seed=0):
+    """Perturb every parameter so that a wrong mapping of any of them shows up in the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith(("norm1.weight", "norm2.weight", "norm.weight")):
+                p.copy_(1 + 0.1 * noise)
+            elif name.endswith("gamma"):
+                p.copy_(0.5 + 0.1 * noise)
+            else:
+                p.copy_(0.05 * noise)
+    return m.eval()
+
+
+def test_matches_dinov2_reference_nonreg():
+    """PyPI dinov2 (early 2023 snapshot) is the reference for non-register models at any size (spec §3)."""
+    vt = pytest.importorskip("dinov2.models.vision_transformer")
+    ref = vt.vit_small(patch_size=14, img_size=518, init_values=1.0, block_chunks=0).eval()
+    ours = randomize(model.dinov2_vits14())
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    with torch.no_grad():
+        for H, W in [(518, 518), (224, 308), (224, 224)]:
+            x = torch.randn(1, 3, H, W, generator=torch.Generator().manual_seed(H + W))
+            a, b = ours.forward_features(x), ref.forward_features(x)
+            for k in ("x_norm_clstoken", "x_norm_patchtokens", "x_prenorm"):
+                assert (a[k] - b[k]).abs().max() < 1e-5, (H, W, k)
+
+
+@pytest.mark.parametrize("name,sizes", [("vit_small_patch14_dinov2", [(518, 518)]),
+                                         ("vit_small_patch14_reg4_dinov2", [(518, 518), (224, 308)])])
+def test_matches_timm(name, sizes):
+    """timm is exact at 518 for both families and at any size for registers (spec §3)."""
+    timm = pytest.importorskip("timm")
+    from timm.models.vision_transformer import checkpoint_filter_fn
+    reg = "reg4" in name
+    ours = randomize(model.dinov2_vits14_reg() if reg else model.dinov2_vits14())
+    ref = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=reg).eval()
+    ref.load_state_dict(checkpoint_filter_fn(ours.state_dict(), ref), strict=True)
+    with torch.no_grad():
+        for H, W in sizes:
+            x = torch.randn(1, 3, H, W, generator=torch.Generator().manual_seed(H * W))
+            a, t = ours.forward_features(x), ref.forward_features(x)  # timm: normed (B, 1+R+N, D)
+            assert (a["x_norm_clstoken"] - t[:, 0]).abs().max() < 1e-5
+            assert (a["x_norm_regtokens"] - t[:, 1:5]).abs().max() < 1e-5 if reg else True
+            assert (a["x_norm_patchtokens"] - t[:, 1 + 4 * reg:]).abs().max() < 1e-5
+
+
+def test_interpolation_rules():
+    """Non-reg: scale_factor=(g+0.1)/M without antialias; reg: explicit size with antialias (spec §1a)."""
+    for name, kwargs in [("tiny", dict(scale_factor=((6 + 0.1) / 8, (10 + 0.1) / 8), antialias=False)),
+                         ("tiny_reg", dict(size=(6, 10), antialias=True))]:
+        m = model.build(name)
+        x = torch.zeros(1, 1 + 60, 96)
+        pos = m.interpolate_pos_encoding(x, 84, 140)  # 6 x 10 patches from the stored 8 x 8 grid
+        grid = m.pos_embed[:, 1:].reshape(1, 8, 8, 96).permute(0, 3, 1, 2)
+        want = F.interpolate(grid, mode="bicubic", **kwargs).permute(0, 2, 3, 1).reshape(1, 60, 96)
+        assert torch.equal(pos[:, 0], m.pos_embed[:, 0]) and torch.allclose(pos[:, 1:], want)
+        assert m.interpolate_pos_encoding(torch.zeros(1, 65, 96), 112, 112) is m.pos_embed  # native: untouched
+    # the two rules really differ, so the choice matters for reproducing features
+    a = model.build("tiny").interpolate_pos_encoding(torch.zeros(1, 37, 96), 84, 84)
+    b = model.build("tiny", interpolate_offset=0.0).interpolate_pos_encoding(torch.zeros(1, 37, 96), 84, 84)
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_masks_replace_exactly_the_masked_tokens():
+    m = randomize(model.build("tiny_reg"))
+    x = torch.randn(2, 3, 112, 112)
+    masks = torch.rand(2, 64, generator=torch.Generator().manual_seed(0)) < 0.4
+    plain, masked = m.prepare_tokens_with_masks(x), m.prepare_tokens_with_masks(x, masks)
+    patches_plain, patches_masked = plain[:, 5:], masked[:, 5:]  # after cls + 4 registers
+    assert torch.equal(patches_plain[~masks], patches_masked[~masks])
+    want = (m.mask_token + m.pos_embed[0, 1:]).expand(2, -1, -1)[masks]  # mask_token, then position
+    assert torch.allclose(patches_masked[masks], want) and torch.equal(plain[:, :5], masked[:, :5])
+    assert m.forward_features(x, masks)["masks"] is masks
+
+
+def test_get_intermediate_layers_order_and_shapes():
+    m = randomize(model.build("tiny_reg"))
+    x = torch.randn(2, 3, 84, 112)
+    seen, tok = [], m.prepare_tokens_with_masks(x)
+    for blk in m.blocks:
+        tok = blk(tok)
+        seen.append(tok)
+    with torch.no_grad():
+        out = m.get_intermediate_layers(x, n=2, return_class_token=True)
+        assert len(out) == 2
+        for (patch, cls), want in zip(out, seen[2:]):
+            want = m.norm(want)
+            assert torch.allclose(patch, want[:, 5:]) and torch.allclose(cls, want[:, 0])
+        raw = m.get_intermediate_layers(x, n=[0, 3], reshape=True, norm=False)
+        assert [r.shape for r in raw] == [(2, 96, 6, 8)] * 2
+        assert torch.allclose(raw[0], seen[0][:, 5:].reshape(2, 6, 8, 96).permute(0, 3, 1, 2))
+        last = m.get_intermediate_layers(x)[0]
+        assert torch.allclose(last, m.forward_features(x)["x_norm_patchtokens"], atol=1e-6)
+        assert torch.allclose(m(x), m.forward_features(x)["x_norm_clstoken"])
+
+
+def test_ema_update():
+    t, s = model.vit_tiny(), randomize(model.vit_tiny(), seed=1)
+    t0 = {k: v.clone() for k, v in t.state_dict().items()}
+    model.ema_update(t, s, 1.0)
+    assert all(torch.equal(v, t0[k]) for k, v in t.state_dict().items())
+    model.ema_update(t, s, 0.25)
+    assert torch.allclose(t.pos_embed, 0.25 * t0["pos_embed"] + 0.75 * s.pos_embed)
+    model.ema_update(t, s, 0.0)
+    assert all(torch.equal(v, s.state_dict()[k]) for k, v in t.state_dict().items())
+
+
+def formats(m):
+    """The four checkpoint layouts of the issue, built from one model's weights."""
+    sd = m.state_dict()
+    chunked = {}  # FSDP BlockChunks: 2 chunks of 2 blocks, keys blocks.<chunk>.<global index>.*
+    for k, v in sd.items():
+        if k.startswith("blocks."):
+            i = int(k.split(".")[1])
+            k = f"blocks.{i // 2}." + k[len("blocks."):]
+        chunked["backbone." + k] = v
+    head = {"dino_head.mlp.0.weight": torch.zeros(8, 96), "dino_head.last_layer.weight_g": torch.ones(16, 1)}
+    return {
+        "hub": sd,
+        "dinov2_teacher_chunked": {"teacher": {**chunked, **head}},
+        "dbt_dino": {"teacher": {**{"backbone." + k: v for k, v in sd.items()}, **head}},
+        "ours_ckpt": {"version": 1, "step": 3, "teacher": {**{"backbone." + k: v for k, v in sd.items()}, **head},
+                      "student": {"module.backbone." + k: v * 0 for k, v in sd.items()}},
+    }
+
+
+def test_all_checkpoint_formats_round_trip(tmp_path):
+    src = randomize(model.vit_tiny())
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        want = src.forward_features(x)["x_norm_patchtokens"]
+        for fmt, ckpt in formats(src).items():
+            path = tmp_path / f"{fmt}.pth"
+            torch.save(ckpt, path)
+            got = model.vit_tiny(weights=str(path)).eval().forward_features(x)["x_norm_patchtokens"]
+            assert torch.equal(got, want), fmt
+
+
+def test_pos_embed_is_resampled_to_the_model_grid():
+    src = model.build("tiny", img_size=224)  # 16 x 16 grid
+    with torch.no_grad():  # a smooth field that varies along rows only: a transposition would show
+        rows = torch.linspace(-1, 1, 16).view(16, 1, 1).expand(16, 16, 96)
+        src.pos_embed[0, 1:] = rows.reshape(256, 96)
+    dst = model.load_pretrained(model.vit_tiny(), src.state_dict())  # 8 x 8 grid
+    got = dst.pos_embed[0, 1:].reshape(8, 8, 96)
+    assert torch.equal(dst.pos_embed[0, 0], src.pos_embed[0, 0])
+    assert (got[:, :, 0] - got[:, :1, 0]).abs().max() < 1e-5  # constant along each row
+    assert got[0, 0, 0] < -0.8 and got[-1, 0, 0] > 0.8
+
+
+def test_bad_checkpoints_fail_with_a_named_one_line_error(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save(model.vit_tiny().state_dict(), good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    text = tmp_path / "notes.txt"
+    text.write_text("this is not a checkpoint\n")
+    listing = tmp_path / "list.pth"
+    torch.save([1, 2, 3], listing)
+    for path in (truncated, text, listing):
+        with pytest.raises(ValueError) as e:
+            model.load_pretrained(model.vit_tiny(), str(path))
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"missing \[.blocks.4.*unexpected \[\]"):  # 4-block ckpt into a 5-block model
+        model.load_pretrained(model.build("tiny", depth=5), str(good))
+    with pytest.raises(ValueError, match=r"wrong shape.*embed"):
+        model.load_pretrained(model.build("tiny", embed_dim=48), str(good))
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        model.load_pretrained(model.vit_tiny(), str(tmp_path / "nope.pth"))
