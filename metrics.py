@@ -1,0 +1,404 @@
+"""Metrics, paired statistics, the official DBTex FROC evaluator, and logging helpers (stdlib + numpy + scipy).
+
+What is here, in file order; each definition is written once, in the docstring of the function that computes it:
+- classification: auroc, accuracy, confusion_matrix, macro_f1, and risk_auroc_by_year (Mirai's per-year rule)
+- paired tests:   delong_test (AUCs), mcnemar (accuracies), benjamini_hochberg (FDR across comparisons)
+- bootstrap_ci:   percentile CIs that resample cases, or whole patients when `groups` is given, never images of a
+                  patient independently (images of one patient are correlated, so that would shrink the CI)
+- detection:      dbtex_evaluate / dbtex_froc reproduce duke_dbt_data.evaluate (DBTex challenge): a hit is a
+                  predicted centre within max(GT diagonal/2, 100 px) of the GT centre and within VolumeSlices/4
+                  slices of its centre slice; the ranking metric is mean sensitivity at 1-4 FP per positive volume
+- logging:        Progress (one console line) and JsonlWriter (metrics.jsonl)
+
+CLI (scores a BCS-DBT submission with the public CSVs):
+    python metrics.py dbtex --labels labels.csv --boxes boxes.csv --predictions predictions.csv
+Array functions raise ValueError naming the argument; table readers name the file, column and row.
+"""
+
+import argparse
+import csv
+import json
+import os
+import time
+import warnings
+
+import numpy as np
+from scipy import stats
+
+# -----------------------------------------------------------------------------
+# classification metrics
+
+
+def _binary(y, where):
+    y = np.asarray(y)
+    if y.ndim != 1 or not np.isin(y, (0, 1)).all():
+        raise ValueError(f"{where}: y_true must be a 1-D array of 0/1 labels")
+    if y.min() == y.max():
+        raise ValueError(f"{where}: y_true has only class {int(y[0])}; AUROC needs positives and negatives")
+    return y.astype(bool)
+
+
+def _scores(s, n, where):
+    s = np.asarray(s, dtype=float)
+    if s.shape != (n,) or not np.isfinite(s).all():
+        raise ValueError(f"{where}: scores must be {n} finite numbers, got shape {s.shape}")
+    return s
+
+
+def _placements(y, s):
+    """DeLong placement values: per positive, the fraction of negatives it outscores; per negative, the fraction
+    of positives that outscore it (ties count 1/2 in both). Midranks make this O(N log N) (Sun & Xu 2014)."""
+    pos, neg = s[y], s[~y]
+    m, n = len(pos), len(neg)
+    ranks = stats.rankdata(np.concatenate([pos, neg]))  # midranks over all cases
+    v10 = (ranks[:m] - stats.rankdata(pos)) / n
+    v01 = 1.0 - (ranks[m:] - stats.rankdata(neg)) / m
+    return v10, v01
+
+
+def auroc(y_true, y_score):
+    """AUROC = P(score_pos > score_neg) + 1/2 P(score_pos == score_neg), the Mann-Whitney statistic."""
+    y = _binary(y_true, "auroc")
+    return float(_placements(y, _scores(y_score, len(y), "auroc"))[0].mean())
+
+
+def accuracy(y_true, y_pred):
+    """Fraction of cases whose predicted label equals the true label."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if y_true.shape != y_pred.shape or y_true.size == 0:
+        raise ValueError(f"accuracy: y_true {y_true.shape} and y_pred {y_pred.shape} must be equal, non-empty")
+    return float(np.mean(y_true == y_pred))
+
+
+def confusion_matrix(y_true, y_pred, labels=None):
+    """C[i, j] = number of cases with true label labels[i] predicted as labels[j]; labels default to the sorted
+    union of both arrays."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    accuracy(y_true, y_pred)  # same shape checks
+    labels = np.unique(np.concatenate([y_true, y_pred])) if labels is None else np.asarray(labels)
+    if not (np.isin(y_true, labels).all() and np.isin(y_pred, labels).all()):
+        raise ValueError("confusion_matrix: a label in y_true or y_pred is not in `labels`")
+    k = len(labels)
+    idx = {v: i for i, v in enumerate(labels.tolist())}
+    flat = [idx[t] * k + idx[p] for t, p in zip(y_true.tolist(), y_pred.tolist())]
+    return np.bincount(flat, minlength=k * k).reshape(k, k)
+
+
+def macro_f1(y_true, y_pred):
+    """Unweighted mean over the labels present in y_true or y_pred of F1 = 2TP / (2TP + FP + FN)."""
+    c = confusion_matrix(y_true, y_pred)
+    tp = np.diag(c)
+    return float(np.mean(2 * tp / (c.sum(0) + c.sum(1))))  # 2TP+FP+FN = column sum + row sum; never 0 here
+
+
+def risk_auroc_by_year(probs, years_to_cancer, years_to_followup, max_followup=5):
+    """Per-year AUROC of a risk model, Mirai's rule (compute_auc_x_year_auc). Returns {k: AUROC} for k = 1..T.
+
+    probs: (N, T) predicted cancer probability within k = 1..T years. years_to_cancer: inf (or >= T) if none.
+    An exam is a cancer if years_to_cancer < T, with time t = int(years_to_cancer); otherwise t =
+    int(min(years_to_followup, T) - 1). For year k: positive if cancer and t <= k-1; negative if t >= k-1
+    (later cancers, and cancer-free exams with about >= k years of follow-up); excluded otherwise.
+    The score is probs[:, k-1]. A year with no positives or no negatives gives NaN.
+    """
+    probs = np.asarray(probs, dtype=float)
+    ytc, yfu = np.asarray(years_to_cancer, dtype=float), np.asarray(years_to_followup, dtype=float)
+    if probs.shape != (len(ytc), max_followup) or ytc.shape != yfu.shape or np.isnan(ytc + yfu).any():
+        raise ValueError(f"risk_auroc_by_year: need probs (N, {max_followup}) and N non-NaN years, got "
+                         f"{probs.shape}, {ytc.shape}, {yfu.shape}")
+    cancer = ytc < max_followup
+    # np.trunc, not floor, reproduces Python int() in Mirai (follow-up < 1 year gives t = 0, not -1)
+    t = np.where(cancer, np.trunc(ytc), np.trunc(np.minimum(yfu, max_followup) - 1))
+    out = {}
+    for f in range(max_followup):
+        keep = (cancer & (t <= f)) | (t >= f)
+        label = (cancer & (t <= f))[keep]
+        out[f + 1] = auroc(label, probs[keep, f]) if 0 < label.sum() < len(label) else float("nan")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# paired tests and multiple comparisons
+
+
+def delong_test(y_true, score_a, score_b):
+    """DeLong test of AUC_a == AUC_b for two scores on the same cases. Returns (auc_a, auc_b, two-sided p).
+
+    With placement values V10 (positives, m) and V01 (negatives, n) of each model, the covariance of the two AUCs
+    is S = cov(V10)/m + cov(V01)/n (ddof = 1), and z = (auc_a - auc_b) / sqrt(S_aa + S_bb - 2 S_ab).
+    """
+    y = _binary(y_true, "delong_test")
+    (a10, a01), (b10, b01) = (_placements(y, _scores(s, len(y), "delong_test")) for s in (score_a, score_b))
+    m, n = len(a10), len(a01)
+    if m < 2 or n < 2:
+        raise ValueError(f"delong_test: need >= 2 positives and >= 2 negatives, got {m} and {n}")
+    s = np.cov(np.stack([a10, b10])) / m + np.cov(np.stack([a01, b01])) / n
+    auc_a, auc_b = float(a10.mean()), float(b10.mean())
+    var, diff = s[0, 0] + s[1, 1] - 2 * s[0, 1], abs(auc_a - auc_b)
+    if var <= 0:  # degenerate placements (e.g. identical scores): the AUC difference has no sampling noise
+        return auc_a, auc_b, 1.0 if diff == 0 else 0.0
+    return auc_a, auc_b, float(2 * stats.norm.sf(diff / np.sqrt(var)))
+
+
+def mcnemar(correct_a, correct_b, exact=True, correction=True):
+    """McNemar test on paired per-case correctness. b = cases only A gets right, c = only B gets right.
+
+    exact: p = min(1, 2 * BinomCDF(min(b, c); b + c, 1/2)). Otherwise chi2 (1 df) of (|b - c| - 1)^2 / (b + c),
+    or (b - c)^2 / (b + c) with correction=False. No discordant pairs gives p = 1.
+    """
+    ca, cb = np.asarray(correct_a, dtype=float), np.asarray(correct_b, dtype=float)
+    if ca.shape != cb.shape or ca.ndim != 1 or not np.isin(np.concatenate([ca, cb]), (0, 1)).all():
+        raise ValueError("mcnemar: correct_a and correct_b must be equal-length 1-D arrays of 0/1 or bool")
+    b, c = int(np.sum(ca > cb)), int(np.sum(ca < cb))
+    if b + c == 0:
+        return 1.0
+    if exact:
+        return float(min(1.0, 2 * stats.binom.cdf(min(b, c), b + c, 0.5)))
+    chi2 = (abs(b - c) - (1 if correction else 0)) ** 2 / (b + c)
+    return float(stats.chi2.sf(chi2, 1))
+
+
+def benjamini_hochberg(p_values):
+    """Benjamini-Hochberg adjusted p-values, in the input order: p_(i) * m / i for the i-th smallest, made
+    monotone from the largest down (step-up) and capped at 1. Reject H_i at FDR q iff adjusted_i <= q."""
+    p = np.asarray(p_values, dtype=float)
+    if p.ndim != 1 or p.size == 0 or not ((p >= 0) & (p <= 1)).all():
+        raise ValueError("benjamini_hochberg: p_values must be a non-empty 1-D array in [0, 1] (no NaN)")
+    order = np.argsort(p)
+    ranked = p[order] * len(p) / np.arange(1, len(p) + 1)
+    adjusted = np.empty_like(p)
+    adjusted[order] = np.minimum(1.0, np.minimum.accumulate(ranked[::-1])[::-1])
+    return adjusted
+
+
+# -----------------------------------------------------------------------------
+# bootstrap
+
+
+def bootstrap_ci(statistic, *arrays, n_boot=1000, alpha=0.05, seed=0, groups=None):
+    """Percentile bootstrap CI of statistic(*arrays). Returns (estimate on all data, low, high).
+
+    Each resample draws cases with replacement and applies the SAME indices to every array, so a paired
+    comparison (statistic(y, score_a, score_b) = auroc(y, a) - auroc(y, b)) keeps its pairing. With `groups`
+    (e.g. patient IDs, one per case) whole groups are drawn with replacement and all their cases kept.
+    low/high are the alpha/2 and 1 - alpha/2 quantiles of the resampled statistics. A resample on which the
+    statistic is undefined (it raises ValueError, e.g. AUROC without positives) is skipped with a warning.
+    Uses its own np.random.default_rng(seed); global RNG state is untouched.
+    """
+    arrays = [np.asarray(a) for a in arrays]
+    n = len(arrays[0]) if arrays else 0
+    if n == 0 or any(len(a) != n for a in arrays):
+        raise ValueError(f"bootstrap_ci: need non-empty arrays of equal length, got {[len(a) for a in arrays]}")
+    units = n
+    if groups is not None:
+        groups = np.asarray(groups)
+        if groups.shape != (n,):
+            raise ValueError(f"bootstrap_ci: groups must have one entry per case ({n}), got {groups.shape}")
+        _, inv, counts = np.unique(groups, return_inverse=True, return_counts=True)
+        members = np.split(np.argsort(inv, kind="stable"), np.cumsum(counts)[:-1])  # case indices per group
+        units = len(members)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_boot):
+        pick = rng.integers(units, size=units)
+        idx = pick if groups is None else np.concatenate([members[g] for g in pick])
+        try:
+            values.append(float(statistic(*(a[idx] for a in arrays))))
+        except ValueError:
+            continue
+    if len(values) < n_boot:
+        warnings.warn(f"bootstrap_ci: statistic undefined on {n_boot - len(values)} of {n_boot} resamples")
+    if not values:
+        raise ValueError("bootstrap_ci: statistic undefined on every resample")
+    low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
+    return float(statistic(*arrays)), float(low), float(high)
+
+
+# -----------------------------------------------------------------------------
+# detection: the DBTex challenge evaluation (duke_dbt_data.evaluate, 2021-01-04)
+
+LABEL_COLUMNS = ("StudyUID", "View")
+BOX_COLUMNS = ("StudyUID", "View", "X", "Y", "Width", "Height", "Slice", "VolumeSlices")
+PREDICTION_COLUMNS = ("StudyUID", "View", "X", "Y", "Width", "Height", "Z", "Depth", "Score")
+DBT_DINO_RADIUS = 20.0  # DBT-DINO's radius for boxes and predictions in 518-px coordinates (~100 px at full size)
+
+
+def _read_table(src, name, columns):
+    """A CSV path, or rows in memory as a list of dicts (what csv.DictReader yields), -> (name, keys, floats).
+
+    floats maps every numeric column to a float array; rows are numbered from 1, header excluded.
+    """
+    if isinstance(src, (str, os.PathLike)):
+        name = str(src)
+        with open(src, newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        rows = list(src)
+    if not rows:
+        raise ValueError(f"{name}: no data rows")
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise ValueError(f"{name}: missing column(s) {', '.join(missing)}")
+    floats = {}
+    for col in columns[2:]:
+        values = []
+        for i, r in enumerate(rows):
+            try:
+                values.append(float(r[col]))
+            except (TypeError, ValueError):  # empty cell, text, or a short row (None)
+                values.append(np.nan)
+            if not np.isfinite(values[-1]):
+                raise ValueError(f"{name}: row {i + 1}, column {col}: {r[col]!r} is not a finite number")
+        floats[col] = np.array(values)
+    return name, [(r["StudyUID"], r["View"]) for r in rows], floats
+
+
+def _dbtex_match(labels, boxes, predictions, radius):
+    """Read the three tables and assign each prediction to at most one GT box (see dbtex_evaluate)."""
+    lname, lkeys, _ = _read_table(labels, "labels", LABEL_COLUMNS)
+    bname, bkeys, b = _read_table(boxes, "boxes", BOX_COLUMNS)
+    pname, pkeys, p = _read_table(predictions, "predictions", PREDICTION_COLUMNS)
+    volume = {k: i for i, k in enumerate(lkeys)}
+    if len(volume) != len(lkeys):
+        raise ValueError(f"{lname}: duplicate (StudyUID, View) rows; it must list each volume once")
+    ids = []
+    for name, keys in ((bname, bkeys), (pname, pkeys)):
+        i = next((i for i, k in enumerate(keys) if k not in volume), None)
+        if i is not None:
+            raise ValueError(f"{name}: row {i + 1}: volume (StudyUID, View) = {keys[i]} is not in {lname}")
+        ids.append(np.array([volume[k] for k in keys]))
+    bv, pv = ids
+    bx, by = b["X"] + b["Width"] / 2, b["Y"] + b["Height"] / 2
+    reach = np.maximum(np.sqrt(b["Width"] ** 2 + b["Height"] ** 2) / 2, radius)
+    px, py, pz = p["X"] + p["Width"] / 2, p["Y"] + p["Height"] / 2, p["Z"] + p["Depth"] / 2
+    gt = np.full(len(pv), -1)
+    for v in np.unique(bv):
+        bi, pi = np.flatnonzero(bv == v), np.flatnonzero(pv == v)  # boxes in file order: argmin ties pick the first
+        dx, dy, dz = px[pi, None] - bx[bi], py[pi, None] - by[bi], pz[pi, None] - b["Slice"][bi]
+        # the slice window comes from the view's first box, as in the official code
+        hit = (np.sqrt(dx**2 + dy**2) <= reach[bi]) & (np.abs(dz) <= b["VolumeSlices"][bi[0]] / 4)
+        dist = np.where(hit, np.sqrt(dx**2 + dy**2 + dz**2), np.inf)
+        rows = hit.any(1)
+        gt[pi[rows]] = bi[dist[rows].argmin(1)]  # several hits: the nearest box in 3D
+    return p["Score"], gt, np.isin(pv, bv), len(lkeys), len(np.unique(bv)), len(bv)
+
+
+def _froc_points(score, gt, keep, n_volumes, n_boxes, max_fps):
+    """(FP per volume, sensitivity) for each threshold, high to low, up to the last point with fps <= max_fps.
+    Thresholds come from all predictions, whatever `keep` selects."""
+    thresholds = {score.max() + 1, *score[gt >= 0], score.min() - 1}
+    fps, sens = [], []
+    for th in sorted(thresholds, reverse=True):
+        kept = keep & (score >= th)
+        fp = np.count_nonzero(kept & (gt < 0)) / n_volumes
+        if fp > max_fps:
+            break
+        fps.append(fp)
+        sens.append(len(np.unique(gt[kept & (gt >= 0)])) / n_boxes)
+    return np.array(fps), np.array(sens)
+
+
+def dbtex_froc(labels, boxes, predictions, radius=100.0, positive_only=True, max_fps=4.0):
+    """The FROC curve sampled as in dbtex_evaluate (for plots): arrays (fps_per_volume, sensitivity)."""
+    score, gt, positive, n_all, n_pos, n_boxes = _dbtex_match(labels, boxes, predictions, radius)
+    keep = positive if positive_only else np.ones_like(positive)
+    return _froc_points(score, gt, keep, n_pos if positive_only else n_all, n_boxes, max_fps)
+
+
+def dbtex_evaluate(labels, boxes, predictions, radius=100.0):
+    """DBTex detection metrics, identical to the official duke_dbt_data.evaluate.
+
+    Inputs: the public BCS-DBT labels and boxes CSVs and a submission CSV (paths, or lists of row dicts) with
+    columns LABEL_COLUMNS, BOX_COLUMNS, PREDICTION_COLUMNS; a volume is a (StudyUID, View).
+    - Hit: prediction centre (X + Width/2, Y + Height/2, Z + Depth/2) within max(sqrt(W^2 + H^2)/2, radius) px
+      (2D, inclusive) of a GT box centre in the same volume, and |centre slice - Slice| <= VolumeSlices/4.
+      A prediction hitting several boxes belongs to the nearest in 3D (dz in slices).
+    - At threshold th, predictions with Score >= th count: sensitivity = distinct boxes hit / all boxes;
+      FP = predictions hitting no box; extra hits on a detected box are neither TP nor FP.
+    - Thresholds are max score + 1, every hitting prediction's score, and min score - 1; the curve
+      (fps per volume, sensitivity) stops before the first point with fps > max k and is linearly
+      interpolated (np.interp, held flat past its last point) at k FP per volume.
+    - sensitivity_at_2_fps_all: all volumes of the labels CSV (normals included). *_positive and the ranking
+      metric mean_sensitivity_positive (mean over k = 1..4): only volumes with a box, same thresholds and boxes.
+    radius=100 is the challenge rule at original resolution; DBT-DINO uses DBT_DINO_RADIUS at 518 px.
+    """
+    score, gt, positive, n_all, n_pos, n_boxes = _dbtex_match(labels, boxes, predictions, radius)
+    fps, sens = _froc_points(score, gt, np.ones_like(positive), n_all, n_boxes, 2.0)
+    result = {"sensitivity_at_2_fps_all": float(np.interp(2.0, fps, sens))}
+    fps, sens = _froc_points(score, gt, positive, n_pos, n_boxes, 4.0)
+    at = np.interp([1.0, 2.0, 3.0, 4.0], fps, sens)
+    result.update({f"sensitivity_at_{k}_fps_positive": float(v) for k, v in zip((1, 2, 3, 4), at)})
+    result["mean_sensitivity_positive"] = float(np.mean(at))
+    return result
+
+
+# -----------------------------------------------------------------------------
+# logging helpers
+
+
+class Progress:
+    """One progress line: step/total, each loss/term, lr, img/s, ms/step (median over window), data ms, ETA, GPU mem.
+
+    `values` holds the loss terms (printed in the given order) and optionally "lr"; `step_ms` is the median
+    ms/step of the caller's log window. ETA extrapolates the wall time per step since construction.
+    """
+
+    def __init__(self, total_steps: int, start_step: int = 0):
+        self.total, self.start, self.t0 = total_steps, start_step, time.monotonic()
+
+    def line(self, step: int, values: dict, images_per_s: float, step_ms: float, data_ms: float,
+             mem_gb: float | None = None) -> str:
+        values = dict(values)
+        lr = values.pop("lr", None)
+        done = max(step - self.start, 1)  # resumed runs: only steps run in this process count towards the rate
+        eta_min = int((time.monotonic() - self.t0) / done * max(self.total - step, 0) / 60)
+        parts = [f"step {step}/{self.total}", " ".join(f"{k} {float(v):.4g}" for k, v in values.items())]
+        if lr is not None:
+            parts.append(f"lr {float(lr):.1e}")
+        parts += [f"{images_per_s:.0f} img/s", f"{step_ms:.0f} ms/step", f"data {data_ms:.0f} ms",
+                  f"eta {eta_min // 60}h{eta_min % 60:02d}m"]
+        if mem_gb is not None:
+            parts.append(f"mem {mem_gb:.1f}G")
+        return " | ".join(parts)
+
+
+class JsonlWriter:
+    """Append-only JSON-lines metrics file: one object per call, flushed at once so a crash loses nothing."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        if os.path.dirname(self.path):
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        # default=float turns numpy/torch scalars (not JSON-serialisable themselves) into plain floats
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("dbtex", help="score detections with the official DBTex protocol",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--labels", required=True, help="BCS-DBT labels CSV (one row per volume)")
+    p.add_argument("--boxes", required=True, help="BCS-DBT boxes CSV (ground truth)")
+    p.add_argument("--predictions", required=True, help="submission CSV: StudyUID, View, X, Width, Y, Height, "
+                   "Z, Depth, Score")
+    p.add_argument("--radius", type=float, default=100.0, help="minimum hit radius in px (20 for DBT-DINO's "
+                   "518-px coordinates)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = get_args()
+    try:
+        result = dbtex_evaluate(args.labels, args.boxes, args.predictions, radius=args.radius)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    for key, value in result.items():
+        print(f"{key:<30} {value:.10f}")

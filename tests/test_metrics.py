@@ -1,0 +1,361 @@
+"""metrics.py against the spec goldens (detection_metrics.md §1.3.7, §5) and reference packages (test-only)."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
+from statsmodels.stats.multitest import multipletests
+
+import metrics
+
+# -----------------------------------------------------------------------------
+# DBTex toy case, spec §1.3.7
+
+LABELS = [{"PatientID": f"P{i}", "StudyUID": f"S{i}", "View": v, "Normal": int(i > 2), "Actionable": 0,
+           "Benign": int(i == 2), "Cancer": int(i == 1)} for i, v in ((1, "lcc"), (2, "rmlo"), (3, "lcc"), (4, "rcc"))]
+BOXES = [dict(zip(("StudyUID", "View", "X", "Y", "Width", "Height", "Slice", "VolumeSlices"), r)) for r in (
+    ("S1", "lcc", 500, 600, 120, 80, 30, 60),
+    ("S2", "rmlo", 1000, 1200, 300, 260, 20, 48),
+    ("S2", "rmlo", 300, 300, 40, 40, 40, 48))]
+PREDICTIONS = [dict(zip(("StudyUID", "View", "X", "Width", "Y", "Height", "Z", "Depth", "Score"), r)) for r in (
+    ("S1", "lcc", 520, 100, 610, 90, 28, 4, .95),
+    ("S1", "lcc", 530, 100, 620, 90, 26, 4, .90),
+    ("S1", "lcc", 1500, 100, 1600, 90, 10, 4, .80),
+    ("S2", "rmlo", 1050, 280, 1210, 250, 12, 4, .60),
+    ("S2", "rmlo", 2000, 50, 100, 50, 5, 2, .85),
+    ("S2", "rmlo", 900, 60, 900, 60, 30, 2, .40),
+    ("S2", "rmlo", 310, 40, 300, 40, 35, 4, .20),
+    ("S3", "lcc", 100, 50, 100, 50, 5, 2, .70),
+    ("S3", "lcc", 700, 50, 700, 50, 5, 2, .30),
+    ("S4", "rcc", 100, 50, 100, 50, 5, 2, .50))]
+TOY_RESULT = {"sensitivity_at_2_fps_all": 1.0, "sensitivity_at_1_fps_positive": 2 / 3,
+              "sensitivity_at_2_fps_positive": 1.0, "sensitivity_at_3_fps_positive": 1.0,
+              "sensitivity_at_4_fps_positive": 1.0, "mean_sensitivity_positive": 0.9166666667}
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return str(path)
+
+
+def toy_files(tmp_path, predictions=PREDICTIONS):
+    return (write_csv(tmp_path / "labels.csv", LABELS), write_csv(tmp_path / "boxes.csv", BOXES),
+            write_csv(tmp_path / "predictions.csv", predictions))
+
+
+def test_dbtex_toy_golden_in_memory_and_csv(tmp_path):
+    for result in (metrics.dbtex_evaluate(LABELS, BOXES, PREDICTIONS), metrics.dbtex_evaluate(*toy_files(tmp_path))):
+        assert list(result) == list(TOY_RESULT)
+        for k, v in TOY_RESULT.items():
+            assert result[k] == pytest.approx(v, abs=1e-9), k
+
+
+def test_dbtex_froc_curve_points():
+    # positive volumes (2): hits .95 (S1) and .60 (big S2 box); .90 is a duplicate (neither TP nor FP);
+    # .20 hits the small S2 box; FPs among positives at .85, .80, .40
+    fps, sens = metrics.dbtex_froc(LABELS, BOXES, PREDICTIONS)
+    # thresholds: 1.95, TP scores .95 .90 .60 .20, -0.05
+    np.testing.assert_allclose(fps, [0, 0, 0, 1.0, 1.5, 1.5])
+    np.testing.assert_allclose(sens, [0, 1 / 3, 1 / 3, 2 / 3, 1.0, 1.0])
+    fps, sens = metrics.dbtex_froc(LABELS, BOXES, PREDICTIONS, positive_only=False)  # 4 volumes, 3 more FPs
+    np.testing.assert_allclose(fps, [0, 0, 0, 0.75, 1.5, 1.5])
+
+
+def one_box_case(dx, dz, radius=100.0, w=40, h=40):
+    """One GT box (centre (520, 520), slice 30, 60 slices) and one prediction offset by (dx, 0, dz)."""
+    labels = [{"StudyUID": "S", "View": "lcc"}]
+    boxes = [{"StudyUID": "S", "View": "lcc", "X": 520 - w / 2, "Y": 520 - h / 2, "Width": w, "Height": h,
+              "Slice": 30, "VolumeSlices": 60}]
+    pred = [{"StudyUID": "S", "View": "lcc", "X": 510 + dx, "Y": 510, "Width": 20, "Height": 20, "Z": 30 + dz - 1,
+             "Depth": 2, "Score": 0.5}]
+    return metrics.dbtex_evaluate(labels, boxes, pred, radius=radius)["mean_sensitivity_positive"]
+
+
+def test_dbtex_hit_rule_is_inclusive():
+    assert one_box_case(100, 0) == 1.0 and one_box_case(100.5, 0) == 0.0  # radius max(diag/2, 100), <=
+    assert one_box_case(0, 15) == 1.0 and one_box_case(0, 15.5) == 0.0  # slice window VolumeSlices/4 = 15, <=
+    assert one_box_case(150, 0, w=300, h=400) == 1.0 and one_box_case(251, 0, w=300, h=400) == 0.0  # diag/2 = 250
+    assert one_box_case(20, 0, radius=metrics.DBT_DINO_RADIUS, w=20, h=20) == 1.0  # 20 px > diag/2 = 14.1
+    assert one_box_case(20.5, 0, radius=metrics.DBT_DINO_RADIUS, w=20, h=20) == 0.0
+
+
+def test_dbtex_nearest_box_assignment():
+    # two boxes 120 px apart; one prediction hits both (radius 100) but is nearer the second; a second prediction
+    # hits only the second: if the first were assigned to box 1 sensitivity would reach 1 at 0 FP
+    labels = [{"StudyUID": "S", "View": "lcc"}]
+    boxes = [{"StudyUID": "S", "View": "lcc", "X": x, "Y": 0, "Width": 10, "Height": 10, "Slice": 10,
+              "VolumeSlices": 40} for x in (0, 120)]
+    preds = [{"StudyUID": "S", "View": "lcc", "X": x, "Y": 0, "Width": 10, "Height": 10, "Z": 9, "Depth": 2,
+              "Score": s} for x, s in ((70, 0.9), (150, 0.8))]
+    fps, sens = metrics.dbtex_froc(labels, boxes, preds)
+    np.testing.assert_allclose(sens, [0, 0.5, 0.5, 0.5])  # the 0.8 hit duplicates box 2: neither TP nor FP
+    np.testing.assert_allclose(fps, [0, 0, 0, 0])
+
+
+def test_dbtex_interpolation_vs_monai_golden():
+    # spec §5.2 input (fp [.9,.6,.3,.2], tp [.95,.7,missed], 3 targets, 2 images) as a DBTex case
+    labels = [{"StudyUID": s, "View": "cc"} for s in "AB"]
+    boxes = [{"StudyUID": s, "View": "cc", "X": x, "Y": 0, "Width": 10, "Height": 10, "Slice": 5, "VolumeSlices": 20}
+             for s, x in (("A", 0), ("B", 0), ("B", 1000))]
+    preds = [{"StudyUID": s, "View": "cc", "X": x, "Y": 0, "Width": 10, "Height": 10, "Z": 4, "Depth": 2,
+              "Score": p} for s, x, p in (("A", 0, .95), ("B", 0, .7), ("A", 500, .9), ("A", 500, .6),
+                                          ("B", 500, .3), ("B", 500, .2))]
+    result = metrics.dbtex_evaluate(labels, boxes, preds)
+    assert result["mean_sensitivity_positive"] == pytest.approx(0.6666666667, abs=1e-9)  # = MONAI at 1..4 FP
+    # at (0.25, .5, 1, 2) MONAI gives 0.5833333333 because it also samples the curve at FP scores (its points
+    # from the spec are reproduced here); DBTex samples only at TP scores: (0, 1/3), (.5, 2/3), (2, 2/3)
+    monai = np.interp([.25, .5, 1, 2], [0, 0, .5, .5, 1, 1.5, 2], [0, 1 / 3, 1 / 3, 2 / 3, 2 / 3, 2 / 3, 2 / 3])
+    assert monai.mean() == pytest.approx(0.5833333333, abs=1e-9)
+    fps, sens = metrics.dbtex_froc(labels, boxes, preds)
+    assert np.interp([.25, .5, 1, 2], fps, sens).mean() == pytest.approx((0.5 + 3 * 2 / 3) / 4, abs=1e-12)
+
+
+def dbtex_naive(labels, boxes, preds):
+    """Loop-by-loop reading of spec §1.3 (no numpy until the interpolation), for random cross-checks."""
+    gt = []
+    for p in preds:
+        c = (p["X"] + p["Width"] / 2, p["Y"] + p["Height"] / 2, p["Z"] + p["Depth"] / 2)
+        hits = [(math.dist(c, g), j) for j, b in enumerate(boxes)
+                for g in [(b["X"] + b["Width"] / 2, b["Y"] + b["Height"] / 2, b["Slice"])]
+                if (b["StudyUID"], b["View"]) == (p["StudyUID"], p["View"])
+                and math.dist(c[:2], g[:2]) <= max(math.hypot(b["Width"], b["Height"]) / 2, 100)
+                and abs(c[2] - g[2]) <= b["VolumeSlices"] / 4]
+        gt.append(min(hits)[1] if hits else -1)  # min over (distance, box index): nearest, first on ties
+    scores = [p["Score"] for p in preds]
+    ths = sorted({max(scores) + 1, min(scores) - 1} | {s for s, g in zip(scores, gt) if g >= 0}, reverse=True)
+    positive = {(b["StudyUID"], b["View"]) for b in boxes}
+
+    def sens_at(ks, only_positive):
+        n_vol = sum(not only_positive or (r["StudyUID"], r["View"]) in positive for r in labels)
+        curve = []
+        for th in ths:
+            kept = [(p, g) for p, g in zip(preds, gt) if p["Score"] >= th
+                    and (not only_positive or (p["StudyUID"], p["View"]) in positive)]
+            fp = sum(g < 0 for _, g in kept) / n_vol
+            if fp > max(ks):
+                break
+            curve.append((fp, len({g for _, g in kept if g >= 0}) / len(boxes)))
+        return np.interp(ks, *zip(*curve))
+    return [sens_at([2], False)[0], *sens_at([1, 2, 3, 4], True)]
+
+
+def test_dbtex_vs_naive_on_random_cases():
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        labels = [{"StudyUID": f"S{i}", "View": "cc"} for i in range(6)]
+        boxes = [{"StudyUID": f"S{i}", "View": "cc", "X": int(x), "Y": int(y), "Width": int(w), "Height": int(h),
+                  "Slice": int(z), "VolumeSlices": 40} for i in range(4) for x, y, w, h, z in
+                 rng.integers([0, 0, 10, 10, 5], [300, 300, 300, 300, 35], (rng.integers(1, 3), 5))]
+        preds = [{"StudyUID": f"S{i}", "View": "cc", "X": int(x), "Y": int(y), "Width": int(w), "Height": int(h),
+                  "Z": int(z), "Depth": int(d), "Score": round(float(rng.uniform()), 1)} for i in range(6)
+                 for x, y, w, h, z, d in rng.integers([0, 0, 10, 10, 0, 1], [400, 400, 200, 200, 40, 8],
+                                                      (rng.integers(0, 12), 6))]
+        if not preds:
+            continue
+        got = list(metrics.dbtex_evaluate(labels, boxes, preds).values())
+        np.testing.assert_allclose(got[:5], dbtex_naive(labels, boxes, preds), atol=1e-12)
+
+
+@pytest.mark.parametrize("which, edit, message", [
+    ("predictions", lambda rows: [{k: v for k, v in r.items() if k != "Score"} for r in rows], "column(s) Score"),
+    ("predictions", lambda rows: rows[:3] + [{**rows[3], "Score": "nan"}], "row 4, column Score"),
+    ("predictions", lambda rows: rows[:2] + [{**rows[2], "X": "abc"}], "row 3, column X: 'abc' is not a finite"),
+    ("predictions", lambda rows: rows + [{**rows[0], "StudyUID": "S9"}], "row 11: volume (StudyUID, View)"),
+    ("boxes", lambda rows: [{**rows[0], "View": "rcc"}] + rows[1:], "row 1: volume"),
+    ("boxes", lambda rows: [{**rows[0], "VolumeSlices": ""}] + rows[1:], "row 1, column VolumeSlices"),
+    ("labels", lambda rows: rows + rows[:1], "duplicate"),
+])
+def test_dbtex_bad_input_names_file_and_column_or_row(tmp_path, which, edit, message):
+    tables = {"labels": LABELS, "boxes": BOXES, "predictions": PREDICTIONS}
+    tables[which] = edit(tables[which])
+    paths = [write_csv(tmp_path / f"{k}.csv", v) for k, v in tables.items()]
+    with pytest.raises(ValueError) as e:
+        metrics.dbtex_evaluate(*paths)
+    assert str(e.value).startswith(str(tmp_path / f"{which}.csv")) and message in str(e.value), str(e.value)
+
+
+def test_dbtex_empty_file(tmp_path):
+    labels, boxes, _ = toy_files(tmp_path)
+    (tmp_path / "empty.csv").write_text(",".join(metrics.PREDICTION_COLUMNS) + "\n")
+    with pytest.raises(ValueError, match="empty.csv: no data rows"):
+        metrics.dbtex_evaluate(labels, boxes, str(tmp_path / "empty.csv"))
+
+
+def test_cli_prints_the_six_numbers(tmp_path):
+    labels, boxes, preds = toy_files(tmp_path)
+    out = subprocess.run([sys.executable, "metrics.py", "dbtex", "--labels", labels, "--boxes", boxes,
+                          "--predictions", preds], capture_output=True, text=True, check=True).stdout
+    assert dict(line.split() for line in out.splitlines()) == {k: f"{v:.10f}" for k, v in TOY_RESULT.items()}
+    assert metrics.get_args(["dbtex", "--labels", "l", "--boxes", "b", "--predictions", "p"]).radius == 100.0
+
+
+# -----------------------------------------------------------------------------
+# classification metrics and statistics
+
+
+def random_ties(seed, n=60):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    y[:2] = [0, 1]
+    return y, rng.integers(0, 8, n) / 7.0, rng.integers(0, 5, n) / 4.0 + 0.3 * y  # coarse scores: many ties
+
+
+def test_auroc_accuracy_f1_confusion_vs_sklearn():
+    for seed in range(20):
+        y, s1, s2 = random_ties(seed)
+        assert abs(metrics.auroc(y, s1) - roc_auc_score(y, s1)) < 1e-12
+        a, b = np.random.default_rng(seed).integers(0, 4, (2, 50))
+        assert metrics.accuracy(a, b) == accuracy_score(a, b)
+        assert abs(metrics.macro_f1(a, b) - f1_score(a, b, average="macro")) < 1e-12
+        np.testing.assert_array_equal(metrics.confusion_matrix(a, b), sk_confusion_matrix(a, b))
+    y, yhat = [0, 1, 2, 3, 0, 1, 2, 3, 1, 2], [0, 1, 1, 3, 0, 2, 2, 3, 1, 0]
+    assert metrics.macro_f1(y, yhat) == pytest.approx(0.7166666667, abs=1e-9)  # spec §5.3
+    assert metrics.macro_f1([0, 0, 1], [0, 2, 1]) == pytest.approx(f1_score([0, 0, 1], [0, 2, 1], average="macro",
+                                                                            zero_division=0))
+    with pytest.raises(ValueError, match="only class 1"):
+        metrics.auroc([1, 1, 1], [0.2, 0.5, 0.1])
+
+
+def delong_placement_oracle(y, a, b):
+    """O(m n) DeLong: psi(x, z) = 1 if x > z, 1/2 if equal, per (positive, negative) pair; V10/V01 are row/column
+    means of psi, S = cov(V10)/m + cov(V01)/n."""
+    y = np.asarray(y, bool)
+    v10, v01 = [], []
+    for s in (a, b):
+        psi = (s[y][:, None] > s[~y][None]) + 0.5 * (s[y][:, None] == s[~y][None])
+        v10.append(psi.mean(1)), v01.append(psi.mean(0))
+    cov = np.cov(v10) / y.sum() + np.cov(v01) / (~y).sum()
+    auc = [v.mean() for v in v10]
+    z = (auc[0] - auc[1]) / np.sqrt(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
+    return auc[0], auc[1], 2 * stats.norm.sf(abs(z))
+
+
+def test_delong_golden_and_vs_placement_oracle():
+    y = [1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
+    s1 = [.9, .8, .7, .6, .4, .5, .3, .2, .35, .1, .65, .05]
+    s2 = [.7, .9, .4, .5, .3, .6, .2, .45, .1, .3, .55, .2]
+    auc1, auc2, p = metrics.delong_test(y, s1, s2)
+    assert (auc1, auc2, p) == pytest.approx((0.9142857143, 0.7571428571, 0.1344165742), abs=1e-9)  # spec §5.1
+    worst = 0.0
+    for seed in range(30):
+        y, a, b = random_ties(seed)
+        worst = max(worst, np.max(np.abs(np.subtract(metrics.delong_test(y, a, b), delong_placement_oracle(y, a, b)))))
+    assert worst < 1e-9
+    assert metrics.delong_test(y, a, a)[2] == 1.0
+    with pytest.raises(ValueError, match="only class 0"):
+        metrics.delong_test([0, 0, 0], [1, 2, 3], [1, 2, 3])
+
+
+def test_mcnemar_golden_and_vs_statsmodels():
+    # table [[30, 12], [4, 54]]: b = 12 cases only A right, c = 4 only B right (spec §5.3)
+    a = np.repeat([1, 1, 0, 0], [30, 12, 4, 54])
+    b = np.repeat([1, 0, 1, 0], [30, 12, 4, 54])
+    assert metrics.mcnemar(a, b) == pytest.approx(0.0768127441, abs=1e-9)
+    assert metrics.mcnemar(a, b, exact=False) == pytest.approx(0.0801183137, abs=1e-9)
+    assert metrics.mcnemar(a, b, exact=False, correction=False) == pytest.approx(0.0455002639, abs=1e-9)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        a, b = rng.integers(0, 2, (2, rng.integers(5, 80))).astype(bool)
+        table = [[np.sum(a & b), np.sum(a & ~b)], [np.sum(~a & b), np.sum(~a & ~b)]]
+        if table[0][1] + table[1][0] == 0:
+            continue
+        for exact, corr in ((True, True), (False, True), (False, False)):
+            ref = sm_mcnemar(table, exact=exact, correction=corr).pvalue
+            assert abs(metrics.mcnemar(a, b, exact=exact, correction=corr) - ref) < 1e-12
+
+
+def test_benjamini_hochberg_golden_and_vs_statsmodels():
+    p = [.01, .04, .03, .005, .20, .049]
+    adj = metrics.benjamini_hochberg(p)
+    np.testing.assert_allclose(adj, [.03, .0588, .0588, .03, .2, .0588], atol=1e-9)  # spec §5.3
+    assert list(adj <= 0.05) == [True, False, False, True, False, False]
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        p = np.round(rng.uniform(0, 1, rng.integers(1, 40)) ** 3, 2)  # rounding makes ties
+        np.testing.assert_allclose(metrics.benjamini_hochberg(p), multipletests(p, method="fdr_bh")[1], atol=1e-12)
+
+
+def test_risk_auroc_by_year_inclusion_rule():
+    # exam: 0 cancer at 0.5 y | 1 cancer at 2.3 y | 2 no cancer, 6 y follow-up | 3 none, 1.5 y | 4 none, 3 y |
+    # 5 cancer after 7 y (beyond 5: a negative), 8 y | 6 none, 0.5 y (Mirai's int() truncation keeps it for year 1)
+    score = np.array([0.5, 0.25, 0.2, 0.7, 0.3, 0.1, 0.6])
+    ytc = [0.5, 2.3, np.inf, np.inf, np.inf, 7.0, np.inf]
+    yfu = [0.5, 2.3, 6.0, 1.5, 3.0, 8.0, 0.5]
+    auc = metrics.risk_auroc_by_year(np.tile(score[:, None], 5), ytc, yfu)
+    # year 1: {0} vs {1..6}: 0.5 beats .25 .2 .3 .1, loses .7 .6 | year 2: exams 3, 6 excluded |
+    # year 3: {0, 1} vs {2, 4, 5} | year 4: exam 4 excluded | year 5: {0, 1} vs {2, 5}
+    assert auc == pytest.approx({1: 4 / 6, 2: 1.0, 3: 5 / 6, 4: 1.0, 5: 1.0}, abs=1e-12)
+
+
+# -----------------------------------------------------------------------------
+# bootstrap
+
+
+def test_bootstrap_matches_scipy_percentile():
+    x = np.arange(20.0)
+    est, low, high = metrics.bootstrap_ci(np.mean, x, n_boot=1000, seed=0)
+    ref = stats.bootstrap((x,), np.mean, n_resamples=1000, method="percentile", rng=np.random.default_rng(0))
+    assert (low, high) == pytest.approx((ref.confidence_interval.low, ref.confidence_interval.high), abs=1e-12)
+    assert (low, high) == pytest.approx((6.95, 11.9), abs=1e-9) and est == 9.5  # spec §5.3
+
+
+def test_bootstrap_reproducible_contains_estimate_and_paired():
+    y, a, b = random_ties(3, n=80)
+
+    def delta(y, a, b):
+        return metrics.auroc(y, a) - metrics.auroc(y, b)
+    first = metrics.bootstrap_ci(delta, y, a, b, n_boot=200, seed=7)
+    assert first == metrics.bootstrap_ci(delta, y, a, b, n_boot=200, seed=7)
+    assert first != metrics.bootstrap_ci(delta, y, a, b, n_boot=200, seed=8)
+    assert first[1] <= first[0] <= first[2] and first[0] == delta(y, a, b)
+    assert metrics.bootstrap_ci(delta, y, a, a, n_boot=50) == (0.0, 0.0, 0.0)  # same indices for both models
+
+
+def test_bootstrap_keeps_groups_whole():
+    sizes = np.array([1, 2, 3, 4, 5, 6])
+    groups = np.repeat(np.arange(6), sizes)[np.random.default_rng(0).permutation(21)]  # interleaved cases
+    seen = []
+
+    def whole(g):
+        counts = np.bincount(g, minlength=6)
+        seen.append(np.all(counts % sizes == 0))
+        return counts @ sizes
+    metrics.bootstrap_ci(whole, groups, n_boot=100, groups=groups)
+    assert len(seen) == 101 and all(seen)
+    seen.clear()
+    metrics.bootstrap_ci(whole, groups, n_boot=100)  # case resampling splits groups
+    assert not all(seen)
+
+
+# -----------------------------------------------------------------------------
+# logging helpers
+
+
+def test_progress_line_and_eta():
+    p = metrics.Progress(1000, start_step=100)
+    p.t0 = time.monotonic() - 60  # 100 steps in 60 s -> 800 remaining steps take 8 min
+    line = p.line(200, {"loss": 9.8123, "dino": 7.1, "koleo": -0.31, "lr": 3.2e-4}, 412.3, 38.2, 2.1, 21.3)
+    assert line == ("step 200/1000 | loss 9.812 dino 7.1 koleo -0.31 | lr 3.2e-04 | 412 img/s | 38 ms/step | "
+                    "data 2 ms | eta 0h08m | mem 21.3G")
+    assert "mem" not in p.line(200, {"loss": 1.0}, 1, 1, 1)
+
+
+def test_jsonl_writer_parses_line_by_line(tmp_path):
+    w = metrics.JsonlWriter(tmp_path / "run" / "metrics.jsonl")
+    w.write({"step": 1, "loss": np.float32(0.5), "n": np.int64(3)})
+    w.write({"step": 2, "split": "val", "auc": 0.75})
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(s) for s in lines] == [{"step": 1, "loss": 0.5, "n": 3.0},
+                                              {"step": 2, "split": "val", "auc": 0.75}]
