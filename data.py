@@ -1,0 +1,821 @@
+"""Data for DBT-DINO / MammoDINO: DBT DICOM reading, synthetic phantoms, tissue-aware pretraining stream.
+
+Layouts accepted under `--data`:
+  DIR/**/*.dcm            any tree of DICOM files; each file is one volume (BTO multi-frame, MG 2D, multi-frame
+                          SC/CT). Files named *.dcm, *.dicom, *.ima or without a suffix are scanned.
+  manifest.csv            a CSV with a `path` column (relative to the CSV); a path may also be a folder holding the
+                          single-frame legacy slices of ONE series (sorted by ImagePositionPatient z, then InstanceNumber).
+  synthetic               `synthetic_archive()`: phantoms written as real DICOM in the BCS-DBT layout:
+      Breast-Cancer-Screening-DBT/<PatientID>/<exam>/<view>/1-1.dcm
+      file-paths.csv  PatientID,StudyUID,View,descriptive_path,classic_path   (View: lcc, rcc, lmlo, rmlo)
+      labels.csv      PatientID,StudyUID,View,Normal,Actionable,Benign,Cancer
+      boxes.csv       PatientID,StudyUID,View,Subject,Slice,X,Y,Width,Height,Class,AD,VolumeSlices
+      exams.csv       patient,exam,LCC,RCC,LMLO,RMLO,density,years_to_cancer,years_of_followup
+Boxes follow the official BCS-DBT convention: (X, Y) top-left, 0-based Slice, in the frame of `read_dbt(path, view=...)`.
+Intensities: stored -> rescale -> VOI (LINEAR, LINEAR_EXACT, SIGMOID) -> MONOCHROME1/INVERSE fix, in [0, 1].
+Orientation: with `view` the official BCS-DBT rule (180 deg rotation when the edge-sum side disagrees with the view);
+without it our canonical one: mirrored so the chest wall (the brighter edge) is on the image LEFT.
+Per-volume index (frames, windows, flip, tissue mask) is cached under $DBT_DINO_CACHE (default ./cache)/index.
+"""
+import argparse, csv, hashlib, io, json, math, os, random, shutil, sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.multival import MultiValue
+from pydicom.pixels import pixel_array
+from pydicom.uid import UID, generate_uid
+from scipy import ndimage
+from scipy.special import erfc
+from torchvision.transforms.functional import gaussian_blur
+
+BTO = "1.2.840.10008.5.1.4.1.1.13.1.3"
+DECODABLE = {  # with pydicom + Pillow only (spec data.md 1.5)
+    "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2",
+    "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
+OPTIONAL_DECODER = {"1.2.840.10008.1.2.4.51": "pylibjpeg-libjpeg", "1.2.840.10008.1.2.4.57": "pylibjpeg-libjpeg",
+                    "1.2.840.10008.1.2.4.70": "pylibjpeg-libjpeg", "1.2.840.10008.1.2.4.80": "pyjpegls",
+                    "1.2.840.10008.1.2.4.81": "pyjpegls", "1.2.840.10008.1.2.4.201": "pylibjpeg-openjpeg",
+                    "1.2.840.10008.1.2.4.202": "pylibjpeg-openjpeg", "1.2.840.10008.1.2.4.203": "pylibjpeg-openjpeg"}
+VIEW_CODES = {"399162004": "CC", "R-10242": "CC", "399368009": "MLO", "R-10226": "MLO", "R-102D2": "MLO",
+              "399260004": "ML", "R-10224": "ML", "399352003": "LM", "R-10228": "LM", "399192003": "XCCL"}
+DICOM_SUFFIXES = {"", ".dcm", ".dicom", ".ima"}
+INDEX_VERSION = 1  # bump when the cached per-volume index changes meaning
+RECIPES = {  # PretrainStream(src, **RECIPES[name]); MammoDINO's numbers are our proposal (spec data.md 4.2)
+    "dinov2": dict(global_size=224, local_size=98, global_scale=(0.32, 1.0), local_scale=(0.05, 0.32)),
+    "dbt-dino": dict(global_size=518, local_size=196, global_scale=(0.5, 1.0), local_scale=(0.2, 0.5)),
+    "mammodino": dict(global_size=224, local_size=98, global_scale=(0.32, 1.0), local_scale=(0.05, 0.32),
+                      tissue_aware=True, min_tissue_global=0.5, min_tissue_local=0.3, adjacent_k=2),
+}
+
+
+# ----------------------------------------------------------------------------- distributed + seeding
+def setup_distributed():
+    """torchrun env -> process group; otherwise a single process. Returns (rank, local_rank, world_size, device)."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return rank, local_rank, world, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+
+
+def is_main():
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def seed_everything(seed, rank=0):
+    # + rank so that ranks draw different augmentations (spec style.md 2.6)
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+# ----------------------------------------------------------------------------- DICOM reading
+def _first(v):
+    return v[0] if isinstance(v, (MultiValue, list, tuple)) else v
+
+
+def _fg(ds, i, macro, key):
+    """Top level, then Shared FG, then Per-frame FG item i: the most specific value wins (pydicom looks only at the top)."""
+    value = ds.get(key)
+    for seq, j in (("SharedFunctionalGroupsSequence", 0), ("PerFrameFunctionalGroupsSequence", i)):
+        groups = ds.get(seq) or []
+        items = groups[j].get(macro) if len(groups) > j else None
+        if items and key in items[0]:
+            value = items[0].get(key)
+    return value
+
+
+def _header(path):
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as e:  # InvalidDicomError, truncated headers, empty files
+        raise ValueError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e})") from None
+
+
+def _check_image(ds, path):
+    ts = str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
+    if "Rows" not in ds or "BitsAllocated" not in ds:  # e.g. structured reports, presentation states
+        raise ValueError(f"{path}: no image in this DICOM (SOP class {ds.get('SOPClassUID', '?')})")
+    if ts not in DECODABLE:
+        pkg = OPTIONAL_DECODER.get(ts, "gdcm")
+        raise ValueError(f"{path}: transfer syntax {UID(ts).name} ({ts}) cannot be decoded with pydicom + Pillow; "
+                         f"install {pkg}")
+    if ds.get("SamplesPerPixel", 1) != 1:
+        raise ValueError(f"{path}: colour image ({ds.get('PhotometricInterpretation')}), expected greyscale")
+    return ts
+
+
+def _frame_voi(ds, i):
+    """(slope, intercept, center, width, function) of frame i; center None when there is no window."""
+    slope = _fg(ds, i, "PixelValueTransformationSequence", "RescaleSlope")
+    icpt = _fg(ds, i, "PixelValueTransformationSequence", "RescaleIntercept")
+    c = _fg(ds, i, "FrameVOILUTSequence", "WindowCenter")
+    w = _fg(ds, i, "FrameVOILUTSequence", "WindowWidth")
+    fn = _fg(ds, i, "FrameVOILUTSequence", "VOILUTFunction") or "LINEAR"
+    c, w = (float(_first(c)), float(_first(w))) if c is not None and w is not None else (None, None)
+    return [float(1 if slope is None else slope), float(icpt or 0), c, w, str(_first(fn)).upper()]
+
+
+def index_volume(path):
+    """Parse the header(s) once: everything needed to read and display any slice, as a JSON-able dict."""
+    path = Path(path)
+    if path.is_dir():  # legacy layout: one file per slice, one series
+        heads = [(p, _header(p)) for p in sorted(path.iterdir()) if p.is_file()]
+        if not heads:
+            raise ValueError(f"{path}: empty folder")
+        series = {str(h.get("SeriesInstanceUID")) for _, h in heads}
+        if len(series) > 1:
+            raise ValueError(f"{path}: {len(series)} series in one folder; pass one series folder")
+        heads.sort(key=lambda ph: (float((ph[1].get("ImagePositionPatient") or [0, 0, 0])[2]),
+                                   int(ph[1].get("InstanceNumber") or 0)))
+        ds = heads[0][1]
+        frames = [[str(p), None] for p, _ in heads]
+        voi = [_frame_voi(h, 0) for _, h in heads]
+    else:
+        ds = _header(path)
+        n = int(ds.get("NumberOfFrames") or 1)
+        frames = [[str(path), i if "NumberOfFrames" in ds else None] for i in range(n)]
+        voi = [_frame_voi(ds, i) for i in range(n)]
+    ts = _check_image(ds, path)
+    view = ds.get("ViewCodeSequence")
+    view = VIEW_CODES.get(str(view[0].get("CodeValue")), None) if view else None
+    lat = (_fg(ds, 0, "FrameAnatomySequence", "FrameLaterality") or ds.get("ImageLaterality")
+           or ds.get("Laterality"))
+    spacing = _fg(ds, 0, "PixelMeasuresSequence", "PixelSpacing") or ds.get("ImagerPixelSpacing")
+    return dict(path=str(path), frames=frames, voi=voi, n_frames=len(frames), rows=int(ds.Rows),
+                cols=int(ds.Columns), bits_stored=int(ds.get("BitsStored") or ds.BitsAllocated),
+                signed=int(ds.get("PixelRepresentation") or 0),
+                invert=ds.get("PhotometricInterpretation") == "MONOCHROME1" or ds.get("PresentationLUTShape") == "INVERSE",
+                laterality=str(lat) if lat else None, view=view or (str(ds.get("ViewPosition")) or None),
+                pixel_spacing=[float(v) for v in spacing] if spacing else None,
+                sop_class=str(ds.get("SOPClassUID")), transfer_syntax=ts,
+                # multi-frame objects keep their stored order (BCS-DBT Slice indices refer to it); legacy files sort by z
+                slice_order="stored" if not path.is_dir() else "z")
+
+
+def apply_voi(x, slope, icpt, c, w, fn, bits_stored=16, signed=0):
+    """Rescale then VOI to [0, 1] (PS3.3 C.11.2.1 with y_min=0, y_max=1); no window -> nominal stored range."""
+    x = x.astype(np.float32)  # float32 and in place: one 2457x1996 slice costs ~20 MB, not 5x that
+    x *= slope
+    x += icpt
+    if c is None:
+        lo = -(2 ** (bits_stored - 1)) if signed else 0
+        lo, hi = sorted((lo * slope + icpt, (lo + 2 ** bits_stored - 1) * slope + icpt))
+        c, w, fn = (lo + hi) / 2, max(hi - lo, 1e-12), "LINEAR_EXACT"
+    if fn == "SIGMOID":
+        x -= c
+        x *= -4 / w
+        np.exp(x, out=x)
+        x += 1
+        return np.reciprocal(x, out=x)
+    if fn != "LINEAR_EXACT":
+        c, w = c - 0.5, w - 1
+    x -= c
+    x /= max(w, 1e-12)
+    x += 0.5
+    return np.clip(x, 0, 1, out=x)
+
+
+def read_slices(meta, frames):
+    """Decode only `frames` (output slice indices) and display them: float32 (len(frames), H, W) in [0, 1]."""
+    out = np.empty((len(frames), meta["rows"], meta["cols"]), np.float32)  # (S, H, W)
+    for k, s in enumerate(frames):
+        file, index = meta["frames"][s]
+        try:  # a path source lets pydicom seek to one frame instead of loading all PixelData (spec 1.6)
+            stored = pixel_array(file, index=index)
+        except Exception as e:
+            raise ValueError(f"{file}: cannot decode frame {s} ({UID(meta['transfer_syntax']).name}): "
+                             f"{type(e).__name__}: {e}") from None
+        if stored.shape != out.shape[1:]:
+            raise ValueError(f"{file}: frame {s} has shape {stored.shape}, header says {out.shape[1:]}")
+        y = apply_voi(stored, *meta["voi"][s], meta["bits_stored"], meta["signed"])
+        out[k] = y
+        if meta["invert"]:  # MONOCHROME1 is inverted after VOI
+            np.subtract(1, out[k], out=out[k])
+    return out
+
+
+def edge_side(image):
+    """Official BCS-DBT guess of where the chest wall is: 'R' when the last column sums higher than the first."""
+    return "R" if image[:, 0].sum() < image[:, -1].sum() else "L"
+
+
+def read_dbt(path, frames=None, view=None):
+    """Read a DBT volume (or only `frames`) -> (float32 (S, H, W) in [0, 1], meta).
+
+    view (e.g. "lcc"): the official BCS-DBT orientation, a 180 deg rotation when the edge-sum side of the first
+    requested slice disagrees with view[0] (decided on displayed values, which equals the official rule on
+    MONOCHROME2). view None: canonical orientation, mirrored so the chest wall is on the left."""
+    meta = index_volume(path)
+    frames = list(range(meta["n_frames"])) if frames is None else [int(f) for f in frames]
+    if any(not 0 <= f < meta["n_frames"] for f in frames):
+        raise ValueError(f"{path}: frames {frames} out of range 0..{meta['n_frames'] - 1}")
+    vol = read_slices(meta, frames)
+    side = edge_side(vol[0])
+    if view is not None:
+        meta["rotated"] = side != view[0].upper()
+        vol = vol[:, ::-1, ::-1] if meta["rotated"] else vol
+    else:
+        meta["mirrored"] = side == "R"
+        vol = vol[:, :, ::-1] if meta["mirrored"] else vol
+    return np.ascontiguousarray(vol), meta
+
+
+# ----------------------------------------------------------------------------- CLAHE, Otsu, tissue mask
+def clahe(image, clip_limit=0.01, kernel_size=None, nbins=256):
+    """2D CLAHE with skimage.exposure.equalize_adapthist semantics (spec data.md 5.2) -> float in [0, 1]."""
+    img = np.asarray(image, np.float64)
+    lo, hi = img.min(), img.max()
+    if hi <= lo:
+        return np.zeros(img.shape, np.float32)
+    q = np.round((img - lo) / (hi - lo) * 16383).astype(np.int64)  # skimage works on 14-bit grey levels
+    ks = [max(s // 8, 1) for s in q.shape] if kernel_size is None else list(np.broadcast_to(kernel_size, 2))
+    pads = [(k // 2, (k - s % k) % k + math.ceil(k / 2)) for k, s in zip(ks, q.shape)]
+    b = np.pad(q, pads, mode="reflect") // (1 + 16384 // nbins)  # bin_size quirk: ~253 of 256 bins used
+    (k0, k1), (P0, P1) = ks, b.shape
+    h0, h1 = P0 // k0 - 1, P1 // k1 - 1  # histogram tiles, offset by half a tile
+    tiles = b[k0 // 2: k0 // 2 + h0 * k0, k1 // 2: k1 // 2 + h1 * k1].reshape(h0, k0, h1, k1)
+    tiles = tiles.transpose(0, 2, 1, 3).reshape(h0 * h1, -1)
+    hist = np.bincount((tiles + nbins * np.arange(h0 * h1)[:, None]).ravel(), minlength=h0 * h1 * nbins)
+    hist = _clip_hist(hist.reshape(h0 * h1, nbins), int(max(clip_limit * k0 * k1, 1)) if clip_limit > 0 else k0 * k1)
+    maps = np.minimum(np.cumsum(hist, -1) * 16383.0 / (k0 * k1), 16383).astype(np.int64)
+    maps = np.pad(maps.reshape(h0, h1, nbins), ((1, 1), (1, 1), (0, 0)), mode="edge")
+    n0, n1 = P0 // k0, P1 // k1
+    blocks = b.reshape(n0, k0, n1, k1).transpose(0, 2, 1, 3).reshape(n0, n1, -1)  # (n0, n1, k0*k1)
+    w0 = np.repeat(np.arange(k0) / k0, k1)  # bilinear weights inside a block
+    w1 = np.tile(np.arange(k1) / k1, k0)
+    out = np.zeros(blocks.shape, np.float32)
+    for e0 in (0, 1):
+        for e1 in (0, 1):
+            mapped = np.take_along_axis(maps[e0:e0 + n0, e1:e1 + n1], blocks, -1)
+            out += mapped * ((w0 if e0 else 1 - w0) * (w1 if e1 else 1 - w1)).astype(np.float32)
+    out = out.astype(np.int64).reshape(n0, n1, k0, k1).transpose(0, 2, 1, 3).reshape(P0, P1)  # skimage truncates
+    out = out[pads[0][0]:P0 - pads[0][1], pads[1][0]:P1 - pads[1][1]].astype(np.float32)
+    return (out - out.min()) / max(out.max() - out.min(), 1e-12)
+
+
+def _clip_hist(hist, clim):
+    """Clip each row at clim and hand the excess back: evenly, then one count per under-limit bin with a stride."""
+    total = hist.sum(-1, keepdims=True)
+    hist = np.minimum(hist, clim)
+    hist = np.minimum(hist + (total - hist.sum(-1, keepdims=True)) // hist.shape[-1], clim)
+    for row, left in zip(hist, (total - hist.sum(-1, keepdims=True)).ravel()):  # residual, as skimage spreads it
+        for start in range(row.size):
+            under = row < clim
+            if left <= 0 or not under.any():
+                break
+            step = max(1, int(under.sum()) // left)
+            picked = np.flatnonzero(under[start::step]) * step + start
+            row[picked] += 1
+            left -= len(picked)
+    return hist
+
+
+def otsu_threshold(image, nbins=256):
+    """Otsu with skimage.filters.threshold_otsu semantics for float images: the bin centre maximising between-class variance."""
+    x = np.asarray(image, np.float64).ravel()
+    if x.min() == x.max():
+        return float(x.min())
+    counts, edges = np.histogram(x, bins=nbins, range=(x.min(), x.max()))
+    centers = (edges[:-1] + edges[1:]) / 2
+    w1, w2 = np.cumsum(counts), np.cumsum(counts[::-1])[::-1]
+    m1 = np.cumsum(counts * centers) / np.maximum(w1, 1)
+    m2 = (np.cumsum((counts * centers)[::-1]) / np.maximum(w2[::-1], 1))[::-1]
+    return float(centers[np.argmax(w1[:-1] * w2[1:] * (m1[:-1] - m2[1:]) ** 2)])
+
+
+def tissue_mask(image):
+    """Breast mask: Otsu, opening, largest connected component, holes filled (spec data.md 4.2 item 1)."""
+    x = np.asarray(image, np.float32)
+    m = ndimage.binary_opening(x > otsu_threshold(x), iterations=2)
+    lab, n = ndimage.label(m)
+    if n == 0:
+        return m
+    return ndimage.binary_fill_holes(lab == np.argmax(np.bincount(lab.ravel())[1:]) + 1)
+
+
+# ----------------------------------------------------------------------------- synthetic phantoms as DICOM
+def make_phantom(shape=(24, 256, 192), glandular=0.25, mlo=False, lesions=(), beta=3.0, seed=0):
+    """Synthetic DBT volume (S, H, W) in [0, 1], chest wall on the left (spec data.md 6.1).
+
+    lesions: classes ("cancer" -> spiculation-free mass, "benign" -> calcification cluster).
+    Returns (volume, boxes) with boxes [dict(Class, Slice, X, Y, Width, Height)] in pixel units."""
+    rng = np.random.default_rng(seed)
+    S, H, W = shape
+    z = np.linspace(-1, 1, S)[:, None, None] if S > 1 else np.zeros((1, 1, 1))
+    y, x = np.linspace(0, 1, H)[None, :, None], np.linspace(0, 1, W)[None, None, :]
+    shrink = np.sqrt(1 - 0.3 * z ** 2)  # compressed breasts are thinner at the top and bottom slices
+    a, b, y0 = rng.uniform(0.5, 0.7) * shrink, rng.uniform(0.3, 0.4) * shrink, rng.uniform(0.45, 0.55)
+    r = np.sqrt((x / a) ** 2 + ((y - y0) / b) ** 2)  # (S, H, W) 1 on the skin line
+    breast = r <= 1
+    freqs = [np.fft.fftfreq(n) for n in shape[:-1]] + [np.fft.rfftfreq(shape[-1])]
+    f2 = sum(np.meshgrid(*[f.astype(np.float32) ** 2 for f in freqs], indexing="ij", sparse=True))
+    amp = np.where(f2 > 0, f2, np.inf) ** (-beta / 4)  # |f|^(-beta/2): power spectrum 1/f^beta
+    noise = np.fft.irfftn(np.fft.rfftn(rng.standard_normal(shape, np.float32)) * amp, shape, axes=(0, 1, 2))
+    noise = noise / noise.std() + 2 * np.clip(1 - r, 0, 1) ** 0.5  # glands sit behind the nipple, not at the skin
+    t = np.quantile(noise[breast], 1 - glandular)
+    vol = 0.3 + 0.2 / (1 + np.exp(-(noise - t) / 0.15))  # fat 0.3, gland 0.5
+    vol = ndimage.gaussian_filter1d(vol, 1.5, axis=0)  # poor out-of-plane resolution of DBT
+    vol[breast & (r > 1 - 3 / (a * W))] *= 1.15  # skin rim
+    if mlo:  # pectoral muscle: bright triangle in the upper chest-wall corner with a convex edge
+        pw, ph = rng.uniform(0.1, 0.25), rng.uniform(0.2, 0.35)
+        u = x / pw + y / ph
+        vol[breast & (u <= 1 + 0.15 * np.sin(np.pi * np.clip(x / pw, 0, 1)))] = 0.65
+    boxes, scale = [], H / 256
+    Z, Y, X = np.ogrid[:S, :H, :W]
+    inner = np.argwhere(breast & (r < 0.6) & (np.abs(z) < 0.5))  # lesion centres: central slices, not the skin
+    for cls in lesions:
+        cz, cy, cx = inner[rng.integers(len(inner))]
+        if cls == "cancer":  # ellipsoid mass with a smooth (erfc) margin
+            rr, rz = rng.uniform(6, 14) * scale, rng.uniform(2, 4)
+            d = np.sqrt(((X - cx) / rr) ** 2 + ((Y - cy) / rr) ** 2 + ((Z - cz) / rz) ** 2)
+            vol += 0.12 * 0.5 * erfc((d - 1) * 3)
+            x0, y0_, x1, y1 = cx - rr, cy - rr, cx + rr, cy + rr
+        else:  # calcification cluster: bright specks, each sharp in only 1-2 slices
+            n = rng.integers(5, 16)
+            sy, sx = (np.clip(rng.normal([cy, cx], 6 * scale, (n, 2)), 0, [H - 1, W - 1])).astype(int).T
+            for dz in (0, 1):
+                vol[np.clip(cz + dz, 0, S - 1), sy, sx] += 0.4 * (1 - 0.5 * dz)
+            x0, y0_, x1, y1 = sx.min() - 2, sy.min() - 2, sx.max() + 3, sy.max() + 3
+        x0, y0_ = max(int(x0), 0), max(int(y0_), 0)
+        boxes.append(dict(Class=cls, Slice=int(cz), X=x0, Y=y0_, Width=int(min(x1, W) - x0), Height=int(min(y1, H) - y0_)))
+    vol = vol + rng.standard_normal(shape) * 0.01 * np.sqrt(np.clip(vol, 0, None))  # quantum noise ~ sqrt(signal)
+    return np.where(breast, np.clip(vol, 0, 1), 0).astype(np.float32), boxes
+
+
+def quantize(volume, bits_stored=10, monochrome1=False):
+    """[0, 1] display values -> stored uint16; MONOCHROME1 stores the minimum as white."""
+    stored = np.round(np.clip(volume, 0, 1) * (2 ** bits_stored - 1)).astype(np.uint16)
+    return (2 ** bits_stored - 1) - stored if monochrome1 else stored
+
+
+def write_bto(path, stored, laterality="L", view="CC", encoding="native", voi_function="LINEAR",
+              monochrome1=False, bits_stored=10, patient_id="SYN-P00000", study_uid=None, spacing=0.1):
+    """Write stored uint16 (S, H, W) as a Breast Tomosynthesis Image (BTO) file with functional groups, atomically.
+
+    encoding: native (Explicit VR LE), rle (pydicom's encoder) or j2k (lossless, Pillow/OpenJPEG)."""
+    S, H, W = stored.shape
+    top = 2 ** bits_stored
+    c, w = {"SIGMOID": (0.4 * top, 0.5 * top)}.get(voi_function, (top / 2, top))  # LINEAR*: identity on stored range
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = {"j2k": "1.2.840.10008.1.2.4.90"}.get(encoding, "1.2.840.10008.1.2.1")
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = BTO
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.Modality, ds.ImageType = patient_id, "MG", ["DERIVED", "PRIMARY", "TOMOSYNTHESIS", "NONE"]
+    ds.PatientOrientation = {"LCC": "A\\R", "RCC": "P\\L", "LMLO": "A\\FR", "RMLO": "P\\FL"}[laterality + view]
+    code = {"CC": ("399162004", "cranio-caudal"), "MLO": ("399368009", "medio-lateral oblique")}[view]
+    ds.ViewCodeSequence = [_item(CodeValue=code[0], CodingSchemeDesignator="SCT", CodeMeaning=code[1])]
+    ds.Rows, ds.Columns, ds.NumberOfFrames, ds.SamplesPerPixel = H, W, S, 1
+    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
+    ds.SharedFunctionalGroupsSequence = [_item(  # pydicom's own VOI helpers never look in here: read_dbt must
+        PixelMeasuresSequence=[_item(PixelSpacing=[spacing, spacing], SliceThickness=1.0)],
+        FrameVOILUTSequence=[_item(WindowCenter=c, WindowWidth=w, VOILUTFunction=voi_function)],
+        PixelValueTransformationSequence=[_item(RescaleSlope=1, RescaleIntercept=0, RescaleType="US")],
+        FrameAnatomySequence=[_item(FrameLaterality=laterality)])]
+    ds.PerFrameFunctionalGroupsSequence = [_item(  # 1 mm slices
+        PlanePositionSequence=[_item(ImagePositionPatient=[0.0, 0.0, float(i)])],
+        FrameContentSequence=[_item(InStackPositionNumber=i + 1, DimensionIndexValues=[1, i + 1])]) for i in range(S)]
+    if encoding == "j2k":
+        frames = []
+        for f in stored:
+            buf = io.BytesIO()
+            Image.fromarray(f).save(buf, format="JPEG2000", irreversible=False, no_jp2=True)
+            frames.append(buf.getvalue())
+        ds.PixelData = encapsulate(frames)
+        ds["PixelData"].VR = "OB"
+    else:
+        ds.PixelData = np.ascontiguousarray(stored, "<u2").tobytes()
+        ds["PixelData"].VR = "OW"
+        if encoding == "rle":
+            ds.compress("1.2.840.10008.1.2.5", encoding_plugin="pydicom")
+    tmp = f"{path}.tmp{os.getpid()}"
+    ds.save_as(tmp, enforce_file_format=True)
+    os.replace(tmp, path)
+
+
+def _item(**attrs):
+    item = Dataset()
+    item.update(attrs)
+    return item
+
+
+def write_phantom_dicom(path, shape=(60, 2457, 1996), encoding="native", seed=0, **kw):
+    """A phantom BTO file of any size (for tests and bench.py); anatomy is drawn at <= 512 px then upsampled."""
+    f = max(1, math.ceil(max(shape[1:]) / 512))
+    small, _ = make_phantom((shape[0], math.ceil(shape[1] / f), math.ceil(shape[2] / f)), seed=seed)
+    iy, ix = np.arange(shape[1]) // f, np.arange(shape[2]) // f
+    stored = np.empty(shape, np.uint16)  # (S, H, W)
+    for s in range(shape[0]):
+        stored[s] = quantize(small[s][iy][:, ix], kw.get("bits_stored", 10), kw.get("monochrome1", False))
+    write_bto(path, stored, encoding=encoding, **kw)
+    return Path(path)
+
+
+def _write_csv(path, rows, fields=None):
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields or list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def write_archive(root, patients=8, seed=0, shape=(24, 256, 192)):
+    """A small BCS-DBT-like archive: 4 BTO views per exam, BCS-DBT CSVs, exams.csv for density/risk probes."""
+    root, rng = Path(root), np.random.default_rng(seed)
+    paths, labels, boxes, exams = [], [], [], []
+    # cycle encodings and display conventions so every exam exercises the whole reading path
+    # (mostly compressed: native views cost 2.4 MB each at the default size)
+    variants = [("native", "LINEAR", False), ("j2k", "SIGMOID", False), ("j2k", "LINEAR", True),
+                ("rle", "LINEAR_EXACT", False), ("j2k", "LINEAR", False), ("rle", "SIGMOID", True),
+                ("j2k", "LINEAR_EXACT", False), ("rle", "LINEAR", False)] + [("j2k", "LINEAR", False)] * 8
+    for p in range(patients):
+        pid = f"SYN-P{p:05d}"
+        study = generate_uid(entropy_srcs=[str(seed), pid])
+        density = int(rng.choice(4, p=[0.1, 0.4, 0.4, 0.1]))  # BI-RADS a-d prevalence
+        risk = rng.normal()  # latent risk, visible only through texture (beta), so the probe has to learn it
+        hazard = 0.03 * math.exp(0.5 * density + 0.8 * risk)
+        onset, followup = rng.exponential(1 / hazard), rng.uniform(2, 8)
+        side = "LR"[rng.integers(2)]
+        exam = dict(patient=pid, exam=study)
+        for k, view in enumerate(("LCC", "RCC", "LMLO", "RMLO")):
+            lesions = (["cancer"] if onset < 1 and view[0] == side else []) + (["benign"] if rng.random() < 0.15 else [])
+            g = [0.1, 0.25, 0.5, 0.75][density] * rng.uniform(0.8, 1.25)
+            vol, bxs = make_phantom(shape, g, view.endswith("MLO"), lesions, beta=3 + 0.3 * risk,
+                                    seed=int(rng.integers(2 ** 31)))
+            if view[0] == "R":  # right breasts are displayed with the chest wall on the right
+                vol = vol[:, :, ::-1]
+                for b in bxs:
+                    b["X"] = shape[2] - b["X"] - b["Width"]
+            encoding, voi, mono1 = variants[(4 * p + k) % len(variants)]
+            rel = f"Breast-Cancer-Screening-DBT/{pid}/{study}/{view.lower()}/1-1.dcm"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            write_bto(root / rel, quantize(vol, 10, mono1), view[0], view[1:], encoding, voi, mono1,
+                      patient_id=pid, study_uid=study, spacing=0.1 * 2457 / shape[1])
+            key = dict(PatientID=pid, StudyUID=study, View=view.lower())
+            paths.append(dict(key, descriptive_path=rel, classic_path=rel))
+            cls = {b["Class"] for b in bxs}
+            labels.append(dict(key, Normal=int(not cls), Actionable=0, Benign=int(cls == {"benign"}),
+                               Cancer=int("cancer" in cls)))
+            boxes += [dict(key, Subject=pid, Slice=b["Slice"], X=b["X"], Y=b["Y"], Width=b["Width"],
+                           Height=b["Height"], Class=b["Class"], AD=0, VolumeSlices=shape[0]) for b in bxs]
+            exam[view] = rel
+        event = onset < followup
+        exams.append(dict(exam, density="abcd"[density], years_to_cancer=round(onset, 3) if event else "",
+                          years_of_followup=round(min(onset, followup), 3)))
+    _write_csv(root / "file-paths.csv", paths)
+    _write_csv(root / "labels.csv", labels)
+    _write_csv(root / "boxes.csv", boxes, ["PatientID", "StudyUID", "View", "Subject", "Slice", "X", "Y", "Width",
+                                           "Height", "Class", "AD", "VolumeSlices"])
+    _write_csv(root / "exams.csv", exams)
+    return root
+
+
+def cache_base():
+    return Path(os.environ.get("DBT_DINO_CACHE", "cache"))
+
+
+def synthetic_archive(root=None, patients=8, seed=0, shape=(24, 256, 192)):
+    """Create once (build in a tmp dir, then os.replace) and return the synthetic archive folder."""
+    root = Path(root) if root else cache_base() / f"synthetic-p{patients}-s{seed}"
+    if (root / "exams.csv").exists():
+        return root
+    tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_archive(tmp, patients, seed, shape)
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process won the race (or root is a non-empty folder): keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (root / "exams.csv").exists():
+            raise ValueError(f"{root}: exists and is not a synthetic archive") from None
+    return root
+
+
+# ----------------------------------------------------------------------------- pretraining stream
+def scan(source):
+    """Volume paths from a folder (recursive), a CSV manifest with a `path` column, or a list of paths."""
+    if isinstance(source, (list, tuple)):
+        return [str(p) for p in source]
+    source = Path(source)
+    if source.suffix.lower() == ".csv":
+        with open(source, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        if not rows or "path" not in rows[0]:
+            raise ValueError(f"{source}: manifest needs a `path` column and at least one row")
+        return [str(source.parent / r["path"]) for r in rows]
+    if source.is_dir():
+        return sorted(str(p) for p in source.rglob("*") if p.is_file() and not p.name.startswith(".")
+                      and p.suffix.lower() in DICOM_SUFFIXES)
+    raise ValueError(f"{source}: not a folder, a .csv manifest or a list of paths")
+
+
+def volume_index(path, cache_dir):
+    """index_volume + canonical flip + tissue mask of the central slice; cached on disk (atomic npz)."""
+    st = os.stat(path)
+    key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{INDEX_VERSION}".encode()).hexdigest()
+    file = Path(cache_dir) / key[:2] / f"{key}.npz"
+    if file.exists():
+        with np.load(file) as z:
+            return json.loads(str(z["meta"])), z["mask"]
+    meta = index_volume(path)
+    mid = read_slices(meta, [meta["n_frames"] // 2])[0]  # (H, W); the breast outline barely changes with depth
+    meta["flip"] = edge_side(mid) == "R"
+    mid = mid[:, ::-1] if meta["flip"] else mid
+    meta["mask_stride"] = max(1, math.ceil(max(mid.shape) / 256))  # a <= 256 px mask is plenty for crop decisions
+    mask = tissue_mask(mid[::meta["mask_stride"], ::meta["mask_stride"]])
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{file}.tmp{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        np.savez(fh, meta=json.dumps(meta), mask=mask)
+    os.replace(tmp, file)
+    return meta, mask
+
+
+class PretrainStream(torch.utils.data.IterableDataset):
+    """Endless DINOv2 multi-crop samples, one random slice per draw, sharded by volume over (rank, worker).
+
+    Items: global_crops (2, 3, G, G), local_crops (n_local, 3, L, L), global_tissue (2, G/p, G/p) per-patch tissue
+    fraction, slice_index (2,) = [s, s'], volume (int), and adjacent (2, 3, G, G) when adjacent_k > 0."""
+
+    def __init__(self, source, *, patch_size=14, global_size=112, local_size=56, n_local=8,
+                 global_scale=(0.32, 1.0), local_scale=(0.05, 0.32), tissue_aware=False, min_tissue_global=0.5,
+                 min_tissue_local=0.3, adjacent_k=0, seed=0, cache_dir=None, slices_per_volume=4,
+                 shuffle_buffer=16, tries=10):
+        self.paths = scan(source)
+        self.patch_size, self.global_size, self.local_size, self.n_local = patch_size, global_size, local_size, n_local
+        self.global_scale, self.local_scale, self.tissue_aware = global_scale, local_scale, tissue_aware
+        self.min_tissue_global, self.min_tissue_local, self.adjacent_k = min_tissue_global, min_tissue_local, adjacent_k
+        self.seed, self.slices_per_volume, self.shuffle_buffer, self.tries = seed, slices_per_volume, shuffle_buffer, tries
+        self.cache_dir = Path(cache_dir) if cache_dir else cache_base() / "index"
+        self.epoch, self.skipped = 0, {}  # skipped: path -> reason, each logged once
+        if not any(self._index(p) is not None for p in self.paths):  # stops at the first readable volume
+            reasons = "; ".join(list(self.skipped.values())[:3])
+            raise ValueError(f"{source}: no readable DICOM among {len(self.paths)} files. {reasons}")
+
+    @property
+    def n_skipped(self):
+        return len(self.skipped)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def _skip(self, path, reason):
+        if path not in self.skipped:
+            self.skipped[path] = str(reason)
+            print(f"data: skipping {path}: {reason}", file=sys.stderr)
+
+    def _index(self, path):
+        try:
+            return volume_index(path, self.cache_dir)
+        except (ValueError, OSError) as e:
+            self._skip(path, e)
+
+    def shard(self, epoch, rank=0, world=1, worker=0, workers=1):
+        """Volume indices for one (rank, worker): a strided slice of a (seed, epoch) permutation, wrapped so all get as many."""
+        n, total = len(self.paths), world * workers
+        perm = np.random.default_rng([self.seed, epoch]).permutation(n)  # identical on every rank: no communication
+        g = rank * workers + worker
+        return [int(perm[(g + j * total) % n]) for j in range(math.ceil(n / total))]
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
+        epoch, buffer = self.epoch, []
+        while True:
+            rng = np.random.default_rng([self.seed, epoch, rank, worker])
+            produced = 0
+            for v in self.shard(epoch, rank, world, worker, workers):
+                index = None if self.paths[v] in self.skipped else self._index(self.paths[v])
+                for _ in range(self.slices_per_volume if index else 0):
+                    try:
+                        item = dict(self.sample(*index, rng), volume=v)
+                    except ValueError as e:  # e.g. a corrupt frame deep inside an otherwise fine file
+                        self._skip(self.paths[v], e)
+                        break
+                    produced += 1
+                    buffer.append(item)  # mixes slices of consecutive volumes so a batch is not one breast
+                    if len(buffer) > self.shuffle_buffer:
+                        yield buffer.pop(int(rng.integers(len(buffer))))
+            if not produced:
+                raise ValueError(f"rank {rank} worker {worker}: no readable volume in its shard "
+                                 f"({self.n_skipped} files skipped)")
+            epoch += 1
+
+    def sample(self, meta, mask, rng):
+        """One item from a random slice s of one volume (and s' = s +- delta for the adjacent-slice loss)."""
+        S, G, stride = meta["n_frames"], self.global_size, meta["mask_stride"]
+        s = int(rng.integers(S))
+        img = self._slice(meta, s)  # (H, W)
+        boxes = [self._box(rng, img.shape, self.global_scale, mask, stride, self.min_tissue_global) for _ in range(2)]
+        flips = [bool(f) for f in rng.random(2) < 0.5]
+        # DINOv2 as released: blur never on global 1, 0.9 on global 2 (+ solarize 0.2), 0.5 on locals (dinov2.md 1f)
+        photo = [(0.0, 0.0), (0.9, 0.2)]
+        out = {"global_crops": torch.stack([self._photo(self._crop(img, b, f, G), rng, *p)
+                                            for b, f, p in zip(boxes, flips, photo)])}  # (2, 3, G, G)
+        local = []
+        for _ in range(self.n_local):
+            b = self._box(rng, img.shape, self.local_scale, mask, stride, self.min_tissue_local)
+            local.append(self._photo(self._crop(img, b, rng.random() < 0.5, self.local_size), rng, 0.5, 0.0))
+        out["local_crops"] = torch.stack(local)  # (n_local, 3, L, L)
+        out["global_tissue"] = torch.stack([self._tissue_grid(mask, stride, b, f) for b, f in zip(boxes, flips)])
+        s2 = s
+        if self.adjacent_k > 0 and S > 1:
+            d = int(rng.integers(1, self.adjacent_k + 1)) * (1 if rng.random() < 0.5 else -1)
+            s2 = int(np.clip(s + d if 0 <= s + d < S else s - d, 0, S - 1))  # reflect at the volume ends
+        if self.adjacent_k > 0:  # same geometry on slice s', independent photometric augmentation
+            img2 = self._slice(meta, s2)
+            out["adjacent"] = torch.stack([self._photo(self._crop(img2, b, f, G), rng, *p)
+                                           for b, f, p in zip(boxes, flips, photo)])  # (2, 3, G, G)
+        out["slice_index"] = torch.tensor([s, s2])
+        return out
+
+    def _slice(self, meta, s):
+        x = read_slices(meta, [s])[0]  # (H, W)
+        return torch.from_numpy(np.ascontiguousarray(x[:, ::-1] if meta["flip"] else x))
+
+    def _box(self, rng, shape, scale, mask, stride, min_tissue):
+        """RandomResizedCrop geometry (top, left, h, w); tissue-aware: centred on tissue and >= min_tissue of it."""
+        H, W = shape
+        tissue = np.flatnonzero(mask) if self.tissue_aware and mask.any() else None
+        for _ in range(self.tries):
+            area = H * W * rng.uniform(*scale)
+            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            h, w = int(round(math.sqrt(area / ratio))), int(round(math.sqrt(area * ratio)))
+            if not (0 < h <= H and 0 < w <= W):
+                continue
+            if tissue is None:
+                return int(rng.integers(H - h + 1)), int(rng.integers(W - w + 1)), h, w
+            cy, cx = np.unravel_index(tissue[rng.integers(len(tissue))], mask.shape)
+            box = (int(np.clip(cy * stride - h // 2, 0, H - h)), int(np.clip(cx * stride - w // 2, 0, W - w)), h, w)
+            if mask_crop(mask, stride, box).mean() >= min_tissue:
+                return box
+        h = w = min(H, W, int(math.sqrt(H * W * scale[0])))
+        if tissue is None:  # torchvision's fallback: a central crop
+            return (H - h) // 2, (W - w) // 2, h, w
+        ys, xs = np.nonzero(mask)  # fallback: the smallest crop centred on the tissue bounding box
+        cy, cx = (ys.min() + ys.max()) * stride // 2, (xs.min() + xs.max()) * stride // 2
+        return int(np.clip(cy - h // 2, 0, H - h)), int(np.clip(cx - w // 2, 0, W - w)), h, w
+
+    def _crop(self, img, box, flip, size):
+        t, l, h, w = box
+        x = F.interpolate(img[None, None, t:t + h, l:l + w], size=(size, size), mode="bicubic",
+                          align_corners=False, antialias=True)[0]  # (1, size, size)
+        return (x.flip(-1) if flip else x).clamp(0, 1)
+
+    def _tissue_grid(self, mask, stride, box, flip):
+        m = torch.from_numpy(mask_crop(mask, stride, box)).float()
+        grid = F.adaptive_avg_pool2d(m[None, None], self.global_size // self.patch_size)[0, 0]  # (G/p, G/p)
+        return grid.flip(-1) if flip else grid
+
+    def _photo(self, x, rng, blur_p, solarize_p):
+        """Grey version of DINOv2's colour augmentation; returns (3, h, w) with the grey channel replicated."""
+        if rng.random() < 0.8:  # ColorJitter brightness/contrast 0.4; saturation and hue do nothing on grey
+            x = x * rng.uniform(0.6, 1.4)
+            x = (x - x.mean()) * rng.uniform(0.6, 1.4) + x.mean()
+        if rng.random() < blur_p:
+            x = gaussian_blur(x, 9, float(rng.uniform(0.1, 2.0)))
+        if rng.random() < solarize_p:
+            x = torch.where(x >= 0.5, 1 - x, x)
+        return x.clamp(0, 1).expand(3, -1, -1)
+
+
+def mask_crop(mask, stride, box):
+    """The part of the strided tissue mask under a full-resolution box (top, left, h, w)."""
+    t, l, h, w = box
+    return mask[t // stride:-(-(t + h) // stride), l // stride:-(-(l + w) // stride)]
+
+
+# ----------------------------------------------------------------------------- masking, collate, loader
+class MaskingGenerator:
+    """DINOv2/BEiT block masking on a (h, w) patch grid, drawn with python's `random` like the reference."""
+
+    def __init__(self, input_size, max_num_patches=None, min_num_patches=4, min_aspect=0.3, max_aspect=None):
+        self.height, self.width = input_size
+        self.max_num_patches = max_num_patches if max_num_patches is not None else 0.5 * self.height * self.width
+        self.min_num_patches = min_num_patches
+        self.log_aspect = (math.log(min_aspect), math.log(max_aspect or 1 / min_aspect))
+
+    def _block(self, mask, max_patches):
+        for _ in range(10):
+            area = random.uniform(self.min_num_patches, max_patches)
+            aspect = math.exp(random.uniform(*self.log_aspect))
+            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if w < self.width and h < self.height:
+                top, left = random.randint(0, self.height - h), random.randint(0, self.width - w)
+                new = h * w - int(mask[top:top + h, left:left + w].sum())
+                if 0 < new <= max_patches:
+                    mask[top:top + h, left:left + w] = True
+                    return new
+        return 0
+
+    def __call__(self, num_masking_patches=0):
+        mask = np.zeros((self.height, self.width), bool)  # (h, w)
+        count = 0
+        while count < num_masking_patches:
+            added = self._block(mask, min(num_masking_patches - count, self.max_num_patches))
+            if added == 0:
+                break
+            count += added
+        return mask
+
+
+def tissue_masks(tissue, counts, eps=0.05):
+    """Tissue-prioritised iBOT masks: per image, counts[i] patches without replacement, weight eps + p (Gumbel top-k)."""
+    masks = torch.zeros(tissue.shape, dtype=torch.bool)  # (B, N)
+    keys = (tissue + eps).log() - torch.log(-torch.log(torch.rand(tissue.shape).clamp_min(1e-20)))
+    for i, k in enumerate(counts):
+        if k > 0:
+            masks[i, keys[i].topk(k).indices] = True
+    return masks
+
+
+def collate_pretrain(samples, *, patch_size=14, mask_probability=0.5, mask_ratio=(0.1, 0.5), tissue_masking=False):
+    """Stack crop-major ([crop1 of all B; crop2 of all B]) and draw iBOT masks with DINOv2's ratio schedule."""
+    B, n_local = len(samples), samples[0]["local_crops"].shape[0]
+    out = {"global": torch.stack([s["global_crops"][i] for i in range(2) for s in samples]),  # (2B, 3, G, G)
+           "local": torch.stack([s["local_crops"][i] for i in range(n_local) for s in samples]),  # (n_local*B, 3, L, L)
+           "adjacent": torch.stack([s["adjacent"][i] for i in range(2) for s in samples]) if "adjacent" in samples[0]
+           else None}
+    G = out["global"].shape[-1]
+    n, N, n_masked = G // patch_size, (G // patch_size) ** 2, int(2 * B * mask_probability)
+    probs = np.linspace(*mask_ratio, n_masked + 1)
+    counts = [int(N * random.uniform(probs[i], probs[i + 1])) for i in range(n_masked)] + [0] * (2 * B - n_masked)
+    if tissue_masking:
+        random.shuffle(counts)
+        tissue = torch.stack([s["global_tissue"][i] for i in range(2) for s in samples]).flatten(1)  # (2B, N)
+        masks = tissue_masks(tissue, counts)
+    else:
+        gen = MaskingGenerator((n, n), max_num_patches=0.5 * G // patch_size * G // patch_size)  # reference's float chain
+        masks = [torch.from_numpy(gen(c).ravel()) for c in counts]
+        random.shuffle(masks)
+        masks = torch.stack(masks)  # (2B, N)
+    per_image = masks.sum(-1, keepdim=True).clamp_min(1)
+    out.update(masks=masks, mask_indices=masks.flatten().nonzero().flatten(),
+               masks_weight=(1 / per_image).expand_as(masks)[masks].float(), n_masked=int(masks.sum()))
+    return out
+
+
+def _worker_init(_):
+    seed = torch.initial_seed() % 2 ** 32  # differs per worker and follows the loader's seeded generator
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(dataset, batch_size, workers, collate_fn, seed):
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_fn,
+                                       generator=generator, worker_init_fn=_worker_init, drop_last=True,
+                                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+
+
+def density_eval_set(root, size=112, views=("CC", "MLO")):
+    """Central slice of every view in exams.csv, canonical orientation, resized -> images, density 0..3, patient groups."""
+    root = Path(root)
+    with open(root / "exams.csv", newline="") as fh:
+        exams = list(csv.DictReader(fh))
+    images, labels, groups, patients = [], [], [], {}
+    for e in exams:
+        for col in (side + v for v in views for side in "LR"):
+            meta = index_volume(root / e[col])
+            x, _ = read_dbt(root / e[col], frames=[meta["n_frames"] // 2])
+            x = F.interpolate(torch.from_numpy(x)[None], size=(size, size), mode="bilinear", antialias=True)
+            images.append(x[0].clamp(0, 1).expand(3, -1, -1))  # (3, size, size)
+            labels.append("abcd".index(e["density"]))
+            groups.append(patients.setdefault(e["patient"], len(patients)))
+    return {"images": torch.stack(images), "labels": torch.tensor(labels), "groups": torch.tensor(groups)}
+
+
+# ----------------------------------------------------------------------------- CLI
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("synth", help="write a synthetic DBT archive", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--out", default="cache/synthetic", help="output folder (must not exist or be empty)")
+    s.add_argument("--patients", type=int, default=8, help="patients (one exam of four views each)")
+    s.add_argument("--seed", type=int, default=0, help="random seed")
+    s.add_argument("--slices", type=int, default=24, help="slices per volume")
+    s.add_argument("--height", type=int, default=256, help="rows per slice")
+    s.add_argument("--width", type=int, default=192, help="columns per slice")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = get_args()
+    root = synthetic_archive(args.out, args.patients, args.seed, (args.slices, args.height, args.width))
+    print(f"wrote {root}: {args.patients * 4} volumes")

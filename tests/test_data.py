@@ -1,0 +1,291 @@
+"""Tests for data.py: DICOM reading, VOI, phantoms, CLAHE/Otsu, the pretraining stream and collate. CPU, offline."""
+import csv, os, random, subprocess, sys, tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+
+TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+SHAPE = (8, 64, 48)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    return data.synthetic_archive(tmp_path_factory.mktemp("syn") / "arch", patients=2, seed=0, shape=(12, 96, 72))
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory):
+    """The same phantom written native, RLE and JPEG 2000, plus its expected display values."""
+    root = tmp_path_factory.mktemp("vol")
+    paths = {enc: data.write_phantom_dicom(root / f"{enc}.dcm", SHAPE, enc, seed=3) for enc in ("native", "rle", "j2k")}
+    vol, _ = data.make_phantom(SHAPE, seed=3)
+    return paths, data.quantize(vol, 10) / 1023.0
+
+
+def test_phantom_roundtrip_and_meta(volumes):
+    paths, expected = volumes
+    vol, meta = data.read_dbt(paths["native"])
+    assert vol.dtype == np.float32 and vol.shape == SHAPE
+    # LINEAR with c = 2^(b-1), w = 2^b is exactly x / (2^b - 1): the phantom comes back unchanged (chest wall left)
+    np.testing.assert_allclose(vol, expected, atol=1e-6)
+    assert (meta["laterality"], meta["view"], meta["n_frames"]) == ("L", "CC", 8)
+    assert meta["sop_class"] == data.BTO and meta["transfer_syntax"] == "1.2.840.10008.1.2.1"
+    assert meta["pixel_spacing"] == [0.1, 0.1] and meta["slice_order"] == "stored" and not meta["mirrored"]
+    assert pydicom.dcmread(paths["native"]).pixel_array.shape == SHAPE
+
+
+def test_encodings_identical(volumes):
+    paths, _ = volumes
+    ref, _ = data.read_dbt(paths["native"])
+    for enc in ("rle", "j2k"):
+        vol, meta = data.read_dbt(paths[enc])
+        np.testing.assert_array_equal(vol, ref)
+    assert meta["transfer_syntax"] == "1.2.840.10008.1.2.4.90"
+
+
+def test_frames_match_full_read(volumes):
+    paths, _ = volumes
+    for enc in ("native", "j2k"):
+        full, _ = data.read_dbt(paths[enc])
+        part, _ = data.read_dbt(paths[enc], frames=[5, 2])
+        np.testing.assert_array_equal(part, full[[5, 2]])
+
+
+def test_voi_hand_calculations():
+    x = np.array([0, 75, 75.5, 100, 124, 124.5, 200], np.float32)
+    # LINEAR (PS3.3 C.11.2.1.2): c' = 99.5, w' = 49 -> 0 at or below 75, 1 above 124
+    lin = data.apply_voi(x, 1, 0, 100, 50, "LINEAR")
+    np.testing.assert_allclose(lin, [0, 0, 0.5 / 49, 0.5 + 0.5 / 49, 0.5 + 24.5 / 49, 1, 1], atol=1e-6)
+    exact = data.apply_voi(x, 1, 0, 100, 50, "LINEAR_EXACT")
+    np.testing.assert_allclose(exact, np.clip((x - 100) / 50 + 0.5, 0, 1), atol=1e-6)
+    sig = data.apply_voi(x, 2, -10, 100, 50, "SIGMOID")  # rescale first: 2x - 10
+    np.testing.assert_allclose(sig, 1 / (1 + np.exp(-4 * (2 * x - 10 - 100) / 50)), rtol=1e-5)
+    nominal = data.apply_voi(np.array([0, 1023]), 1, 0, None, None, "LINEAR", bits_stored=10)
+    np.testing.assert_allclose(nominal, [0, 1])
+
+
+def test_monochrome1_sigmoid_file(tmp_path):
+    path = data.write_phantom_dicom(tmp_path / "m1.dcm", SHAPE, "native", seed=1, monochrome1=True,
+                                    voi_function="SIGMOID", laterality="L")
+    stored = pydicom.dcmread(path).pixel_array.astype(np.float64)
+    c, w = 0.4 * 1024, 0.5 * 1024  # what write_bto puts in the Shared FrameVOILUT for SIGMOID
+    vol, meta = data.read_dbt(path)
+    assert meta["invert"]
+    np.testing.assert_allclose(vol, 1 - 1 / (1 + np.exp(-4 * (stored - c) / w)), atol=1e-5)
+
+
+def test_pydicom_shipped_files():
+    read = lambda name: data.read_dbt(TEST_FILES / name)[0]  # noqa: E731
+    ref = read("MR_small.dcm")
+    np.testing.assert_array_equal(read("MR_small_RLE.dcm"), ref)
+    np.testing.assert_array_equal(read("MR_small_jp2klossless.dcm"), ref)
+    np.testing.assert_array_equal(read("rtdose_rle.dcm"), read("rtdose.dcm"))
+    assert read("rtdose.dcm").shape == (15, 10, 10) and read("JPEG2000.dcm").shape == (1, 1024, 256)
+    cr = TEST_FILES / "dicomdirtests/77654033/CR1/6154"
+    ds = pydicom.dcmread(cr)
+    x = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    lin = np.clip((x - (1600 - 0.5)) / (2800 - 1) + 0.5, 0, 1)  # header window 1600/2800, then MONOCHROME1
+    np.testing.assert_allclose(data.read_dbt(cr)[0][0], 1 - lin, atol=1e-5)
+    for name, pkg in [("MR_small_jpeg_ls_lossless.dcm", "pyjpegls"), ("JPEGLSNearLossless_16.dcm", "pyjpegls"),
+                      ("SC_rgb_jpeg_gdcm.dcm", "pylibjpeg-libjpeg"), ("JPGExtended.dcm", "pylibjpeg-libjpeg")]:
+        with pytest.raises(ValueError, match=rf"{name}: transfer syntax .*install {pkg}"):
+            read(name)
+    with pytest.raises(ValueError, match="colour"):
+        read("examples_ybr_color.dcm")
+
+
+def test_legacy_folder_sorted_by_z(tmp_path, volumes):
+    _, expected = volumes
+    paths, _ = volumes
+    src = pydicom.dcmread(paths["native"])
+    series = tmp_path / "series"
+    series.mkdir()
+    for i in np.random.default_rng(0).permutation(SHAPE[0]):  # file names in shuffled order
+        ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+        ds.Rows, ds.Columns, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 64, 48, 10, 9, 0
+        ds.ImagePositionPatient, ds.InstanceNumber = [0, 0, float(i)], int(i)
+        ds.WindowCenter, ds.WindowWidth, ds.RescaleSlope, ds.RescaleIntercept = 512, 1024, 1, 0
+        ds.PixelData = src.pixel_array[i].astype("<u2").tobytes()
+        ds.save_as(series / f"{(i * 7) % SHAPE[0]:03d}.dcm")
+    vol, meta = data.read_dbt(series)
+    assert meta["slice_order"] == "z" and meta["n_frames"] == SHAPE[0]
+    np.testing.assert_allclose(vol, expected, atol=1e-6)
+
+
+def test_orientation_rules(archive):
+    row = next(csv.DictReader(open(archive / "exams.csv")))
+    rcc = archive / row["RCC"]
+    vol, meta = data.read_dbt(rcc, view="rcc")  # stored chest wall right = official R guess: no rotation
+    raw, _ = data.read_dbt(rcc, view="rcc", frames=[0])
+    assert not meta["rotated"] and data.edge_side(vol[0]) == "R"
+    wrong, meta = data.read_dbt(rcc, view="lcc", frames=[0])  # header/view disagreement -> 180 deg rotation
+    assert meta["rotated"]
+    np.testing.assert_array_equal(wrong[0], raw[0][::-1, ::-1])
+    canon, meta = data.read_dbt(rcc)  # canonical: mirrored so the chest wall is on the left
+    assert meta["mirrored"] and data.edge_side(canon[0]) == "L"
+    np.testing.assert_array_equal(canon, vol[:, :, ::-1])
+
+
+def test_bad_files_errors_and_stream_skips(tmp_path, volumes):
+    paths, _ = volumes
+    good = tmp_path / "good.dcm"
+    good.write_bytes(paths["native"].read_bytes())
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    (tmp_path / "text.dcm").write_text("hello, not dicom")
+    (tmp_path / "trunc.dcm").write_bytes(paths["native"].read_bytes()[:30000])
+    sr = pydicom.dcmread(paths["native"])
+    for k in ("PixelData", "Rows", "Columns", "BitsAllocated"):
+        del sr[k]
+    sr.save_as(tmp_path / "noimage.dcm")
+    for name, msg in [("empty", "not a readable DICOM"), ("text", "not a readable DICOM"),
+                      ("trunc", "cannot decode frame"), ("noimage", "no image")]:
+        with pytest.raises(ValueError, match=rf"{name}\.dcm.*{msg}"):
+            data.read_dbt(tmp_path / f"{name}.dcm")
+    ds = data.PretrainStream(tmp_path, cache_dir=tmp_path / "cache", global_size=28, local_size=14, n_local=2,
+                             shuffle_buffer=0)
+    items = [item for item, _ in zip(ds, range(20))]  # two epochs over the 5 files: the stream keeps going
+    assert {i["volume"] for i in items} == {ds.paths.index(str(good))}
+    assert ds.n_skipped == 4 and all(Path(p).name != "good.dcm" for p in ds.skipped)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.dcm").write_bytes(b"")
+    with pytest.raises(ValueError, match="no readable DICOM"):
+        data.PretrainStream(bad, cache_dir=tmp_path / "cache")
+
+
+def test_memory_one_slice_vs_full(tmp_path):
+    path = data.write_phantom_dicom(tmp_path / "big.dcm", (60, 256, 192), "native")
+    peaks = []
+    for frames in ([30], None):
+        tracemalloc.start()
+        data.read_dbt(path, frames=frames)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert peaks[0] < 0.1 * peaks[1], peaks
+
+
+def test_clahe_matches_skimage():
+    from skimage.exposure import equalize_adapthist
+    vol, _ = data.make_phantom((3, 160, 120), glandular=0.5, mlo=True, seed=2)
+    rng = np.random.default_rng(0)
+    for img, kw in [(vol[1], {}), (rng.random((97, 131)), dict(clip_limit=0.02, kernel_size=16)),
+                    (vol[1], dict(clip_limit=0)), (np.linspace(0, 1, 64 * 80).reshape(64, 80), {})]:
+        ours, ref = data.clahe(img, **kw), equalize_adapthist(img, **kw)
+        assert np.abs(ours - ref).mean() < 0.01, (kw, np.abs(ours - ref).mean())
+    assert (data.clahe(np.full((32, 32), 0.3)) == 0).all()
+
+
+def test_otsu_matches_skimage():
+    from skimage.filters import threshold_otsu
+    vol, _ = data.make_phantom((3, 128, 96), seed=4)
+    rng = np.random.default_rng(1)
+    for img in [vol[1], np.concatenate([rng.normal(0.2, 0.05, 500), rng.normal(0.7, 0.1, 300)])]:
+        width = (img.max() - img.min()) / 256
+        assert abs(data.otsu_threshold(img) - threshold_otsu(img)) <= width
+    assert data.otsu_threshold(np.full(10, 0.25)) == 0.25
+
+
+def test_tissue_mask_matches_phantom():
+    vol, _ = data.make_phantom((5, 128, 96), seed=5)
+    mask = data.tissue_mask(vol[2])
+    truth = vol[2] > 0
+    assert (mask & truth).sum() / (mask | truth).sum() > 0.95  # IoU with the phantom's breast outline
+
+
+def _mean_global_tissue(archive, tmp_path, **kw):
+    ds = data.PretrainStream(archive, cache_dir=tmp_path, global_size=56, local_size=28, n_local=1, seed=0, **kw)
+    return float(torch.stack([i["global_tissue"].mean() for i, _ in zip(ds, range(48))]).mean())
+
+
+def test_tissue_aware_crops(archive, tmp_path):
+    aware = _mean_global_tissue(archive, tmp_path, tissue_aware=True, min_tissue_global=0.6)
+    uniform = _mean_global_tissue(archive, tmp_path)
+    assert aware >= 0.6 > uniform, (aware, uniform)
+
+
+def test_adjacent_pairs(archive, tmp_path, monkeypatch):
+    ds = data.PretrainStream(archive, cache_dir=tmp_path, global_size=56, local_size=28, n_local=1, adjacent_k=2)
+    monkeypatch.setattr(ds, "_photo", lambda x, rng, blur, sol: x.expand(3, -1, -1))  # geometry only
+    items = [i for i, _ in zip(ds, range(24))]
+    for i in items:
+        s, s2 = i["slice_index"].tolist()
+        assert 1 <= abs(s - s2) <= 2 and i["adjacent"].shape == i["global_crops"].shape
+    same = np.mean([(i["global_crops"] - i["adjacent"]).abs().mean() for i in items])
+    other = np.mean([(a["global_crops"] - b["adjacent"]).abs().mean() for a, b in zip(items, items[1:])])
+    assert same < 0.5 * other  # same crop box on a neighbouring slice, not a fresh crop
+
+
+def test_sharding_two_ranks_two_workers(archive, tmp_path):
+    ds = data.PretrainStream(archive, cache_dir=tmp_path)
+    for n in (8, 7):
+        ds.paths = [f"v{i}" for i in range(n)]
+        for epoch in (0, 1):
+            shards = [ds.shard(epoch, r, 2, w, 2) for r in range(2) for w in range(2)]
+            assert len({len(s) for s in shards}) == 1  # equal counts: DDP ranks run the same number of steps
+            flat = sum(shards, [])
+            assert set(flat) == set(range(n)) and (n % 4 or len(flat) == n)  # all covered; exactly once when n | 4
+        assert ds.shard(0, 1, 2, 0, 2) == ds.shard(0, 1, 2, 0, 2) != ds.shard(1, 1, 2, 0, 2)
+
+
+def test_stream_deterministic(archive, tmp_path):
+    make = lambda: data.PretrainStream(archive, cache_dir=tmp_path, global_size=28, local_size=14, n_local=1)  # noqa
+    a, b = [[i for i, _ in zip(make(), range(6))] for _ in range(2)]
+    assert all(torch.equal(x["global_crops"], y["global_crops"]) for x, y in zip(a, b))
+
+
+def test_collate_and_masking(archive, tmp_path):
+    ds = data.PretrainStream(archive, cache_dir=tmp_path, global_size=56, local_size=28, n_local=3, adjacent_k=1,
+                             tissue_aware=True)
+    items = [i for i, _ in zip(ds, range(4))]
+    random.seed(0)
+    out = data.collate_pretrain(items, patch_size=14)
+    assert out["global"].shape == (8, 3, 56, 56) and out["local"].shape == (12, 3, 28, 28)
+    assert torch.equal(out["global"][5], items[1]["global_crops"][1])  # crop-major: [crop1 of all B; crop2 of all B]
+    assert torch.equal(out["local"][4 * 2 + 3], items[3]["local_crops"][2])
+    assert torch.equal(out["adjacent"][4], items[0]["adjacent"][1])
+    masks, N = out["masks"], 16
+    per_image = masks.sum(1)
+    assert (per_image > 0).sum() == 4 and per_image.max() <= 0.5 * N  # half the crops masked, at most 50 %
+    assert out["n_masked"] == len(out["mask_indices"]) == masks.sum()
+    torch.testing.assert_close(torch.zeros(8).index_add_(0, out["mask_indices"] // N, out["masks_weight"]),
+                               (per_image > 0).float())  # weights sum to 1 per masked image
+    tissue = torch.zeros(64, 100)
+    tissue[:, :30] = 1
+    picked = data.tissue_masks(tissue, [20] * 64)
+    assert picked.sum() == 64 * 20 and picked[:, :30].float().mean() > 0.5  # tissue preferred over background
+
+
+def test_masking_generator_counts():
+    random.seed(0)
+    gen = data.MaskingGenerator((16, 16), max_num_patches=0.5 * 224 // 14 * 224 // 14)
+    for n in (10, 50, 100):
+        m = gen(n)
+        assert m.shape == (16, 16) and n * 0.6 <= m.sum() <= n
+
+
+def test_synth_archive_and_cli(tmp_path, archive):
+    with open(archive / "boxes.csv") as fh:
+        header = next(csv.reader(fh))
+    assert header == ["PatientID", "StudyUID", "View", "Subject", "Slice", "X", "Y", "Width", "Height", "Class",
+                      "AD", "VolumeSlices"]
+    rows = list(csv.DictReader(open(archive / "file-paths.csv")))
+    assert len(rows) == 8 and {r["View"] for r in rows} == {"lcc", "rcc", "lmlo", "rmlo"}
+    for r in rows:  # every file opens with plain pydicom
+        ds = pydicom.dcmread(archive / r["classic_path"])
+        assert ds.pixel_array.shape == (12, 96, 72) and ds.SOPClassUID == data.BTO
+    for b in csv.DictReader(open(archive / "boxes.csv")):
+        assert 0 <= int(b["X"]) and int(b["X"]) + int(b["Width"]) <= 72 and 0 <= int(b["Slice"]) < 12
+    d = data.density_eval_set(archive, size=32)
+    assert d["images"].shape == (8, 3, 32, 32) and d["groups"].tolist() == [0] * 4 + [1] * 4
+    out = tmp_path / "cli"
+    env = dict(os.environ, PYTHONPATH=str(Path(data.__file__).parent))
+    subprocess.run([sys.executable, data.__file__, "synth", "--out", str(out), "--patients", "1", "--slices", "4",
+                    "--height", "32", "--width", "24"], check=True, env=env, capture_output=True)
+    assert len(list(out.rglob("*.dcm"))) == 4 and (out / "exams.csv").exists()
+    assert data.get_args(["synth"]).patients == 8
