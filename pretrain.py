@@ -1,0 +1,508 @@
+"""Self-supervised DINOv2 pretraining of a ViT on DBT slices (DBT-DINO), with MammoDINO's options.
+
+A student ViT + DINO head learns to match an EMA teacher on multi-crop views of each slice:
+  DINO      student CLS of every crop vs teacher CLS of the *other* global crop (2 global + 8 local: 18 pairs)
+  iBOT      student patch tokens at masked positions vs the teacher's (unmasked) tokens there
+  KoLeo     spreads each global crop's student CLS tokens over the sphere (weight 0.1)
+  adjacent  MammoDINO (DBT only): student on slice s vs teacher on slice s +- d, same crop, symmetrised (weight 0.5)
+The numbers follow facebookresearch/dinov2 (loss terms, head, schedules, parameter groups; facts in
+../shared/spec/dinov2.md §1c-1h, adjacent-slice loss in ../shared/spec/data.md §4.2) on plain torch.distributed:
+DDP on the student, the teacher updated identically on every rank, no xformers/FSDP/YAML.
+
+Run from the repo root:
+  python pretrain.py                              # tiny ViT, synthetic phantom DICOM, CPU, about a minute
+  python pretrain.py --out runs/demo              # same into a fixed folder; runs/demo/backbone.pth for probe/detect
+  torchrun --nproc_per_node=2 pretrain.py --out runs/ddp                     # 2 CPU processes (gloo)
+  torchrun --nproc_per_node=4 pretrain.py --data /dbt --preset dbt-dino \\
+      --init dinov2_vitb14_pretrain.pth --out runs/dbt-dino                  # DBT-DINO from Meta's ViT-B/14
+  torchrun --nproc_per_node=4 pretrain.py --data /dbt --preset dbt-dino --out runs/dbt-dino --resume auto
+  torchrun --nproc_per_node=4 pretrain.py --data /dbt --preset mammodino --init dinov2_vitb14_pretrain.pth
+--init takes the hub file (dinov2_vitb14_pretrain.pth), a DINOv2 teacher_checkpoint.pth (its DINO head is reused
+when the shapes fit), DBT-DINO's dbt_dino.pth, or our ckpt.pt/backbone.pth.
+dbt-dino is the paper's recipe: ViT-B/14, 60k steps, batch 160 per GPU x 4 = 640, global crops 0.5-1.0 at 518,
+local 0.2-0.5 at 196. --batch-size is per process; the LR is --lr x sqrt(global batch / 1024) as in DINOv2.
+--out gets args.json, metrics.jsonl, ckpt.pt (everything to resume; torch.load(weights_only=True) works) and
+backbone.pth (teacher backbone with hub keys: model.load_pretrained and the official DINOv2 code load it).
+"""
+import argparse
+import copy
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import metrics
+import model
+
+STUDENT_TEMP, CENTER_MOMENTUM = 0.1, 0.9  # DINOv2 defaults for both DINO and iBOT
+MIN_LR, CLIP_GRAD, PATCH_EMBED_LR_MULT = 1e-6, 3.0, 0.2
+WARMUP_TEACHER_TEMP, TEACHER_TEMP = 0.04, 0.07  # DINO's advice: > 0.07 is unstable, warm up from 0.04
+# Presets set the defaults below; explicit flags override them. Steps are iterations (DINOv2 "epoch" = 1250).
+PRESETS = {
+    "tiny": dict(model="tiny", recipe="dinov2", global_size=112, local_size=56, batch_size=8, steps=40, lr=0.02,
+                 warmup=5, teacher_temp_warmup=20, freeze_last_layer=5, drop_path=0.0, prototypes=512,
+                 head_hidden=256, head_bottleneck=64, log_every=5, eval_every=40, save_every=20, workers=1,
+                 centering="sinkhorn"),  # no center warm-up: the 1-minute run's loss falls from its first line
+    "dbt-dino": dict(model="vitb14", recipe="dbt-dino", global_size=518, local_size=196, batch_size=160,
+                     steps=60000, lr=0.004, warmup=12500, teacher_temp_warmup=37500, freeze_last_layer=1250,
+                     drop_path=0.3, prototypes=65536, head_hidden=2048, head_bottleneck=256, log_every=10,
+                     eval_every=2500, save_every=2500, workers=10, centering="centering"),
+}
+PRESETS["mammodino"] = dict(PRESETS["dbt-dino"], recipe="mammodino", global_size=224, local_size=98)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model + data recipe + schedule")
+    p.add_argument("--data", default="synthetic", help="DICOM archive root, or 'synthetic' (phantoms from data.py)")
+    p.add_argument("--out", default=time.strftime("runs/pretrain-%Y%m%d-%H%M%S"), help="run folder")
+    p.add_argument("--resume", default="", help="'' (fresh), 'auto' (<out>/ckpt.pt if present) or a ckpt path")
+    p.add_argument("--init", default="", help="start the backbone from this DINOv2/DBT-DINO/our checkpoint")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--seed", type=int, default=0, help="base seed; rank r uses seed + r")
+    p.add_argument("--model", help="model.build name: tiny, vits14, vitb14, vitl14, vitg14 (+ _reg)")
+    p.add_argument("--recipe", help="crop recipe (scales, tissue-aware crops, adjacent slices): data.RECIPES key")
+    p.add_argument("--global-size", type=int, help="global crop side in pixels (2 per image)")
+    p.add_argument("--local-size", type=int, help="local crop side in pixels (8 per image)")
+    p.add_argument("--batch-size", type=int, help="images per process (global batch = this x world size)")
+    p.add_argument("--steps", type=int, help="total iterations")
+    p.add_argument("--lr", type=float, help="base LR, scaled by sqrt(global batch / 1024)")
+    p.add_argument("--warmup", type=int, help="linear LR warmup iterations")
+    p.add_argument("--wd", type=float, default=0.04, help="weight decay at step 0 (cosine to --wd-end)")
+    p.add_argument("--wd-end", type=float, default=0.2, help="final weight decay")
+    p.add_argument("--momentum", type=float, default=0.992, help="teacher EMA momentum at step 0 (cosine to 1)")
+    p.add_argument("--teacher-temp-warmup", type=int, help="iterations of linear teacher temp 0.04 -> 0.07")
+    p.add_argument("--freeze-last-layer", type=int, help="iterations with the prototype layer frozen")
+    p.add_argument("--layer-decay", type=float, default=0.9, help="layer-wise LR decay (1 = none)")
+    p.add_argument("--drop-path", type=float, help="student stochastic depth rate (teacher has none)")
+    p.add_argument("--prototypes", type=int, help="K, DINO/iBOT head output size")
+    p.add_argument("--head-hidden", type=int, help="head MLP hidden width")
+    p.add_argument("--head-bottleneck", type=int, help="head bottleneck width (L2-normalised)")
+    p.add_argument("--separate-ibot-head", action="store_true", help="own head for patches (vitl/g recipe)")
+    p.add_argument("--centering", choices=["centering", "sinkhorn"],
+                   help="teacher normalisation: EMA center + softmax, or Sinkhorn-Knopp")
+    p.add_argument("--koleo-weight", type=float, default=0.1, help="KoLeo loss weight (0 = off)")
+    p.add_argument("--ibot-weight", type=float, default=1.0, help="iBOT loss weight (0 = off)")
+    p.add_argument("--adjacent-weight", type=float, default=0.5,
+                   help="lambda of the adjacent-slice loss (used when the recipe loads adjacent slices)")
+    p.add_argument("--log-every", type=int, help="progress line + metrics.jsonl every N steps")
+    p.add_argument("--eval-every", type=int, help="quick density probe every N steps (0 = never)")
+    p.add_argument("--save-every", type=int, help="ckpt.pt every N steps (also the data stream reseed point)")
+    p.add_argument("--workers", type=int, help="data loader processes per rank")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (ignored on CPU)")
+    preset = p.parse_known_args(argv)[0].preset
+    p.set_defaults(**PRESETS[preset])
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Heads and losses. Logits are (rows, K); "probs" are teacher targets that sum to 1 over K.
+
+class WeightNormLinear(nn.Module):
+    """Bias-free linear layer with weight = g * v / ||v|| per output row (torch weight_norm's keys g, v)."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        v = nn.Linear(in_dim, out_dim, bias=False).weight.detach()  # PyTorch's default init, as DINOv2 keeps
+        self.weight_v = nn.Parameter(v.clone())  # (K, bottleneck)
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1))  # (K, 1), filled with 1 and trainable as in DINOv2
+
+    def forward(self, x):
+        return F.linear(x, self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True)))
+
+
+class DINOHead(nn.Module):
+    """DINOv2 projection head: 3-layer MLP -> L2-normalised bottleneck -> weight-normed prototypes.
+    Keys mlp.{0,2,4}.*, last_layer.weight_{g,v}: DINOv2 teacher checkpoints load unchanged."""
+
+    def __init__(self, in_dim, out_dim=65536, hidden_dim=2048, bottleneck_dim=256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+
+    def forward(self, x):
+        x = self.mlp(x)  # (n, bottleneck)
+        x = F.normalize(x, dim=-1, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
+        return self.last_layer(x)  # (n, K)
+
+
+class SSLModel(nn.Module):
+    """Backbone + heads; one forward per step so DDP sees every use of every parameter.
+    state_dict keys backbone.*, dino_head.*, ibot_head.*: the layout of DINOv2's teacher_checkpoint.pth."""
+
+    def __init__(self, backbone, prototypes, hidden, bottleneck, separate_ibot_head=False):
+        super().__init__()
+        self.backbone = backbone
+        self.dino_head = DINOHead(backbone.embed_dim, prototypes, hidden, bottleneck)
+        if separate_ibot_head:
+            self.ibot_head = DINOHead(backbone.embed_dim, prototypes, hidden, bottleneck)
+
+    def forward(self, views, masks=None, mask_indices=None):
+        """views: list of crop batches (n_i, 3, H_i, W_i); masks (n_0, N) and mask_indices (M,) refer to views[0].
+        Returns backbone CLS of views[0] (n_0, D), head logits per view [(n_i, K)], masked-patch logits (M, K)."""
+        feats = [self.backbone.forward_features(v, masks=masks if i == 0 else None) for i, v in enumerate(views)]
+        cls = [f["x_norm_clstoken"] for f in feats]  # [(n_i, D)]
+        patches = feats[0]["x_norm_patchtokens"].flatten(0, 1)[mask_indices]  # (M, D) masked positions only
+        separate = hasattr(self, "ibot_head")
+        # one head pass over all tokens, as DINOv2 concatenates them (equal to separate calls)
+        sizes = [len(c) for c in cls]
+        logits = self.dino_head(torch.cat(cls + ([] if separate else [patches])))  # (sum n_i [+ M], K)
+        *per_view, rest = logits.split(sizes + [len(logits) - sum(sizes)])
+        return cls[0], per_view, self.ibot_head(patches) if separate else rest
+
+
+def dino_loss(student_logits, teacher_probs, student_temp=STUDENT_TEMP):
+    """-sum_s sum_t mean_rows sum_k t * log_softmax(s / temp): lists of row-aligned (rows, K) tensors."""
+    total = 0.0
+    for s in student_logits:
+        log_p = F.log_softmax(s / student_temp, dim=-1)
+        for t in teacher_probs:
+            total = total - (t * log_p).sum(-1).mean()
+    return total
+
+
+def ibot_loss(student_logits, teacher_probs, masks_weight, n_images, student_temp=STUDENT_TEMP):
+    """-sum_j w_j sum_k t_jk log_softmax(s_j / temp) / n_images over the M masked patches (rows of (M, K));
+    w_j = 1 / (#masked patches in j's image), so this is the mean over all n_images global crops of the
+    per-image mean patch loss (images without masks count as 0)."""
+    per_patch = (teacher_probs * F.log_softmax(student_logits / student_temp, dim=-1)).sum(-1)  # (M,)
+    return -(per_patch * masks_weight).sum() / n_images
+
+
+def koleo_loss(x, eps=1e-8):
+    """Kozachenko-Leonenko entropy estimate -mean_i log(d_i), d_i = distance to the nearest other row of
+    L2-normalised x (B, D); DINOv2 applies it to each global crop's backbone CLS tokens separately."""
+    if x.shape[0] < 2:  # one sample has no neighbour: DINOv2 returns NaN/inf here (dinov2 #314)
+        raise ValueError("KoLeo needs at least 2 images per process and crop; use --koleo-weight 0")
+    with torch.autocast(x.device.type, enabled=False):
+        z = F.normalize(x, dim=-1, eps=eps)
+        dots = z @ z.t()  # (B, B) cosine similarity
+        dots.fill_diagonal_(-1)  # never pick yourself as the neighbour
+        nearest = dots.argmax(dim=1)  # (B,)
+        d = F.pairwise_distance(z, z[nearest], p=2, eps=eps)  # (B,), adds eps to the difference as DINOv2
+        # duplicates (d ~ 0) would add -log(1e-8) = 18 and an exploding gradient that only measure a data
+        # bug (dinov2 #143, #492): leave them out of the mean (no-op on distinct inputs)
+        keep = d > 1e-6
+        return -torch.log(d[keep] + eps).mean() if keep.any() else d.sum() * 0
+
+
+def adjacent_slice_loss(student_s, student_adj, teacher_s, teacher_adj, student_temp=STUDENT_TEMP):
+    """MammoDINO: DINO cross-entropy between the student on slice s and the teacher on the adjacent slice
+    (same crop geometry, so rows pair without the cross-view swap), and the reverse; mean of the two.
+    student_*: (2B, K) logits, teacher_*: (2B, K) probs, all crop-major."""
+    return 0.5 * (dino_loss([student_s], [teacher_adj], student_temp) +
+                  dino_loss([student_adj], [teacher_s], student_temp))
+
+
+def _all_reduce(x):
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=3):
+    """(rows, K) logits -> (rows, K) targets, each row summing to 1 and every prototype getting an equal
+    share of the global batch. Sums over samples are all-reduced, so ranks behave as one big batch."""
+    Q = torch.exp(teacher_logits.float() / teacher_temp).t()  # (K, rows); logits are bounded (normed head)
+    K = Q.shape[0]
+    B = _all_reduce(torch.tensor(float(Q.shape[1]), device=Q.device))  # global sample count
+    Q /= _all_reduce(Q.sum())
+    for _ in range(n_iterations):
+        Q /= _all_reduce(Q.sum(dim=1, keepdim=True))  # each prototype gets total mass 1/K ...
+        Q /= K
+        Q /= Q.sum(dim=0, keepdim=True)  # ... and each sample 1/B (columns are local to the rank)
+        Q /= B
+    return (Q * B).t()
+
+
+@torch.no_grad()
+def softmax_center(teacher_logits, center, teacher_temp):
+    """DINO centering: softmax((logits - center) / temp) over K; center (1, K) is an EMA of the logits."""
+    return F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)
+
+
+@torch.no_grad()
+def update_center(center, teacher_logits, momentum=CENTER_MOMENTUM):
+    """center <- m * center + (1 - m) * mean of the logits over all rows of all ranks. Returns the new center.
+    (DINOv2 averages per-rank means; the same when ranks hold equal row counts, always true for CLS tokens.)"""
+    stats = torch.cat([teacher_logits.float().sum(0), teacher_logits.new_full((1,), len(teacher_logits))])
+    stats = _all_reduce(stats.float())  # (K + 1,): logit sums and the row count
+    if stats[-1] == 0:  # no masked patch anywhere this step
+        return center
+    return center * momentum + stats[:-1].unsqueeze(0) / stats[-1] * (1 - momentum)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schedules: one value per iteration, precomputed as DINO does, so the loop only indexes them.
+
+def cosine_schedule(base, final, total, warmup=0, start_warmup=0, freeze=0):
+    """DINOv2's CosineScheduler as an array: `freeze` zeros, linspace(start_warmup, base, warmup), then a
+    half cosine from base to final over the remaining total - warmup - freeze iterations."""
+    iters = np.arange(total - warmup - freeze)
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate([np.zeros(freeze), np.linspace(start_warmup, base, warmup), cosine])
+
+
+def make_schedules(args, world_size):
+    """Per-iteration lr, last-layer lr, weight decay, teacher momentum and teacher temperature."""
+    lr = args.lr * math.sqrt(args.batch_size * world_size / 1024)  # DINOv2's sqrt_wrt_1024 rule
+    warmup = min(args.warmup, args.steps)
+    freeze = min(args.freeze_last_layer, args.steps - warmup)
+    temp_warmup = min(args.teacher_temp_warmup, args.steps)
+    return {
+        "lr": cosine_schedule(lr, MIN_LR, args.steps, warmup),
+        # prototypes frozen (lr 0) for the first iterations, then the same schedule (DINOv2 freeze_last_layer)
+        "last_layer_lr": np.concatenate([np.zeros(freeze), cosine_schedule(lr, MIN_LR, args.steps, warmup)[freeze:]]),
+        "wd": cosine_schedule(args.wd, args.wd_end, args.steps),
+        "momentum": cosine_schedule(args.momentum, 1.0, args.steps),
+        # linear 0.04 -> 0.07, then constant (DINOv2 builds it with total = warmup; past the end it returns final)
+        "teacher_temp": cosine_schedule(TEACHER_TEMP, TEACHER_TEMP, args.steps, temp_warmup, WARMUP_TEACHER_TEMP),
+    }
+
+
+def param_groups(student, layer_decay, patch_embed_lr_mult=PATCH_EMBED_LR_MULT):
+    """AdamW groups with DINOv2's multipliers: lr x layer_decay^(depth + 1 - layer_id) (layer 0 = embeddings,
+    i + 1 = blocks.i, depth + 1 = final norm and heads), x0.2 for patch_embed; no weight decay on biases,
+    norms and LayerScale gammas; the prototype layer follows the last-layer schedule."""
+    depth, groups = student.backbone.n_blocks, {}
+    for name, p in student.named_parameters():
+        layer_id = depth + 1
+        if name.startswith("backbone."):
+            short = name[len("backbone."):]
+            if short.startswith(("pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens")):
+                layer_id = 0
+            elif short.startswith("blocks."):
+                layer_id = int(short.split(".")[1]) + 1
+        lr_mult = layer_decay ** (depth + 1 - layer_id) * (patch_embed_lr_mult if "patch_embed" in name else 1.0)
+        wd_mult = 0.0 if name.endswith(".bias") or "norm" in name or "gamma" in name else 1.0
+        key = (lr_mult, wd_mult, "last_layer" in name)
+        groups.setdefault(key, dict(params=[], lr_mult=lr_mult, wd_mult=wd_mult, last_layer=key[2]))
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+# ---------------------------------------------------------------------------------------------------
+# One training iteration
+
+@torch.no_grad()
+def teacher_targets(cls_logits, patch_logits, centers, temp, mode):
+    """Teacher logits -> probabilities: per-view CLS [(2B, K)] and masked patches (M, K). Centering uses the
+    centers from before this batch and then updates them in place (DINOv2 applies the update lazily)."""
+    cls_logits, patch_logits = [c.float() for c in cls_logits], patch_logits.float()
+    if mode == "sinkhorn":
+        return [sinkhorn_knopp(c, temp) for c in cls_logits], sinkhorn_knopp(patch_logits, temp)
+    probs = [softmax_center(c, centers["dino"], temp) for c in cls_logits]
+    patch_probs = softmax_center(patch_logits, centers["ibot"], temp)
+    centers["dino"] = update_center(centers["dino"], cls_logits[0])  # the global crops only, as DINOv2
+    centers["ibot"] = update_center(centers["ibot"], patch_logits)
+    return probs, patch_probs
+
+
+def train_step(student, teacher, batch, centers, optimizer, sched, args):
+    """One iteration on a collated batch (data.collate_pretrain, already on the device): student step,
+    teacher EMA, centers. `sched` holds this iteration's schedule values. Returns the loss terms as floats."""
+    raw = student.module if isinstance(student, DDP) else student
+    for g in optimizer.param_groups:
+        g["lr"] = (sched["last_layer_lr"] if g["last_layer"] else sched["lr"]) * g["lr_mult"]
+        g["weight_decay"] = sched["wd"] * g["wd_mult"]
+    glob, masks, idx = batch["global"], batch["masks"], batch["mask_indices"]  # (2B,3,G,G), (2B,N), (M,)
+    adjacent = batch.get("adjacent") if args.adjacent_weight > 0 else None  # (2B,3,G,G): slice s +- d
+    device = glob.device.type
+    amp = torch.autocast(device, dtype=torch.bfloat16, enabled=args.amp and device == "cuda")
+    with torch.no_grad(), amp:  # the teacher sees the global crops unmasked, and no local crops
+        _, t_logits, t_patch = teacher([glob] + ([adjacent] if adjacent is not None else []), None, idx)
+    t_probs, t_patch = teacher_targets(t_logits, t_patch, centers, sched["teacher_temp"], args.centering)
+    with amp:
+        views = [glob, batch["local"]] + ([adjacent] if adjacent is not None else [])
+        s_cls, s_logits, s_patch = student(views, masks, idx)  # (2B, D), [(2B|n_l*B|2B, K)], (M, K)
+    s_global, s_local = s_logits[0].float(), s_logits[1].float()
+    n_local = len(s_local) // (len(glob) // 2)
+    n_terms = 2 + max(2 * n_local, 1)  # 2 global-vs-other-global pairs + 2 per local crop = 18
+    t_global = t_probs[0]  # rows [crop 1; crop 2] of the same B images
+    t_swapped = torch.cat(t_global.chunk(2)[::-1])  # [crop 2; crop 1]: row-aligned pairs are cross-view only
+    losses = {  # both DINO parts have weight 1; the global term is one mean over 2B rows x 2 pairs
+        "dino_local": dino_loss(s_local.chunk(n_local), t_global.chunk(2)) / n_terms if n_local else 0.0,
+        "dino_global": 2 * dino_loss([s_global], [t_swapped]) / n_terms,
+        "ibot": args.ibot_weight * ibot_loss(s_patch.float(), t_patch, batch["masks_weight"], len(glob)),
+    }
+    if args.koleo_weight > 0:  # per global crop, never between two crops of one image; per rank (no gather)
+        losses["koleo"] = args.koleo_weight * sum(koleo_loss(c) for c in s_cls.float().chunk(2))
+    if adjacent is not None:
+        losses["adjacent"] = args.adjacent_weight * adjacent_slice_loss(s_global, s_logits[2].float(),
+                                                                         t_global, t_probs[1])
+    total = sum(losses.values())
+    values = {k: float(torch.as_tensor(v).detach()) for k, v in losses.items()}
+    values["loss"] = float(total.detach())
+    if not math.isfinite(values["loss"]):  # stop before this step touches any weight or file
+        print(f"non-finite loss on rank {dist.get_rank() if dist.is_initialized() else 0}, stopping without "
+              "saving: " + " ".join(f"{k}={v}" for k, v in values.items()), file=sys.stderr, flush=True)
+        sys.exit(1)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    for part in (raw.backbone, raw.dino_head, getattr(raw, "ibot_head", None)):  # clipped separately, as DINOv2
+        if part is not None:
+            nn.utils.clip_grad_norm_(part.parameters(), CLIP_GRAD)
+    optimizer.step()
+    model.ema_update(teacher, raw, sched["momentum"])  # teacher = m * teacher + (1 - m) * student
+    return values
+
+
+# ---------------------------------------------------------------------------------------------------
+# Setup, checkpoints, evaluation
+
+def build_models(args, device):
+    """Student (backbone with drop path + heads) and its EMA teacher, an exact copy in eval mode."""
+    torch.manual_seed(args.seed)  # same init on every rank: the teacher is copied before DDP syncs the student
+    # LayerScale 1e-5 is DINOv2's training init; --init overwrites it with the checkpoint's gammas
+    backbone = model.build(args.model, init_values=1e-5, drop_path_rate=args.drop_path)
+    student = SSLModel(backbone, args.prototypes, args.head_hidden, args.head_bottleneck, args.separate_ibot_head)
+    if args.init:
+        model.load_pretrained(student.backbone, args.init)
+        # a DINOv2 teacher_checkpoint.pth (or our ckpt.pt) also holds heads: reuse them when they fit
+        ckpt = torch.load(args.init, map_location="cpu", weights_only=True)
+        heads = {k: v for k, v in (ckpt.get("teacher") or {}).items() if k.startswith(("dino_head.", "ibot_head."))}
+        own = student.state_dict()
+        if heads and all(k in own and own[k].shape == v.shape for k, v in heads.items()):
+            student.load_state_dict(heads, strict=False)
+    student.to(device)
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)  # eval: no drop path in the teacher
+    return student, teacher
+
+
+def save_checkpoint(path, state):
+    """Write-then-rename, so a preempted save never leaves a half-written file behind."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+@torch.no_grad()
+def density_probe(backbone, eval_set, device):
+    """Quick check used to pick checkpoints (as DBT-DINO did): frozen CLS features, a ridge one-vs-rest
+    classifier fitted on half of the patients, density accuracy on the other half."""
+    feats = torch.cat([backbone(x.to(device)).float().cpu() for x in eval_set["images"].split(64)])  # (M, D)
+    labels, groups = eval_set["labels"], torch.as_tensor(eval_set["groups"])
+    fit = groups % 2 == 0  # whole patients on either side
+    mu, sd = feats[fit].mean(0), feats[fit].std(0) + 1e-6
+    x = torch.cat([(feats - mu) / sd, torch.ones(len(feats), 1)], dim=1).double()  # (M, D + 1)
+    y = F.one_hot(labels, 4).double() * 2 - 1  # (M, 4) one-vs-rest targets
+    w = torch.linalg.solve(x[fit].T @ x[fit] + torch.eye(x.shape[1], dtype=x.dtype), x[fit].T @ y[fit])
+    pred = (x[~fit] @ w).argmax(1)
+    return {"density_acc": metrics.accuracy(labels[~fit].numpy(), pred.numpy())}
+
+
+def log(msg):
+    if data.is_main():
+        print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def train(args):
+    # ---------------- distributed, output folder ----------------
+    rank, local_rank, world, device = data.setup_distributed()
+    if args.device != "auto":
+        device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else args.device)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    resume = ckpt_path if args.resume == "auto" and os.path.exists(ckpt_path) else args.resume
+    resume = "" if resume == "auto" else resume
+    if data.is_main():
+        os.makedirs(args.out, exist_ok=True)
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(dict(vars(args), git_sha=sha or None, torch=torch.__version__, world_size=world), f, indent=1)
+        writer = metrics.JsonlWriter(os.path.join(args.out, "metrics.jsonl"))
+
+    # ---------------- student, teacher, optimizer, loss state ----------------
+    student, teacher = build_models(args, device)
+    optimizer = torch.optim.AdamW(param_groups(student, args.layer_decay), betas=(0.9, 0.999))
+    centers = {"dino": torch.zeros(1, args.prototypes, device=device),  # EMA of teacher logits (centering)
+               "ibot": torch.zeros(1, args.prototypes, device=device)}
+    start = 0
+    if resume:
+        ckpt = torch.load(resume, map_location=device, weights_only=True)
+        student.load_state_dict(ckpt["student"])
+        teacher.load_state_dict(ckpt["teacher"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        centers, start = ckpt["loss_state"], ckpt["step"]
+        log(f"resumed from {resume} at step {start}")
+    ddp = DDP(student, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else student
+    schedules = make_schedules(args, world)
+    log(f"{args.model}: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M student parameters, "
+        f"world {world} x batch {args.batch_size}, peak lr {schedules['lr'].max():.2e} on {device}")
+
+    # ---------------- data ----------------
+    recipe = dict(data.RECIPES[args.recipe], global_size=args.global_size, local_size=args.local_size)
+    source = data.synthetic_archive() if args.data == "synthetic" else args.data
+    stream = data.PretrainStream(source, patch_size=student.backbone.patch_size, seed=args.seed, **recipe)
+    collate = functools.partial(data.collate_pretrain, patch_size=student.backbone.patch_size,
+                                tissue_masking=recipe.get("tissue_aware", False))
+    has_labels = os.path.exists(os.path.join(source, "exams.csv"))  # density labels (data.py's layout)
+    eval_set = data.density_eval_set(source) if args.eval_every and has_labels and data.is_main() else None
+    if args.eval_every and not has_labels:
+        log(f"no exams.csv under {source}: the density probe is off")
+
+    # ---------------- training ----------------
+    progress, window = metrics.Progress(args.steps, start), []
+    for it in range(start, args.steps):
+        if it == start or it % args.save_every == 0:
+            # every checkpoint step restarts the data and RNG streams from (seed, step, rank), so a run
+            # resumed from ckpt.pt sees exactly the batches, masks and drop-path draws of an unbroken run
+            data.seed_everything(args.seed + 65536 * it, rank)
+            stream.set_epoch(it)
+            batches = iter(data.make_loader(stream, args.batch_size, args.workers, collate, args.seed + it + rank))
+        t0 = time.perf_counter()
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+        t1 = time.perf_counter()
+        sched = {k: float(v[it]) for k, v in schedules.items()}
+        values = train_step(ddp, teacher, batch, centers, optimizer, sched, args)
+        window.append((time.perf_counter() - t0, t1 - t0))
+        step = it + 1
+
+        if step % args.log_every == 0 or step == args.steps:  # rank-averaged terms, for logging only
+            avg = torch.tensor(list(values.values()), device=device)
+            avg = _all_reduce(avg) / world
+            values = dict(zip(values, avg.tolist()), lr=schedules["lr"][it])
+            step_s, data_s = np.median([w[0] for w in window]), np.median([w[1] for w in window])
+            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            log(progress.line(step, values, args.batch_size * world / step_s, 1e3 * step_s, 1e3 * data_s, mem))
+            if data.is_main():
+                writer.write(dict(step=step, split="train", time=time.time(), **values))
+            window = []
+        if eval_set is not None and (step % args.eval_every == 0 or step == args.steps):
+            result = density_probe(teacher.backbone, eval_set, device)
+            log(f"step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()))
+            writer.write(dict(step=step, split="val", time=time.time(), **result))
+        if data.is_main() and (step % args.save_every == 0 or step == args.steps):
+            save_checkpoint(ckpt_path, dict(
+                version=1, step=step, config=student.backbone.config, args=vars(args),
+                heads=dict(prototypes=args.prototypes, hidden=args.head_hidden, bottleneck=args.head_bottleneck,
+                           separate_ibot_head=args.separate_ibot_head),
+                student=student.state_dict(), teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
+                loss_state=centers))
+            # the teacher backbone alone, hub keys: what probe.py, detect.py and DINOv2's code load
+            save_checkpoint(os.path.join(args.out, "backbone.pth"), teacher.backbone.state_dict())
+    log(f"done: {args.out}/backbone.pth")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    train(get_args())

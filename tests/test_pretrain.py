@@ -1,0 +1,285 @@
+"""pretrain.py: losses/head/schedules against hand computations and the `dinov2` package; training behaviour."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pretrain
+
+
+def ce(t, s, temp=0.1):
+    """Independent cross-entropy per row in float64: -sum_k t_k log softmax(s/temp)_k."""
+    s = s.double() / temp
+    log_p = s - torch.logsumexp(s, dim=-1, keepdim=True)
+    return -(t.double() * log_p).sum(-1)
+
+
+def test_dino_loss_matches_hand_and_reference():
+    g = torch.Generator().manual_seed(0)
+    S = [torch.randn(6, 32, generator=g) for _ in range(3)]
+    T = [torch.randn(6, 32, generator=g).softmax(-1) for _ in range(2)]
+    hand = sum(ce(t, s).mean() for s in S for t in T)
+    assert abs(pretrain.dino_loss([s.double() for s in S], [t.double() for t in T]).item() - hand.item()) < 1e-6
+    # uniform student and teacher: every term is log K
+    assert abs(pretrain.dino_loss([torch.zeros(4, 64)], [torch.full((4, 64), 1 / 64)]).item() - math.log(64)) < 1e-6
+    loss = pytest.importorskip("dinov2.loss")
+    assert abs(loss.DINOLoss(32)(S, T).item() - pretrain.dino_loss(S, T).item()) < 1e-6
+
+
+def test_ibot_loss_matches_hand_and_reference():
+    g = torch.Generator().manual_seed(1)
+    masks = torch.rand(4, 9, generator=g) < 0.4
+    masks[0] = False  # an unmasked image counts in the denominator only
+    masks[1, 0] = True
+    M = int(masks.sum())
+    s, t = torch.randn(M, 16, generator=g), torch.randn(M, 16, generator=g).softmax(-1)
+    w = (1 / masks.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(masks)[masks]
+    image_of = masks.nonzero()[:, 0]
+    per_patch = ce(t, s)
+    hand = sum(per_patch[image_of == i].mean() for i in range(4) if masks[i].any()) / 4
+    assert abs(pretrain.ibot_loss(s.double(), t.double(), w.double(), 4).item() - hand.item()) < 1e-6
+    ours = pretrain.ibot_loss(s, t, w, n_images=4)
+    loss = pytest.importorskip("dinov2.loss")
+    ref = loss.iBOTPatchLoss(16).forward_masked(s, t, student_masks_flat=masks, masks_weight=w)
+    assert abs(ref.item() - ours.item()) < 1e-6
+
+
+def test_koleo_matches_hand_and_reference_and_guards():
+    x = torch.randn(10, 24, generator=torch.Generator().manual_seed(2))
+    z = F.normalize(x.double(), dim=-1)
+    d = torch.cdist(z, z) + torch.eye(10, dtype=torch.float64) * 9  # exclude self
+    hand = -torch.log(d.min(1).values).mean()
+    assert abs(pretrain.koleo_loss(x.double()).item() - hand.item()) < 1e-6
+    loss = pytest.importorskip("dinov2.loss")
+    assert abs(loss.KoLeoLoss()(x).item() - pretrain.koleo_loss(x).item()) < 1e-6
+    with pytest.raises(ValueError, match="at least 2"):
+        pretrain.koleo_loss(x[:1])
+    dup = torch.cat([x[:3], x[:1]])  # a duplicated image: finite loss from the distinct pairs only
+    assert torch.isfinite(pretrain.koleo_loss(dup)) and pretrain.koleo_loss(dup) < 5
+
+
+def test_sinkhorn_rows_sum_to_one_columns_balanced_and_reference():
+    logits = torch.randn(64, 16, generator=torch.Generator().manual_seed(3)) * 0.3  # |cos| <= 1 like the head
+    Q = pretrain.sinkhorn_knopp(logits, 0.07)
+    assert torch.allclose(Q.sum(1), torch.ones(64), atol=1e-5)
+    balanced = pretrain.sinkhorn_knopp(logits, 0.07, n_iterations=200).sum(0)
+    assert (balanced / (64 / 16) - 1).abs().max() < 1e-3  # every prototype gets B/K at convergence
+    loss = pytest.importorskip("dinov2.loss")
+    ref = loss.DINOLoss(16).sinkhorn_knopp_teacher(logits, 0.07)
+    assert (ref - Q).abs().max() < 1e-6
+
+
+def test_centering_matches_reference_over_two_steps():
+    loss = pytest.importorskip("dinov2.loss")
+    ref, center = loss.DINOLoss(8), torch.zeros(1, 8)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        logits = torch.randn(6, 8, generator=g) * 3
+        ours = pretrain.softmax_center(logits, center, 0.05)
+        theirs = ref.softmax_center_teacher(logits, 0.05)
+        ref.update_center(logits)
+        center = pretrain.update_center(center, logits)
+        assert (ours - theirs).abs().max() < 1e-6
+    ref.apply_center_update()
+    assert (ref.center - center).abs().max() < 1e-7
+
+
+def test_dino_head_keys_and_outputs_match_reference():
+    torch.manual_seed(0)
+    head = pretrain.DINOHead(12, out_dim=40, hidden_dim=20, bottleneck_dim=8)
+    with torch.no_grad():
+        head.last_layer.weight_g.mul_(torch.rand(40, 1) + 0.5)  # make g matter
+    x = torch.randn(5, 12)
+    out = head(x)
+    assert out.shape == (5, 40)
+    layers = pytest.importorskip("dinov2.layers")
+    ref = layers.DINOHead(12, 40, hidden_dim=20, bottleneck_dim=8)
+    ref.load_state_dict(head.state_dict(), strict=True)  # DINOv2 key names round-trip
+    assert (ref(x) - out).abs().max() < 1e-6
+    head.load_state_dict(ref.state_dict(), strict=True)
+
+
+def test_cosine_schedule_formula_and_reference():
+    s = pretrain.cosine_schedule(1.0, 0.1, total=20, warmup=4, start_warmup=0.2, freeze=3)
+    assert len(s) == 20 and (s[:3] == 0).all()
+    assert np.allclose(s[3:7], np.linspace(0.2, 1.0, 4))
+    L = 20 - 4 - 3
+    assert np.allclose(s[7:], [0.1 + 0.45 * (1 + math.cos(math.pi * i / L)) for i in range(L)])
+    utils = pytest.importorskip("dinov2.utils.utils")
+    ref = utils.CosineScheduler(1.0, 0.1, 20, warmup_iters=4, start_warmup_value=0.2, freeze_iters=3)
+    assert np.array_equal(ref.schedule, s)
+
+
+def test_schedules_and_param_groups():
+    args = pretrain.get_args(["--steps", "30", "--warmup", "5", "--freeze-last-layer", "3",
+                              "--teacher-temp-warmup", "10", "--batch-size", "256"])
+    sch = pretrain.make_schedules(args, world_size=1)
+    assert abs(sch["lr"][5] - args.lr * 0.5) < 1e-12  # sqrt(256 / 1024) = 0.5, peak right after warmup
+    assert (sch["last_layer_lr"][:3] == 0).all() and sch["last_layer_lr"][3] == sch["lr"][3]
+    assert sch["teacher_temp"][0] == 0.04 and np.allclose(sch["teacher_temp"][9:], 0.07)
+    assert sch["momentum"][0] == 0.992 and sch["wd"][0] == pytest.approx(0.04) and all(len(v) == 30 for v in sch.values())
+    import model
+    student = pretrain.SSLModel(model.build("tiny"), 16, 8, 4)
+    groups = {id(p): g for g in pretrain.param_groups(student, 0.9) for p in g["params"]}
+    named = dict(student.named_parameters())
+    depth = student.backbone.n_blocks  # 4: blocks.i -> 0.9^(4 - i), embeddings 0.9^5
+    assert groups[id(named["backbone.cls_token"])]["lr_mult"] == pytest.approx(0.9 ** 5)
+    assert groups[id(named["backbone.patch_embed.proj.weight"])]["lr_mult"] == pytest.approx(0.9 ** 5 * 0.2)
+    assert groups[id(named["backbone.blocks.1.attn.qkv.weight"])]["lr_mult"] == pytest.approx(0.9 ** (depth - 1))
+    assert groups[id(named["backbone.norm.weight"])]["lr_mult"] == 1.0
+    assert groups[id(named["backbone.norm.weight"])]["wd_mult"] == 0.0
+    assert groups[id(named["backbone.blocks.0.ls1.gamma"])]["wd_mult"] == 0.0
+    assert groups[id(named["backbone.pos_embed"])]["wd_mult"] == 1.0
+    assert groups[id(named["dino_head.last_layer.weight_g"])]["last_layer"]
+    assert len(groups) == len(named)  # every parameter in exactly one group
+
+
+def test_get_args_defaults_round_trip():
+    args = pretrain.get_args([])
+    assert args.preset == "tiny" and args.model == "tiny" and args.data == "synthetic"
+    argv = []
+    for k, v in vars(args).items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            argv += [flag] if v else []
+        else:
+            argv += [flag, str(v)]
+    assert vars(pretrain.get_args(argv)) == vars(args)
+    big = pretrain.get_args(["--preset", "dbt-dino", "--steps", "7"])
+    assert big.model == "vitb14" and big.batch_size == 160 and big.steps == 7
+
+
+# ---------------------------------------------------------------------------------------------------
+# train_step on hand-made batches (the collate_pretrain layout), tiny model, small crops
+
+TINY = ["--global-size", "56", "--local-size", "28", "--prototypes", "64", "--head-hidden", "32",
+        "--head-bottleneck", "16", "--warmup", "0", "--freeze-last-layer", "0", "--teacher-temp-warmup", "0"]
+
+
+def with_mask_index(batch):
+    m = batch["masks"]  # (2B, N) bool -> flat indices, per-patch weights, count (as data.collate_pretrain)
+    batch.update(mask_indices=m.flatten().nonzero().flatten(), n_masked=int(m.sum()),
+                 masks_weight=(1 / m.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(m)[m])
+    return batch
+
+
+def fake_batch(B=4, G=56, L=28, n_local=2, seed=0, adjacent=False):
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.rand(2 * B, (G // 14) ** 2, generator=g) < 0.3
+    masks[::2] = False  # half of the global crops carry no mask (mask probability 0.5)
+    return with_mask_index(dict(
+        masks=masks, **{"global": torch.randn(2 * B, 3, G, G, generator=g)},
+        local=torch.randn(n_local * B, 3, L, L, generator=g),
+        adjacent=torch.randn(2 * B, 3, G, G, generator=g) if adjacent else None))
+
+
+def shard(batch, rank, world):
+    """The rows of images rank*B/world..: what that rank would collate from its share of the global batch."""
+    B = len(batch["global"]) // 2
+    per = B // world
+    own = lambda x, n: torch.cat([c[rank * per:(rank + 1) * per] for c in x.chunk(n)])  # crop-major rows
+    n_local = len(batch["local"]) // B
+    return with_mask_index(dict(masks=own(batch["masks"], 2), local=own(batch["local"], n_local),
+                                adjacent=None, **{"global": own(batch["global"], 2)}))
+
+
+def setup(argv):
+    args = pretrain.get_args(TINY + argv)
+    student, teacher = pretrain.build_models(args, torch.device("cpu"))
+    opt = torch.optim.AdamW(pretrain.param_groups(student, args.layer_decay))
+    centers = {k: torch.zeros(1, args.prototypes) for k in ("dino", "ibot")}
+    return args, student, teacher, opt, centers, pretrain.make_schedules(args, 1)
+
+
+def run_steps(n, argv, batch, student_wrap=lambda s: s, world=1):
+    args, student, teacher, opt, centers, sch = setup(argv)
+    sch = pretrain.make_schedules(args, world)
+    wrapped = student_wrap(student)
+    out = [pretrain.train_step(wrapped, teacher, batch, centers, opt, {k: v[i] for k, v in sch.items()}, args)
+           for i in range(n)]
+    return out, teacher, centers
+
+
+def test_train_step_lowers_loss_on_a_fixed_batch():
+    losses, teacher, _ = run_steps(5, ["--steps", "5", "--batch-size", "4"], fake_batch())
+    assert set(losses[0]) == {"dino_local", "dino_global", "ibot", "koleo", "loss"}
+    assert all(math.isfinite(v["loss"]) for v in losses)
+    assert losses[-1]["loss"] < losses[0]["loss"], [v["loss"] for v in losses]
+
+
+def test_train_step_adjacent_slice_term_and_nonfinite_guard():
+    batch = fake_batch(adjacent=True)
+    losses, _, _ = run_steps(1, ["--steps", "2", "--batch-size", "4", "--adjacent-weight", "0.5"], batch)
+    assert losses[0]["adjacent"] > 0
+    assert abs(sum(v for k, v in losses[0].items() if k != "loss") - losses[0]["loss"]) < 1e-4
+    batch["global"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(SystemExit) as e:
+        run_steps(1, ["--steps", "2", "--batch-size", "4"], batch)
+    assert e.value.code == 1
+
+
+MODES = ["centering", "sinkhorn"]
+
+
+def _ddp_worker(rank, world, init_file, batch, argv, out):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for mode in MODES:
+            wrap = lambda s: torch.nn.parallel.DistributedDataParallel(s)
+            _, teacher, centers = run_steps(3, argv + ["--centering", mode], shard(batch, rank, world), wrap, world)
+            if rank == 0:
+                torch.save({"teacher": teacher.state_dict(), "centers": centers}, f"{out}.{mode}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(tmp_path):
+    # KoLeo is per process by definition (DINOv2 does not gather), so it is off; drop path is 0 in TINY
+    batch, out = fake_batch(B=4), str(tmp_path / "rank0.pt")
+    argv = ["--steps", "3", "--batch-size", "2", "--koleo-weight", "0"]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "pg"), batch, argv, out), nprocs=2)
+    for mode in MODES:  # the centers and Sinkhorn sums are all-reduced, so 2 x 2 images == 1 x 4 images
+        _, teacher, centers = run_steps(3, ["--steps", "3", "--batch-size", "4", "--koleo-weight", "0",
+                                            "--centering", mode], batch)
+        ddp = torch.load(f"{out}.{mode}", weights_only=True)
+        diff = max((ddp["teacher"][k] - v).abs().max().item() for k, v in teacher.state_dict().items())
+        print(f"{mode}: max |teacher_ddp - teacher_1proc| = {diff:.2e}")
+        assert diff < 1e-5, diff
+        assert all((ddp["centers"][k] - centers[k]).abs().max() < 1e-5 for k in centers)
+
+
+def _train(tmp_path, name, *extra):
+    return pretrain.get_args(["--out", str(tmp_path / name), "--steps", "4", "--save-every", "2", "--log-every", "1",
+                              "--eval-every", "0", "--batch-size", "2", "--workers", "0", *TINY, *extra])
+
+
+def _losses(run):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(run / "metrics.jsonl")) if r["split"] == "train"}
+
+
+def test_resume_auto_replays_the_uninterrupted_run_exactly(tmp_path, monkeypatch):
+    pretrain.train(_train(tmp_path, "full"))
+    calls, real_step = [], pretrain.train_step
+
+    def killed_after_step_2(*a, **kw):  # the process dies during step 3, after ckpt.pt of step 2 was written
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(pretrain, "train_step", killed_after_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.train(_train(tmp_path, "killed"))
+    monkeypatch.setattr(pretrain, "train_step", real_step)
+    pretrain.train(_train(tmp_path, "killed", "--resume", "auto"))
+    full, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "killed")
+    assert resumed[3] == full[3] and resumed[4] == full[4], (full, resumed)
+    ckpt = torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4 and {"student", "teacher", "optimizer", "loss_state", "args"} <= set(ckpt)
+    import model
+    model.load_pretrained(model.vit_tiny(), str(tmp_path / "killed" / "backbone.pth"))
+    args = json.load(open(tmp_path / "full" / "args.json"))
+    assert args["world_size"] == 1 and "torch" in args
