@@ -35,23 +35,19 @@ from scipy.special import erfc
 from torchvision.transforms.functional import gaussian_blur
 
 BTO = "1.2.840.10008.5.1.4.1.1.13.1.3"
-DECODABLE = {  # with pydicom + Pillow only (spec data.md 1.5)
-    "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2",
-    "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
-OPTIONAL_DECODER = {"1.2.840.10008.1.2.4.51": "pylibjpeg-libjpeg", "1.2.840.10008.1.2.4.57": "pylibjpeg-libjpeg",
-                    "1.2.840.10008.1.2.4.70": "pylibjpeg-libjpeg", "1.2.840.10008.1.2.4.80": "pyjpegls",
-                    "1.2.840.10008.1.2.4.81": "pyjpegls", "1.2.840.10008.1.2.4.201": "pylibjpeg-openjpeg",
-                    "1.2.840.10008.1.2.4.202": "pylibjpeg-openjpeg", "1.2.840.10008.1.2.4.203": "pylibjpeg-openjpeg"}
+# transfer syntaxes pydicom + Pillow decode alone (spec data.md 1.5); the rest need the named package (else gdcm)
+DECODABLE = {"1.2.840.10008.1.2" + s for s in ("", ".1", ".1.99", ".2", ".5", ".4.50", ".4.90", ".4.91")}
+OPTIONAL_DECODER = {f"1.2.840.10008.1.2.4.{n}": pkg for pkg, ns in [("pylibjpeg-libjpeg", (51, 57, 70)),
+                    ("pyjpegls", (80, 81)), ("pylibjpeg-openjpeg", (201, 202, 203))] for n in ns}
 VIEW_CODES = {"399162004": "CC", "R-10242": "CC", "399368009": "MLO", "R-10226": "MLO", "R-102D2": "MLO",
               "399260004": "ML", "R-10224": "ML", "399352003": "LM", "R-10228": "LM", "399192003": "XCCL"}
 DICOM_SUFFIXES = {"", ".dcm", ".dicom", ".ima"}
-INDEX_VERSION = 1  # bump when the cached per-volume index changes meaning
+INDEX_VERSION = 2  # bump when the cached per-volume index changes meaning
 RECIPES = {  # PretrainStream(src, **RECIPES[name]); MammoDINO's numbers are our proposal (spec data.md 4.2)
     "dinov2": dict(global_size=224, local_size=98, global_scale=(0.32, 1.0), local_scale=(0.05, 0.32)),
-    "dbt-dino": dict(global_size=518, local_size=196, global_scale=(0.5, 1.0), local_scale=(0.2, 0.5)),
-    "mammodino": dict(global_size=224, local_size=98, global_scale=(0.32, 1.0), local_scale=(0.05, 0.32),
-                      tissue_aware=True, min_tissue_global=0.5, min_tissue_local=0.3, adjacent_k=2),
-}
+    "dbt-dino": dict(global_size=518, local_size=196, global_scale=(0.5, 1.0), local_scale=(0.2, 0.5))}
+RECIPES["mammodino"] = dict(RECIPES["dinov2"], tissue_aware=True, min_tissue_global=0.5, min_tissue_local=0.3,
+                            adjacent_k=2)
 
 
 # ----------------------------------------------------------------------------- distributed + seeding
@@ -101,28 +97,12 @@ def _header(path):
         raise ValueError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e})") from None
 
 
-def _check_image(ds, path):
-    ts = str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
-    if "Rows" not in ds or "BitsAllocated" not in ds:  # e.g. structured reports, presentation states
-        raise ValueError(f"{path}: no image in this DICOM (SOP class {ds.get('SOPClassUID', '?')})")
-    if ts not in DECODABLE:
-        pkg = OPTIONAL_DECODER.get(ts, "gdcm")
-        raise ValueError(f"{path}: transfer syntax {UID(ts).name} ({ts}) cannot be decoded with pydicom + Pillow; "
-                         f"install {pkg}")
-    if ds.get("SamplesPerPixel", 1) != 1:
-        raise ValueError(f"{path}: colour image ({ds.get('PhotometricInterpretation')}), expected greyscale")
-    return ts
-
-
 def _frame_voi(ds, i):
     """(slope, intercept, center, width, function) of frame i; center None when there is no window."""
-    slope = _fg(ds, i, "PixelValueTransformationSequence", "RescaleSlope")
-    icpt = _fg(ds, i, "PixelValueTransformationSequence", "RescaleIntercept")
-    c = _fg(ds, i, "FrameVOILUTSequence", "WindowCenter")
-    w = _fg(ds, i, "FrameVOILUTSequence", "WindowWidth")
-    fn = _fg(ds, i, "FrameVOILUTSequence", "VOILUTFunction") or "LINEAR"
+    slope, icpt = (_fg(ds, i, "PixelValueTransformationSequence", k) for k in ("RescaleSlope", "RescaleIntercept"))
+    c, w, fn = (_fg(ds, i, "FrameVOILUTSequence", k) for k in ("WindowCenter", "WindowWidth", "VOILUTFunction"))
     c, w = (float(_first(c)), float(_first(w))) if c is not None and w is not None else (None, None)
-    return [float(1 if slope is None else slope), float(icpt or 0), c, w, str(_first(fn)).upper()]
+    return [float(1 if slope is None else slope), float(icpt or 0), c, w, str(_first(fn or "LINEAR")).upper()]
 
 
 def index_volume(path):
@@ -145,17 +125,23 @@ def index_volume(path):
         n = int(ds.get("NumberOfFrames") or 1)
         frames = [[str(path), i if "NumberOfFrames" in ds else None] for i in range(n)]
         voi = [_frame_voi(ds, i) for i in range(n)]
-    ts = _check_image(ds, path)
+    ts = str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
+    if "Rows" not in ds or "BitsAllocated" not in ds:  # e.g. structured reports, presentation states
+        raise ValueError(f"{path}: no image in this DICOM (SOP class {ds.get('SOPClassUID', '?')})")
+    if ts not in DECODABLE:
+        raise ValueError(f"{path}: transfer syntax {UID(ts).name} ({ts}) cannot be decoded with pydicom + Pillow; "
+                         f"install {OPTIONAL_DECODER.get(ts, 'gdcm')}")
+    if ds.get("SamplesPerPixel", 1) != 1:
+        raise ValueError(f"{path}: colour image ({ds.get('PhotometricInterpretation')}), expected greyscale")
     view = ds.get("ViewCodeSequence")
-    view = VIEW_CODES.get(str(view[0].get("CodeValue")), None) if view else None
-    lat = (_fg(ds, 0, "FrameAnatomySequence", "FrameLaterality") or ds.get("ImageLaterality")
-           or ds.get("Laterality"))
+    view = VIEW_CODES.get(str(view[0].get("CodeValue"))) if view else None
+    lat = _fg(ds, 0, "FrameAnatomySequence", "FrameLaterality") or ds.get("ImageLaterality") or ds.get("Laterality")
     spacing = _fg(ds, 0, "PixelMeasuresSequence", "PixelSpacing") or ds.get("ImagerPixelSpacing")
     return dict(path=str(path), frames=frames, voi=voi, n_frames=len(frames), rows=int(ds.Rows),
                 cols=int(ds.Columns), bits_stored=int(ds.get("BitsStored") or ds.BitsAllocated),
                 signed=int(ds.get("PixelRepresentation") or 0),
                 invert=ds.get("PhotometricInterpretation") == "MONOCHROME1" or ds.get("PresentationLUTShape") == "INVERSE",
-                laterality=str(lat) if lat else None, view=view or (str(ds.get("ViewPosition")) or None),
+                laterality=str(lat) if lat else None, view=view or (str(ds.ViewPosition) if ds.get("ViewPosition") else None),
                 pixel_spacing=[float(v) for v in spacing] if spacing else None,
                 sop_class=str(ds.get("SOPClassUID")), transfer_syntax=ts,
                 # multi-frame objects keep their stored order (BCS-DBT Slice indices refer to it); legacy files sort by z
@@ -197,8 +183,7 @@ def read_slices(meta, frames):
                              f"{type(e).__name__}: {e}") from None
         if stored.shape != out.shape[1:]:
             raise ValueError(f"{file}: frame {s} has shape {stored.shape}, header says {out.shape[1:]}")
-        y = apply_voi(stored, *meta["voi"][s], meta["bits_stored"], meta["signed"])
-        out[k] = y
+        out[k] = apply_voi(stored, *meta["voi"][s], meta["bits_stored"], meta["signed"])
         if meta["invert"]:  # MONOCHROME1 is inverted after VOI
             np.subtract(1, out[k], out=out[k])
     return out
@@ -424,13 +409,6 @@ def write_phantom_dicom(path, shape=(60, 2457, 1996), encoding="native", seed=0,
     return Path(path)
 
 
-def _write_csv(path, rows, fields=None):
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields or list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-
 def write_archive(root, patients=8, seed=0, shape=(24, 256, 192)):
     """A small BCS-DBT-like archive: 4 BTO views per exam, BCS-DBT CSVs, exams.csv for density/risk probes."""
     root, rng = Path(root), np.random.default_rng(seed)
@@ -468,17 +446,18 @@ def write_archive(root, patients=8, seed=0, shape=(24, 256, 192)):
             cls = {b["Class"] for b in bxs}
             labels.append(dict(key, Normal=int(not cls), Actionable=0, Benign=int(cls == {"benign"}),
                                Cancer=int("cancer" in cls)))
-            boxes += [dict(key, Subject=pid, Slice=b["Slice"], X=b["X"], Y=b["Y"], Width=b["Width"],
-                           Height=b["Height"], Class=b["Class"], AD=0, VolumeSlices=shape[0]) for b in bxs]
+            boxes += [dict(key, Subject=pid, **b, AD=0, VolumeSlices=shape[0]) for b in bxs]
             exam[view] = rel
         event = onset < followup
         exams.append(dict(exam, density="abcd"[density], years_to_cancer=round(onset, 3) if event else "",
                           years_of_followup=round(min(onset, followup), 3)))
-    _write_csv(root / "file-paths.csv", paths)
-    _write_csv(root / "labels.csv", labels)
-    _write_csv(root / "boxes.csv", boxes, ["PatientID", "StudyUID", "View", "Subject", "Slice", "X", "Y", "Width",
-                                           "Height", "Class", "AD", "VolumeSlices"])
-    _write_csv(root / "exams.csv", exams)
+    box_fields = "PatientID StudyUID View Subject Slice X Y Width Height Class AD VolumeSlices".split()
+    for name, rows, fields in [("file-paths", paths, None), ("labels", labels, None), ("boxes", boxes, box_fields),
+                               ("exams", exams, None)]:
+        with open(root / f"{name}.csv", "w", newline="") as fh:  # boxes.csv needs its header even when empty
+            w = csv.DictWriter(fh, fieldnames=fields or list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
     return root
 
 
@@ -505,9 +484,7 @@ def synthetic_archive(root=None, patients=8, seed=0, shape=(24, 256, 192)):
 
 # ----------------------------------------------------------------------------- pretraining stream
 def scan(source):
-    """Volume paths from a folder (recursive), a CSV manifest with a `path` column, or a list of paths."""
-    if isinstance(source, (list, tuple)):
-        return [str(p) for p in source]
+    """Volume paths from a folder (recursive) or a CSV manifest with a `path` column."""
     source = Path(source)
     if source.suffix.lower() == ".csv":
         with open(source, newline="") as fh:
@@ -518,7 +495,7 @@ def scan(source):
     if source.is_dir():
         return sorted(str(p) for p in source.rglob("*") if p.is_file() and not p.name.startswith(".")
                       and p.suffix.lower() in DICOM_SUFFIXES)
-    raise ValueError(f"{source}: not a folder, a .csv manifest or a list of paths")
+    raise ValueError(f"{source}: not a folder or a .csv manifest")
 
 
 def volume_index(path, cache_dir):
@@ -551,13 +528,12 @@ class PretrainStream(torch.utils.data.IterableDataset):
 
     def __init__(self, source, *, patch_size=14, global_size=112, local_size=56, n_local=8,
                  global_scale=(0.32, 1.0), local_scale=(0.05, 0.32), tissue_aware=False, min_tissue_global=0.5,
-                 min_tissue_local=0.3, adjacent_k=0, seed=0, cache_dir=None, slices_per_volume=4,
-                 shuffle_buffer=16, tries=10):
+                 min_tissue_local=0.3, adjacent_k=0, seed=0, cache_dir=None, slices_per_volume=4, shuffle_buffer=16):
         self.paths = scan(source)
         self.patch_size, self.global_size, self.local_size, self.n_local = patch_size, global_size, local_size, n_local
         self.global_scale, self.local_scale, self.tissue_aware = global_scale, local_scale, tissue_aware
         self.min_tissue_global, self.min_tissue_local, self.adjacent_k = min_tissue_global, min_tissue_local, adjacent_k
-        self.seed, self.slices_per_volume, self.shuffle_buffer, self.tries = seed, slices_per_volume, shuffle_buffer, tries
+        self.seed, self.slices_per_volume, self.shuffle_buffer = seed, slices_per_volume, shuffle_buffer
         self.cache_dir = Path(cache_dir) if cache_dir else cache_base() / "index"
         self.epoch, self.skipped = 0, {}  # skipped: path -> reason, each logged once
         if not any(self._index(p) is not None for p in self.paths):  # stops at the first readable volume
@@ -617,17 +593,19 @@ class PretrainStream(torch.utils.data.IterableDataset):
 
     def sample(self, meta, mask, rng):
         """One item from a random slice s of one volume (and s' = s +- delta for the adjacent-slice loss)."""
-        S, G, stride = meta["n_frames"], self.global_size, meta["mask_stride"]
+        S, stride = meta["n_frames"], meta["mask_stride"]
         s = int(rng.integers(S))
         img = self._slice(meta, s)  # (H, W)
         boxes = [self._box(rng, img.shape, self.global_scale, mask, stride, self.min_tissue_global) for _ in range(2)]
         flips = [bool(f) for f in rng.random(2) < 0.5]
-        # DINOv2 as released: blur never on global 1, 0.9 on global 2 (+ solarize 0.2), 0.5 on locals (dinov2.md 1f)
-        photo = [(0.0, 0.0), (0.9, 0.2)]
-        out = {"global_crops": torch.stack([self._photo(self._crop(img, b, f, G), rng, *p)
-                                            for b, f, p in zip(boxes, flips, photo)])}  # (2, 3, G, G)
+
+        def global_views(x):  # DINOv2 as released: blur never on global 1, 0.9 on global 2 + solarize 0.2 (dinov2.md 1f)
+            return torch.stack([self._photo(self._crop(x, b, f, self.global_size), rng, *p)
+                                for b, f, p in zip(boxes, flips, [(0.0, 0.0), (0.9, 0.2)])])  # (2, 3, G, G)
+
+        out = {"global_crops": global_views(img)}
         local = []
-        for _ in range(self.n_local):
+        for _ in range(self.n_local):  # locals: blur 0.5, no solarize
             b = self._box(rng, img.shape, self.local_scale, mask, stride, self.min_tissue_local)
             local.append(self._photo(self._crop(img, b, rng.random() < 0.5, self.local_size), rng, 0.5, 0.0))
         out["local_crops"] = torch.stack(local)  # (n_local, 3, L, L)
@@ -637,9 +615,7 @@ class PretrainStream(torch.utils.data.IterableDataset):
             d = int(rng.integers(1, self.adjacent_k + 1)) * (1 if rng.random() < 0.5 else -1)
             s2 = int(np.clip(s + d if 0 <= s + d < S else s - d, 0, S - 1))  # reflect at the volume ends
         if self.adjacent_k > 0:  # same geometry on slice s', independent photometric augmentation
-            img2 = self._slice(meta, s2)
-            out["adjacent"] = torch.stack([self._photo(self._crop(img2, b, f, G), rng, *p)
-                                           for b, f, p in zip(boxes, flips, photo)])  # (2, 3, G, G)
+            out["adjacent"] = global_views(self._slice(meta, s2))
         out["slice_index"] = torch.tensor([s, s2])
         return out
 
@@ -651,7 +627,7 @@ class PretrainStream(torch.utils.data.IterableDataset):
         """RandomResizedCrop geometry (top, left, h, w); tissue-aware: centred on tissue and >= min_tissue of it."""
         H, W = shape
         tissue = np.flatnonzero(mask) if self.tissue_aware and mask.any() else None
-        for _ in range(self.tries):
+        for _ in range(10):  # torchvision's attempts before falling back
             area = H * W * rng.uniform(*scale)
             ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
             h, w = int(round(math.sqrt(area / ratio))), int(round(math.sqrt(area * ratio)))
@@ -703,11 +679,10 @@ def mask_crop(mask, stride, box):
 class MaskingGenerator:
     """DINOv2/BEiT block masking on a (h, w) patch grid, drawn with python's `random` like the reference."""
 
-    def __init__(self, input_size, max_num_patches=None, min_num_patches=4, min_aspect=0.3, max_aspect=None):
+    def __init__(self, input_size, max_num_patches, min_num_patches=4, min_aspect=0.3):
         self.height, self.width = input_size
-        self.max_num_patches = max_num_patches if max_num_patches is not None else 0.5 * self.height * self.width
-        self.min_num_patches = min_num_patches
-        self.log_aspect = (math.log(min_aspect), math.log(max_aspect or 1 / min_aspect))
+        self.max_num_patches, self.min_num_patches = max_num_patches, min_num_patches
+        self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
 
     def _block(self, mask, max_patches):
         for _ in range(10):
@@ -745,19 +720,19 @@ def tissue_masks(tissue, counts, eps=0.05):
 
 def collate_pretrain(samples, *, patch_size=14, mask_probability=0.5, mask_ratio=(0.1, 0.5), tissue_masking=False):
     """Stack crop-major ([crop1 of all B; crop2 of all B]) and draw iBOT masks with DINOv2's ratio schedule."""
-    B, n_local = len(samples), samples[0]["local_crops"].shape[0]
-    out = {"global": torch.stack([s["global_crops"][i] for i in range(2) for s in samples]),  # (2B, 3, G, G)
-           "local": torch.stack([s["local_crops"][i] for i in range(n_local) for s in samples]),  # (n_local*B, 3, L, L)
-           "adjacent": torch.stack([s["adjacent"][i] for i in range(2) for s in samples]) if "adjacent" in samples[0]
-           else None}
-    G = out["global"].shape[-1]
+    def crop_major(key):
+        return torch.stack([s[key][i] for i in range(len(samples[0][key])) for s in samples])
+
+    out = {"global": crop_major("global_crops"),  # (2B, 3, G, G)
+           "local": crop_major("local_crops"),  # (n_local*B, 3, L, L)
+           "adjacent": crop_major("adjacent") if "adjacent" in samples[0] else None}  # (2B, 3, G, G)
+    B, G = len(samples), out["global"].shape[-1]
     n, N, n_masked = G // patch_size, (G // patch_size) ** 2, int(2 * B * mask_probability)
     probs = np.linspace(*mask_ratio, n_masked + 1)
     counts = [int(N * random.uniform(probs[i], probs[i + 1])) for i in range(n_masked)] + [0] * (2 * B - n_masked)
     if tissue_masking:
         random.shuffle(counts)
-        tissue = torch.stack([s["global_tissue"][i] for i in range(2) for s in samples]).flatten(1)  # (2B, N)
-        masks = tissue_masks(tissue, counts)
+        masks = tissue_masks(crop_major("global_tissue").flatten(1), counts)  # (2B, N)
     else:
         gen = MaskingGenerator((n, n), max_num_patches=0.5 * G // patch_size * G // patch_size)  # reference's float chain
         masks = [torch.from_numpy(gen(c).ravel()) for c in counts]
@@ -783,14 +758,14 @@ def make_loader(dataset, batch_size, workers, collate_fn, seed):
                                        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
 
 
-def density_eval_set(root, size=112, views=("CC", "MLO")):
+def density_eval_set(root, size=112):
     """Central slice of every view in exams.csv, canonical orientation, resized -> images, density 0..3, patient groups."""
     root = Path(root)
     with open(root / "exams.csv", newline="") as fh:
         exams = list(csv.DictReader(fh))
     images, labels, groups, patients = [], [], [], {}
     for e in exams:
-        for col in (side + v for v in views for side in "LR"):
+        for col in ("LCC", "RCC", "LMLO", "RMLO"):
             meta = index_volume(root / e[col])
             x, _ = read_dbt(root / e[col], frames=[meta["n_frames"] // 2])
             x = F.interpolate(torch.from_numpy(x)[None], size=(size, size), mode="bilinear", antialias=True)
@@ -802,10 +777,10 @@ def density_eval_set(root, size=112, views=("CC", "MLO")):
 
 # ----------------------------------------------------------------------------- CLI
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("synth", help="write a synthetic DBT archive", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s = sub.add_parser("synth", help="write a synthetic DBT archive", formatter_class=fmt)
     s.add_argument("--out", default="cache/synthetic", help="output folder (must not exist or be empty)")
     s.add_argument("--patients", type=int, default=8, help="patients (one exam of four views each)")
     s.add_argument("--seed", type=int, default=0, help="random seed")

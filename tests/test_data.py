@@ -101,8 +101,7 @@ def test_pydicom_shipped_files():
 
 
 def test_legacy_folder_sorted_by_z(tmp_path, volumes):
-    _, expected = volumes
-    paths, _ = volumes
+    paths, expected = volumes
     src = pydicom.dcmread(paths["native"])
     series = tmp_path / "series"
     series.mkdir()
