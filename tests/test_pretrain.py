@@ -283,3 +283,19 @@ def test_resume_auto_replays_the_uninterrupted_run_exactly(tmp_path, monkeypatch
     model.load_pretrained(model.vit_tiny(), str(tmp_path / "killed" / "backbone.pth"))
     args = json.load(open(tmp_path / "full" / "args.json"))
     assert args["world_size"] == 1 and "torch" in args
+
+
+def test_density_probe_cross_validates_by_patient():
+    """A backbone whose patch tokens carry the label is probed perfectly; shuffled labels are not."""
+    class Oracle(torch.nn.Module):  # every patch token = the image's first 4 pixels, a one-hot label there
+        def forward_features(self, x):
+            return {"x_norm_patchtokens": x[:, 0, 0, :4].unsqueeze(1).repeat(1, 3, 1)}  # (B, 3, 4)
+    labels = torch.arange(40) % 4  # (40,), ten patients of four images each
+    images = 0.05 * torch.randn(40, 3, 14, 14, generator=torch.Generator().manual_seed(1))
+    images[:, 0, 0, :4] += F.one_hot(labels, 4)
+    groups = torch.arange(40) // 4
+    out = pretrain.density_probe(Oracle(), {"images": images, "labels": labels, "groups": groups}, "cpu")
+    assert out == {"density_acc": 1.0, "density_majority": 0.25, "density_n": 40}
+    shuffled = labels[torch.randperm(40, generator=torch.Generator().manual_seed(0))]
+    out = pretrain.density_probe(Oracle(), {"images": images, "labels": shuffled, "groups": groups}, "cpu")
+    assert out["density_acc"] < 0.75
