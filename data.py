@@ -183,6 +183,8 @@ def read_slices(meta, frames):
                              f"{type(e).__name__}: {e}") from None
         if stored.shape != out.shape[1:]:
             raise ValueError(f"{file}: frame {s} has shape {stored.shape}, header says {out.shape[1:]}")
+        if k == 0:  # the official BCS-DBT side guess sums stored pixels, before any window clips them
+            meta["stored_side"] = edge_side(stored)
         out[k] = apply_voi(stored, *meta["voi"][s], meta["bits_stored"], meta["signed"])
         if meta["invert"]:  # MONOCHROME1 is inverted after VOI
             np.subtract(1, out[k], out=out[k])
@@ -198,15 +200,16 @@ def read_dbt(path, frames=None, view=None):
     """Read a DBT volume (or only `frames`) -> (float32 (S, H, W) in [0, 1], meta).
 
     view (e.g. "lcc"): the official BCS-DBT orientation, a 180 deg rotation when the edge-sum side of the first
-    requested slice disagrees with view[0] (decided on displayed values, which equals the official rule on
-    MONOCHROME2). view None: canonical orientation, mirrored so the chest wall is on the left."""
+    requested slice's stored pixels disagrees with view[0] (displayed pixels for MONOCHROME1). view None:
+    canonical orientation, mirrored so the chest wall is on the left."""
     meta = index_volume(path)
     frames = list(range(meta["n_frames"])) if frames is None else [int(f) for f in frames]
     if any(not 0 <= f < meta["n_frames"] for f in frames):
         raise ValueError(f"{path}: frames {frames} out of range 0..{meta['n_frames'] - 1}")
     vol = read_slices(meta, frames)
     side = edge_side(vol[0])
-    if view is not None:
+    if view is not None:  # BCS-DBT is MONOCHROME2; for MONOCHROME1 the stored rule would point the wrong way
+        side = side if meta["invert"] else meta["stored_side"]
         meta["rotated"] = side != view[0].upper()
         vol = vol[:, ::-1, ::-1] if meta["rotated"] else vol
     else:

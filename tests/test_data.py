@@ -288,3 +288,21 @@ def test_synth_archive_and_cli(tmp_path, archive):
                     "--height", "32", "--width", "24"], check=True, env=env, capture_output=True)
     assert len(list(out.rglob("*.dcm"))) == 4 and (out / "exams.csv").exists()
     assert data.get_args(["synth"]).patients == 8
+
+
+def test_bcs_dbt_side_uses_stored_pixels(tmp_path):
+    """A window that clips the left edge's few bright pixels flips the displayed sums but not the stored ones:
+    the official reader (stored sums) keeps an 'lcc' image as it is, so ours must too."""
+    stored = np.zeros((1, 32, 32), np.uint16)
+    stored[0, :4, 0] = 1000  # left column sum 4000
+    stored[0, :, -1] = 100  # right column sum 3200
+    path = tmp_path / "clip.dcm"
+    data.write_bto(path, stored, bits_stored=10)
+    ds = pydicom.dcmread(path)
+    voi = ds.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0]
+    voi.WindowCenter, voi.WindowWidth = 100, 200  # displayed: left 4 x 1.0 < right 32 x 0.5
+    ds.save_as(path)
+    vol, meta = data.read_dbt(path, view="lcc")
+    assert data.edge_side(vol[0]) == "R" and meta["rotated"] is False  # displayed sums alone would rotate it
+    vol, meta = data.read_dbt(path, view="rcc")
+    assert meta["rotated"] is True and vol[0, -1, -1] == 1.0  # rotated 180 degrees: the bright pixels move
