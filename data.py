@@ -782,14 +782,13 @@ def density_eval_set(root, size=112):
 def get_args(argv=None):
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=fmt)
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("synth", help="write a synthetic DBT archive", formatter_class=fmt)
-    s.add_argument("--out", default="cache/synthetic", help="output folder (must not exist or be empty)")
-    s.add_argument("--patients", type=int, default=8, help="patients (one exam of four views each)")
-    s.add_argument("--seed", type=int, default=0, help="random seed")
-    s.add_argument("--slices", type=int, default=24, help="slices per volume")
-    s.add_argument("--height", type=int, default=256, help="rows per slice")
-    s.add_argument("--width", type=int, default=192, help="columns per slice")
+    p.add_argument("command", nargs="?", default="synth", choices=["synth"], help="synth: write a phantom DBT archive")
+    p.add_argument("--out", default="cache/synthetic", help="output folder (must not exist or be empty)")
+    p.add_argument("--patients", type=int, default=8, help="patients (one exam of four views each)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--slices", type=int, default=24, help="slices per volume")
+    p.add_argument("--height", type=int, default=256, help="rows per slice")
+    p.add_argument("--width", type=int, default=192, help="columns per slice")
     return p.parse_args(argv)
 
 

@@ -516,4 +516,7 @@ def train(args):
 
 
 if __name__ == "__main__":
-    train(get_args())
+    try:
+        train(get_args())
+    except (ValueError, FileNotFoundError) as e:  # bad input: one line naming the file, not a traceback
+        sys.exit(f"error: {e}")
