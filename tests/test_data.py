@@ -306,3 +306,30 @@ def test_bcs_dbt_side_uses_stored_pixels(tmp_path):
     assert data.edge_side(vol[0]) == "R" and meta["rotated"] is False  # displayed sums alone would rotate it
     vol, meta = data.read_dbt(path, view="rcc")
     assert meta["rotated"] is True and vol[0, -1, -1] == 1.0  # rotated 180 degrees: the bright pixels move
+
+
+def test_masking_matches_dinov2_reference():
+    """Same python `random` seed -> the same block masks and batch collation as dinov2.data (spec dinov2.md §1e)."""
+    masking = pytest.importorskip("dinov2.data.masking")
+    collate = pytest.importorskip("dinov2.data.collate")
+    for G in (8, 16, 37):
+        ours = data.MaskingGenerator((G, G), max_num_patches=0.5 * G * G)
+        ref = masking.MaskingGenerator(input_size=(G, G), max_num_patches=0.5 * G * G)
+        for n in (4, 10, 30, G * G // 2):
+            random.seed(n + G)
+            a = ours(n)
+            random.seed(n + G)
+            assert np.array_equal(a, ref(n)), (G, n)
+    g = torch.Generator().manual_seed(0)
+    samples = [{"global_crops": torch.rand(2, 3, 112, 112, generator=g), "local_crops": torch.rand(8, 3, 56, 56, generator=g)}
+               for _ in range(4)]
+    random.seed(3)
+    ours = data.collate_pretrain(samples)
+    random.seed(3)
+    gen = masking.MaskingGenerator(input_size=(8, 8), max_num_patches=0.5 * 112 // 14 * 112 // 14)
+    ref = collate.collate_data_and_cast([({"global_crops": list(s["global_crops"]), "local_crops": list(s["local_crops"])}, 0)
+                                         for s in samples], (0.1, 0.5), 0.5, torch.float32, n_tokens=64, mask_generator=gen)
+    assert torch.equal(ours["global"], ref["collated_global_crops"]) and torch.equal(ours["local"], ref["collated_local_crops"])
+    assert torch.equal(ours["masks"], ref["collated_masks"])
+    assert torch.equal(ours["mask_indices"], ref["mask_indices_list"])
+    assert torch.allclose(ours["masks_weight"], ref["masks_weight"])
