@@ -13,10 +13,11 @@ Run from the repo root:
   python pretrain.py                              # tiny ViT, synthetic phantom DICOM, CPU, about a minute
   python pretrain.py --out runs/demo              # same into a fixed folder; runs/demo/backbone.pth for probe/detect
   torchrun --nproc_per_node=2 pretrain.py --out runs/ddp                     # 2 CPU processes (gloo)
-  torchrun --nproc_per_node=4 pretrain.py --data /dbt --preset dbt-dino \\
+  torchrun --nproc_per_node=4 pretrain.py --data /dbt --preset dbt-dino --amp --grad-checkpoint \\
       --init dinov2_vitb14_pretrain.pth --out runs/dbt-dino                  # DBT-DINO from Meta's ViT-B/14
-  torchrun --nproc_per_node=4 pretrain.py --data /dbt --preset dbt-dino --out runs/dbt-dino --resume auto
-  torchrun --nproc_per_node=4 pretrain.py --data /dbt --preset mammodino --init dinov2_vitb14_pretrain.pth
+  torchrun --nproc_per_node=4 pretrain.py --data /dbt --preset dbt-dino --amp --grad-checkpoint \\
+      --out runs/dbt-dino --resume auto                                      # continue after a crash/preemption
+  torchrun --nproc_per_node=4 pretrain.py --data /dbt --preset mammodino --amp --init dinov2_vitb14_pretrain.pth
 --init takes the hub file (dinov2_vitb14_pretrain.pth), a DINOv2 teacher_checkpoint.pth (its DINO head is reused
 when the shapes fit), DBT-DINO's dbt_dino.pth, or our ckpt.pt/backbone.pth.
 dbt-dino is the paper's recipe: ViT-B/14, 60k steps, batch 160 per GPU x 4 = 640, global crops 0.5-1.0 at 518,
@@ -102,6 +103,8 @@ def get_args(argv=None):
     p.add_argument("--save-every", type=int, help="ckpt.pt every N steps (also the data stream reseed point)")
     p.add_argument("--workers", type=int, help="data loader processes per rank")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (ignored on CPU)")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute student blocks in backward: same numbers, far less memory (dbt-dino on 40 GB GPUs)")
     preset = p.parse_known_args(argv)[0].preset
     p.set_defaults(**PRESETS[preset])
     return p.parse_args(argv)
@@ -373,6 +376,7 @@ def build_models(args, device):
     torch.manual_seed(args.seed)  # same init on every rank: the teacher is copied before DDP syncs the student
     # LayerScale 1e-5 is DINOv2's training init; --init overwrites it with the checkpoint's gammas
     backbone = model.build(args.model, init_values=1e-5, drop_path_rate=args.drop_path)
+    backbone.grad_checkpointing = args.grad_checkpoint  # the teacher copy runs without grad: no effect there
     student = SSLModel(backbone, args.prototypes, args.head_hidden, args.head_bottleneck, args.separate_ibot_head)
     if args.init:
         model.load_pretrained(student.backbone, args.init)

@@ -228,3 +228,18 @@ def test_bad_checkpoints_fail_with_a_named_one_line_error(tmp_path):
         model.load_pretrained(model.build("tiny", embed_dim=48), str(good))
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         model.load_pretrained(model.vit_tiny(), str(tmp_path / "nope.pth"))
+
+
+def test_grad_checkpointing_is_exact():
+    """Recomputing blocks in backward (with drop path, whose random draws must be replayed) changes nothing."""
+    results = []
+    for recompute in (False, True):
+        m = randomize(model.build("tiny", drop_path_rate=0.3)).train()
+        m.grad_checkpointing = recompute
+        torch.manual_seed(0)
+        out = m.forward_features(torch.randn(4, 3, 112, 112, generator=torch.Generator().manual_seed(1)))
+        out["x_norm_patchtokens"].square().mean().backward()
+        results.append((out["x_norm_clstoken"].detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+    (a, ga), (b, gb) = results
+    assert len(ga) == len(gb) > 20 and torch.equal(a, b)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ga, gb))
