@@ -333,3 +333,10 @@ def test_masking_matches_dinov2_reference():
     assert torch.equal(ours["masks"], ref["collated_masks"])
     assert torch.equal(ours["mask_indices"], ref["mask_indices_list"])
     assert torch.allclose(ours["masks_weight"], ref["masks_weight"])
+
+
+def test_separable_blur_equals_torchvision():
+    tvf = pytest.importorskip("torchvision.transforms.functional")
+    x = torch.rand(1, 57, 40, generator=torch.Generator().manual_seed(0))
+    for sigma in (0.1, 0.7, 2.0):
+        assert torch.allclose(data.gaussian_blur(x, sigma), tvf.gaussian_blur(x, 9, sigma), atol=1e-6)
