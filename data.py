@@ -2,7 +2,8 @@
 
 Layouts accepted under `--data`:
   DIR/**/*.dcm            any tree of DICOM files; each file is one volume (BTO multi-frame, MG 2D, multi-frame
-                          SC/CT). Files named *.dcm, *.dicom, *.ima or without a suffix are scanned.
+                          SC/CT), except a folder holding only the single-frame slices of one series (legacy
+                          layout), which is one volume. Files named *.dcm, *.dicom, *.ima or without a suffix.
   manifest.csv            a CSV with a `path` column (relative to the CSV); a path may also be a folder holding the
                           single-frame legacy slices of ONE series (sorted by ImagePositionPatient z, then InstanceNumber).
   synthetic               `synthetic_archive()`: phantoms written as real DICOM in the BCS-DBT layout:
@@ -495,9 +496,28 @@ def scan(source):
             raise ValueError(f"{source}: manifest needs a `path` column and at least one row")
         return [str(source.parent / r["path"]) for r in rows]
     if source.is_dir():
-        return sorted(str(p) for p in source.rglob("*") if p.is_file() and not p.name.startswith(".")
-                      and p.suffix.lower() in DICOM_SUFFIXES)
+        files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith(".")
+                       and p.suffix.lower() in DICOM_SUFFIXES)
+        folders = {}
+        for p in files:
+            folders.setdefault(p.parent, []).append(p)
+        return sorted(v for d, fs in folders.items() for v in ([str(d)] if _legacy_series(fs) else map(str, fs)))
     raise ValueError(f"{source}: not a folder or a .csv manifest")
+
+
+def _legacy_series(files):
+    """True when a folder's files are the single-frame slices of one series at distinct z (spec 1.2's legacy
+    layout), so the folder is one volume. Only folders of 3+ files pay for reading headers."""
+    if len(files) < 3:
+        return False
+    try:
+        heads = [pydicom.dcmread(f, stop_before_pixels=True, specific_tags=[
+            "NumberOfFrames", "SeriesInstanceUID", "ImagePositionPatient"]) for f in files]
+    except Exception:  # unreadable files stay single entries, to be skipped and logged by the stream
+        return False
+    z = {float((h.get("ImagePositionPatient") or [0, 0, i])[2]) for i, h in enumerate(heads)}
+    return (all(int(h.get("NumberOfFrames") or 1) == 1 for h in heads) and len(z) == len(heads)
+            and len({str(h.get("SeriesInstanceUID")) for h in heads}) == 1)
 
 
 def volume_index(path, cache_dir):

@@ -7,8 +7,7 @@ import pydicom
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
+import data
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 SHAPE = (8, 64, 48)
@@ -115,6 +114,12 @@ def test_legacy_folder_sorted_by_z(tmp_path, volumes):
     vol, meta = data.read_dbt(series)
     assert meta["slice_order"] == "z" and meta["n_frames"] == SHAPE[0]
     np.testing.assert_allclose(vol, expected, atol=1e-6)
+    # a folder scan sees the series as one volume, beside an ordinary multi-frame file
+    (tmp_path / "bto.dcm").write_bytes(paths["native"].read_bytes())
+    assert data.scan(tmp_path) == sorted([str(series), str(tmp_path / "bto.dcm")])
+    stream = data.PretrainStream(tmp_path, global_size=28, local_size=14, adjacent_k=1, cache_dir=tmp_path / "c")
+    item = next(iter(stream))
+    assert stream.n_skipped == 0 and abs(int(item["slice_index"][0] - item["slice_index"][1])) == 1
 
 
 def test_orientation_rules(archive):
