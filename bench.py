@@ -15,7 +15,7 @@
                pretraining sample path (read -> window -> crops -> masks).
 
 Every figure is a median over --repeats runs after --warmup runs; every comparison is a ratio taken in
-this process, with the implementations interleaved run by run so that drift hits both equally.
+this process, with the implementations interleaved run by run (alternating order) so drift hits all equally.
 """
 import argparse
 import json
@@ -39,7 +39,7 @@ def get_args(argv=None):
                    help="which benchmark to run")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median reported)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
     p.add_argument("--chunk", type=int, default=0,
                    help="slices per forward; 0 = DBT-DINO's extraction chunk (75) on CUDA, 2 on CPU")
@@ -56,13 +56,14 @@ def sync(device):
 
 
 def interleaved(fns, repeats, warmup, device):
-    """Median seconds per call of each function, run round-robin so that load changes hit all of them."""
+    """Median seconds per call of each function, run round-robin (order reversed every other round) so that
+    load changes and warm caches favour none of them."""
     times = {name: [] for name in fns}
     for r in range(warmup + repeats):
-        for name, fn in fns.items():
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
             sync(device)
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             sync(device)
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
