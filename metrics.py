@@ -283,17 +283,18 @@ def _dbtex_match(labels, boxes, predictions, radius):
 
 
 def _froc_points(score, gt, keep, n_volumes, n_boxes, max_fps):
-    """(FP per volume, sensitivity) for each threshold, high to low, up to the last point with fps <= max_fps.
+    """(FP per volume, sensitivity) for each threshold, high to low, up to and including the first point with
+    fps > max_fps (the official loop appends, then stops), so k FP interpolates towards that point.
     Thresholds come from all predictions, whatever `keep` selects."""
     thresholds = {score.max() + 1, *score[gt >= 0], score.min() - 1}
     fps, sens = [], []
     for th in sorted(thresholds, reverse=True):
         kept = keep & (score >= th)
         fp = np.count_nonzero(kept & (gt < 0)) / n_volumes
-        if fp > max_fps:
-            break
         fps.append(fp)
         sens.append(len(np.unique(gt[kept & (gt >= 0)])) / n_boxes)
+        if fp > max_fps:
+            break
     return np.array(fps), np.array(sens)
 
 
@@ -315,7 +316,7 @@ def dbtex_evaluate(labels, boxes, predictions, radius=100.0):
     - At threshold th, predictions with Score >= th count: sensitivity = distinct boxes hit / all boxes;
       FP = predictions hitting no box; extra hits on a detected box are neither TP nor FP.
     - Thresholds are max score + 1, every hitting prediction's score, and min score - 1; the curve
-      (fps per volume, sensitivity) stops before the first point with fps > max k and is linearly
+      (fps per volume, sensitivity) ends with the first point whose fps exceeds the largest k, and is linearly
       interpolated (np.interp, held flat past its last point) at k FP per volume.
     - sensitivity_at_2_fps_all: all volumes of the labels CSV (normals included). *_positive and the ranking
       metric mean_sensitivity_positive (mean over k = 1..4): only volumes with a box, same thresholds and boxes.

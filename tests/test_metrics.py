@@ -144,9 +144,9 @@ def dbtex_naive(labels, boxes, preds):
             kept = [(p, g) for p, g in zip(preds, gt) if p["Score"] >= th
                     and (not only_positive or (p["StudyUID"], p["View"]) in positive)]
             fp = sum(g < 0 for _, g in kept) / n_vol
-            if fp > max(ks):
-                break
             curve.append((fp, len({g for _, g in kept if g >= 0}) / len(boxes)))
+            if fp > max(ks):  # spec §1.3.5: the loop stops AFTER the first threshold past the limit
+                break
         return np.interp(ks, *zip(*curve))
     return [sens_at([2], False)[0], *sens_at([1, 2, 3, 4], True)]
 
@@ -359,3 +359,21 @@ def test_jsonl_writer_parses_line_by_line(tmp_path):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(s) for s in lines] == [{"step": 1, "loss": 0.5, "n": 3.0},
                                               {"step": 2, "split": "val", "auc": 0.75}]
+
+
+def test_dbtex_interpolates_towards_the_first_point_past_the_limit():
+    """Spec §1.3.5: the point whose fps first exceeds max k is kept, so k FP interpolates towards it.
+    One volume, 2 boxes: hit at .95, five FPs at .9-.5, hit at .4 -> curve (0, 0), (0, .5), (5, 1)."""
+    labels = [{"StudyUID": "S1", "View": "lcc"}]
+    boxes = [{"StudyUID": "S1", "View": "lcc", "X": 100, "Y": 100, "Width": 50, "Height": 50, "Slice": 10,
+              "VolumeSlices": 40},
+             {"StudyUID": "S1", "View": "lcc", "X": 1000, "Y": 1000, "Width": 50, "Height": 50, "Slice": 10,
+              "VolumeSlices": 40}]
+    pred = lambda x, s: {"StudyUID": "S1", "View": "lcc", "X": x, "Y": x, "Width": 50, "Height": 50,  # noqa: E731
+                         "Z": 9, "Depth": 2, "Score": s}
+    preds = [pred(100, 0.95)] + [pred(2000 + 300 * i, 0.9 - 0.1 * i) for i in range(5)] + [pred(1000, 0.4)]
+    out = metrics.dbtex_evaluate(labels, boxes, preds)
+    want = [0.6, 0.7, 0.8, 0.9]  # 0.5 + 0.5 * k / 5, by hand
+    assert [out[f"sensitivity_at_{k}_fps_positive"] for k in (1, 2, 3, 4)] == pytest.approx(want, abs=1e-12)
+    assert out["mean_sensitivity_positive"] == pytest.approx(0.75, abs=1e-12)
+    assert out["sensitivity_at_2_fps_all"] == pytest.approx(0.7, abs=1e-12)
