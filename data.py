@@ -18,7 +18,7 @@ Orientation: with `view` the official BCS-DBT rule (180 deg rotation when the ed
 without it our canonical one: mirrored so the chest wall (the brighter edge) is on the image LEFT.
 Per-volume index (frames, windows, flip, tissue mask) is cached under $DBT_DINO_CACHE (default ./cache)/index.
 """
-import argparse, csv, hashlib, io, json, math, os, random, shutil, sys
+import argparse, csv, hashlib, io, json, math, os, random, shutil, sys, uuid
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +109,7 @@ def index_volume(path):
     """Parse the header(s) once: everything needed to read and display any slice, as a JSON-able dict."""
     path = Path(path)
     if path.is_dir():  # legacy layout: one file per slice, one series
-        heads = [(p, _header(p)) for p in sorted(path.iterdir()) if p.is_file()]
+        heads = [(p, _header(p)) for p in sorted(path.iterdir()) if _dicom_name(p)]
         if not heads:
             raise ValueError(f"{path}: empty folder")
         series = {str(h.get("SeriesInstanceUID")) for _, h in heads}
@@ -389,7 +389,7 @@ def write_bto(path, stored, laterality="L", view="CC", encoding="native", voi_fu
         ds["PixelData"].VR = "OW"
         if encoding == "rle":
             ds.compress("1.2.840.10008.1.2.5", encoding_plugin="pydicom")
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = _tmp(path)
     ds.save_as(tmp, enforce_file_format=True)
     os.replace(tmp, path)
 
@@ -473,7 +473,7 @@ def synthetic_archive(root=None, patients=8, seed=0, shape=(24, 256, 192)):
     root = Path(root) if root else cache_base() / f"synthetic-p{patients}-s{seed}"
     if (root / "exams.csv").exists():
         return root
-    tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
+    tmp = Path(_tmp(root))
     shutil.rmtree(tmp, ignore_errors=True)
     write_archive(tmp, patients, seed, shape)
     try:
@@ -496,13 +496,22 @@ def scan(source):
             raise ValueError(f"{source}: manifest needs a `path` column and at least one row")
         return [str(source.parent / r["path"]) for r in rows]
     if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith(".")
-                       and p.suffix.lower() in DICOM_SUFFIXES)
+        files = sorted(p for p in source.rglob("*") if _dicom_name(p))
         folders = {}
         for p in files:
             folders.setdefault(p.parent, []).append(p)
         return sorted(v for d, fs in folders.items() for v in ([str(d)] if _legacy_series(fs) else map(str, fs)))
     raise ValueError(f"{source}: not a folder or a .csv manifest")
+
+
+def _dicom_name(p):
+    """Files worth opening as DICOM: no hidden files (.DS_Store), no .txt/.csv/.png beside the slices."""
+    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in DICOM_SUFFIXES
+
+
+def _tmp(path):
+    """A temporary name no other process writes, even on another node sharing the cache (pids repeat)."""
+    return f"{path}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
 
 
 def _legacy_series(files):
@@ -535,7 +544,7 @@ def volume_index(path, cache_dir):
     meta["mask_stride"] = max(1, math.ceil(max(mid.shape) / 256))  # a <= 256 px mask is plenty for crop decisions
     mask = tissue_mask(mid[::meta["mask_stride"], ::meta["mask_stride"]])
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{file}.tmp{os.getpid()}"
+    tmp = _tmp(file)
     with open(tmp, "wb") as fh:
         np.savez(fh, meta=json.dumps(meta), mask=mask)
     os.replace(tmp, file)
@@ -597,7 +606,7 @@ class PretrainStream(torch.utils.data.IterableDataset):
             rng = np.random.default_rng([self.seed, epoch, rank, worker])
             produced = 0
             for v in self.shard(epoch, rank, world, worker, workers):
-                index = None if self.paths[v] in self.skipped else self._index(self.paths[v])
+                index = self._index(self.paths[v])  # bad files fail again (logged once): history-free
                 for _ in range(self.slices_per_volume if index else 0):
                     try:
                         item = dict(self.sample(*index, rng), volume=v)
@@ -661,9 +670,10 @@ class PretrainStream(torch.utils.data.IterableDataset):
             box = (int(np.clip(cy * stride - h // 2, 0, H - h)), int(np.clip(cx * stride - w // 2, 0, W - w)), h, w)
             if mask_crop(mask, stride, box).mean() >= min_tissue:
                 return box
-        h = w = min(H, W, int(math.sqrt(H * W * scale[0])))
-        if tissue is None:  # torchvision's fallback: a central crop
+        if tissue is None:  # torchvision's fallback: the whole image cut to the 3/4-4/3 aspect range, centred
+            h, w = min(H, round(W * 4 / 3)), min(W, round(H * 4 / 3))
             return (H - h) // 2, (W - w) // 2, h, w
+        h = w = min(H, W, int(math.sqrt(H * W * scale[0])))
         ys, xs = np.nonzero(mask)  # fallback: the smallest crop centred on the tissue bounding box
         cy, cx = (ys.min() + ys.max()) * stride // 2, (xs.min() + xs.max()) * stride // 2
         return int(np.clip(cy - h // 2, 0, H - h)), int(np.clip(cx - w // 2, 0, W - w)), h, w
@@ -681,9 +691,10 @@ class PretrainStream(torch.utils.data.IterableDataset):
 
     def _photo(self, x, rng, blur_p, solarize_p):
         """Grey version of DINOv2's colour augmentation; returns (3, h, w) with the grey channel replicated."""
-        if rng.random() < 0.8:  # ColorJitter brightness/contrast 0.4; saturation and hue do nothing on grey
-            x = x * rng.uniform(0.6, 1.4)
-            x = (x - x.mean()) * rng.uniform(0.6, 1.4) + x.mean()
+        if rng.random() < 0.8:  # ColorJitter(brightness .4, contrast .4): random order, clamped after each op;
+            b, c = rng.uniform(0.6, 1.4, 2)  # its saturation and hue (and RandomGrayscale) do nothing on grey
+            for op in rng.permutation(2):
+                x = (x * b if op == 0 else (x - x.mean()) * c + x.mean()).clamp(0, 1)
         if rng.random() < blur_p:
             x = gaussian_blur(x, float(rng.uniform(0.1, 2.0)))
         if rng.random() < solarize_p:
@@ -792,11 +803,12 @@ def make_loader(dataset, batch_size, workers, collate_fn, seed):
                                        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
 
 
-def density_eval_set(root, size=112):
-    """Central slice of every view in exams.csv, canonical orientation, resized -> images, density 0..3, patient groups."""
+def density_eval_set(root, size=112, max_exams=None):
+    """Central slice of every view of the first `max_exams` exams in exams.csv, canonical orientation, resized
+    -> images, density 0..3, patient groups."""
     root = Path(root)
     with open(root / "exams.csv", newline="") as fh:
-        exams = list(csv.DictReader(fh))
+        exams = list(csv.DictReader(fh))[:max_exams]
     images, labels, groups, patients = [], [], [], {}
     for e in exams:
         for col in ("LCC", "RCC", "LMLO", "RMLO"):

@@ -100,6 +100,7 @@ def get_args(argv=None):
                    help="lambda of the adjacent-slice loss (used when the recipe loads adjacent slices)")
     p.add_argument("--log-every", type=int, help="progress line + metrics.jsonl every N steps")
     p.add_argument("--eval-every", type=int, help="quick density probe every N steps (0 = never)")
+    p.add_argument("--eval-exams", type=int, default=100, help="exams (4 views each) in the quick density probe")
     p.add_argument("--save-every", type=int, help="ckpt.pt every N steps (also the data stream reseed point)")
     p.add_argument("--workers", type=int, help="data loader processes per rank")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (ignored on CPU)")
@@ -268,7 +269,7 @@ def make_schedules(args, world_size):
     """Per-iteration lr, last-layer lr, weight decay, teacher momentum and teacher temperature."""
     lr = args.lr * math.sqrt(args.batch_size * world_size / 1024)  # DINOv2's sqrt_wrt_1024 rule
     warmup = min(args.warmup, args.steps)
-    freeze = min(args.freeze_last_layer, args.steps - warmup)
+    freeze = min(args.freeze_last_layer, args.steps)
     temp_warmup = min(args.teacher_temp_warmup, args.steps)
     return {
         "lr": cosine_schedule(lr, MIN_LR, args.steps, warmup),
@@ -469,7 +470,10 @@ def train(args):
     collate = functools.partial(data.collate_pretrain, patch_size=student.backbone.patch_size,
                                 tissue_masking=recipe.get("tissue_aware", False))
     has_labels = os.path.exists(os.path.join(source, "exams.csv"))  # density labels (data.py's layout)
-    eval_set = data.density_eval_set(source) if args.eval_every and has_labels and data.is_main() else None
+    # rank 0 alone reads the probe's images while the others wait in the first gradient all-reduce: the cap
+    # keeps that wait (and the images' memory at --global-size) well inside the collective timeout
+    eval_set = (data.density_eval_set(source, args.global_size, args.eval_exams)
+                if args.eval_every and has_labels and data.is_main() else None)
     if args.eval_every and not has_labels:
         log(f"no exams.csv under {source}: the density probe is off")
 

@@ -114,7 +114,9 @@ def test_legacy_folder_sorted_by_z(tmp_path, volumes):
     vol, meta = data.read_dbt(series)
     assert meta["slice_order"] == "z" and meta["n_frames"] == SHAPE[0]
     np.testing.assert_allclose(vol, expected, atol=1e-6)
-    # a folder scan sees the series as one volume, beside an ordinary multi-frame file
+    # a folder scan sees the series as one volume, beside an ordinary multi-frame file; stray files are ignored
+    (series / ".DS_Store").write_bytes(b"\0\1")
+    (series / "notes.txt").write_text("exported by PACS\n")
     (tmp_path / "bto.dcm").write_bytes(paths["native"].read_bytes())
     assert data.scan(tmp_path) == sorted([str(series), str(tmp_path / "bto.dcm")])
     stream = data.PretrainStream(tmp_path, global_size=28, local_size=14, adjacent_k=1, cache_dir=tmp_path / "c")
