@@ -204,14 +204,15 @@ def bench_sample_path(args, path):
     stream = data.PretrainStream(manifest, cache_dir=os.path.join(args.cache, "index"), **recipe)
     batch, it = 4, iter(stream)
     samples = [next(it) for _ in range(batch)]  # warm-up: indexes the volume and its tissue mask once
-    n = batch * (1 if args.quick else 4)
-    t0 = time.perf_counter()
-    for _ in range(n // batch):
+    times = []
+    for _ in range(2 if args.quick else 16):  # median over batches: single samples vary with crop sizes
+        t0 = time.perf_counter()
         data.collate_pretrain([next(it) for _ in range(batch)])
-    secs = time.perf_counter() - t0
+        times.append(time.perf_counter() - t0)
+    secs = statistics.median(times) / batch
     torch.set_num_threads(os.cpu_count() or 1)
     return dict(bench="sample_path", recipe="dbt-dino", global_size=recipe["global_size"],
-                samples_per_s_per_core=n / secs, n_local=len(samples[0]["local_crops"]))
+                samples_per_s_per_core=1 / secs, n_local=len(samples[0]["local_crops"]))
 
 
 def rss_peak_mib(reset=False):
