@@ -149,16 +149,13 @@ def bench_backbone(args, device):
 # A child process measures one read, so its peak resident memory belongs to that read alone.
 READ_CHILD = """
 import sys, time
-import data
-def status(key):  # kB figures from the kernel's view of this process
-    return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith(key)))
+import bench, data
 path, which = sys.argv[1], sys.argv[2]
-open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) so imports do not count
-base = status("VmRSS:")
+base = bench.rss_peak_mib(reset=True)  # right after a reset the peak is the current size: imports do not count
 t0 = time.perf_counter()
 vol, _ = data.read_dbt(path, frames=None if which == "all" else [int(which)])
 secs = time.perf_counter() - t0
-print(secs, (status("VmHWM:") - base) / 1024, vol.nbytes / 2**20)
+print(secs, bench.rss_peak_mib() - base, vol.nbytes / 2**20)
 """
 
 

@@ -772,14 +772,18 @@ def collate_pretrain(samples, *, patch_size=14, mask_probability=0.5, mask_ratio
            "adjacent": crop_major("adjacent") if "adjacent" in samples[0] else None}  # (2B, 3, G, G)
     B, G = len(samples), out["global"].shape[-1]
     n, N, n_masked = G // patch_size, (G // patch_size) ** 2, int(2 * B * mask_probability)
-    probs = np.linspace(*mask_ratio, n_masked + 1)  # image i masks a ratio in [probs[i], probs[i+1])
+    probs = np.linspace(*mask_ratio, n_masked + 1)
+
+    def size(i):  # image i masks a ratio in [probs[i], probs[i+1])
+        return int(N * random.uniform(probs[i], probs[i + 1]))
+
     if tissue_masking:
-        counts = [int(N * random.uniform(probs[i], probs[i + 1])) for i in range(n_masked)] + [0] * (2 * B - n_masked)
+        counts = [size(i) for i in range(n_masked)] + [0] * (2 * B - n_masked)
         random.shuffle(counts)
         masks = tissue_masks(crop_major("global_tissue").flatten(1), counts)  # (2B, N)
     else:  # each size drawn right before its blocks, so one seed gives the reference's masks exactly
         gen = MaskingGenerator((n, n), max_num_patches=0.5 * G // patch_size * G // patch_size)  # reference's float chain
-        masks = [torch.from_numpy(gen(int(N * random.uniform(probs[i], probs[i + 1]))).ravel()) for i in range(n_masked)]
+        masks = [torch.from_numpy(gen(size(i)).ravel()) for i in range(n_masked)]
         masks += [torch.zeros(N, dtype=torch.bool)] * (2 * B - n_masked)
         random.shuffle(masks)
         masks = torch.stack(masks)  # (2B, N)

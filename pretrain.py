@@ -271,10 +271,12 @@ def make_schedules(args, world_size):
     warmup = min(args.warmup, args.steps)
     freeze = min(args.freeze_last_layer, args.steps)
     temp_warmup = min(args.teacher_temp_warmup, args.steps)
+    lr_schedule = cosine_schedule(lr, MIN_LR, args.steps, warmup)
+    last_layer_lr = lr_schedule.copy()
+    last_layer_lr[:freeze] = 0  # prototypes frozen for the first iterations (DINOv2 freeze_last_layer)
     return {
-        "lr": cosine_schedule(lr, MIN_LR, args.steps, warmup),
-        # prototypes frozen (lr 0) for the first iterations, then the same schedule (DINOv2 freeze_last_layer)
-        "last_layer_lr": np.concatenate([np.zeros(freeze), cosine_schedule(lr, MIN_LR, args.steps, warmup)[freeze:]]),
+        "lr": lr_schedule,
+        "last_layer_lr": last_layer_lr,
         "wd": cosine_schedule(args.wd, args.wd_end, args.steps),
         "momentum": cosine_schedule(args.momentum, 1.0, args.steps),
         # linear 0.04 -> 0.07, then constant (DINOv2 builds it with total = warmup; past the end it returns final)
