@@ -192,9 +192,9 @@ def bench_sample_path(args, path):
     """Samples/s on one core through read -> VOI -> crops -> augmentation -> collate with masks."""
     import data
     torch.set_num_threads(1)  # per loader worker: tells how many workers one GPU needs
-    recipe = dict(data.RECIPES["dbt-dino"])
-    if args.quick:
-        recipe.update(global_size=112, local_size=56)
+    import pretrain
+    sizes = {k: pretrain.PRESETS["tiny" if args.quick else "dbt-dino"][k] for k in ("global_size", "local_size")}
+    recipe = dict(data.RECIPES["dbt-dino"], **sizes)
     manifest = os.path.join(args.cache, "one-volume.csv")  # a --data manifest naming just this volume
     with open(manifest, "w") as f:
         f.write(f"path\n{os.path.abspath(path)}\n")

@@ -43,9 +43,12 @@ VIEW_CODES = {"399162004": "CC", "R-10242": "CC", "399368009": "MLO", "R-10226":
               "399260004": "ML", "R-10224": "ML", "399352003": "LM", "R-10228": "LM", "399192003": "XCCL"}
 DICOM_SUFFIXES = {"", ".dcm", ".dicom", ".ima"}
 INDEX_VERSION = 2  # bump when the cached per-volume index changes meaning
-RECIPES = {  # PretrainStream(src, **RECIPES[name]); MammoDINO's numbers are our proposal (spec data.md 4.2)
-    "dinov2": dict(global_size=224, local_size=98, global_scale=(0.32, 1.0), local_scale=(0.05, 0.32)),
-    "dbt-dino": dict(global_size=518, local_size=196, global_scale=(0.5, 1.0), local_scale=(0.2, 0.5))}
+# Crop recipes: PretrainStream(src, global_size=..., local_size=..., **RECIPES[name]). Crop sizes are not here:
+# they live with the model and schedule in pretrain.PRESETS. MammoDINO's numbers are our proposal (data.md 4.2).
+RECIPES = {
+    "dinov2": dict(global_scale=(0.32, 1.0), local_scale=(0.05, 0.32)),
+    "dbt-dino": dict(global_scale=(0.5, 1.0), local_scale=(0.2, 0.5)),
+}
 RECIPES["mammodino"] = dict(RECIPES["dinov2"], tissue_aware=True, min_tissue_global=0.5, min_tissue_local=0.3,
                             adjacent_k=2)
 
@@ -63,8 +66,28 @@ def setup_distributed():
     return rank, local_rank, world, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
 
+def rank_world():
+    """(rank, world size) of this process: the one place the stream, the losses and the logs ask."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def is_main():
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    return rank_world()[0] == 0
+
+
+def all_reduce(x):
+    """Sum a tensor over ranks in place (a no-op in a single process); returns it."""
+    if rank_world()[1] > 1:
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def log(msg):
+    """Print on rank 0 only, flushed (progress lines under torchrun are not repeated per rank)."""
+    if is_main():
+        print(msg, flush=True)
 
 
 def seed_everything(seed, rank=0):
@@ -599,8 +622,7 @@ class PretrainStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
+        rank, world = rank_world()
         epoch, buffer = self.epoch, []
         while True:
             rng = np.random.default_rng([self.seed, epoch, rank, worker])

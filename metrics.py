@@ -19,6 +19,7 @@ import argparse
 import csv
 import json
 import os
+import subprocess
 import time
 import warnings
 
@@ -332,6 +333,24 @@ def dbtex_evaluate(labels, boxes, predictions, radius=100.0):
     return result
 
 
+def density_probe_cv(feats, labels, groups, folds=5, ridge=10.0):
+    """Quick density check used to pick checkpoints (as DBT-DINO did): a ridge one-vs-rest classifier on frozen
+    features (M, F), cross-validated in `folds` folds of whole patients (groups % folds), so every image is scored
+    once. The majority-class rate is returned beside the accuracy: on a handful of phantom patients the accuracy is
+    mostly noise, and the reader should see how much. labels are 0..3 (BI-RADS a-d)."""
+    feats, labels, groups = np.asarray(feats, np.float64), np.asarray(labels), np.asarray(groups)
+    fold, pred = groups % folds, np.empty_like(labels)
+    y = np.eye(4)[labels] * 2 - 1  # (M, 4) one-vs-rest targets
+    for k in np.unique(fold):
+        fit = fold != k
+        mu, sd = feats[fit].mean(0), feats[fit].std(0, ddof=1) + 1e-6
+        x = np.concatenate([(feats - mu) / sd, np.ones((len(feats), 1))], axis=1)  # (M, F + 1)
+        w = np.linalg.solve(x[fit].T @ x[fit] + ridge * np.eye(x.shape[1]), x[fit].T @ y[fit])  # (F + 1, 4)
+        pred[~fit] = (x[~fit] @ w).argmax(1)
+    return {"density_acc": accuracy(labels, pred), "density_majority": np.bincount(labels).max() / len(labels),
+            "density_n": len(labels)}
+
+
 # -----------------------------------------------------------------------------
 # logging helpers
 
@@ -374,6 +393,65 @@ class JsonlWriter:
         # default=float turns numpy/torch scalars (not JSON-serialisable themselves) into plain floats
         with open(self.path, "a") as f:
             f.write(json.dumps(record, default=float) + "\n")
+
+    def truncate_after(self, step: int) -> int:
+        """Drop the records logged after `step` (a resumed run redoes those steps), atomically; returns how many.
+        A torn last line from a crash mid-write is dropped too."""
+        if not os.path.exists(self.path):
+            return 0
+        with open(self.path) as f:
+            lines = f.read().splitlines()
+        keep = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= step:
+                keep.append(line)
+        atomic_write(self.path, "".join(k + "\n" for k in keep))
+        return len(lines) - len(keep)
+
+
+# -----------------------------------------------------------------------------
+# run folders: shared by every script, so a run is never silently overwritten and never half-written
+
+def atomic_write(path, text: str) -> None:
+    """Write-then-rename: a crash leaves the old file or the new one, never a mixture."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def git_sha():
+    """HEAD of the checkout this file lives in, whatever the working directory; None outside a checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def check_run_folder(out, marker="ckpt.pt", overwrite=False):
+    """A fresh run refuses a folder that already holds `marker` (a finished or interrupted run), with one line
+    that says what to do. With overwrite, the old run's metrics.jsonl is removed so the two never mix."""
+    if os.path.exists(os.path.join(out, marker)):
+        if not overwrite:
+            raise ValueError(f"{out}: already holds a run ({marker}); use --resume auto to continue it, "
+                             "another --out, or --overwrite to replace it")
+        for name in ("metrics.jsonl", "args.json"):
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+
+
+def write_args(out, args, **extra):
+    """args.json (atomic): the flags, the code version and anything the caller adds (world size, ...).
+    Call it only after the inputs were validated, so a failed start leaves an existing run's file alone."""
+    os.makedirs(out, exist_ok=True)
+    record = dict(vars(args), git_sha=git_sha(), **extra)
+    atomic_write(os.path.join(out, "args.json"), json.dumps(record, indent=1, default=str) + "\n")
 
 
 # -----------------------------------------------------------------------------

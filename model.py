@@ -21,6 +21,7 @@ Token layout through the network:
       -> final LayerNorm -> x_norm_clstoken (B, D), x_norm_regtokens (B, R, D), x_norm_patchtokens (B, N, D)
 """
 import math
+import os
 import re
 
 import torch
@@ -248,6 +249,54 @@ class ViT(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The DINO/iBOT projection head, kept beside the ViT as DINO does (pretrain.py trains it; DINOv2 teacher
+# checkpoints carry it).
+
+class WeightNormLinear(nn.Module):
+    """Bias-free linear layer with weight = g * v / ||v|| per output row (torch weight_norm's keys g, v)."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        v = nn.Linear(in_dim, out_dim, bias=False).weight.detach()  # PyTorch's default init, as DINOv2 keeps
+        self.weight_v = nn.Parameter(v.clone())  # (K, bottleneck)
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1))  # (K, 1), filled with 1 and trainable as in DINOv2
+
+    def forward(self, x):
+        return F.linear(x, self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True)))
+
+
+class DINOHead(nn.Module):
+    """DINOv2 projection head: 3-layer MLP -> L2-normalised bottleneck -> weight-normed prototypes.
+    Keys mlp.{0,2,4}.*, last_layer.weight_{g,v}: DINOv2 teacher checkpoints load unchanged."""
+
+    def __init__(self, in_dim, out_dim=65536, hidden_dim=2048, bottleneck_dim=256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+
+    def forward(self, x):
+        x = self.mlp(x)  # (n, bottleneck)
+        x = F.normalize(x, dim=-1, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
+        return self.last_layer(x)  # (n, K)
+
+
+@torch.no_grad()
+def patch_mean_std(backbone, images, device, chunk=64):
+    """DBT-DINO's frozen slice feature: mean and std of the last layer's normed patch tokens, (M, 3, H, W) images
+    -> (M, 2D) on the CPU. Std is unbiased, torch's default."""
+    feats = []
+    for x in images.split(chunk):
+        p = backbone.forward_features(x.to(device))["x_norm_patchtokens"].float()  # (b, N, D)
+        feats.append(torch.cat([p.mean(1), p.std(1)], dim=1).cpu())  # (b, 2D)
+    return torch.cat(feats)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Builders named like the torch.hub entry points; `weights` is a local file (nothing is downloaded).
 
 def build(name, weights=None, **kwargs):
@@ -273,6 +322,13 @@ def vit_tiny(weights=None, **kwargs): return build("tiny", weights, **kwargs)
 
 # ---------------------------------------------------------------------------------------------------
 # Checkpoints
+
+def save_checkpoint(path, state):
+    """Write-then-rename, so a preempted save never leaves a half-written file behind."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
 
 @torch.no_grad()
 def ema_update(teacher, student, m):

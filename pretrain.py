@@ -114,39 +114,6 @@ def get_args(argv=None):
 # ---------------------------------------------------------------------------------------------------
 # Heads and losses. Logits are (rows, K); "probs" are teacher targets that sum to 1 over K.
 
-class WeightNormLinear(nn.Module):
-    """Bias-free linear layer with weight = g * v / ||v|| per output row (torch weight_norm's keys g, v)."""
-
-    def __init__(self, in_dim, out_dim):
-        super().__init__()
-        v = nn.Linear(in_dim, out_dim, bias=False).weight.detach()  # PyTorch's default init, as DINOv2 keeps
-        self.weight_v = nn.Parameter(v.clone())  # (K, bottleneck)
-        self.weight_g = nn.Parameter(torch.ones(out_dim, 1))  # (K, 1), filled with 1 and trainable as in DINOv2
-
-    def forward(self, x):
-        return F.linear(x, self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True)))
-
-
-class DINOHead(nn.Module):
-    """DINOv2 projection head: 3-layer MLP -> L2-normalised bottleneck -> weight-normed prototypes.
-    Keys mlp.{0,2,4}.*, last_layer.weight_{g,v}: DINOv2 teacher checkpoints load unchanged."""
-
-    def __init__(self, in_dim, out_dim=65536, hidden_dim=2048, bottleneck_dim=256):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
-                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
-        for m in self.mlp:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
-
-    def forward(self, x):
-        x = self.mlp(x)  # (n, bottleneck)
-        x = F.normalize(x, dim=-1, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
-        return self.last_layer(x)  # (n, K)
-
-
 class SSLModel(nn.Module):
     """Backbone + heads; one forward per step so DDP sees every use of every parameter.
     state_dict keys backbone.*, dino_head.*, ibot_head.*: the layout of DINOv2's teacher_checkpoint.pth."""
@@ -154,9 +121,9 @@ class SSLModel(nn.Module):
     def __init__(self, backbone, prototypes, hidden, bottleneck, separate_ibot_head=False):
         super().__init__()
         self.backbone = backbone
-        self.dino_head = DINOHead(backbone.embed_dim, prototypes, hidden, bottleneck)
+        self.dino_head = model.DINOHead(backbone.embed_dim, prototypes, hidden, bottleneck)
         if separate_ibot_head:
-            self.ibot_head = DINOHead(backbone.embed_dim, prototypes, hidden, bottleneck)
+            self.ibot_head = model.DINOHead(backbone.embed_dim, prototypes, hidden, bottleneck)
 
     def forward(self, views, masks=None, mask_indices=None):
         """views: list of crop batches (n_i, 3, H_i, W_i); masks (n_0, N) and mask_indices (M,) refer to views[0].
@@ -215,22 +182,16 @@ def adjacent_slice_loss(student_s, student_adj, teacher_s, teacher_adj, student_
                   dino_loss([student_adj], [teacher_s], student_temp))
 
 
-def _all_reduce(x):
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(x)
-    return x
-
-
 @torch.no_grad()
 def sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=3):
     """(rows, K) logits -> (rows, K) targets, each row summing to 1 and every prototype getting an equal
     share of the global batch. Sums over samples are all-reduced, so ranks behave as one big batch."""
     Q = torch.exp(teacher_logits.float() / teacher_temp).t()  # (K, rows); logits are bounded (normed head)
     K = Q.shape[0]
-    B = _all_reduce(torch.tensor(float(Q.shape[1]), device=Q.device))  # global sample count
-    Q /= _all_reduce(Q.sum())
+    B = data.all_reduce(torch.tensor(float(Q.shape[1]), device=Q.device))  # global sample count
+    Q /= data.all_reduce(Q.sum())
     for _ in range(n_iterations):
-        Q /= _all_reduce(Q.sum(dim=1, keepdim=True))  # each prototype gets total mass 1/K ...
+        Q /= data.all_reduce(Q.sum(dim=1, keepdim=True))  # each prototype gets total mass 1/K ...
         Q /= K
         Q /= Q.sum(dim=0, keepdim=True)  # ... and each sample 1/B (columns are local to the rank)
         Q /= B
@@ -248,7 +209,7 @@ def update_center(center, teacher_logits, momentum=CENTER_MOMENTUM):
     """center <- m * center + (1 - m) * mean of the logits over all rows of all ranks. Returns the new center.
     (DINOv2 averages per-rank means; the same when ranks hold equal row counts, always true for CLS tokens.)"""
     stats = torch.cat([teacher_logits.float().sum(0), teacher_logits.new_full((1,), len(teacher_logits))])
-    stats = _all_reduce(stats.float())  # (K + 1,): logit sums and the row count
+    stats = data.all_reduce(stats.float())  # (K + 1,): logit sums and the row count
     if stats[-1] == 0:  # no masked patch anywhere this step
         return center
     return center * momentum + stats[:-1].unsqueeze(0) / stats[-1] * (1 - momentum)
@@ -358,7 +319,7 @@ def train_step(student, teacher, batch, centers, optimizer, sched, args):
     values = {k: float(torch.as_tensor(v).detach()) for k, v in losses.items()}
     values["loss"] = float(total.detach())
     if not math.isfinite(values["loss"]):  # stop before this step touches any weight or file
-        print(f"non-finite loss on rank {dist.get_rank() if dist.is_initialized() else 0}, stopping without "
+        print(f"non-finite loss on rank {data.rank_world()[0]}, stopping without "
               "saving: " + " ".join(f"{k}={v}" for k, v in values.items()), file=sys.stderr, flush=True)
         sys.exit(1)
     optimizer.zero_grad(set_to_none=True)
@@ -394,42 +355,6 @@ def build_models(args, device):
     return student, teacher
 
 
-def save_checkpoint(path, state):
-    """Write-then-rename, so a preempted save never leaves a half-written file behind."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-@torch.no_grad()
-def density_probe(backbone, eval_set, device, folds=5, ridge=10.0):
-    """Quick check used to pick checkpoints (as DBT-DINO did): DBT-DINO's frozen slice feature (mean and std of
-    the patch tokens), a ridge one-vs-rest classifier, cross-validated in `folds` folds of whole patients so
-    every image is scored once. The majority-class rate is returned beside it: on a handful of phantom
-    patients the accuracy is mostly noise, and the reader should see how much."""
-    feats = []
-    for x in eval_set["images"].split(64):
-        p = backbone.forward_features(x.to(device))["x_norm_patchtokens"].float()  # (b, N, D)
-        feats.append(torch.cat([p.mean(1), p.std(1)], dim=1).cpu())  # (b, 2D)
-    feats, labels = torch.cat(feats), eval_set["labels"]  # (M, 2D), (M,)
-    fold = torch.as_tensor(eval_set["groups"]) % folds
-    pred = torch.empty_like(labels)
-    for k in fold.unique():
-        fit = fold != k
-        mu, sd = feats[fit].mean(0), feats[fit].std(0) + 1e-6
-        x = torch.cat([(feats - mu) / sd, torch.ones(len(feats), 1)], dim=1).double()  # (M, 2D + 1)
-        y = F.one_hot(labels, 4).double() * 2 - 1  # (M, 4) one-vs-rest targets
-        eye = ridge * torch.eye(x.shape[1], dtype=x.dtype)
-        w = torch.linalg.solve(x[fit].T @ x[fit] + eye, x[fit].T @ y[fit])  # (2D + 1, 4)
-        pred[~fit] = (x[~fit] @ w).argmax(1)
-    return {"density_acc": metrics.accuracy(labels.numpy(), pred.numpy()),
-            "density_majority": labels.bincount().max().item() / len(labels), "density_n": len(labels)}
-
-
-def log(msg):
-    if data.is_main():
-        print(msg, flush=True)
-
-
 # ---------------------------------------------------------------------------------------------------
 
 def train(args):
@@ -459,10 +384,10 @@ def train(args):
         teacher.load_state_dict(ckpt["teacher"])
         optimizer.load_state_dict(ckpt["optimizer"])
         centers, start = ckpt["loss_state"], ckpt["step"]
-        log(f"resumed from {resume} at step {start}")
+        data.log(f"resumed from {resume} at step {start}")
     ddp = DDP(student, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else student
     schedules = make_schedules(args, world)
-    log(f"{args.model}: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M student parameters, "
+    data.log(f"{args.model}: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M student parameters, "
         f"world {world} x batch {args.batch_size}, peak lr {schedules['lr'].max():.2e} on {device}")
 
     # ---------------- data ----------------
@@ -477,7 +402,7 @@ def train(args):
     eval_set = (data.density_eval_set(source, args.global_size, args.eval_exams)
                 if args.eval_every and has_labels and data.is_main() else None)
     if args.eval_every and not has_labels:
-        log(f"no exams.csv under {source}: the density probe is off")
+        data.log(f"no exams.csv under {source}: the density probe is off")
 
     # ---------------- training ----------------
     progress, window = metrics.Progress(args.steps, start), []
@@ -498,29 +423,30 @@ def train(args):
 
         if step % args.log_every == 0 or step == args.steps:  # rank-averaged terms, for logging only
             avg = torch.tensor(list(values.values()), device=device)
-            avg = _all_reduce(avg) / world
+            avg = data.all_reduce(avg) / world
             values = dict(zip(values, avg.tolist()), lr=schedules["lr"][it])
             step_s, data_s = np.median([w[0] for w in window]), np.median([w[1] for w in window])
             mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-            log(progress.line(step, values, args.batch_size * world / step_s, 1e3 * step_s, 1e3 * data_s, mem))
+            data.log(progress.line(step, values, args.batch_size * world / step_s, 1e3 * step_s, 1e3 * data_s, mem))
             if data.is_main():
                 writer.write(dict(step=step, split="train", time=time.time(), **values))
             window = []
         if eval_set is not None and (step % args.eval_every == 0 or step == args.steps):
-            result = density_probe(teacher.backbone, eval_set, device)
-            log(f"step {step}: density_acc {result['density_acc']:.4f} (majority class {result['density_majority']:.4f}, "
+            feats = model.patch_mean_std(teacher.backbone, eval_set["images"], device)  # (M, 2D)
+            result = metrics.density_probe_cv(feats.numpy(), eval_set["labels"].numpy(), eval_set["groups"].numpy())
+            data.log(f"step {step}: density_acc {result['density_acc']:.4f} (majority class {result['density_majority']:.4f}, "
                 f"{result['density_n']} images, 5-fold by patient)")
             writer.write(dict(step=step, split="val", time=time.time(), **result))
         if data.is_main() and (step % args.save_every == 0 or step == args.steps):
-            save_checkpoint(ckpt_path, dict(
+            model.save_checkpoint(ckpt_path, dict(
                 version=1, step=step, config=student.backbone.config, args=vars(args),
                 heads=dict(prototypes=args.prototypes, hidden=args.head_hidden, bottleneck=args.head_bottleneck,
                            separate_ibot_head=args.separate_ibot_head),
                 student=student.state_dict(), teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
                 loss_state=centers))
             # the teacher backbone alone, hub keys: what probe.py, detect.py and DINOv2's code load
-            save_checkpoint(os.path.join(args.out, "backbone.pth"), teacher.backbone.state_dict())
-    log(f"done: {args.out}/backbone.pth")
+            model.save_checkpoint(os.path.join(args.out, "backbone.pth"), teacher.backbone.state_dict())
+    data.log(f"done: {args.out}/backbone.pth")
     if world > 1:
         dist.destroy_process_group()
 

@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import metrics
+import model
 import pretrain
 
 
@@ -89,7 +91,7 @@ def test_centering_matches_reference_over_two_steps():
 
 def test_dino_head_keys_and_outputs_match_reference():
     torch.manual_seed(0)
-    head = pretrain.DINOHead(12, out_dim=40, hidden_dim=20, bottleneck_dim=8)
+    head = model.DINOHead(12, out_dim=40, hidden_dim=20, bottleneck_dim=8)
     with torch.no_grad():
         head.last_layer.weight_g.mul_(torch.rand(40, 1) + 0.5)  # make g matter
     x = torch.randn(5, 12)
@@ -294,10 +296,11 @@ def test_density_probe_cross_validates_by_patient():
     images = 0.05 * torch.randn(40, 3, 14, 14, generator=torch.Generator().manual_seed(1))
     images[:, 0, 0, :4] += F.one_hot(labels, 4)
     groups = torch.arange(40) // 4
-    out = pretrain.density_probe(Oracle(), {"images": images, "labels": labels, "groups": groups}, "cpu")
+    feats = model.patch_mean_std(Oracle(), images, "cpu")  # (40, 8)
+    out = metrics.density_probe_cv(feats.numpy(), labels.numpy(), groups.numpy())
     assert out == {"density_acc": 1.0, "density_majority": 0.25, "density_n": 40}
     shuffled = labels[torch.randperm(40, generator=torch.Generator().manual_seed(0))]
-    out = pretrain.density_probe(Oracle(), {"images": images, "labels": shuffled, "groups": groups}, "cpu")
+    out = metrics.density_probe_cv(feats.numpy(), shuffled.numpy(), groups.numpy())
     assert out["density_acc"] < 0.75
 
 
