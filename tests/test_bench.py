@@ -2,11 +2,14 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench.py"
 
 
 def test_bench_quick_produces_the_table(tmp_path):
     out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, "bench.py", "all", "--quick", "--device", "cpu", "--cache",
+    run = subprocess.run([sys.executable, str(BENCH), "all", "--quick", "--device", "cpu", "--cache",
                           str(tmp_path / "cache"), "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]

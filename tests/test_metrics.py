@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,7 +196,7 @@ def test_dbtex_empty_file(tmp_path):
 
 def test_cli_prints_the_six_numbers(tmp_path):
     labels, boxes, preds = toy_files(tmp_path)
-    out = subprocess.run([sys.executable, "metrics.py", "dbtex", "--labels", labels, "--boxes", boxes,
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "metrics.py"), "dbtex", "--labels", labels, "--boxes", boxes,
                           "--predictions", preds], capture_output=True, text=True, check=True).stdout
     assert dict(line.split() for line in out.splitlines()) == {k: f"{v:.10f}" for k, v in TOY_RESULT.items()}
     assert metrics.get_args(["dbtex", "--labels", "l", "--boxes", "b", "--predictions", "p"]).radius == 100.0
