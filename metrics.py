@@ -1,7 +1,8 @@
 """Metrics, paired statistics, the official DBTex FROC evaluator, and logging helpers (stdlib + numpy + scipy).
 
 What is here, in file order; each definition is written once, in the docstring of the function that computes it:
-- classification: auroc, accuracy, confusion_matrix, macro_f1, and risk_auroc_by_year (Mirai's per-year rule)
+- classification: auroc, accuracy, confusion_matrix, macro_f1, roc_curve, and risk_auroc_by_year (per-year
+                  AUROC by Mirai's rule or DBT-DINO's, risk_year_cases)
 - paired tests:   delong_test (AUCs), mcnemar (accuracies), benjamini_hochberg (FDR across comparisons)
 - bootstrap_ci:   percentile CIs that resample cases, or whole patients when `groups` is given, never images of a
                   patient independently (images of one patient are correlated, so that would shrink the CI)
@@ -92,29 +93,60 @@ def macro_f1(y_true, y_pred):
     return float(np.mean(2 * tp / (c.sum(0) + c.sum(1))))  # 2TP+FP+FN = column sum + row sum; never 0 here
 
 
-def risk_auroc_by_year(probs, years_to_cancer, years_to_followup, max_followup=5):
-    """Per-year AUROC of a risk model, Mirai's rule (compute_auc_x_year_auc). Returns {k: AUROC} for k = 1..T.
+RISK_RULES = ("mirai", "dbt-dino")
 
-    probs: (N, T) predicted cancer probability within k = 1..T years. years_to_cancer: inf (or >= T) if none.
-    An exam is a cancer if years_to_cancer < T, with time t = int(years_to_cancer); otherwise t =
-    int(min(years_to_followup, T) - 1). For year k: positive if cancer and t <= k-1; negative if t >= k-1
-    (later cancers, and cancer-free exams with about >= k years of follow-up); excluded otherwise.
-    The score is probs[:, k-1]. A year with no positives or no negatives gives NaN.
+
+def risk_year_cases(years_to_cancer, years_to_followup, year, max_followup=5, rule="mirai"):
+    """Which exams year `year` (1..T) scores, and their labels, by one of two rules -> (keep, label) bool (N,).
+
+    An exam is a cancer if years_to_cancer < T (inf when none). rule "mirai" (compute_auc_x_year_auc): cancers
+    have t = int(years_to_cancer), others t = int(min(years_to_followup, T) - 1); positive if cancer and
+    t <= year-1, negative if t >= year-1 (so later cancers count as negatives), excluded otherwise.
+    rule "dbt-dino" (downstream.md §3): positives are cancers diagnosed within `year` years (years_to_cancer <
+    year); negatives have no cancer within T years and at least `year` years of follow-up; cancers diagnosed
+    after `year` (but within T) are excluded, not counted as negatives.
+    """
+    if rule not in RISK_RULES:
+        raise ValueError(f"risk rule {rule!r}: choose from {', '.join(RISK_RULES)}")
+    ytc, yfu = np.asarray(years_to_cancer, dtype=float), np.asarray(years_to_followup, dtype=float)
+    cancer = ytc < max_followup
+    if rule == "dbt-dino":
+        positive = cancer & (ytc < year)
+        return positive | (~cancer & (yfu >= year)), positive
+    # np.trunc, not floor, reproduces Python int() in Mirai (follow-up < 1 year gives t = 0, not -1)
+    t = np.where(cancer, np.trunc(ytc), np.trunc(np.minimum(yfu, max_followup) - 1))
+    positive = cancer & (t <= year - 1)
+    return positive | (t >= year - 1), positive
+
+
+def risk_auroc_by_year(probs, years_to_cancer, years_to_followup, max_followup=5, rule="mirai"):
+    """Per-year AUROC of a risk model -> {k: AUROC} for k = 1..T, by Mirai's rule (the default) or DBT-DINO's
+    (risk_year_cases defines both). probs: (N, T) predicted cancer probability within k = 1..T years;
+    years_to_cancer: inf (or >= T) if none. The score for year k is probs[:, k-1]. A year with no positives or
+    no negatives gives NaN.
     """
     probs = np.asarray(probs, dtype=float)
     ytc, yfu = np.asarray(years_to_cancer, dtype=float), np.asarray(years_to_followup, dtype=float)
     if probs.shape != (len(ytc), max_followup) or ytc.shape != yfu.shape or np.isnan(ytc + yfu).any():
         raise ValueError(f"risk_auroc_by_year: need probs (N, {max_followup}) and N non-NaN years, got "
                          f"{probs.shape}, {ytc.shape}, {yfu.shape}")
-    cancer = ytc < max_followup
-    # np.trunc, not floor, reproduces Python int() in Mirai (follow-up < 1 year gives t = 0, not -1)
-    t = np.where(cancer, np.trunc(ytc), np.trunc(np.minimum(yfu, max_followup) - 1))
     out = {}
-    for f in range(max_followup):
-        keep = (cancer & (t <= f)) | (t >= f)
-        label = (cancer & (t <= f))[keep]
-        out[f + 1] = auroc(label, probs[keep, f]) if 0 < label.sum() < len(label) else float("nan")
+    for k in range(1, max_followup + 1):
+        keep, label = risk_year_cases(ytc, yfu, k, max_followup, rule)
+        label = label[keep]
+        out[k] = auroc(label, probs[keep, k - 1]) if 0 < label.sum() < len(label) else float("nan")
     return out
+
+
+def roc_curve(y_true, y_score):
+    """ROC points (fpr, tpr), from (0, 0) to (1, 1), one point per distinct score (tied cases move together)."""
+    y = _binary(y_true, "roc_curve")
+    s = _scores(y_score, len(y), "roc_curve")
+    order = np.argsort(-s, kind="stable")
+    y, s = y[order], s[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each run of equal scores
+    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
+    return np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]]
 
 
 # -----------------------------------------------------------------------------

@@ -378,3 +378,12 @@ def test_dbtex_interpolates_towards_the_first_point_past_the_limit():
     assert [out[f"sensitivity_at_{k}_fps_positive"] for k in (1, 2, 3, 4)] == pytest.approx(want, abs=1e-12)
     assert out["mean_sensitivity_positive"] == pytest.approx(0.75, abs=1e-12)
     assert out["sensitivity_at_2_fps_all"] == pytest.approx(0.7, abs=1e-12)
+
+
+def test_roc_curve_matches_sklearn_with_ties():
+    from sklearn.metrics import roc_curve as sk_roc_curve
+    y, s, _ = random_ties(7, n=60)
+    fpr, tpr = metrics.roc_curve(y, s)
+    ref_fpr, ref_tpr, _ = sk_roc_curve(y, s, drop_intermediate=False)
+    assert np.allclose(fpr, ref_fpr) and np.allclose(tpr, ref_tpr)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(metrics.auroc(y, s), abs=1e-12)
