@@ -1,0 +1,478 @@
+"""Tests for pacs.py: the DICOMweb client and rotating cache, against a real Orthanc (Debian's orthanc +
+orthanc-dicomweb) on loopback behind a recording, fault-injecting proxy written here. CPU, loopback only.
+
+The Orthanc tests skip, with the reason, only where Orthanc is not installed; .ci/run installs it, so CI runs them.
+Every request loop is bounded in count and time (few retries, short backoff, timeouts of seconds)."""
+import base64, csv, email.parser, hashlib, http.client, http.server, json, os, random, shutil, socket, ssl
+import subprocess, sys, threading, time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+import data
+import pacs
+
+ROOT = Path(__file__).resolve().parents[1]
+USER, PASSWORD, TOKEN = "radiology", "pw-Zq81-never-logged", "tok-Hh27-never-logged"
+PLUGIN_DIRS = ["/usr/share/orthanc/plugins", "/usr/lib/orthanc"]
+SHAPE = (6, 64, 48)  # one native instance is ~37 KB
+
+
+# ----------------------------------------------------------------------------- pieces that need no server
+def test_multipart_parser_matches_email_oracle():
+    """Our streaming parser against the standard library's MIME parser, with reads as small as 1 byte so the
+    delimiter straddles reads, and payloads ending in CR/LF/space bytes (which must not be stripped)."""
+    rng = random.Random(0)
+    for trial in range(30):
+        payload = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 3000))) + rng.choice(
+            [b"", b"\r\n", b" \r", b"\n\n", b"--"])
+        boundary = f"b{trial}-{rng.getrandbits(64):x}"
+        body = (f"preamble\r\n--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + payload +
+                f"\r\n--{boundary}--\r\n".encode())
+        oracle = email.parser.BytesParser().parsebytes(
+            f'Content-Type: multipart/related; boundary="{boundary}"\r\n\r\n'.encode() + body)
+        expected = oracle.get_payload()[0].get_payload(decode=True)
+        step, pos, out = rng.choice([1, 7, 64, 100000]), 0, bytearray()
+
+        def read(n):
+            nonlocal pos
+            chunk = body[pos:pos + min(n, step)]
+            pos += len(chunk)
+            return chunk
+
+        headers = pacs.copy_single_part(read, out.extend, boundary.encode())
+        assert bytes(out) == expected == payload and headers["content-type"] == "application/dicom"
+    with pytest.raises(pacs._Transient, match="closed before the end"):  # truncated: worth another try
+        chunks = iter([body[:len(body) // 2], b""])
+        pacs.copy_single_part(lambda n: next(chunks), out.extend, boundary.encode())
+    assert pacs.multipart_boundary('multipart/related; type="application/dicom"; boundary="a:b"') == b"a:b"
+    assert pacs.multipart_boundary("multipart/related; boundary=xyz; type=x") == b"xyz"
+    assert pacs.multipart_boundary("application/dicom") is None
+
+
+def test_retry_after_and_urls():
+    assert pacs.retry_after("3") == 3.0 and pacs.retry_after(None) is None and pacs.retry_after("soon") is None
+    # RFC 9110's HTTP-date form, 90 s after `now`
+    assert pacs.retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now=784111687.0) == pytest.approx(90.0)
+    assert pacs.parse_url("dicomweb+https://pacs.example.org/dicom-web/") == ("https", "pacs.example.org", 443,
+                                                                              "/dicom-web")
+    assert pacs.redact("dicomweb+https://u:p@h:1/x?token=t") == "dicomweb+https://h:1/x"
+    for bad, match in [("dicomweb+https://u:secret@h/x", "no credentials in the URL"), ("http://h/x", "not a dicomweb"),
+                       ("dicomweb+http://h/x?k=1", "no query")]:
+        with pytest.raises(ValueError, match=match) as e:
+            pacs.parse_url(bad)
+        assert "secret" not in str(e.value)
+
+
+def test_credentials(tmp_path):
+    basic = pacs.load_credentials(environ={"DICOMWEB_USER": USER, "DICOMWEB_PASSWORD": PASSWORD, "HOME": "/x"})
+    assert basic.header == "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    bearer = pacs.load_credentials(environ={"DICOMWEB_TOKEN": TOKEN, "DICOMWEB_USER": USER})  # the token wins
+    assert bearer.header == f"Bearer {TOKEN}"
+    assert PASSWORD not in repr(basic) + str(basic) and TOKEN not in repr(bearer) + f"{bearer}"
+    assert pacs.load_credentials(environ={}) is None
+    with pytest.raises(ValueError, match="set together"):
+        pacs.load_credentials(environ={"DICOMWEB_USER": USER})
+    with pytest.raises(ValueError, match="line break"):
+        pacs.load_credentials(environ={"DICOMWEB_TOKEN": "a\r\nX-Evil: 1"})
+    secret = tmp_path / "dicomweb.env"
+    secret.write_text(f"# site PACS\nDICOMWEB_TOKEN={TOKEN}\n")
+    secret.chmod(0o644)
+    with pytest.raises(ValueError, match="chmod 600"):
+        pacs.load_credentials(secret)
+    secret.chmod(0o600)
+    assert pacs.load_credentials(secret).header == f"Bearer {TOKEN}"
+    secret.write_text(f"TOKEN={TOKEN}\n")
+    with pytest.raises(ValueError, match="line 1") as e:
+        pacs.load_credentials(secret)
+    assert TOKEN not in str(e.value)  # a malformed line is named, never echoed
+    inside = ROOT / f".h5-test-secret-{os.getpid()}"
+    try:
+        inside.write_text(f"DICOMWEB_TOKEN={TOKEN}\n")
+        inside.chmod(0o600)
+        with pytest.raises(ValueError, match="outside the repository"):
+            pacs.load_credentials(inside)
+    finally:
+        inside.unlink()
+
+
+def test_manifest_is_validated_and_is_the_allow_list(tmp_path):
+    m = tmp_path / "m.csv"
+    m.write_text("StudyInstanceUID,SeriesInstanceUID,SOPInstanceUID,view\n1.2.3,1.2.4,1.2.5,lcc\n")
+    rows = pacs.read_manifest(m)
+    assert rows[0]["view"] == "lcc"
+    client = pacs.Client("dicomweb+http://127.0.0.1:9/x", rows, pacs.Cache(tmp_path / "c", 10 ** 6, 0))
+    with pytest.raises(ValueError, match="not in the manifest"):  # refused before any socket exists
+        client.fetch(dict(StudyInstanceUID="1.2.3", SeriesInstanceUID="1.2.4", SOPInstanceUID="9.9"))
+    m.write_text("StudyInstanceUID,SeriesInstanceUID,SOPInstanceUID\n1.2.3,1.2.4,../../studies\n")
+    with pytest.raises(ValueError, match="line 2: SOPInstanceUID .* is not a DICOM UID"):
+        pacs.read_manifest(m)
+    m.write_text("StudyInstanceUID,SOPInstanceUID\n1.2,1.3\n")
+    with pytest.raises(ValueError, match="missing: SeriesInstanceUID"):
+        pacs.read_manifest(m)
+
+
+def test_cache_lru_pins_and_crash_leftovers(tmp_path):
+    cache = pacs.Cache(tmp_path, cap_bytes=3000, floor_bytes=0, wait_s=0.5)
+    paths = [cache.path(f"k{i}") for i in range(4)]
+    tokens = []
+    for i, p in enumerate(paths[:3]):
+        token, hit = cache.pin(p)
+        assert not hit
+        cache.write(p, lambda w: w(bytes([i]) * 1000))
+        tokens.append(token)
+        time.sleep(0.01)
+    for t in tokens[1:]:
+        cache.unpin(t)
+    cache.pin(paths[1])  # a hit: paths[1] becomes the most recently used, paths[2] the least
+    cache.write(paths[3], lambda w: w(b"x" * 1000))
+    assert [p.exists() for p in paths] == [True, True, False, True]  # pinned 0 kept, LRU 2 evicted
+    with pytest.raises(pacs.CacheFull, match="more than --cache-bytes"):
+        cache.write(cache.path("big"), lambda w: w(b"x" * 3001))
+    # leftovers of a crashed process (a pid that cannot exist) do not count and are cleaned
+    (paths[0].parent / f"{paths[0].name}.tmp.999999999.ab").write_bytes(b"y" * 5000)
+    (cache.dir / "pins" / f"{paths[2].stem}.999999999.cd").touch()
+    used, _, pinned = cache.usage()
+    assert used == 3000 and not list(cache.dir.rglob("*.tmp.*")) and paths[2].stem not in pinned
+
+
+# ----------------------------------------------------------------------------- a real Orthanc on loopback
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _plugin():
+    for d in PLUGIN_DIRS:
+        found = sorted(Path(d).glob("libOrthancDicomWeb.so*")) if Path(d).is_dir() else []
+        if found:
+            return found[0]
+    return None
+
+
+def _request(url, method="GET", body=None, auth=(USER, PASSWORD), timeout=10):
+    host, port = url.split("/")[2].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    headers = {"Authorization": "Basic " + base64.b64encode(":".join(auth).encode()).decode()}
+    conn.request(method, "/" + url.split("/", 3)[3], body=body, headers=headers)
+    resp = conn.getresponse()
+    return resp.status, resp.read()
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    """Orthanc with authentication and the DICOMweb plugin on a free loopback port, throwaway storage."""
+    plugin = _plugin()
+    if shutil.which("Orthanc") is None or plugin is None:
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb; "
+                    "CI installs both)")
+    root, port = tmp_path_factory.mktemp("orthanc"), _free_port()
+    config = dict(Name="dbt-dino-test", StorageDirectory=str(root / "db"), IndexDirectory=str(root / "db"),
+                  HttpPort=port, DicomServerEnabled=False, RemoteAccessAllowed=False, AuthenticationEnabled=True,
+                  RegisteredUsers={USER: PASSWORD}, Plugins=[str(plugin)], HttpCompressionEnabled=False,
+                  DicomWeb={"Enable": True, "Root": "/dicom-web/"})
+    (root / "orthanc.json").write_text(json.dumps(config))
+    log = open(root / "orthanc.log", "w")
+    proc = subprocess.Popen(["Orthanc", str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(150):  # up to 15 s to start
+            try:
+                if _request(url + "/system", timeout=1)[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail(f"Orthanc did not start: {(root / 'orthanc.log').read_text()[-2000:]}")
+        yield url
+    finally:
+        proc.kill()  # throwaway storage: no need for Orthanc's 2.5 s graceful shutdown
+        proc.wait(10)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def studies(orthanc, tmp_path_factory):
+    """Phantom BTO instances uploaded through Orthanc's REST API: 12 native + 2 JPEG 2000 in the manifest, and one
+    study outside it. Returns (manifest rows, original files by SOP UID, the outside study's UIDs, manifest path)."""
+    root = tmp_path_factory.mktemp("phantoms")
+    rows, files = [], {}
+    for i, enc in enumerate(["j2k", "j2k"] + ["native"] * 13):
+        path = data.write_phantom_dicom(root / f"{i}.dcm", SHAPE, encoding=enc, seed=i)
+        status, answer = _request(orthanc + "/instances", "POST", path.read_bytes())
+        assert status == 200, answer
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        rows.append({c: str(ds[c].value) for c in pacs.UID_COLUMNS} | {"encoding": enc})
+        files[rows[-1]["SOPInstanceUID"]] = path
+    outside = rows.pop()  # uploaded, visible to anyone who asks, but not in the manifest
+    manifest = root / "manifest.csv"
+    with open(manifest, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return rows, files, outside, manifest
+
+
+class Proxy(http.server.ThreadingHTTPServer):
+    """Loopback reverse proxy in front of Orthanc that records every request and injects faults.
+
+    plan[sop_uid]: actions for the next requests of that instance ("503", "503:<Retry-After>", "drop", "truncate",
+    "slow"); `always` applies to every request; stop_after: close the listening socket after that many forwards
+    (a server that goes away mid-run). token: require this bearer token and forward with Orthanc's own account."""
+    daemon_threads = True
+
+    def __init__(self, upstream, token=None):
+        super().__init__(("127.0.0.1", 0), ProxyHandler)
+        self.upstream, self.token, self.log, self.plan = upstream, token, [], {}
+        self.always, self.stop_after, self.forwards, self.lock = None, None, 0, threading.Lock()
+        threading.Thread(target=self.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True).start()
+
+    @property
+    def url(self):
+        return f"dicomweb+http://127.0.0.1:{self.server_address[1]}/dicom-web"
+
+    def stop(self):
+        threading.Thread(target=self.shutdown, daemon=True).start()
+        self.socket.close()  # from now on: connection refused
+
+
+class ProxyHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        srv = self.server
+        with srv.lock:
+            srv.log.append(dict(path=self.path, accept=self.headers.get("Accept"),
+                                auth=self.headers.get("Authorization")))
+            sop = self.path.rsplit("/", 1)[-1]
+            action = srv.plan[sop].pop(0) if srv.plan.get(sop) else srv.always
+        if action == "drop":  # close without a byte of answer
+            return
+        if action and action.startswith("503"):
+            self.send_response(503)
+            self.send_header("Retry-After", action.partition(":")[2] or "0")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        auth = self.headers.get("Authorization")
+        if srv.token is not None:  # the site's authenticating proxy: bearer in, service account out
+            if auth != f"Bearer {srv.token}":
+                self.send_error(401)
+                return
+            auth = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+        self._forward(action, auth)
+
+    def _forward(self, action, auth):
+        srv = self.server
+        host, port = srv.upstream.split("/")[2].split(":")
+        up = http.client.HTTPConnection(host, int(port), timeout=10)
+        up.request("GET", self.path, headers={"Accept": self.headers.get("Accept", "*/*")} |
+                   ({"Authorization": auth} if auth else {}))
+        resp = up.getresponse()
+        body = resp.read()
+        self.send_response(resp.status)
+        for k in ("Content-Type", "Retry-After"):
+            if resp.getheader(k):
+                self.send_header(k, resp.getheader(k))
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if action == "truncate":  # a connection that dies mid-body
+            self.wfile.write(body[:len(body) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        for i in range(0, len(body), 4096):
+            self.wfile.write(body[i:i + 4096])
+            if action == "slow":  # writers take long enough for readers to race them
+                self.wfile.flush()
+                time.sleep(0.005)
+        with srv.lock:
+            srv.forwards += 1
+            if srv.stop_after is not None and srv.forwards >= srv.stop_after:
+                srv.stop()
+
+
+@pytest.fixture
+def proxy(orthanc):
+    p = Proxy(orthanc)
+    yield p
+    p.stop()
+
+
+def _client(proxy, rows, cache_dir, cap=10 ** 7, **kw):
+    creds = kw.pop("credentials", pacs.Credentials(
+        "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode(), "basic"))
+    kw = dict(timeout=5, retries=3, backoff=0.02, max_wait=2.0) | kw
+    return pacs.Client(proxy.url, rows, pacs.Cache(cache_dir, cap, floor_bytes=0, wait_s=10), creds, **kw)
+
+
+def test_streamed_slices_equal_local_reads_and_nothing_outside_the_manifest(studies, proxy, tmp_path):
+    rows, files, outside, _ = studies
+    client = _client(proxy, rows, tmp_path)
+    for row in rows[:4]:  # both JPEG 2000 instances and two native ones
+        path, token = client.fetch(row)
+        original = files[row["SOPInstanceUID"]]
+        assert path.read_bytes() == original.read_bytes()  # stored transfer syntax, no transcoding
+        remote, meta = data.read_dbt(path)
+        local, _ = data.read_dbt(original)
+        assert remote.dtype == np.float32 and np.array_equal(remote, local)  # bit for bit
+        assert meta["transfer_syntax"] == ("1.2.840.10008.1.2.4.90" if row["encoding"] == "j2k" else
+                                           "1.2.840.10008.1.2.1")
+        client.cache.unpin(token)
+    assert client.fetch(rows[0])[0] and client.stats["hits"] == 1 and client.stats["misses"] == 4
+    with pytest.raises(ValueError, match="not in the manifest"):
+        client.fetch(outside)
+    allowed = {f"/dicom-web/studies/{r['StudyInstanceUID']}/series/{r['SeriesInstanceUID']}/instances/"
+               f"{r['SOPInstanceUID']}" for r in rows}
+    assert len(proxy.log) == 4 and all(entry["path"] in allowed for entry in proxy.log)
+    assert not any(outside["StudyInstanceUID"] in entry["path"] for entry in proxy.log)
+    assert all("transfer-syntax=*" in entry["accept"] for entry in proxy.log)
+
+
+def test_bearer_token_through_an_authenticating_proxy(studies, orthanc, tmp_path):
+    rows, files, _, _ = studies
+    gate = Proxy(orthanc, token=TOKEN)
+    try:
+        client = _client(gate, rows, tmp_path, credentials=pacs.load_credentials(environ={"DICOMWEB_TOKEN": TOKEN}))
+        path, _ = client.fetch(rows[5])
+        assert path.read_bytes() == files[rows[5]["SOPInstanceUID"]].read_bytes()
+        assert gate.log[0]["auth"] == f"Bearer {TOKEN}"
+    finally:
+        gate.stop()
+
+
+def test_wrong_credentials_stop_at_once_with_one_line(studies, proxy, tmp_path):
+    rows = studies[0]
+    bad = pacs.load_credentials(environ={"DICOMWEB_USER": USER, "DICOMWEB_PASSWORD": "wrong-" + PASSWORD})
+    client = _client(proxy, rows, tmp_path, credentials=bad, retries=5)
+    t0 = time.monotonic()
+    with pytest.raises(pacs.AuthError) as e:
+        list(client.prefetch(rows, ahead=3))
+    message = str(e.value)
+    assert "HTTP 401" in message and "\n" not in message and PASSWORD not in message
+    assert len(proxy.log) <= 4 and time.monotonic() - t0 < 3  # no retries: at most the prefetched requests
+    assert not list(client.cache.dir.rglob("*.dcm"))
+
+
+def test_faults_are_retried_then_skipped_not_a_crash(studies, proxy, tmp_path):
+    rows, files, _, _ = studies
+    sop = [r["SOPInstanceUID"] for r in rows]
+    proxy.plan = {sop[0]: ["503:1"], sop[1]: ["drop", "truncate"], sop[2]: ["503"] * 10}
+    client = _client(proxy, rows, tmp_path, retries=3)
+    t0 = time.monotonic()
+    path, _ = client.fetch(rows[0])  # 503 with Retry-After: 1, then served
+    assert time.monotonic() - t0 >= 1.0 and path.read_bytes() == files[sop[0]].read_bytes()
+    path, _ = client.fetch(rows[1])  # a dropped connection, then a truncated body, then served whole
+    assert path.read_bytes() == files[sop[1]].read_bytes()
+    with pytest.raises(pacs.FetchError, match=f"instance {sop[2]}: HTTP 503.*3 tries"):
+        client.fetch(rows[2])
+    assert client.stats["retries"] == 1 + 2 + 2
+    assert [e["path"].rsplit("/", 1)[1] for e in proxy.log] == [sop[0]] * 2 + [sop[1]] * 3 + [sop[2]] * 3
+    assert not list(client.cache.dir.rglob("*.tmp.*"))  # failed attempts leave nothing behind
+
+    proxy.stop_after = proxy.forwards + 2  # the server goes away after two more instances
+    t0, retries = time.monotonic(), client.stats["retries"]
+    served = [path is not None for _, path, _ in client.prefetch(rows[3:9], ahead=1)]
+    n = sum(served)  # the request already accepted when the server closed may still be answered
+    assert served == [True] * n + [False] * (6 - n) and n in (2, 3)
+    assert client.stats["retries"] - retries == 2 * (6 - n) and time.monotonic() - t0 < 20
+
+
+def test_cache_never_exceeds_its_cap_while_serving_four_times_more(studies, proxy, tmp_path):
+    rows, files, _, _ = studies
+    native = [r for r in rows if r["encoding"] == "native"]
+    size = files[native[0]["SOPInstanceUID"]].stat().st_size
+    cap = int(2.6 * size)  # two resident volumes (the one in use + one prefetched) and a little
+    client = _client(proxy, native, tmp_path, cap=cap)
+    peak, done = [0], threading.Event()
+
+    def watch():  # everything on disk under the cache, finished or not, listed while nothing is renamed
+        while not done.is_set():
+            with client.cache.locked():
+                peak[0] = max(peak[0], sum(p.stat().st_size for p in client.cache.dir.rglob("*.dcm*")))
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    served = 0
+    try:
+        for _ in range(2):  # two epochs: the second finds the first's volumes evicted
+            for row, path, token in client.prefetch(native, ahead=1):
+                assert path.read_bytes() == files[row["SOPInstanceUID"]].read_bytes()
+                served += path.stat().st_size
+                client.cache.unpin(token)  # the volume retires
+    finally:
+        done.set()
+        watcher.join()
+    assert served >= 4 * cap and 0 < peak[0] <= cap
+    assert client.stats["misses"] == 2 * len(native) and client.stats["bytes"] == served
+
+
+WORKER = """
+import hashlib, json, sys, pacs
+rows, expected, cache_dir, url, cap = json.loads(sys.argv[1])
+cache = pacs.Cache(cache_dir, cap, floor_bytes=0, wait_s=10)
+client = pacs.Client(url, rows, cache, pacs.load_credentials(), timeout=5, retries=3, backoff=0.02)
+for row, path, token in client.prefetch(rows, ahead=1):
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digest == expected[row["SOPInstanceUID"]], "partial or wrong file"
+    cache.unpin(token)
+print(json.dumps(client.stats))
+"""
+
+
+def test_two_processes_sharing_a_cache_never_read_a_partial_file(studies, proxy, tmp_path):
+    rows, files, _, _ = studies
+    native = [r for r in rows if r["encoding"] == "native"]
+    expected = {r["SOPInstanceUID"]: hashlib.sha256(files[r["SOPInstanceUID"]].read_bytes()).hexdigest()
+                for r in native}
+    proxy.always = "slow"  # ~0.05 s per instance, so writes overlap reads
+    # room for what both pin at once (the volume in use + one prefetched, each), a third of the data: evictions too
+    cap = int(4.5 * files[native[0]["SOPInstanceUID"]].stat().st_size)
+    env = dict(os.environ, DICOMWEB_USER=USER, DICOMWEB_PASSWORD=PASSWORD)
+    args = [[order, expected, str(tmp_path), proxy.url, cap] for order in (native, native[::-1])]
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(a)], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for a in args]
+    seen = {}  # a third reader that opens every finished file it can see while they write
+    while any(p.poll() is None for p in procs):
+        for path in (tmp_path / "dicomweb").glob("*/*.dcm"):
+            try:
+                seen[path] = hashlib.sha256(path.read_bytes()).hexdigest()
+            except FileNotFoundError:  # evicted between the listing and the read
+                continue
+            assert seen[path] in expected.values()
+        time.sleep(0.002)
+    outs = [p.communicate(timeout=30) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    stats = [json.loads(out) for out, _ in outs]
+    assert sum(s["hits"] + s["misses"] for s in stats) == 2 * len(native) and len(seen) >= 3
+    assert not list((tmp_path / "dicomweb").rglob("*.tmp.*"))
+
+
+def test_https_verified_by_default_and_with_a_ca_bundle(studies, orthanc, tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make the test certificate (Debian: apt-get install openssl)")
+    rows, files, _, _ = studies
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    gate = Proxy(orthanc)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    gate.socket = context.wrap_socket(gate.socket, server_side=True)
+    url = gate.url.replace("dicomweb+http:", "dicomweb+https:")
+    creds = pacs.load_credentials(environ={"DICOMWEB_USER": USER, "DICOMWEB_PASSWORD": PASSWORD})
+    try:
+        untrusted = pacs.Client(url, rows, pacs.Cache(tmp_path / "a", 10 ** 7, 0), creds, timeout=5, retries=3)
+        with pytest.raises(pacs.AuthError, match="certificate not trusted.*--dicomweb-ca-bundle"):
+            untrusted.fetch(rows[0])
+        trusted = pacs.Client(url, rows, pacs.Cache(tmp_path / "b", 10 ** 7, 0), creds, ca_bundle=cert, timeout=5)
+        path, _ = trusted.fetch(rows[0])
+        assert path.read_bytes() == files[rows[0]["SOPInstanceUID"]].read_bytes()
+    finally:
+        gate.stop()
