@@ -225,6 +225,10 @@ def _alive(pid):
     return True
 
 
+class AlreadyCached(Exception):
+    """Another process finished this instance while we were fetching it: use theirs."""
+
+
 class CacheFull(OSError):
     """No room under the byte cap or above the free-disk floor, even after evicting every unpinned file."""
 
@@ -302,13 +306,17 @@ class Cache:
             used, free = used - size, free + size
         return used + need <= self.cap and free - need >= self.floor
 
-    def reserve(self, fh, nbytes):
-        """Grow the temporary file `fh` to nbytes, counted against the cap before a byte of it is written."""
+    def reserve(self, fh, nbytes, final):
+        """Grow the temporary file `fh` to nbytes, counted against the cap before a byte of it is written. Raises
+        AlreadyCached when another process finished `final` meanwhile: two copies of one instance would count
+        twice, and with every process holding one such duplicate the cache could wait on itself until timeout."""
         if nbytes > self.cap:
             raise CacheFull(f"cache {self.dir}: one instance needs {nbytes} bytes, more than --cache-bytes {self.cap}")
         deadline = time.monotonic() + self.wait_s
         while True:
             with self.locked():
+                if final.exists():
+                    raise AlreadyCached(final)
                 if self._make_room(nbytes - os.fstat(fh.fileno()).st_size):
                     _allocate(fh.fileno(), nbytes)
                     return
@@ -321,7 +329,8 @@ class Cache:
 
     def write(self, path, copy, expected=None, check=None):
         """Atomically create `path` from copy(write) (write(bytes) reserves as it goes), after check(tmp path)
-        passes; returns bytes written. `expected`: a size hint for the first reservation."""
+        passes; returns bytes written, or None when another process wrote `path` first (then copy is cut short).
+        `expected`: a size hint for the first reservation."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}")
         try:
@@ -332,11 +341,14 @@ class Cache:
                     nonlocal reserved, written
                     if written + len(b) > reserved:  # double, so a long body takes log(n) lock round trips
                         reserved = max(written + len(b), expected or 0, min(2 * reserved, self.cap))
-                        self.reserve(fh, reserved)
+                        self.reserve(fh, reserved, path)
                     fh.write(b)
                     written += len(b)
 
-                copy(write)
+                try:
+                    copy(write)
+                except AlreadyCached:
+                    return None
                 fh.truncate(written)
             if check:
                 check(tmp)
@@ -533,6 +545,9 @@ class Client:
         headers, length = {}, resp.getheader("Content-Length")
         try:
             size = self.cache.write(path, copy, int(length) if length and length.isdigit() else None, check)
+            if size is None:  # another process got there first; the rest of this body is not worth reading
+                self._drop()
+                return 0
         except _Transient:
             self._drop()
             raise
