@@ -5,14 +5,16 @@ Layouts accepted under `--data`:
                           SC/CT), except a folder holding only the single-frame slices of one series (legacy
                           layout), which is one volume. Files named *.dcm, *.dicom, *.ima or without a suffix.
   manifest.csv            a CSV with a `path` column (relative to the CSV); a path may also be a folder holding the
-                          single-frame legacy slices of ONE series (sorted by ImagePositionPatient z, then InstanceNumber).
+                          single-frame legacy slices of ONE series (sorted by ImagePositionPatient z, then
+                          InstanceNumber).
   synthetic               `synthetic_archive()`: phantoms written as real DICOM in the BCS-DBT layout:
       Breast-Cancer-Screening-DBT/<PatientID>/<exam>/<view>/1-1.dcm
       file-paths.csv  PatientID,StudyUID,View,descriptive_path,classic_path   (View: lcc, rcc, lmlo, rmlo)
       labels.csv      PatientID,StudyUID,View,Normal,Actionable,Benign,Cancer
       boxes.csv       PatientID,StudyUID,View,Subject,Slice,X,Y,Width,Height,Class,AD,VolumeSlices
       exams.csv       patient,exam,LCC,RCC,LMLO,RMLO,density,years_to_cancer,years_of_followup
-Boxes follow the official BCS-DBT convention: (X, Y) top-left, 0-based Slice, in the frame of `read_dbt(path, view=...)`.
+Boxes follow the official BCS-DBT convention: (X, Y) top-left, 0-based Slice, in the frame of
+`read_dbt(path, view=...)`.
 Intensities: stored -> rescale -> VOI (LINEAR, LINEAR_EXACT, SIGMOID) -> MONOCHROME1/INVERSE fix, in [0, 1].
 Orientation: with `view` the official BCS-DBT rule (180 deg rotation when the edge-sum side disagrees with the view);
 without it our canonical one: mirrored so the chest wall (the brighter edge) is on the image LEFT.
@@ -42,7 +44,7 @@ OPTIONAL_DECODER = {f"1.2.840.10008.1.2.4.{n}": pkg for pkg, ns in [("pylibjpeg-
 VIEW_CODES = {"399162004": "CC", "R-10242": "CC", "399368009": "MLO", "R-10226": "MLO", "R-102D2": "MLO",
               "399260004": "ML", "R-10224": "ML", "399352003": "LM", "R-10228": "LM", "399192003": "XCCL"}
 DICOM_SUFFIXES = {"", ".dcm", ".dicom", ".ima"}
-INDEX_VERSION = 2  # bump when the cached per-volume index changes meaning
+INDEX_VERSION = 3  # bump when the cached per-volume index changes meaning
 # Crop recipes: PretrainStream(src, global_size=..., local_size=..., **RECIPES[name]). Crop sizes are not here:
 # they live with the model and schedule in pretrain.PRESETS. MammoDINO's numbers are our proposal (data.md 4.2).
 RECIPES = {
@@ -90,6 +92,30 @@ def log(msg):
         print(msg, flush=True)
 
 
+def number(kind, lo=None, hi=None, lo_open=False):
+    """argparse type: `kind` (int or float) within [lo, hi] (lo excluded when lo_open); argparse names the flag.
+    number(int, 1) is a positive count, number(float, 0, lo_open=True) a positive rate, number(float, 0, 1) a
+    fraction."""
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        low_bad = lo is not None and (x <= lo if lo_open else x < lo)
+        if low_bad or (hi is not None and x > hi) or not math.isfinite(x):
+            rng = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+            raise argparse.ArgumentTypeError(f"{text} is outside {rng}")
+        return x
+    parse.__name__ = kind.__name__  # argparse shows "invalid int value" style names
+    return parse
+
+
+def one_line_errors(parser):
+    """A bad flag prints one line naming it (not argparse's whole usage block) and exits with 2."""
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")
+    return parser
+
+
 def seed_everything(seed, rank=0):
     # + rank so that ranks draw different augmentations (spec style.md 2.6)
     random.seed(seed + rank)
@@ -103,7 +129,8 @@ def _first(v):
 
 
 def _fg(ds, i, macro, key):
-    """Top level, then Shared FG, then Per-frame FG item i: the most specific value wins (pydicom looks only at the top)."""
+    """Top level, then Shared FG, then Per-frame FG item i: the most specific value wins (pydicom looks only at
+    the top level)."""
     value = ds.get(key)
     for seq, j in (("SharedFunctionalGroupsSequence", 0), ("PerFrameFunctionalGroupsSequence", i)):
         groups = ds.get(seq) or []
@@ -128,7 +155,7 @@ def _frame_voi(ds, i):
     return [float(1 if slope is None else slope), float(icpt or 0), c, w, str(_first(fn or "LINEAR")).upper()]
 
 
-def index_volume(path):
+def _parse_headers(path):
     """Parse the header(s) once: everything needed to read and display any slice, as a JSON-able dict."""
     path = Path(path)
     if path.is_dir():  # legacy layout: one file per slice, one series
@@ -163,11 +190,14 @@ def index_volume(path):
     return dict(path=str(path), frames=frames, voi=voi, n_frames=len(frames), rows=int(ds.Rows),
                 cols=int(ds.Columns), bits_stored=int(ds.get("BitsStored") or ds.BitsAllocated),
                 signed=int(ds.get("PixelRepresentation") or 0),
-                invert=ds.get("PhotometricInterpretation") == "MONOCHROME1" or ds.get("PresentationLUTShape") == "INVERSE",
-                laterality=str(lat) if lat else None, view=view or (str(ds.ViewPosition) if ds.get("ViewPosition") else None),
+                invert=(ds.get("PhotometricInterpretation") == "MONOCHROME1"
+                        or ds.get("PresentationLUTShape") == "INVERSE"),
+                laterality=str(lat) if lat else None,
+                view=view or (str(ds.ViewPosition) if ds.get("ViewPosition") else None),
                 pixel_spacing=[float(v) for v in spacing] if spacing else None,
                 sop_class=str(ds.get("SOPClassUID")), transfer_syntax=ts,
-                # multi-frame objects keep their stored order (BCS-DBT Slice indices refer to it); legacy files sort by z
+                # multi-frame objects keep their stored order (BCS-DBT Slice indices refer to it);
+                # legacy files sort by z
                 slice_order="stored" if not path.is_dir() else "z")
 
 
@@ -179,7 +209,8 @@ def apply_voi(x, slope, icpt, c, w, fn, bits_stored=16, signed=0):
     if c is None:
         lo = -(2 ** (bits_stored - 1)) if signed else 0
         lo, hi = sorted((lo * slope + icpt, (lo + 2 ** bits_stored - 1) * slope + icpt))
-        c, w, fn = (lo + hi) / 2, max(hi - lo, 1e-12), "LINEAR_EXACT"
+        c, w = (lo + hi) / 2, max(hi - lo, 1e-12)
+        fn = "LINEAR_EXACT"
     if fn == "SIGMOID":
         x -= c
         x *= -4 / w
@@ -194,23 +225,32 @@ def apply_voi(x, slope, icpt, c, w, fn, bits_stored=16, signed=0):
     return np.clip(x, 0, 1, out=x)
 
 
+def _decode(meta, s):
+    """Stored pixels of output slice s, decoded alone: a path source lets pydicom seek to one frame (spec 1.6)."""
+    file, index = meta["frames"][s]
+    try:
+        stored = pixel_array(file, index=index)
+    except Exception as e:
+        raise ValueError(f"{file}: cannot decode frame {s} ({UID(meta['transfer_syntax']).name}): "
+                         f"{type(e).__name__}: {e}") from None
+    if stored.shape != (meta["rows"], meta["cols"]):
+        raise ValueError(f"{file}: frame {s} has shape {stored.shape}, header says {(meta['rows'], meta['cols'])}")
+    return stored
+
+
+def _display(meta, stored, s):
+    """Stored -> displayed float32 (H, W) in [0, 1]: rescale and VOI of slice s, then the MONOCHROME1 inversion."""
+    out = apply_voi(stored, *meta["voi"][s], meta["bits_stored"], meta["signed"])
+    if meta["invert"]:  # MONOCHROME1 is inverted after VOI
+        np.subtract(1, out, out=out)
+    return out
+
+
 def read_slices(meta, frames):
     """Decode only `frames` (output slice indices) and display them: float32 (len(frames), H, W) in [0, 1]."""
     out = np.empty((len(frames), meta["rows"], meta["cols"]), np.float32)  # (S, H, W)
     for k, s in enumerate(frames):
-        file, index = meta["frames"][s]
-        try:  # a path source lets pydicom seek to one frame instead of loading all PixelData (spec 1.6)
-            stored = pixel_array(file, index=index)
-        except Exception as e:
-            raise ValueError(f"{file}: cannot decode frame {s} ({UID(meta['transfer_syntax']).name}): "
-                             f"{type(e).__name__}: {e}") from None
-        if stored.shape != out.shape[1:]:
-            raise ValueError(f"{file}: frame {s} has shape {stored.shape}, header says {out.shape[1:]}")
-        if k == 0:  # the official BCS-DBT side guess sums stored pixels, before any window clips them
-            meta["stored_side"] = edge_side(stored)
-        out[k] = apply_voi(stored, *meta["voi"][s], meta["bits_stored"], meta["signed"])
-        if meta["invert"]:  # MONOCHROME1 is inverted after VOI
-            np.subtract(1, out[k], out=out[k])
+        out[k] = _display(meta, _decode(meta, s), s)
     return out
 
 
@@ -219,24 +259,46 @@ def edge_side(image):
     return "R" if image[:, 0].sum() < image[:, -1].sum() else "L"
 
 
-def read_dbt(path, frames=None, view=None):
+def _orient(meta):
+    """The one orientation decision of a volume, made from its central slice and recorded in the index, so every
+    reader (read_dbt, the pretraining stream, the probes) applies the same one to every slice:
+      side  the official BCS-DBT edge-sum guess of the chest-wall side: on stored pixels, before any window clips
+            them, as the official reader sums its MONOCHROME2 data (on displayed pixels for MONOCHROME1, where
+            stored sums point the other way). read_dbt(view=...) rotates 180 deg when it disagrees with the view.
+      flip  our canonical mirror: the displayed chest wall is on the right.
+    (The official reader decides from the frame it reads; the breast outline barely changes with depth.)
+    Returns the displayed central slice (H, W), for the tissue mask."""
+    s = meta["n_frames"] // 2
+    stored = _decode(meta, s)
+    shown = _display(meta, stored, s)
+    meta["side"] = edge_side(shown if meta["invert"] else stored)
+    meta["flip"] = edge_side(shown) == "R"
+    return shown
+
+
+def index_volume(path):
+    """Headers parsed once, plus the volume's orientation decision (`side`, `flip`): a JSON-able dict."""
+    meta = _parse_headers(path)
+    _orient(meta)
+    return meta
+
+
+def read_dbt(path, frames=None, view=None, meta=None):
     """Read a DBT volume (or only `frames`) -> (float32 (S, H, W) in [0, 1], meta).
 
-    view (e.g. "lcc"): the official BCS-DBT orientation, a 180 deg rotation when the edge-sum side of the first
-    requested slice's stored pixels disagrees with view[0] (displayed pixels for MONOCHROME1). view None:
-    canonical orientation, mirrored so the chest wall is on the left."""
-    meta = index_volume(path)
+    view (e.g. "lcc"): the official BCS-DBT orientation, a 180 deg rotation when the volume's `side` disagrees with
+    view[0]. view None: canonical orientation, mirrored so the chest wall is on the left. `meta` from
+    index_volume(path) (or the cached volume_index) saves parsing the headers again."""
+    meta = dict(meta) if meta is not None else index_volume(path)
     frames = list(range(meta["n_frames"])) if frames is None else [int(f) for f in frames]
     if any(not 0 <= f < meta["n_frames"] for f in frames):
         raise ValueError(f"{path}: frames {frames} out of range 0..{meta['n_frames'] - 1}")
     vol = read_slices(meta, frames)
-    side = edge_side(vol[0])
-    if view is not None:  # BCS-DBT is MONOCHROME2; for MONOCHROME1 the stored rule would point the wrong way
-        side = side if meta["invert"] else meta["stored_side"]
-        meta["rotated"] = side != view[0].upper()
+    if view is not None:
+        meta["rotated"] = meta["side"] != view[0].upper()
         vol = vol[:, ::-1, ::-1] if meta["rotated"] else vol
     else:
-        meta["mirrored"] = side == "R"
+        meta["mirrored"] = meta["flip"]
         vol = vol[:, :, ::-1] if meta["mirrored"] else vol
     return np.ascontiguousarray(vol), meta
 
@@ -292,7 +354,8 @@ def _clip_hist(hist, clim):
 
 
 def otsu_threshold(image, nbins=256):
-    """Otsu with skimage.filters.threshold_otsu semantics for float images: the bin centre maximising between-class variance."""
+    """Otsu with skimage.filters.threshold_otsu semantics for float images: the bin centre maximising the
+    between-class variance."""
     x = np.asarray(image, np.float64).ravel()
     if x.min() == x.max():
         return float(x.min())
@@ -325,7 +388,9 @@ def make_phantom(shape=(24, 256, 192), glandular=0.25, mlo=False, lesions=(), be
     z = np.linspace(-1, 1, S)[:, None, None] if S > 1 else np.zeros((1, 1, 1))
     y, x = np.linspace(0, 1, H)[None, :, None], np.linspace(0, 1, W)[None, None, :]
     shrink = np.sqrt(1 - 0.3 * z ** 2)  # compressed breasts are thinner at the top and bottom slices
-    a, b, y0 = rng.uniform(0.5, 0.7) * shrink, rng.uniform(0.3, 0.4) * shrink, rng.uniform(0.45, 0.55)
+    a = rng.uniform(0.5, 0.7) * shrink  # half-axes (S, 1, 1), drawn in this order: a, b, then the centre y0
+    b = rng.uniform(0.3, 0.4) * shrink
+    y0 = rng.uniform(0.45, 0.55)
     r = np.sqrt((x / a) ** 2 + ((y - y0) / b) ** 2)  # (S, H, W) 1 on the skin line
     breast = r <= 1
     freqs = [np.fft.fftfreq(n) for n in shape[:-1]] + [np.fft.rfftfreq(shape[-1])]
@@ -343,22 +408,26 @@ def make_phantom(shape=(24, 256, 192), glandular=0.25, mlo=False, lesions=(), be
         vol[breast & (u <= 1 + 0.15 * np.sin(np.pi * np.clip(x / pw, 0, 1)))] = 0.65
     boxes, scale = [], H / 256
     Z, Y, X = np.ogrid[:S, :H, :W]
-    inner = np.argwhere(breast & (r < 0.6) & (np.abs(z) < 0.5))  # lesion centres: central slices, not the skin
+    central = np.abs(z) <= max(0.5, np.abs(z).min())  # central slices (the middle one of a very thin volume)
+    inner = np.argwhere(breast & (r < 0.6) & central)  # lesion centres: central slices, not the skin
     for cls in lesions:
         cz, cy, cx = inner[rng.integers(len(inner))]
         if cls == "cancer":  # ellipsoid mass with a smooth (erfc) margin
             rr, rz = rng.uniform(6, 14) * scale, rng.uniform(2, 4)
             d = np.sqrt(((X - cx) / rr) ** 2 + ((Y - cy) / rr) ** 2 + ((Z - cz) / rz) ** 2)
             vol += 0.12 * 0.5 * erfc((d - 1) * 3)
-            x0, y0_, x1, y1 = cx - rr, cy - rr, cx + rr, cy + rr
+            x0, y0_ = cx - rr, cy - rr  # top-left and bottom-right corners
+            x1, y1 = cx + rr, cy + rr
         else:  # calcification cluster: bright specks, each sharp in only 1-2 slices
             n = rng.integers(5, 16)
             sy, sx = (np.clip(rng.normal([cy, cx], 6 * scale, (n, 2)), 0, [H - 1, W - 1])).astype(int).T
             for dz in (0, 1):
                 vol[np.clip(cz + dz, 0, S - 1), sy, sx] += 0.4 * (1 - 0.5 * dz)
-            x0, y0_, x1, y1 = sx.min() - 2, sy.min() - 2, sx.max() + 3, sy.max() + 3
+            x0, y0_ = sx.min() - 2, sy.min() - 2
+            x1, y1 = sx.max() + 3, sy.max() + 3
         x0, y0_ = max(int(x0), 0), max(int(y0_), 0)
-        boxes.append(dict(Class=cls, Slice=int(cz), X=x0, Y=y0_, Width=int(min(x1, W) - x0), Height=int(min(y1, H) - y0_)))
+        boxes.append(dict(Class=cls, Slice=int(cz), X=x0, Y=y0_, Width=int(min(x1, W) - x0),
+                          Height=int(min(y1, H) - y0_)))
     vol = vol + rng.standard_normal(shape) * 0.01 * np.sqrt(np.clip(vol, 0, None))  # quantum noise ~ sqrt(signal)
     return np.where(breast, np.clip(vol, 0, 1), 0).astype(np.float32), boxes
 
@@ -384,13 +453,16 @@ def write_bto(path, stored, laterality="L", view="CC", encoding="native", voi_fu
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.StudyInstanceUID = study_uid or generate_uid()
     ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid()
-    ds.PatientID, ds.Modality, ds.ImageType = patient_id, "MG", ["DERIVED", "PRIMARY", "TOMOSYNTHESIS", "NONE"]
+    ds.PatientID, ds.Modality = patient_id, "MG"
+    ds.ImageType = ["DERIVED", "PRIMARY", "TOMOSYNTHESIS", "NONE"]
     ds.PatientOrientation = {"LCC": "A\\R", "RCC": "P\\L", "LMLO": "A\\FR", "RMLO": "P\\FL"}[laterality + view]
     code = {"CC": ("399162004", "cranio-caudal"), "MLO": ("399368009", "medio-lateral oblique")}[view]
     ds.ViewCodeSequence = [_item(CodeValue=code[0], CodingSchemeDesignator="SCT", CodeMeaning=code[1])]
-    ds.Rows, ds.Columns, ds.NumberOfFrames, ds.SamplesPerPixel = H, W, S, 1
+    ds.Rows, ds.Columns = H, W
+    ds.NumberOfFrames, ds.SamplesPerPixel = S, 1
     ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
+    ds.BitsAllocated, ds.BitsStored = 16, bits_stored
+    ds.HighBit, ds.PixelRepresentation = bits_stored - 1, 0
     ds.SharedFunctionalGroupsSequence = [_item(  # pydicom's own VOI helpers never look in here: read_dbt must
         PixelMeasuresSequence=[_item(PixelSpacing=[spacing, spacing], SliceThickness=1.0)],
         FrameVOILUTSequence=[_item(WindowCenter=c, WindowWidth=w, VOILUTFunction=voi_function)],
@@ -438,7 +510,8 @@ def write_phantom_dicom(path, shape=(60, 2457, 1996), encoding="native", seed=0,
 def write_archive(root, patients=8, seed=0, shape=(24, 256, 192)):
     """A small BCS-DBT-like archive: 4 BTO views per exam, BCS-DBT CSVs, exams.csv for density/risk probes."""
     root, rng = Path(root), np.random.default_rng(seed)
-    paths, labels, boxes, exams = [], [], [], []
+    paths, labels = [], []  # rows of file-paths.csv, labels.csv,
+    boxes, exams = [], []  # boxes.csv and exams.csv
     # cycle encodings and display conventions so every exam exercises the whole reading path
     # (mostly compressed: native views cost 2.4 MB each at the default size)
     variants = [("native", "LINEAR", False), ("j2k", "SIGMOID", False), ("j2k", "LINEAR", True),
@@ -454,7 +527,8 @@ def write_archive(root, patients=8, seed=0, shape=(24, 256, 192)):
         side = "LR"[rng.integers(2)]
         exam = dict(patient=pid, exam=study)
         for k, view in enumerate(("LCC", "RCC", "LMLO", "RMLO")):
-            lesions = (["cancer"] if onset < 1 and view[0] == side else []) + (["benign"] if rng.random() < 0.15 else [])
+            cancer = ["cancer"] if onset < 1 and view[0] == side else []
+            lesions = cancer + (["benign"] if rng.random() < 0.15 else [])
             g = [0.1, 0.25, 0.5, 0.75][density] * rng.uniform(0.8, 1.25)
             vol, bxs = make_phantom(shape, g, view.endswith("MLO"), lesions, beta=3 + 0.3 * risk,
                                     seed=int(rng.integers(2 ** 31)))
@@ -553,16 +627,15 @@ def _legacy_series(files):
 
 
 def volume_index(path, cache_dir):
-    """index_volume + canonical flip + tissue mask of the central slice; cached on disk (atomic npz)."""
+    """index_volume + the tissue mask of the (canonically flipped) central slice; cached on disk (atomic npz)."""
     st = os.stat(path)
     key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{INDEX_VERSION}".encode()).hexdigest()
     file = Path(cache_dir) / key[:2] / f"{key}.npz"
     if file.exists():
         with np.load(file) as z:
             return json.loads(str(z["meta"])), z["mask"]
-    meta = index_volume(path)
-    mid = read_slices(meta, [meta["n_frames"] // 2])[0]  # (H, W); the breast outline barely changes with depth
-    meta["flip"] = edge_side(mid) == "R"
+    meta = _parse_headers(path)
+    mid = _orient(meta)  # (H, W) displayed central slice; the breast outline barely changes with depth
     mid = mid[:, ::-1] if meta["flip"] else mid
     meta["mask_stride"] = max(1, math.ceil(max(mid.shape) / 256))  # a <= 256 px mask is plenty for crop decisions
     mask = tissue_mask(mid[::meta["mask_stride"], ::meta["mask_stride"]])
@@ -584,12 +657,16 @@ class PretrainStream(torch.utils.data.IterableDataset):
                  global_scale=(0.32, 1.0), local_scale=(0.05, 0.32), tissue_aware=False, min_tissue_global=0.5,
                  min_tissue_local=0.3, adjacent_k=0, seed=0, cache_dir=None, slices_per_volume=4, shuffle_buffer=16):
         self.paths = scan(source)
-        self.patch_size, self.global_size, self.local_size, self.n_local = patch_size, global_size, local_size, n_local
-        self.global_scale, self.local_scale, self.tissue_aware = global_scale, local_scale, tissue_aware
-        self.min_tissue_global, self.min_tissue_local, self.adjacent_k = min_tissue_global, min_tissue_local, adjacent_k
-        self.seed, self.slices_per_volume, self.shuffle_buffer = seed, slices_per_volume, shuffle_buffer
+        self.patch_size, self.n_local = patch_size, n_local
+        self.global_size, self.local_size = global_size, local_size
+        self.global_scale, self.local_scale = global_scale, local_scale
+        self.tissue_aware, self.adjacent_k = tissue_aware, adjacent_k
+        self.min_tissue_global, self.min_tissue_local = min_tissue_global, min_tissue_local
+        self.seed, self.slices_per_volume = seed, slices_per_volume
+        self.shuffle_buffer = shuffle_buffer
         self.cache_dir = Path(cache_dir) if cache_dir else cache_base() / "index"
-        self.epoch, self.skipped = 0, {}  # skipped: path -> reason, each logged once
+        self.epoch = 0
+        self.skipped, self._reported = {}, set()  # skipped: path -> reason, each logged once
         if not any(self._index(p) is not None for p in self.paths):  # stops at the first readable volume
             reasons = "; ".join(list(self.skipped.values())[:3])
             raise ValueError(f"{source}: no readable DICOM among {len(self.paths)} files. {reasons}")
@@ -603,8 +680,16 @@ class PretrainStream(torch.utils.data.IterableDataset):
 
     def _skip(self, path, reason):
         if path not in self.skipped:
-            self.skipped[path] = str(reason)
-            print(f"data: skipping {path}: {reason}", file=sys.stderr)
+            reason = str(reason) if str(path) in str(reason) else f"{path}: {reason}"  # a reason names its file
+            self.skipped[path] = reason
+            print(f"data: skipping {reason}", file=sys.stderr)
+
+    def _unreported(self):
+        """Skips this process has not yet passed on: they ride with the next item to the main process (SkipCounter),
+        since loader workers are separate processes."""
+        new = {p: r for p, r in self.skipped.items() if p not in self._reported}
+        self._reported.update(new)
+        return new
 
     def _index(self, path):
         try:
@@ -613,7 +698,8 @@ class PretrainStream(torch.utils.data.IterableDataset):
             self._skip(path, e)
 
     def shard(self, epoch, rank=0, world=1, worker=0, workers=1):
-        """Volume indices for one (rank, worker): a strided slice of a (seed, epoch) permutation, wrapped so all get as many."""
+        """Volume indices for one (rank, worker): a strided slice of a (seed, epoch) permutation, wrapped so that
+        all get as many."""
         n, total = len(self.paths), world * workers
         perm = np.random.default_rng([self.seed, epoch]).permutation(n)  # identical on every rank: no communication
         g = rank * workers + worker
@@ -638,7 +724,8 @@ class PretrainStream(torch.utils.data.IterableDataset):
                     produced += 1
                     buffer.append(item)  # mixes slices of consecutive volumes so a batch is not one breast
                     if len(buffer) > self.shuffle_buffer:
-                        yield buffer.pop(int(rng.integers(len(buffer))))
+                        item = buffer.pop(int(rng.integers(len(buffer))))
+                        yield dict(item, skipped=self._unreported())  # skips so far travel with the next item out
             if not produced:
                 raise ValueError(f"rank {rank} worker {worker}: no readable volume in its shard "
                                  f"({self.n_skipped} files skipped)")
@@ -652,7 +739,8 @@ class PretrainStream(torch.utils.data.IterableDataset):
         boxes = [self._box(rng, img.shape, self.global_scale, mask, stride, self.min_tissue_global) for _ in range(2)]
         flips = [bool(f) for f in rng.random(2) < 0.5]
 
-        def global_views(x):  # DINOv2 as released: blur never on global 1, 0.9 on global 2 + solarize 0.2 (dinov2.md 1f)
+        # DINOv2 as released: blur never on global 1, 0.9 on global 2 + solarize 0.2 (dinov2.md 1f)
+        def global_views(x):
             return torch.stack([self._photo(self._crop(x, b, f, self.global_size), rng, *p)
                                 for b, f, p in zip(boxes, flips, [(0.0, 0.0), (0.9, 0.2)])])  # (2, 3, G, G)
 
@@ -775,7 +863,8 @@ class MaskingGenerator:
 
 
 def tissue_masks(tissue, counts, eps=0.05):
-    """Tissue-prioritised iBOT masks: per image, counts[i] patches without replacement, weight eps + p (Gumbel top-k)."""
+    """Tissue-prioritised iBOT masks: per image, counts[i] patches without replacement, weight eps + p
+    (Gumbel top-k)."""
     masks = torch.zeros(tissue.shape, dtype=torch.bool)  # (B, N)
     keys = (tissue + eps).log() - torch.log(-torch.log(torch.rand(tissue.shape).clamp_min(1e-20)))
     for i, k in enumerate(counts):
@@ -789,11 +878,13 @@ def collate_pretrain(samples, *, patch_size=14, mask_probability=0.5, mask_ratio
     def crop_major(key):
         return torch.stack([s[key][i] for i in range(len(samples[0][key])) for s in samples])
 
-    out = {"global": crop_major("global_crops"),  # (2B, 3, G, G)
+    out = {"skipped": {p: r for s in samples for p, r in s.get("skipped", {}).items()},  # path -> reason
+           "global": crop_major("global_crops"),  # (2B, 3, G, G)
            "local": crop_major("local_crops"),  # (n_local*B, 3, L, L)
            "adjacent": crop_major("adjacent") if "adjacent" in samples[0] else None}  # (2B, 3, G, G)
     B, G = len(samples), out["global"].shape[-1]
-    n, N, n_masked = G // patch_size, (G // patch_size) ** 2, int(2 * B * mask_probability)
+    n = G // patch_size  # patch grid side
+    N, n_masked = n * n, int(2 * B * mask_probability)
     probs = np.linspace(*mask_ratio, n_masked + 1)
 
     def size(i):  # image i masks a ratio in [probs[i], probs[i+1])
@@ -804,7 +895,8 @@ def collate_pretrain(samples, *, patch_size=14, mask_probability=0.5, mask_ratio
         random.shuffle(counts)
         masks = tissue_masks(crop_major("global_tissue").flatten(1), counts)  # (2B, N)
     else:  # each size drawn right before its blocks, so one seed gives the reference's masks exactly
-        gen = MaskingGenerator((n, n), max_num_patches=0.5 * G // patch_size * G // patch_size)  # reference's float chain
+        # max_num_patches as the reference's float chain computes it
+        gen = MaskingGenerator((n, n), max_num_patches=0.5 * G // patch_size * G // patch_size)
         masks = [torch.from_numpy(gen(size(i)).ravel()) for i in range(n_masked)]
         masks += [torch.zeros(N, dtype=torch.bool)] * (2 * B - n_masked)
         random.shuffle(masks)
@@ -829,17 +921,53 @@ def make_loader(dataset, batch_size, workers, collate_fn, seed):
                                        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
 
 
+class SkipCounter:
+    """Unreadable volumes over the main process, its loader workers (their skips arrive in batch["skipped"]) and all
+    ranks (gathered when asked, so every rank must ask at the same steps)."""
+
+    def __init__(self, stream):
+        self.stream, self.local = stream, {}
+
+    def add(self, skipped):
+        self.local.update(skipped)
+
+    def gathered(self):
+        merged = dict(self.stream.skipped, **self.local)  # the main process's own skips (it indexes at start)
+        if rank_world()[1] > 1:
+            parts = [None] * rank_world()[1]
+            torch.distributed.all_gather_object(parts, merged)
+            merged = {p: r for part in parts for p, r in part.items()}
+        return merged
+
+    def total(self):
+        return len(self.gathered())
+
+    def summary(self, first=3):
+        skipped = self.gathered()
+        lines = [f"data: {len(skipped)} of {len(self.stream.paths)} volumes skipped as unreadable"]
+        lines += [f"  {r}" for r in list(skipped.values())[:first]]
+        return "\n".join(lines + (["  ..."] if len(skipped) > first else []))
+
+    def check(self, max_fraction):
+        """Stop (one ValueError on every rank) when more than max_fraction of the volumes proved unreadable."""
+        skipped, n = self.gathered(), len(self.stream.paths)
+        if len(skipped) > max_fraction * n:
+            raise ValueError(f"{len(skipped)} of {n} volumes are unreadable, more than --max-skip-fraction "
+                             f"{max_fraction:g}; the first: {next(iter(skipped.values()))}")
+
+
 def density_eval_set(root, size=112, max_exams=None):
     """Central slice of every view of the first `max_exams` exams in exams.csv, canonical orientation, resized
     -> images, density 0..3, patient groups."""
     root = Path(root)
     with open(root / "exams.csv", newline="") as fh:
         exams = list(csv.DictReader(fh))[:max_exams]
-    images, labels, groups, patients = [], [], [], {}
+    images, labels = [], []
+    groups, patients = [], {}  # patient index per image; patient id -> index
     for e in exams:
         for col in ("LCC", "RCC", "LMLO", "RMLO"):
-            meta = index_volume(root / e[col])
-            x, _ = read_dbt(root / e[col], frames=[meta["n_frames"] // 2])
+            meta = index_volume(root / e[col])  # one header parse per view
+            x, _ = read_dbt(root / e[col], frames=[meta["n_frames"] // 2], meta=meta)
             x = F.interpolate(torch.from_numpy(x)[None], size=(size, size), mode="bilinear", antialias=True)
             images.append(x[0].clamp(0, 1).expand(3, -1, -1))  # (3, size, size)
             labels.append("abcd".index(e["density"]))
@@ -850,18 +978,34 @@ def density_eval_set(root, size=112, max_exams=None):
 # ----------------------------------------------------------------------------- CLI
 def get_args(argv=None):
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=fmt)
+    p = one_line_errors(argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=fmt))
     p.add_argument("command", nargs="?", default="synth", choices=["synth"], help="synth: write a phantom DBT archive")
-    p.add_argument("--out", default="cache/synthetic", help="output folder (must not exist or be empty)")
-    p.add_argument("--patients", type=int, default=8, help="patients (one exam of four views each)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--slices", type=int, default=24, help="slices per volume")
-    p.add_argument("--height", type=int, default=256, help="rows per slice")
-    p.add_argument("--width", type=int, default=192, help="columns per slice")
+    p.add_argument("--out", default=str(cache_base() / "synthetic"),
+                   help="output folder: new, empty, or an archive this command wrote (then it is reused)")
+    p.add_argument("--patients", type=number(int, 1, 100000), default=8, help="patients (one exam of four views)")
+    p.add_argument("--seed", type=number(int, 0), default=0, help="random seed")
+    p.add_argument("--slices", type=number(int, 1, 1000), default=24, help="slices per volume")
+    p.add_argument("--height", type=number(int, 16, 8192), default=256, help="rows per slice")
+    p.add_argument("--width", type=number(int, 16, 8192), default=192, help="columns per slice")
     return p.parse_args(argv)
 
 
+def synth_command(args):
+    """`data.py synth`: write an archive, or reuse the one already there and say how large it really is."""
+    out = Path(args.out)
+    if (out / "exams.csv").exists():
+        with open(out / "exams.csv", newline="") as fh:
+            n = sum(1 for _ in csv.DictReader(fh))
+        asked = "" if n == args.patients else f"; {args.patients} were asked for: remove the folder to rewrite it"
+        return f"reused {out}: {4 * n} volumes of {n} patients{asked}"
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out}: exists and is not an archive written by data.py synth; choose another --out")
+    root = synthetic_archive(out, args.patients, args.seed, (args.slices, args.height, args.width))
+    return f"wrote {root}: {4 * args.patients} volumes of {args.patients} patients"
+
+
 if __name__ == "__main__":
-    args = get_args()
-    root = synthetic_archive(args.out, args.patients, args.seed, (args.slices, args.height, args.width))
-    print(f"wrote {root}: {args.patients * 4} volumes")
+    try:
+        print(synth_command(get_args()))
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")

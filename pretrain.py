@@ -28,10 +28,8 @@ backbone.pth (teacher backbone with hub keys: model.load_pretrained and the offi
 import argparse
 import copy
 import functools
-import json
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -63,52 +61,85 @@ PRESETS = {
 PRESETS["mammodino"] = dict(PRESETS["dbt-dino"], recipe="mammodino", global_size=224, local_size=98)
 
 
+MODELS = sorted(list(model.PRESETS) + [m + "_reg" for m in model.PRESETS if m != "tiny"])
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model + data recipe + schedule")
-    p.add_argument("--data", default="synthetic", help="DICOM archive root, or 'synthetic' (phantoms from data.py)")
+    # the preset decides the defaults of the flags below, so read it first: --help then shows the real values
+    pre = data.one_line_errors(argparse.ArgumentParser(add_help=False))
+    pre.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    d = PRESETS[pre.parse_known_args(argv)[0].preset]
+    p = data.one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    count, positive, weight = data.number(int, 1), data.number(float, 0, lo_open=True), data.number(float, 0)
+    steps = data.number(int, 0)  # iterations of a schedule phase; 0 = none
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model + data recipe + schedule: "
+                   "sets the defaults shown below (e.g. --preset dbt-dino --help)")
+    p.add_argument("--data", default="synthetic", help="DICOM archive root, a .csv manifest, or 'synthetic' "
+                   "(phantoms from data.py, under $DBT_DINO_CACHE)")
     p.add_argument("--out", default=time.strftime("runs/pretrain-%Y%m%d-%H%M%S"), help="run folder")
-    p.add_argument("--resume", default="", help="'' (fresh), 'auto' (<out>/ckpt.pt if present) or a ckpt path")
+    p.add_argument("--resume", default="", help="'' (fresh), 'auto' (<out>/ckpt.pt if present) or a ckpt.pt path")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that already holds a run")
     p.add_argument("--init", default="", help="start the backbone from this DINOv2/DBT-DINO/our checkpoint")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    p.add_argument("--seed", type=int, default=0, help="base seed; rank r uses seed + r")
-    p.add_argument("--model", help="model.build name: tiny, vits14, vitb14, vitl14, vitg14 (+ _reg)")
-    p.add_argument("--recipe", help="crop recipe (scales, tissue-aware crops, adjacent slices): data.RECIPES key")
-    p.add_argument("--global-size", type=int, help="global crop side in pixels (2 per image)")
-    p.add_argument("--local-size", type=int, help="local crop side in pixels (8 per image)")
-    p.add_argument("--batch-size", type=int, help="images per process (global batch = this x world size)")
-    p.add_argument("--steps", type=int, help="total iterations")
-    p.add_argument("--lr", type=float, help="base LR, scaled by sqrt(global batch / 1024)")
-    p.add_argument("--warmup", type=int, help="linear LR warmup iterations")
-    p.add_argument("--wd", type=float, default=0.04, help="weight decay at step 0 (cosine to --wd-end)")
-    p.add_argument("--wd-end", type=float, default=0.2, help="final weight decay")
-    p.add_argument("--momentum", type=float, default=0.992, help="teacher EMA momentum at step 0 (cosine to 1)")
-    p.add_argument("--teacher-temp-warmup", type=int, help="iterations of linear teacher temp 0.04 -> 0.07")
-    p.add_argument("--freeze-last-layer", type=int, help="iterations with the prototype layer frozen")
-    p.add_argument("--layer-decay", type=float, default=0.9, help="layer-wise LR decay (1 = none)")
-    p.add_argument("--drop-path", type=float, help="student stochastic depth rate (teacher has none)")
-    p.add_argument("--prototypes", type=int, help="K, DINO/iBOT head output size")
-    p.add_argument("--head-hidden", type=int, help="head MLP hidden width")
-    p.add_argument("--head-bottleneck", type=int, help="head bottleneck width (L2-normalised)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
+    p.add_argument("--seed", type=data.number(int, 0), default=0, help="base seed; rank r uses seed + r")
+    p.add_argument("--model", default=d["model"], choices=MODELS, help="model.build architecture")
+    p.add_argument("--recipe", default=d["recipe"], choices=sorted(data.RECIPES),
+                   help="crop recipe (scales, tissue-aware crops, adjacent slices): data.RECIPES")
+    p.add_argument("--global-size", type=count, default=d["global_size"], help="global crop side, px (2 per image)")
+    p.add_argument("--local-size", type=count, default=d["local_size"], help="local crop side, px (8 per image)")
+    p.add_argument("--batch-size", type=count, default=d["batch_size"],
+                   help="images per process (global batch = this x world size)")
+    p.add_argument("--steps", type=count, default=d["steps"], help="total iterations")
+    p.add_argument("--lr", type=positive, default=d["lr"], help="base LR, scaled by sqrt(global batch / 1024)")
+    p.add_argument("--warmup", type=steps, default=d["warmup"], help="linear LR warmup iterations")
+    p.add_argument("--wd", type=weight, default=0.04, help="weight decay at step 0 (cosine to --wd-end)")
+    p.add_argument("--wd-end", type=weight, default=0.2, help="final weight decay")
+    p.add_argument("--momentum", type=data.number(float, 0, 1), default=0.992,
+                   help="teacher EMA momentum at step 0 (cosine to 1)")
+    p.add_argument("--teacher-temp-warmup", type=steps, default=d["teacher_temp_warmup"],
+                   help="iterations of linear teacher temp 0.04 -> 0.07")
+    p.add_argument("--freeze-last-layer", type=steps, default=d["freeze_last_layer"],
+                   help="iterations with the prototype layer frozen")
+    p.add_argument("--layer-decay", type=data.number(float, 0, 1, lo_open=True), default=0.9,
+                   help="layer-wise LR decay (1 = none)")
+    p.add_argument("--drop-path", type=data.number(float, 0, 0.99), default=d["drop_path"],
+                   help="student stochastic depth rate (teacher has none)")
+    p.add_argument("--prototypes", type=count, default=d["prototypes"], help="K, DINO/iBOT head output size")
+    p.add_argument("--head-hidden", type=count, default=d["head_hidden"], help="head MLP hidden width")
+    p.add_argument("--head-bottleneck", type=count, default=d["head_bottleneck"],
+                   help="head bottleneck width (L2-normalised)")
     p.add_argument("--separate-ibot-head", action="store_true", help="own head for patches (vitl/g recipe)")
-    p.add_argument("--centering", choices=["centering", "sinkhorn"],
+    p.add_argument("--centering", default=d["centering"], choices=["centering", "sinkhorn"],
                    help="teacher normalisation: EMA center + softmax, or Sinkhorn-Knopp")
-    p.add_argument("--koleo-weight", type=float, default=0.1, help="KoLeo loss weight (0 = off)")
-    p.add_argument("--ibot-weight", type=float, default=1.0, help="iBOT loss weight (0 = off)")
-    p.add_argument("--adjacent-weight", type=float, default=0.5,
+    p.add_argument("--koleo-weight", type=weight, default=0.1, help="KoLeo loss weight (0 = off)")
+    p.add_argument("--ibot-weight", type=weight, default=1.0, help="iBOT loss weight (0 = off)")
+    p.add_argument("--adjacent-weight", type=weight, default=0.5,
                    help="lambda of the adjacent-slice loss (used when the recipe loads adjacent slices)")
-    p.add_argument("--log-every", type=int, help="progress line + metrics.jsonl every N steps")
-    p.add_argument("--eval-every", type=int, help="quick density probe every N steps (0 = never)")
-    p.add_argument("--eval-exams", type=int, default=100, help="exams (4 views each) in the quick density probe")
-    p.add_argument("--save-every", type=int, help="ckpt.pt every N steps (also the data stream reseed point)")
-    p.add_argument("--workers", type=int, help="data loader processes per rank")
+    p.add_argument("--log-every", type=count, default=d["log_every"], help="progress line + metrics.jsonl every N")
+    p.add_argument("--eval-every", type=steps, default=d["eval_every"],
+                   help="quick density probe every N steps (0 = never)")
+    p.add_argument("--eval-exams", type=count, default=100, help="exams (4 views each) in the quick density probe")
+    p.add_argument("--save-every", type=count, default=d["save_every"],
+                   help="ckpt.pt every N steps (also the data stream reseed point)")
+    p.add_argument("--workers", type=data.number(int, 0), default=d["workers"], help="data loader processes per rank")
+    p.add_argument("--max-skip-fraction", type=data.number(float, 0, 1), default=0.5,
+                   help="stop when more than this fraction of the volumes is unreadable")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (ignored on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the ViT blocks (model.compile_blocks)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute student blocks in backward: same numbers, far less memory (dbt-dino on 40 GB GPUs)")
-    preset = p.parse_known_args(argv)[0].preset
-    p.set_defaults(**PRESETS[preset])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    patch = 14
+    for flag in ("global_size", "local_size"):
+        if getattr(args, flag) % patch:
+            p.error(f"argument --{flag.replace('_', '-')}: {getattr(args, flag)} is not a multiple of the patch "
+                    f"size {patch}")
+    if args.koleo_weight > 0 and args.batch_size < 2:
+        p.error("argument --batch-size: KoLeo needs at least 2 images per process; use --koleo-weight 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("argument --device: cuda was asked for, but this machine has no usable CUDA device")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -316,11 +347,15 @@ def train_step(student, teacher, batch, centers, optimizer, sched, args):
         losses["adjacent"] = args.adjacent_weight * adjacent_slice_loss(s_global, s_logits[2].float(),
                                                                          t_global, t_probs[1])
     total = sum(losses.values())
-    values = {k: float(torch.as_tensor(v).detach()) for k, v in losses.items()}
-    values["loss"] = float(total.detach())
-    if not math.isfinite(values["loss"]):  # stop before this step touches any weight or file
-        print(f"non-finite loss on rank {data.rank_world()[0]}, stopping without "
-              "saving: " + " ".join(f"{k}={v}" for k, v in values.items()), file=sys.stderr, flush=True)
+    values = {k: torch.as_tensor(v, device=glob.device).detach().float() for k, v in losses.items()}  # 0-d, no sync
+    values["loss"] = total.detach().float()
+    # the step's one host sync: all ranks learn whether any rank's loss is non-finite, and stop together before
+    # this step touches any weight or file (the terms are synced for logging only every --log-every steps)
+    bad = data.all_reduce((~torch.isfinite(values["loss"])).float())
+    if bad.item():
+        if data.is_main():
+            print(f"error: non-finite loss on {int(bad.item())} rank(s) at this step, stopping without saving (rank 0: "
+                  + " ".join(f"{k}={float(v):.4g}" for k, v in values.items()) + ")", file=sys.stderr, flush=True)
         sys.exit(1)
     optimizer.zero_grad(set_to_none=True)
     total.backward()
@@ -352,43 +387,62 @@ def build_models(args, device):
             student.load_state_dict(heads, strict=False)
     student.to(device)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)  # eval: no drop path in the teacher
+    if args.compile:  # after the copy (compiled modules do not deep-copy); state_dict keys stay unchanged
+        model.compile_blocks(student.backbone)
+        model.compile_blocks(teacher.backbone)
     return student, teacher
+
+
+def load_resume(path, args, device):
+    """ckpt.pt -> dict, checked like --init: a missing, unreadable or wrong kind of file, or a model/head that does
+    not fit the flags, is one ValueError naming the file and what differs."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such checkpoint file (--resume)") from None
+    except Exception as e:  # a text file, a truncated zip, a pickle of arbitrary objects, ...
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
+    need = {"student", "teacher", "optimizer", "loss_state", "step", "args"}
+    if not isinstance(ckpt, dict) or not need <= set(ckpt):
+        raise ValueError(f"{path}: not a pretrain.py ckpt.pt (it lacks {sorted(need - set(ckpt or {}))}); --resume "
+                         "continues a run from its ckpt.pt, --init starts from backbone weights such as backbone.pth")
+    settings = ("model", "prototypes", "head_hidden", "head_bottleneck", "separate_ibot_head")
+    diffs = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} in the checkpoint, {getattr(args, k)} now"
+             for k in settings if ckpt["args"].get(k) != getattr(args, k)]
+    if diffs:
+        raise ValueError(f"{path}: does not fit the flags: " + "; ".join(diffs))
+    return ckpt
 
 
 # ---------------------------------------------------------------------------------------------------
 
 def train(args):
-    # ---------------- distributed, output folder ----------------
+    # ---------------- distributed, inputs, output folder ----------------
     rank, local_rank, world, device = data.setup_distributed()
     if args.device != "auto":
         device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else args.device)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     resume = ckpt_path if args.resume == "auto" and os.path.exists(ckpt_path) else args.resume
     resume = "" if resume == "auto" else resume
-    if data.is_main():
-        os.makedirs(args.out, exist_ok=True)
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(dict(vars(args), git_sha=sha or None, torch=torch.__version__, world_size=world), f, indent=1)
-        writer = metrics.JsonlWriter(os.path.join(args.out, "metrics.jsonl"))
+    ckpt = load_resume(resume, args, device) if resume else None
+    if ckpt is None:  # a fresh run never lands silently on top of another one
+        metrics.check_run_folder(args.out, "ckpt.pt", args.overwrite)
 
     # ---------------- student, teacher, optimizer, loss state ----------------
     student, teacher = build_models(args, device)
-    optimizer = torch.optim.AdamW(param_groups(student, args.layer_decay), betas=(0.9, 0.999))
+    fused = device.type == "cuda"  # one kernel for the whole update instead of a few per tensor
+    optimizer = torch.optim.AdamW(param_groups(student, args.layer_decay), betas=(0.9, 0.999), fused=fused)
     centers = {"dino": torch.zeros(1, args.prototypes, device=device),  # EMA of teacher logits (centering)
                "ibot": torch.zeros(1, args.prototypes, device=device)}
     start = 0
-    if resume:
-        ckpt = torch.load(resume, map_location=device, weights_only=True)
+    if ckpt is not None:
         student.load_state_dict(ckpt["student"])
         teacher.load_state_dict(ckpt["teacher"])
         optimizer.load_state_dict(ckpt["optimizer"])
         centers, start = ckpt["loss_state"], ckpt["step"]
-        data.log(f"resumed from {resume} at step {start}")
     ddp = DDP(student, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else student
     schedules = make_schedules(args, world)
-    data.log(f"{args.model}: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M student parameters, "
-        f"world {world} x batch {args.batch_size}, peak lr {schedules['lr'].max():.2e} on {device}")
 
     # ---------------- data ----------------
     recipe = dict(data.RECIPES[args.recipe], global_size=args.global_size, local_size=args.local_size)
@@ -401,11 +455,29 @@ def train(args):
     # keeps that wait (and the images' memory at --global-size) well inside the collective timeout
     eval_set = (data.density_eval_set(source, args.global_size, args.eval_exams)
                 if args.eval_every and has_labels and data.is_main() else None)
+
+    # ---------------- the inputs are valid: only now touch the run folder ----------------
+    if data.is_main():
+        metrics.write_args(args.out, args, torch=torch.__version__, world_size=world)
+        writer = metrics.JsonlWriter(os.path.join(args.out, "metrics.jsonl"))
+        dropped = writer.truncate_after(start)  # steps after the checkpoint are redone: each appears once
+        if ckpt is not None:
+            data.log(f"resumed from {resume} at step {start} ({dropped} later metrics.jsonl records dropped)")
+    data.log(f"{args.model}: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M student parameters, "
+             f"world {world} x batch {args.batch_size}, peak lr {schedules['lr'].max():.2e} on {device}")
     if args.eval_every and not has_labels:
         data.log(f"no exams.csv under {source}: the density probe is off")
+    run_loop(args, ddp, student, teacher, optimizer, centers, schedules, stream, collate, eval_set,
+             writer if data.is_main() else None, start, device)
+    if world > 1:
+        dist.destroy_process_group()
 
-    # ---------------- training ----------------
-    progress, window = metrics.Progress(args.steps, start), []
+
+def run_loop(args, ddp, student, teacher, optimizer, centers, schedules, stream, collate, eval_set, writer,
+             start, device):
+    """The training iterations from `start`: step, log every --log-every, probe, checkpoint."""
+    rank, world = data.rank_world()
+    progress, window, skips = metrics.Progress(args.steps, start), [], data.SkipCounter(stream)
     for it in range(start, args.steps):
         if it == start or it % args.save_every == 0:
             # every checkpoint step restarts the data and RNG streams from (seed, step, rank), so a run
@@ -414,7 +486,13 @@ def train(args):
             stream.set_epoch(it)
             batches = iter(data.make_loader(stream, args.batch_size, args.workers, collate, args.seed + it + rank))
         t0 = time.perf_counter()
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+        try:
+            batch = next(batches)
+        except ValueError as e:  # this rank's shard has no readable volume left: say so from this rank
+            e.rank_specific = True
+            raise
+        skips.add(batch.pop("skipped", {}))
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         t1 = time.perf_counter()
         sched = {k: float(v[it]) for k, v in schedules.items()}
         values = train_step(ddp, teacher, batch, centers, optimizer, sched, args)
@@ -422,23 +500,26 @@ def train(args):
         step = it + 1
 
         if step % args.log_every == 0 or step == args.steps:  # rank-averaged terms, for logging only
-            avg = torch.tensor(list(values.values()), device=device)
-            avg = data.all_reduce(avg) / world
+            avg = data.all_reduce(torch.stack(list(values.values()))) / world
             values = dict(zip(values, avg.tolist()), lr=schedules["lr"][it])
+            n_skipped = skips.total()  # unreadable volumes over all workers and ranks
+            if n_skipped:
+                values["skipped"] = n_skipped
             step_s, data_s = np.median([w[0] for w in window]), np.median([w[1] for w in window])
             mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             data.log(progress.line(step, values, args.batch_size * world / step_s, 1e3 * step_s, 1e3 * data_s, mem))
-            if data.is_main():
+            if writer:
                 writer.write(dict(step=step, split="train", time=time.time(), **values))
             window = []
+            skips.check(args.max_skip_fraction)
         if eval_set is not None and (step % args.eval_every == 0 or step == args.steps):
             feats = model.patch_mean_std(teacher.backbone, eval_set["images"], device)  # (M, 2D)
             result = metrics.density_probe_cv(feats.numpy(), eval_set["labels"].numpy(), eval_set["groups"].numpy())
-            data.log(f"step {step}: density_acc {result['density_acc']:.4f} (majority class {result['density_majority']:.4f}, "
-                f"{result['density_n']} images, 5-fold by patient)")
+            data.log(f"step {step}: density_acc {result['density_acc']:.4f} (majority class "
+                     f"{result['density_majority']:.4f}, {result['density_n']} images, 5-fold by patient)")
             writer.write(dict(step=step, split="val", time=time.time(), **result))
         if data.is_main() and (step % args.save_every == 0 or step == args.steps):
-            model.save_checkpoint(ckpt_path, dict(
+            model.save_checkpoint(os.path.join(args.out, "ckpt.pt"), dict(
                 version=1, step=step, config=student.backbone.config, args=vars(args),
                 heads=dict(prototypes=args.prototypes, hidden=args.head_hidden, bottleneck=args.head_bottleneck,
                            separate_ibot_head=args.separate_ibot_head),
@@ -446,13 +527,19 @@ def train(args):
                 loss_state=centers))
             # the teacher backbone alone, hub keys: what probe.py, detect.py and DINOv2's code load
             model.save_checkpoint(os.path.join(args.out, "backbone.pth"), teacher.backbone.state_dict())
+    n_skipped = skips.total()
+    if writer:
+        writer.write(dict(step=args.steps, split="data", time=time.time(), skipped=n_skipped, volumes=len(stream.paths)))
+    data.log(skips.summary())
     data.log(f"done: {args.out}/backbone.pth")
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     try:
         train(get_args())
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line naming the file, not a traceback
-        sys.exit(f"error: {e}")
+    except (ValueError, OSError) as e:  # bad input: one line naming the file, not a traceback
+        # setup errors are the same on every rank, so rank 0 says them once; an error met in the loop by one rank
+        # (its data shard) is said by that rank. A loader worker's error carries its traceback: keep the last line.
+        if data.is_main() or getattr(e, "rank_specific", False):
+            print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr, flush=True)
+        sys.exit(1)

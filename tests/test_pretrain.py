@@ -266,19 +266,22 @@ def test_resume_auto_replays_the_uninterrupted_run_exactly(tmp_path, monkeypatch
     pretrain.train(_train(tmp_path, "full"))
     calls, real_step = [], pretrain.train_step
 
-    def killed_after_step_2(*a, **kw):  # the process dies during step 3, after ckpt.pt of step 2 was written
+    def killed_in_step_4(*a, **kw):  # dies during step 4: step 3 was logged, but ckpt.pt holds step 2
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 4:
             raise KeyboardInterrupt
         return real_step(*a, **kw)
 
-    monkeypatch.setattr(pretrain, "train_step", killed_after_step_2)
+    monkeypatch.setattr(pretrain, "train_step", killed_in_step_4)
     with pytest.raises(KeyboardInterrupt):
         pretrain.train(_train(tmp_path, "killed"))
+    assert list(_losses(tmp_path / "killed")) == [1, 2, 3]
     monkeypatch.setattr(pretrain, "train_step", real_step)
     pretrain.train(_train(tmp_path, "killed", "--resume", "auto"))
     full, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "killed")
     assert resumed[3] == full[3] and resumed[4] == full[4], (full, resumed)
+    steps = [r["step"] for r in map(json.loads, open(tmp_path / "killed" / "metrics.jsonl")) if r["split"] == "train"]
+    assert steps == [1, 2, 3, 4]  # step 3 is redone after the resume and logged once
     ckpt = torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 4 and {"student", "teacher", "optimizer", "loss_state", "args"} <= set(ckpt)
     import model
@@ -313,7 +316,9 @@ def test_mammodino_preset_end_to_end(tmp_path):
         "--preset", "mammodino", "--model", "tiny", "--data", str(root), "--out", str(out), "--global-size", "56",
         "--local-size", "28", "--batch-size", "2", "--steps", "2", "--workers", "0", "--prototypes", "64",
         "--head-hidden", "32", "--head-bottleneck", "16", "--log-every", "1", "--eval-every", "0", "--device", "cpu"]))
-    logs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    logs = [r for r in records if r["split"] == "train"]
     assert [r["step"] for r in logs] == [1, 2]
+    assert records[-1]["split"] == "data" and records[-1]["skipped"] == 0 and records[-1]["volumes"] == 8
     assert all(r["adjacent"] > 0 and math.isfinite(r["loss"]) for r in logs)
     assert json.load(open(out / "args.json"))["recipe"] == "mammodino"
