@@ -131,6 +131,12 @@ def test_cache_lru_pins_and_crash_leftovers(tmp_path):
     assert [p.exists() for p in paths] == [True, True, False, True]  # pinned 0 kept, LRU 2 evicted
     with pytest.raises(pacs.CacheFull, match="more than --cache-bytes"):
         cache.write(cache.path("big"), lambda w: w(b"x" * 3001))
+    held = [cache.pin(p)[0] for p in paths if p.exists()]  # every cached volume resident somewhere
+    with pytest.raises(pacs.CacheFull, match="no room for 1000 bytes"):  # waits wait_s, then says so
+        cache.write(cache.path("k4"), lambda w: w(b"z" * 1000))
+    assert all(p.exists() for p in paths if p != paths[2]) and not cache.path("k4").exists()
+    for t in held:
+        cache.unpin(t)
     # leftovers of a crashed process (a pid that cannot exist) do not count and are cleaned
     (paths[0].parent / f"{paths[0].name}.tmp.999999999.ab").write_bytes(b"y" * 5000)
     (cache.dir / "pins" / f"{paths[2].stem}.999999999.cd").touch()
