@@ -1,0 +1,345 @@
+"""probe.py: aggregation, risk head/labels/loss, both per-year AUROC rules, the embedding path and its cache,
+bad input, the two default tasks end to end, compare and the explicit attention. CPU, tiny archives."""
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+
+import data
+import metrics
+import model
+import probe
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--slices", "4", "--height", "64", "--width", "48", "--size", "28", "--workers", "0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster than two, far faster on a shared, loaded CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """10 patients, 4 slices of 64 x 48: every encoding and display variant of data.write_archive."""
+    return data.synthetic_archive(tmp_path_factory.mktemp("probe") / "arch", patients=10, seed=5, shape=(4, 64, 48))
+
+
+@pytest.fixture(scope="module")
+def table(archive):
+    """The archive's views under a table with hand-set labels and splits (4 test exams: 2 cancers, 2 healthy)."""
+    with open(archive / "exams.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    density = "abcdabcdab"
+    ytc = ["", "1.5", "", "", "2.5", "", "0.5", "", "3.5", ""]
+    yfu = ["6", "1.5", "4.5", "7", "2.5", "3", "0.5", "8", "3.5", "5.5"]
+    # test: exams 1 (cancer 1.5 y), 6 (cancer 0.5 y), 7 and 9 (healthy); train holds the cancers at 2.5 and 3.5 y
+    split = "train test train train train val test test train test".split()
+    for r, d, t, f, s in zip(rows, density, ytc, yfu, split):
+        r.update(density=d, years_to_cancer=t, years_of_followup=f, split=s, site="AB"[int(r["patient"][-1]) % 2])
+    with open(archive / "labelled.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return archive / "labelled.csv"
+
+
+def random_tiny():
+    torch.manual_seed(0)
+    return model.build("tiny").eval()
+
+
+# ----------------------------------------------------------------------------- aggregation and features
+def test_aggregate_known_tokens_joint_over_slices_and_patches():
+    patch = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[5.0, 0.0], [7.0, -2.0]]])  # (S=2, N=2, D=2)
+    cls = torch.tensor([[0.0, 1.0], [2.0, 5.0]])  # (S=2, D=2)
+    out = probe.aggregate(patch, cls)
+    # dim 0 holds 1, 3, 5, 7 and dim 1 holds 2, 4, 0, -2: both have squared deviations summing to 20 (n - 1 = 3)
+    expected = {"patch_mean": [4, 1], "patch_std": [(20 / 3) ** 0.5] * 2, "patch_min": [1, -2], "patch_max": [7, 4],
+                "cls_mean": [1, 3], "cls_std": [2 ** 0.5, 8 ** 0.5]}
+    assert set(out) == set(probe.STATS)
+    for k, v in expected.items():
+        assert out[k].tolist() == pytest.approx(v, abs=1e-6), k
+
+
+def test_feature_matrix_order_is_statistic_then_rcc_lcc_rmlo_lmlo():
+    record = {v: {s: torch.full((2,), 10.0 * i + j) for j, s in enumerate(probe.STATS)}
+              for i, v in enumerate(("LCC", "RCC", "LMLO", "RMLO"))}  # value = 10 * (stored view order) + stat
+    x = probe.feature_matrix([record], "patch-mean-std")[0]
+    # RCC, LCC, RMLO, LMLO are 1, 0, 3, 2 in the stored order; patch_mean is statistic 0, patch_std 1
+    assert x.tolist() == [10, 10, 0, 0, 30, 30, 20, 20, 11, 11, 1, 1, 31, 31, 21, 21]
+
+
+# ----------------------------------------------------------------------------- risk: labels, head, loss, AUROC
+def test_risk_labels_hand_worked():
+    ytc = [2.3, 0.4, np.nan, np.inf, 6.0, np.inf, np.inf]
+    yfu = [2.3, 0.4, 3.7, 8.0, 6.0, 0.5, 0.0]
+    y_label, y_mask = probe.risk_labels(ytc, yfu)
+    assert y_label.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]] + [[0] * 5] * 5
+    assert y_mask.tolist() == [[1, 1, 1, 0, 0],  # cancer at 2.3 y: observed through its event year 2
+                               [1, 0, 0, 0, 0],  # cancer at 0.4 y
+                               [1, 1, 1, 0, 0],  # healthy, 3.7 y: int(3.7 - 1) = 2
+                               [1, 1, 1, 1, 1],  # healthy, 8 y (capped at 5)
+                               [1, 1, 1, 1, 1],  # cancer after 6 y: beyond 5 years, a negative
+                               [1, 0, 0, 0, 0],  # 0.5 y: int(-0.5) = 0, as Mirai's int()
+                               [0, 0, 0, 0, 0]]  # no follow-up: Mirai's check_label drops it
+
+
+def test_head_probabilities_in_unit_interval_non_decreasing_and_cumulative_hazard():
+    torch.manual_seed(0)
+    head = probe.CumulativeRiskHead(8)
+    x = torch.randn(64, 8) * 5
+    p = head(x)
+    assert p.shape == (64, 5) and (p >= 0).all() and (p <= 1).all()
+    assert (p.diff(dim=1) >= 0).all()
+    hazards = F.softplus(x @ head.hazard_fc.weight.T + head.hazard_fc.bias)  # independent: cumsum, not a mask
+    assert torch.allclose(p, 1 - torch.exp(-hazards.cumsum(1)), atol=1e-6)
+
+
+def test_risk_loss_per_sample_normalisation_and_censored_targets_ignored():
+    p = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5], [0.2, 0.4, 0.6, 0.8, 0.9]])
+    y = torch.tensor([[0.0, 0, 1, 1, 1], [0, 0, 0, 0, 0]])
+    m = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    first = -(np.log(0.9) + np.log(0.8) + np.log(0.3)) / 3
+    second = -(np.log(0.8) + np.log(0.6) + np.log(0.4) + np.log(0.2) + np.log(0.1)) / 5
+    assert probe.risk_loss(p, y, m).item() == pytest.approx((first + second) / 2, rel=1e-6)
+    # Mirai's batch normalisation would give (3 first + 5 second) / 8: different here
+    assert abs((3 * first + 5 * second) / 8 - (first + second) / 2) > 0.05
+
+    torch.manual_seed(1)
+    head, x = probe.CumulativeRiskHead(6), torch.randn(2, 6)
+    grads = []
+    for censored in (0.0, 1.0):
+        y2 = y.clone()
+        y2[0, 3:] = censored  # sample 0 is censored after year 3: its later targets must not matter
+        head.zero_grad()
+        loss = probe.risk_loss(head(x), y2, m)
+        loss.backward()
+        grads.append((loss.item(), [q.grad.clone() for q in head.parameters()]))
+    assert grads[0][0] == grads[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
+
+
+def test_auroc_rules_hand_worked_where_they_differ():
+    # exam: 0 cancer 0.5 y | 1 cancer 2.3 y | 2 healthy 6 y | 3 healthy 1.5 y | 4 healthy 3 y | 5 cancer after 7 y
+    # (beyond 5: healthy) | 6 healthy 0.5 y | 7 cancer 3.5 y
+    score = np.array([0.5, 0.25, 0.2, 0.7, 0.3, 0.1, 0.6, 0.9])
+    ytc = [0.5, 2.3, np.inf, np.inf, np.inf, 7.0, np.inf, 3.5]
+    yfu = [0.5, 2.3, 6.0, 1.5, 3.0, 8.0, 0.5, 3.5]
+    probs = np.tile(score[:, None], 5)
+    mirai = metrics.risk_auroc_by_year(probs, ytc, yfu, rule="mirai")
+    # Mirai counts later cancers (1, 7) as negatives: year 1 {0} vs {1..7}; year 2 {0} vs {1, 2, 4, 5, 7};
+    # year 3 {0, 1} vs {2, 4, 5, 7}
+    assert mirai == pytest.approx({1: 4 / 7, 2: 4 / 5, 3: 5 / 8, 4: 1.0, 5: 1.0}, abs=1e-12)
+    assert metrics.risk_auroc_by_year(probs, ytc, yfu) == mirai  # Mirai's rule stays the default
+    # DBT-DINO's rule excludes them, and healthy exams need >= k years: year 1 {0} vs {2, 3, 4, 5};
+    # year 2 {0} vs {2, 4, 5}; year 3 {0, 1} vs {2, 4, 5}; years 4-5 {0, 1, 7} vs {2, 5}
+    dbt = metrics.risk_auroc_by_year(probs, ytc, yfu, rule="dbt-dino")
+    assert dbt == pytest.approx({1: 3 / 4, 2: 1.0, 3: 5 / 6, 4: 1.0, 5: 1.0}, abs=1e-12)
+
+
+def test_stratified_subset_keeps_class_shares():
+    labels = np.array([0] * 40 + [1] * 30 + [2] * 3)
+    keep = probe.stratified_subset(labels, 0.25, seed=0)
+    assert np.bincount(labels[keep]).tolist() == [10, 8, 1]  # rounded (7.5 -> 8), and never an empty class
+    assert len(set(keep)) == len(keep)
+
+
+# ----------------------------------------------------------------------------- embedding path
+def test_device_display_equals_read_dbt_for_every_variant(archive):
+    paths = sorted(archive.rglob("*.dcm"))[:8]  # 8 consecutive views cover all 8 encoding/VOI/MONOCHROME variants
+    reader = probe.VolumeReader(paths)
+    kinds = set()
+    for i, path in enumerate(paths):
+        _, item = reader[i]
+        ours = torch.cat(list(probe.display_chunks(item, torch.device("cpu"), 3))).numpy()
+        ref, meta = data.read_dbt(path)
+        assert np.abs(ours - ref).max() < 1e-5, path
+        kinds.add((meta["voi"][0][4], meta["invert"], meta.get("mirrored")))
+    assert {k[0] for k in kinds} == {"LINEAR", "SIGMOID", "LINEAR_EXACT"} and {k[1] for k in kinds} == {0, 1}
+
+
+def test_embed_volumes_equals_direct_forward_and_precisions(archive):
+    net, path = random_tiny(), sorted(archive.rglob("*.dcm"))[1]
+    feats, stats = probe.embed_volumes(net, [path], "cpu", size=28, chunk=3, workers=1, precision="autocast")
+    vol = torch.from_numpy(data.read_dbt(path)[0])  # (S, H, W)
+    x = F.interpolate(vol[:, None], size=(28, 28), mode="bilinear", antialias=True).clamp(0, 1)
+    with torch.no_grad():
+        out = net.forward_features(x.expand(-1, 3, -1, -1))
+    ref = probe.aggregate(out["x_norm_patchtokens"], out["x_norm_clstoken"])
+    assert all(torch.allclose(feats[0][k], ref[k], atol=1e-5) for k in probe.STATS)
+    assert stats["slices"] == 4 and stats["skipped"] == 0 and 0 <= stats["wait_seconds"] <= stats["seconds"]
+    bf16, _ = probe.embed_volumes(net, [path], "cpu", size=28, chunk=3, workers=0, precision="bf16-weights")
+    assert next(net.parameters()).dtype == torch.float32  # the caller's backbone is not cast
+    assert torch.allclose(bf16[0]["patch_mean"], ref["patch_mean"], atol=0.1)
+
+
+def test_densenet_baseline_is_torchvisions_pooled_feature():
+    torch.manual_seed(0)
+    net = probe.DenseNetFeatures().eval()
+    ref = torchvision.models.densenet121(weights=None)
+    ref.features.load_state_dict(net.features.state_dict())
+    ref.classifier = torch.nn.Identity()  # torchvision's forward up to the classifier: the pooled 1024-d vector
+    x = torch.rand(2, 3, 64, 64)
+    norm = (x - torch.tensor(probe.IMAGENET_MEAN)[:, None, None]) / torch.tensor(probe.IMAGENET_STD)[:, None, None]
+    with torch.no_grad():
+        out, expected = net.forward_features(x), ref.eval()(norm)
+    assert out["x_norm_clstoken"].shape == (2, 1024) and torch.allclose(out["x_norm_clstoken"], expected, atol=1e-5)
+    assert torch.equal(out["x_norm_patchtokens"][:, 0], out["x_norm_clstoken"])
+
+
+def _embed(rows, root, folder):
+    return probe.embed_exams(random_tiny(), rows, root, folder, torch.device("cpu"), size=28, chunk=75, workers=0,
+                             precision="fp32")
+
+
+def test_cache_resume_reembeds_nothing_then_exactly_one(archive, tmp_path):
+    rows, root = probe.read_exams(archive)
+    first, counts = _embed(rows, root, tmp_path)
+    assert counts == dict(reused=0, embedded=10, skipped=0)
+    second, counts = _embed(rows, root, tmp_path)
+    assert counts == dict(reused=10, embedded=0, skipped=0)
+    assert all(torch.equal(first[j]["RCC"]["patch_mean"], second[j]["RCC"]["patch_mean"]) for j in first)
+    probe.exam_file(tmp_path, rows[3], root).unlink()
+    _, counts = _embed(rows, root, tmp_path)
+    assert counts == dict(reused=9, embedded=1, skipped=0)
+
+
+def test_truncated_and_missing_views_are_skipped_and_counted(archive, tmp_path, capsys):
+    copy = tmp_path / "arch"
+    shutil.copytree(archive, copy)
+    rows, root = probe.read_exams(copy)
+    truncated, missing = root / rows[2]["LMLO"], root / rows[5]["RCC"]
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    missing.unlink()
+    records, counts = _embed(rows, root, tmp_path / "cache")
+    assert counts["skipped"] == 2 and sorted(records) == [0, 1, 3, 4, 6, 7, 8, 9]
+    out = capsys.readouterr().out
+    assert out.count(str(truncated)) == 1 and out.count(str(missing)) == 1
+
+
+# ----------------------------------------------------------------------------- command line, end to end
+def test_bad_input_one_line_and_nonzero_exit(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        probe.get_args(["--trials", "0"])
+    assert e.value.code == 2 and "--trials" in capsys.readouterr().err
+    r = subprocess.run([sys.executable, str(ROOT / "probe.py"), "--data", str(tmp_path / "none.csv")],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "none.csv: no exam table" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def runs(table, tmp_path_factory):
+    """The two tasks as `python probe.py` runs them by default, on the tiny table, plus a second density run."""
+    out = tmp_path_factory.mktemp("runs")
+    quick = SMALL + ["--data", str(table), "--trials", "2", "--epochs", "6", "--n-boot", "20",
+                     "--cache", str(out / "cache")]
+    reports = {}
+    for name, extra in [("density", ["--subgroups", "site"]), ("risk", ["--task", "risk"]),
+                        ("density_cls", ["--features", "cls-mean-std", "--seed", "1"])]:
+        reports[name] = probe.main(quick + extra + ["--out", str(out / name)])
+    reports["risk_b"] = probe.main(quick + ["--task", "risk", "--seed", "2", "--out", str(out / "risk_b")])
+    return out, reports
+
+
+def test_default_runs_write_promised_outputs(runs, table):
+    out, _ = runs
+    keys = {"density": {"accuracy", "accuracy_ci", "macro_f1", "auroc_ovr", "confusion", "binary_accuracy", "n_test"},
+            "risk": {"auroc", "auroc_ci", "auroc_mean", "rule", "n_test"}}
+    for task, promised in keys.items():
+        report = json.loads((out / task / "metrics.json").read_text())
+        assert promised <= set(report) and report["n_test"] == 4
+        for name in ("args.json", "metrics.jsonl", "predictions.csv", "head.pt",
+                     "confusion.png" if task == "density" else "roc.png"):
+            assert (out / task / name).stat().st_size > 0, name
+        head = torch.load(out / task / "head.pt", weights_only=True)
+        assert head["task"] == task
+    risk = json.loads((out / "risk" / "metrics.json").read_text())
+    assert risk["rule"] == "mirai" and set(risk["by_rule"]) == {"mirai", "dbt-dino"}
+    assert list(risk["auroc"]) == ["1", "2", "3", "4", "5"]
+    density = json.loads((out / "density" / "metrics.json").read_text())
+    assert np.array(density["confusion"]).sum() == 4 and set(density["subgroups"]["site"]) <= {"A", "B"}
+    with pytest.raises(ValueError, match="already holds a run"):  # a finished run is never overwritten silently
+        probe.main(SMALL + ["--data", str(table), "--out", str(out / "density")])
+
+
+def test_compare_pvalues_equal_metrics(runs, capsys):
+    out, _ = runs
+    result = probe.main(["compare", str(out / "density"), str(out / "density_cls"), "--out", str(out / "cmp_d")])
+    preds = [{r["exam"]: r for r in csv.DictReader(open(out / run / "predictions.csv"))}
+             for run in ("density", "density_cls")]
+    exams = sorted(preds[0])
+    correct = [np.array([p[e]["pred"] == p[e]["density"] for e in exams]) for p in preds]
+    assert result["tests"][0]["p"] == metrics.mcnemar(correct[0], correct[1])
+    assert json.loads((out / "cmp_d" / "compare.json").read_text())["test"] == "mcnemar"
+
+    result = probe.main(["compare", str(out / "risk"), str(out / "risk_b"), "--out", str(out / "cmp_r")])
+    preds = [{r["exam"]: r for r in csv.DictReader(open(out / run / "predictions.csv"))} for run in ("risk", "risk_b")]
+    # test exams: cancers at 1.5 y and 0.5 y, healthy with 8 y and 5.5 y: years 2-5 have 2 + 2 cases
+    y = np.array([1, 1, 0, 0])
+    exams = sorted(preds[0])
+    assert [t["metric"] for t in result["tests"]] == [f"auroc_year{k}" for k in range(2, 6)]
+    for t in result["tests"]:
+        k = t["metric"][-1]
+        order = sorted(exams, key=lambda e: preds[0][e]["years_to_cancer"] == "")
+        a, b = ([float(p[e][f"p{k}"]) for e in order] for p in preds)
+        assert t["p"] == pytest.approx(metrics.delong_test(y, a, b)[2], abs=1e-12)
+    assert [t["p_bh"] for t in result["tests"]] == pytest.approx(
+        metrics.benjamini_hochberg([t["p"] for t in result["tests"]]).tolist(), abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- show
+def test_explicit_attention_equals_sdpa_and_excludes_registers():
+    torch.manual_seed(0)
+    vit = model.build("tiny_reg", img_size=56).eval()
+    x = torch.rand(2, 3, 56, 56)
+    seen = {}
+    vit.blocks[-1].attn.register_forward_hook(lambda m, inp, out: seen.update(inp=inp[0], out=out))
+    with torch.no_grad():
+        vit.forward_features(x)
+        att = probe.last_block_attention(vit, x)
+    assert att["attn"].shape == (2, 3, 1 + 4 + 16, 1 + 4 + 16)
+    assert torch.allclose(att["block_input"], seen["inp"], atol=1e-6)  # the same q, k, v as the real pass
+    sdpa = F.scaled_dot_product_attention(att["q"], att["k"], att["v"])
+    assert torch.allclose(att["attn"] @ att["v"], sdpa, atol=1e-6)
+    merged = (att["attn"] @ att["v"]).transpose(1, 2).reshape(2, 21, -1)
+    assert torch.allclose(vit.blocks[-1].attn.proj(merged), seen["out"], atol=1e-6)
+    img = probe.attention_figure(vit, x[:1], "test", panel=60)
+    assert img.size == (3 * 60 + 40, 60 + 50)
+
+
+def test_show_writes_attention_png_for_a_saved_backbone(archive, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the default backbone is the newest runs/*/backbone.pth under the working folder
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    model.save_checkpoint(tmp_path / "runs" / "demo" / "backbone.pth", random_tiny().state_dict())
+    probe.main(["show", "--image", str(sorted(archive.rglob("*.dcm"))[0]), "--size", "56", "--out", "fig"])
+    assert "runs/demo/backbone.pth (tiny, 112 px, newest runs/*/backbone.pth)" in capsys.readouterr().out
+    assert Image.open(tmp_path / "fig" / "attention.png").size == (3 * 336 + 40, 336 + 50)
+
+
+def test_compare_density_mcnemar_exact_on_known_discordant_pairs(tmp_path):
+    from scipy.stats import binomtest
+    truth = "abcdabcdabcd"
+    runs = {"A": "abcdabcdabdc", "B": "bacdbacdbadc"}  # A right on 10; B right on 4, all of them also right for A
+    for name, pred in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"task": "density"}))
+        rows = "".join(f"P{i},E{i},{t},{p}\n" for i, (t, p) in enumerate(zip(truth, pred)))
+        (tmp_path / name / "predictions.csv").write_text("patient,exam,density,pred\n" + rows)
+    result = probe.main(["compare", str(tmp_path / "A"), str(tmp_path / "B"), "--out", str(tmp_path / "cmp")])
+    (test,) = result["tests"]
+    assert (test["value_a"], test["value_b"]) == (10 / 12, 4 / 12)
+    assert test["p"] == pytest.approx(binomtest(0, 6, 0.5).pvalue, abs=1e-12) and test["p_bh"] == test["p"]
