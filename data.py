@@ -7,6 +7,8 @@ Layouts accepted under `--data`:
   manifest.csv            a CSV with a `path` column (relative to the CSV); a path may also be a folder holding the
                           single-frame legacy slices of ONE series (sorted by ImagePositionPatient z, then
                           InstanceNumber).
+  dicomweb+https://host/prefix  with a manifest (StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID): instances
+                          streamed from a PACS over WADO-RS into a rotating cache (pacs.py), then read as files
   synthetic               `synthetic_archive()`: phantoms written as real DICOM in the BCS-DBT layout:
       Breast-Cancer-Screening-DBT/<PatientID>/<exam>/<view>/1-1.dcm
       file-paths.csv  PatientID,StudyUID,View,descriptive_path,classic_path   (View: lcc, rcc, lmlo, rmlo)
@@ -35,6 +37,8 @@ from pydicom.pixels import pixel_array
 from pydicom.uid import UID, generate_uid
 from scipy import ndimage
 from scipy.special import erfc
+
+import pacs
 
 BTO = "1.2.840.10008.5.1.4.1.1.13.1.3"
 # transfer syntaxes pydicom + Pillow decode alone (spec data.md 1.5); the rest need the named package (else gdcm)
@@ -108,6 +112,21 @@ def number(kind, lo=None, hi=None, lo_open=False):
         return x
     parse.__name__ = kind.__name__  # argparse shows "invalid int value" style names
     return parse
+
+
+def byte_size(text):
+    """argparse type: a byte count, with an optional K/M/G/T suffix (powers of 2), at least 1 MiB."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    number_part, unit = text.upper().rstrip("IB"), ""
+    if number_part[-1:] in units:
+        number_part, unit = number_part[:-1], number_part[-1]
+    try:
+        n = int(float(number_part) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 50G or 500M") from None
+    if n < 2**20:
+        raise argparse.ArgumentTypeError(f"{text} is below 1M")
+    return n
 
 
 def one_line_errors(parser):
@@ -583,8 +602,13 @@ def synthetic_archive(root=None, patients=8, seed=0, shape=(24, 256, 192)):
 
 
 # ----------------------------------------------------------------------------- pretraining stream
-def scan(source):
-    """Volume paths from a folder (recursive) or a CSV manifest with a `path` column."""
+def scan(source, manifest=None):
+    """Volume paths from a folder (recursive) or a CSV manifest with a `path` column; for a DICOMweb source the
+    manifest's rows (each names one instance by its UIDs; the manifest is the allow-list)."""
+    if pacs.is_dicomweb(source):
+        if not manifest:
+            raise ValueError(f"{pacs.redact(source)}: a DICOMweb source needs --manifest (the studies it may fetch)")
+        return pacs.read_manifest(manifest)
     source = Path(source)
     if source.suffix.lower() == ".csv":
         with open(source, newline="") as fh:
@@ -647,6 +671,16 @@ def volume_index(path, cache_dir):
     return meta, mask
 
 
+def remote_source(source, manifest=None, cache_bytes=50 * 2**30, credentials=None, ca_bundle=None, prefetch=2,
+                  floor_bytes=2**30):
+    """(manifest rows, pacs.Client, prefetch) for a dicomweb+http(s):// source: the manifest is the allow-list, the
+    rotating cache lives under $DBT_DINO_CACHE/dicomweb. Credentials: DICOMWEB_* variables or the `credentials` file."""
+    rows = scan(source, manifest)
+    cache = pacs.Cache(cache_base(), cache_bytes, floor_bytes)
+    client = pacs.Client(source, rows, cache, pacs.load_credentials(credentials), ca_bundle)
+    return rows, client, prefetch
+
+
 class PretrainStream(torch.utils.data.IterableDataset):
     """Endless DINOv2 multi-crop samples, one random slice per draw, sharded by volume over (rank, worker).
 
@@ -655,8 +689,18 @@ class PretrainStream(torch.utils.data.IterableDataset):
 
     def __init__(self, source, *, patch_size=14, global_size=112, local_size=56, n_local=8,
                  global_scale=(0.32, 1.0), local_scale=(0.05, 0.32), tissue_aware=False, min_tissue_global=0.5,
-                 min_tissue_local=0.3, adjacent_k=0, seed=0, cache_dir=None, slices_per_volume=4, shuffle_buffer=16):
-        self.paths = scan(source)
+                 min_tissue_local=0.3, adjacent_k=0, seed=0, cache_dir=None, slices_per_volume=4, shuffle_buffer=16,
+                 dicomweb=None):
+        self.client, self.prefetch = None, 0
+        if pacs.is_dicomweb(source):  # self.paths: "study/series/instance" labels, for skips and logs
+            self.rows, self.client, self.prefetch = remote_source(source, **(dicomweb or {}))
+            self.paths = ["/".join(r[c] for c in pacs.UID_COLUMNS) for r in self.rows]
+            # hits, misses, bytes fetched, samples drawn: one row per process (0 = main, w + 1 = loader worker w),
+            # in shared memory so the main process can report its workers' figures
+            self.fetch_stats = torch.zeros(257, 4, dtype=torch.float64).share_memory_()
+            self._synced = torch.zeros(3, dtype=torch.float64)  # this process's counts already in its row
+        else:
+            self.paths = scan(source)
         self.patch_size, self.n_local = patch_size, n_local
         self.global_size, self.local_size = global_size, local_size
         self.global_scale, self.local_scale = global_scale, local_scale
@@ -667,9 +711,12 @@ class PretrainStream(torch.utils.data.IterableDataset):
         self.cache_dir = Path(cache_dir) if cache_dir else cache_base() / "index"
         self.epoch = 0
         self.skipped, self._reported = {}, set()  # skipped: path -> reason, each logged once
-        if not any(self._index(p) is not None for p in self.paths):  # stops at the first readable volume
+        # stops at the first readable volume; a remote source tries its first 3 (each with all its retries)
+        first = self.paths if self.client is None else range(min(3, len(self.paths)))
+        if not any(self._probe(p) for p in first):
             reasons = "; ".join(list(self.skipped.values())[:3])
-            raise ValueError(f"{source}: no readable DICOM among {len(self.paths)} files. {reasons}")
+            raise ValueError(f"{pacs.redact(source)}: no readable DICOM among the first {len(first)} of "
+                             f"{len(self.paths)} volumes. {reasons}")
 
     @property
     def n_skipped(self):
@@ -691,11 +738,55 @@ class PretrainStream(torch.utils.data.IterableDataset):
         self._reported.update(new)
         return new
 
-    def _index(self, path):
+    def _index(self, path, label=None):
         try:
             return volume_index(path, self.cache_dir)
         except (ValueError, OSError) as e:
-            self._skip(path, e)
+            self._skip(label or path, e)
+
+    def _probe(self, p):
+        """Is this volume readable: a local path, or a remote volume's index (fetched once, then unpinned)."""
+        if self.client is None:
+            return self._index(p) is not None
+        try:
+            path, pin = self.client.fetch(self.rows[p])
+        except pacs.FetchError as e:
+            return self._skip(self.paths[p], e)
+        self._sync_fetch_stats(0)
+        self.client.cache.unpin(pin)
+        return self._index(path, self.paths[p]) is not None
+
+    def _resident(self, volumes, row):
+        """(v, local path or None, pin) per volume, in order. A remote instance is fetched `prefetch` volumes
+        ahead into the rotating cache and stays pinned (never evicted) until the caller retires it."""
+        if self.client is None:
+            yield from ((v, self.paths[v], None) for v in volumes)
+            return
+        todo = [v for v in volumes if self.paths[v] not in self.skipped]  # failed for good in this process
+        for v, (_, path, pin) in zip(todo, self.client.prefetch([self.rows[v] for v in todo], self.prefetch)):
+            if path is None:  # retried, then given up: pin is the FetchError, logged once with the UIDs
+                self._skip(self.paths[v], pin)
+                pin = None
+            self._sync_fetch_stats(row)
+            yield v, path, pin
+
+    def _sync_fetch_stats(self, row, samples=0):
+        """Add this process's fetch counts since the last call (and samples drawn) to its row of the shared table."""
+        now = torch.tensor([self.client.stats[k] for k in ("hits", "misses", "bytes")], dtype=torch.float64)
+        self.fetch_stats[row, :3] += now - self._synced
+        self.fetch_stats[row, 3] += samples
+        self._synced = now
+
+    def cache_report(self):
+        """Remote sources: cache hit rate, GB fetched and bytes fetched per sample drawn so far, over every worker
+        and rank (a collective: all ranks call it at the same steps). {} for local data."""
+        if self.client is None:
+            return {}
+        nccl = rank_world()[1] > 1 and torch.distributed.get_backend() == "nccl"
+        totals = all_reduce(self.fetch_stats.sum(0).to("cuda" if nccl else "cpu")).tolist()
+        hits, misses, fetched, samples = totals
+        return dict(cache_hit=hits / max(hits + misses, 1), fetched_gb=fetched / 1e9,
+                    bytes_per_sample=fetched / max(samples, 1))
 
     def shard(self, epoch, rank=0, world=1, worker=0, workers=1):
         """Volume indices for one (rank, worker): a strided slice of a (seed, epoch) permutation, wrapped so that
@@ -710,22 +801,33 @@ class PretrainStream(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         rank, world = rank_world()
         epoch, buffer = self.epoch, []
+        row = worker + 1 if info else 0  # this process's row of fetch_stats
+        if self.client is not None:  # a new worker starts from the counts it inherited, already reported
+            self._synced = torch.tensor([self.client.stats[k] for k in ("hits", "misses", "bytes")],
+                                        dtype=torch.float64)
         while True:
             rng = np.random.default_rng([self.seed, epoch, rank, worker])
             produced = 0
-            for v in self.shard(epoch, rank, world, worker, workers):
-                index = self._index(self.paths[v])  # bad files fail again (logged once): history-free
-                for _ in range(self.slices_per_volume if index else 0):
-                    try:
-                        item = dict(self.sample(*index, rng), volume=v)
-                    except ValueError as e:  # e.g. a corrupt frame deep inside an otherwise fine file
-                        self._skip(self.paths[v], e)
-                        break
-                    produced += 1
-                    buffer.append(item)  # mixes slices of consecutive volumes so a batch is not one breast
-                    if len(buffer) > self.shuffle_buffer:
-                        item = buffer.pop(int(rng.integers(len(buffer))))
-                        yield dict(item, skipped=self._unreported())  # skips so far travel with the next item out
+            for v, path, pin in self._resident(self.shard(epoch, rank, world, worker, workers), row):
+                # bad local files fail again (logged once): history-free
+                index = self._index(path, self.paths[v]) if path else None
+                try:
+                    for _ in range(self.slices_per_volume if index else 0):  # then the volume retires
+                        try:
+                            item = dict(self.sample(*index, rng), volume=v)
+                        except ValueError as e:  # e.g. a corrupt frame deep inside an otherwise fine file
+                            self._skip(self.paths[v], e)
+                            break
+                        produced += 1
+                        buffer.append(item)  # mixes slices of consecutive volumes so a batch is not one breast
+                        if self.client is not None:
+                            self._sync_fetch_stats(row, samples=1)
+                        if len(buffer) > self.shuffle_buffer:
+                            item = buffer.pop(int(rng.integers(len(buffer))))
+                            yield dict(item, skipped=self._unreported())  # skips so far travel with the next item
+                finally:  # unpinned: the LRU may evict it now
+                    if pin is not None:
+                        self.client.cache.unpin(pin)
             if not produced:
                 raise ValueError(f"rank {rank} worker {worker}: no readable volume in its shard "
                                  f"({self.n_skipped} files skipped)")
