@@ -75,8 +75,18 @@ def get_args(argv=None):
     steps = data.number(int, 0)  # iterations of a schedule phase; 0 = none
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model + data recipe + schedule: "
                    "sets the defaults shown below (e.g. --preset dbt-dino --help)")
-    p.add_argument("--data", default="synthetic", help="DICOM archive root, a .csv manifest, or 'synthetic' "
-                   "(phantoms from data.py, under $DBT_DINO_CACHE)")
+    p.add_argument("--data", default="synthetic", help="DICOM archive root, a .csv manifest, 'synthetic' "
+                   "(phantoms from data.py, under $DBT_DINO_CACHE) or dicomweb+https://host/prefix (with --manifest)")
+    p.add_argument("--manifest", default="", help="dicomweb sources: CSV of StudyInstanceUID, SeriesInstanceUID, "
+                   "SOPInstanceUID, the only instances ever requested (credentials: DICOMWEB_TOKEN, or "
+                   "DICOMWEB_USER + DICOMWEB_PASSWORD, or --dicomweb-credentials)")
+    p.add_argument("--dicomweb-credentials", default="", help="file (mode 600, outside the repo) of DICOMWEB_TOKEN= "
+                   "or DICOMWEB_USER= and DICOMWEB_PASSWORD= lines; instead of the environment")
+    p.add_argument("--dicomweb-ca-bundle", default="", help="PEM file of CAs to trust for https, besides the system's")
+    p.add_argument("--cache-bytes", type=data.byte_size, default="50G",
+                   help="cap of the rotating DICOMweb cache under $DBT_DINO_CACHE (suffixes K, M, G, T: powers of 2)")
+    p.add_argument("--samples-per-volume", type=count, default=4,
+                   help="samples drawn from each volume (local or fetched) before the stream moves on")
     p.add_argument("--out", default=time.strftime("runs/pretrain-%Y%m%d-%H%M%S"), help="run folder")
     p.add_argument("--resume", default="", help="'' (fresh), 'auto' (<out>/ckpt.pt if present) or a ckpt.pt path")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that already holds a run")
@@ -447,7 +457,10 @@ def train(args):
     # ---------------- data ----------------
     recipe = dict(data.RECIPES[args.recipe], global_size=args.global_size, local_size=args.local_size)
     source = data.synthetic_archive() if args.data == "synthetic" else args.data
-    stream = data.PretrainStream(source, patch_size=student.backbone.patch_size, seed=args.seed, **recipe)
+    remote = dict(manifest=args.manifest, cache_bytes=args.cache_bytes, credentials=args.dicomweb_credentials or None,
+                  ca_bundle=args.dicomweb_ca_bundle or None)
+    stream = data.PretrainStream(source, patch_size=student.backbone.patch_size, seed=args.seed, **recipe,
+                                 slices_per_volume=args.samples_per_volume, dicomweb=remote)
     collate = functools.partial(data.collate_pretrain, patch_size=student.backbone.patch_size,
                                 tissue_masking=recipe.get("tissue_aware", False))
     has_labels = os.path.exists(os.path.join(source, "exams.csv"))  # density labels (data.py's layout)
@@ -505,6 +518,7 @@ def run_loop(args, ddp, student, teacher, optimizer, centers, schedules, stream,
             n_skipped = skips.total()  # unreadable volumes over all workers and ranks
             if n_skipped:
                 values["skipped"] = n_skipped
+            values.update(stream.cache_report())  # DICOMweb: hit rate, GB fetched, bytes per sample (all ranks)
             step_s, data_s = np.median([w[0] for w in window]), np.median([w[1] for w in window])
             mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             data.log(progress.line(step, values, args.batch_size * world / step_s, 1e3 * step_s, 1e3 * data_s, mem))
