@@ -3,13 +3,15 @@ orthanc-dicomweb) on loopback behind a recording, fault-injecting proxy written 
 
 The Orthanc tests skip, with the reason, only where Orthanc is not installed; .ci/run installs it, so CI runs them.
 Every request loop is bounded in count and time (few retries, short backoff, timeouts of seconds)."""
-import base64, csv, email.parser, hashlib, http.client, http.server, json, os, random, shutil, socket, ssl
+import base64, csv, email.parser, hashlib, http.client, http.server, itertools, json, os, random, shutil, socket
+import ssl
 import subprocess, sys, threading, time
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+import torch
 
 import data
 import pacs
@@ -211,7 +213,7 @@ def studies(orthanc, tmp_path_factory):
         status, answer = _request(orthanc + "/instances", "POST", path.read_bytes())
         assert status == 200, answer
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        rows.append({c: str(ds[c].value) for c in pacs.UID_COLUMNS} | {"encoding": enc})
+        rows.append({c: str(ds[c].value) for c in pacs.UID_COLUMNS} | {"encoding": enc, "path": str(path)})
         files[rows[-1]["SOPInstanceUID"]] = path
     outside = rows.pop()  # uploaded, visible to anyone who asks, but not in the manifest
     manifest = root / "manifest.csv"
@@ -234,6 +236,7 @@ class Proxy(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), ProxyHandler)
         self.upstream, self.token, self.log, self.plan = upstream, token, [], {}
         self.always, self.stop_after, self.forwards, self.lock = None, None, 0, threading.Lock()
+        self.conns, self.stopped = set(), False
         threading.Thread(target=self.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True).start()
 
     @property
@@ -243,20 +246,35 @@ class Proxy(http.server.ThreadingHTTPServer):
     def stop(self):
         threading.Thread(target=self.shutdown, daemon=True).start()
         self.socket.close()  # from now on: connection refused
+        self.stopped = True
+        for conn in list(self.conns):  # and the open keep-alive connections die too
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class ProxyHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as a real PACS front end
+
     def log_message(self, *args):
         pass
+
+    def setup(self):
+        super().setup()
+        self.server.conns.add(self.connection)
+        if self.server.stopped:
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def do_GET(self):
         srv = self.server
         with srv.lock:
             srv.log.append(dict(path=self.path, accept=self.headers.get("Accept"),
-                                auth=self.headers.get("Authorization")))
+                                auth=self.headers.get("Authorization"), port=self.client_address[1]))
             sop = self.path.rsplit("/", 1)[-1]
             action = srv.plan[sop].pop(0) if srv.plan.get(sop) else srv.always
         if action == "drop":  # close without a byte of answer
+            self.close_connection = True
             return
         if action and action.startswith("503"):
             self.send_response(503)
@@ -290,6 +308,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body[:len(body) // 2])
             self.wfile.flush()
             self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
             return
         for i in range(0, len(body), 4096):
             self.wfile.write(body[i:i + 4096])
@@ -482,3 +501,78 @@ def test_https_verified_by_default_and_with_a_ca_bundle(studies, orthanc, tmp_pa
         assert path.read_bytes() == files[rows[0]["SOPInstanceUID"]].read_bytes()
     finally:
         gate.stop()
+
+
+def test_connections_are_opened_after_fork(studies, proxy, tmp_path):
+    import multiprocessing
+    rows = studies[0]
+    client = _client(proxy, rows, tmp_path)
+    client.fetch(rows[0])  # the parent opens a keep-alive connection
+
+    def child():  # a loader worker: fork inherits the client, never its socket
+        client.fetch(rows[1])
+
+    worker = multiprocessing.get_context("fork").Process(target=child)
+    worker.start()
+    worker.join(20)
+    client.fetch(rows[2])  # the parent's own connection, still open, serves it
+    ports = [e["port"] for e in proxy.log]
+    assert worker.exitcode == 0 and len(ports) == 3 and ports[0] == ports[2] != ports[1]
+
+
+def test_pretrain_stream_from_the_server_equals_the_local_stream(studies, proxy, tmp_path, monkeypatch):
+    """The training samples themselves, remote vs local, with a cache far smaller than the data."""
+    rows, files, _, manifest = studies
+    monkeypatch.setenv("DBT_DINO_CACHE", str(tmp_path))
+    monkeypatch.setenv("DICOMWEB_USER", USER)
+    monkeypatch.setenv("DICOMWEB_PASSWORD", PASSWORD)
+    cap = int(4.5 * max(f.stat().st_size for f in files.values()))  # the data is ~3x this
+    kw = dict(global_size=56, local_size=28, n_local=2, seed=3, slices_per_volume=2, shuffle_buffer=4)
+    remote = data.PretrainStream(proxy.url, **kw, dicomweb=dict(manifest=manifest, cache_bytes=cap, floor_bytes=0))
+    local = data.PretrainStream(manifest, **kw)  # the same manifest's `path` column: the original files
+    n = 3 * len(rows)  # every volume served, most of them more than once
+    for a, b in zip(itertools.islice(remote, n), itertools.islice(local, n)):
+        assert a["volume"] == b["volume"] and torch.equal(a["global_crops"], b["global_crops"])
+        assert torch.equal(a["local_crops"], b["local_crops"])
+    allowed = {"/dicom-web/studies/{}/series/{}/instances/{}".format(*(r[c] for c in pacs.UID_COLUMNS)) for r in rows}
+    assert {e["path"] for e in proxy.log} == allowed  # every volume fetched, nothing else asked for
+    report = remote.cache_report()
+    assert 0 <= report["cache_hit"] < 1 and report["fetched_gb"] * 1e9 >= sum(f.stat().st_size for f in
+                                                                             files.values()) * 12 / 15
+    assert sum(p.stat().st_size for p in (tmp_path / "dicomweb").rglob("*.dcm*")) <= cap
+
+
+def _pretrain(args, env, timeout=240):
+    return subprocess.run([sys.executable, str(ROOT / "pretrain.py"), "--steps", "2", "--log-every", "1",
+                           "--batch-size", "2", "--global-size", "56", "--local-size", "28", "--eval-every", "0",
+                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_pretrain_end_to_end_with_a_token_that_is_never_written(studies, orthanc, tmp_path):
+    rows, _, _, manifest = studies
+    gate = Proxy(orthanc, token=TOKEN)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMWEB_")}
+    env.update(DICOMWEB_TOKEN=TOKEN, DBT_DINO_CACHE=str(tmp_path / "cache"))
+    try:
+        run = _pretrain(["--data", gate.url, "--manifest", str(manifest), "--out", str(tmp_path / "run"),
+                         "--workers", "1", "--cache-bytes", "1M"], env)
+    finally:
+        gate.stop()
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "cache_hit" in run.stdout and "fetched_gb" in run.stdout
+    written = "".join(p.read_bytes().decode("latin-1") for p in (tmp_path / "run").rglob("*") if p.is_file())
+    assert gate.url.split("//")[1] in written  # args.json names the server ...
+    for secret in (TOKEN, base64.b64encode(TOKEN.encode()).decode()):  # ... never the token, anywhere
+        assert secret not in written + run.stdout + run.stderr
+    assert len(gate.log) >= 2 and all(e["auth"] == f"Bearer {TOKEN}" for e in gate.log)
+
+
+def test_pretrain_with_a_wrong_password_says_one_line_and_stops(studies, proxy, tmp_path):
+    manifest = studies[3]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMWEB_")}
+    env.update(DICOMWEB_USER=USER, DICOMWEB_PASSWORD="wrong-" + PASSWORD, DBT_DINO_CACHE=str(tmp_path))
+    run = _pretrain(["--data", proxy.url, "--manifest", str(manifest), "--out", str(tmp_path / "run")], env)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and "HTTP 401" in lines[0]
+    assert PASSWORD not in run.stdout + run.stderr and len(proxy.log) == 1  # no retries
+    assert not (tmp_path / "run").exists()  # nothing written before the inputs proved good
