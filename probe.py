@@ -823,7 +823,8 @@ def run_compare(args):
     tasks = {rep.get("task") for rep, _ in runs}
     if len(tasks) != 1:
         raise ValueError(f"compare: the runs are of different tasks ({', '.join(map(str, sorted(map(str, tasks))))})")
-    task, names = tasks.pop(), [str(r) for r in args.runs]
+    names = [Path(r).name or str(r) for r in args.runs]  # folder names read best in the table, when distinct
+    task, names = tasks.pop(), names if len(set(names)) == len(names) else [str(r) for r in args.runs]
     exams = sorted(set.intersection(*(set(p) for _, p in runs)))
     if not exams:
         raise ValueError("compare: the runs share no test exams")
@@ -839,7 +840,7 @@ def run_compare(args):
     print("\n".join(lines))
     metrics.check_run_folder(args.out, "compare.json", args.overwrite)
     os.makedirs(args.out, exist_ok=True)
-    result = dict(task=task, runs=names, n_common=len(exams), rule=args.rule if task == "risk" else None,
+    result = dict(task=task, runs=[str(r) for r in args.runs], n_common=len(exams), rule=args.rule if task == "risk" else None,
                   test="mcnemar" if task == "density" else "delong", correction="benjamini-hochberg", tests=tests)
     metrics.atomic_write(Path(args.out) / "compare.json", json.dumps(_finite(result), indent=1) + "\n")
     return result
