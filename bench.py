@@ -1,23 +1,33 @@
-"""Benchmarks for the three costs that decide whether the papers' workloads are affordable.
+"""Benchmarks for the costs that decide whether the papers' workloads are affordable.
 
-    python bench.py all                  # every figure below, one table, bench.json (2-core CPU: < 10 min)
-    python bench.py all --quick          # small sizes, well under a minute (the test suite runs this)
-    python bench.py backbone --device cuda --chunk 75
+    python bench.py all                         # every figure below, one table each, bench.json (2-core CPU: < 15 min)
+    python bench.py all --quick                 # small sizes, about a minute (the test suite runs this)
+    python bench.py all --device cuda --compile # the GPU figures, torch.compile rows included
 
 1. backbone  - embedding throughput (probe.py's step): slices/s of ViT-S/14 and ViT-B/14 at 518x518 for
                our model.py and, side by side in the same process, the reference implementations when
-               installed (PyPI `dinov2`, timm); fp32 on CPU, bf16 autocast on CUDA; TFLOP/s from an
-               analytic FLOP count and its fraction of the device's dense bf16 peak.
-2. pretrain  - images/s, ms/step and peak memory of one DINOv2 + iBOT + KoLeo training step (tiny on CPU,
-               the dbt-dino recipe on CUDA) with model FLOPs utilisation.
-3. read      - one-slice read vs full decode of a 60 x 2457 x 1996 uint16 DBT volume (native and JPEG 2000):
+               installed (PyPI `dinov2`, timm); fp32 on CPU; on CUDA bf16 autocast and bf16 weights (both for ours
+               and timm), plus our compiled blocks with --compile.
+2. embed     - end to end from DICOM on disk (probe.embed_volumes: stored integers decoded on loader workers,
+               VOI and resize on the device, features cached): slices/s per process and per loader core, and the
+               share of the time spent waiting for data.
+3. precision - agreement of bf16 autocast and bf16 weights with fp32 on ViT-B/14 (random init) at 518 on
+               phantom slices: cosine of CLS and patch tokens, and the density-probe accuracy on a 32-patient
+               phantom archive (data.density_eval_set + model.patch_mean_std + metrics.density_probe_cv).
+4. pretrain  - images/s, ms/step and peak memory of one DINOv2 + iBOT + KoLeo training step (tiny on CPU;
+               on CUDA the dbt-dino recipe at the largest batch that fits, with and without --grad-checkpoint).
+5. read      - one-slice read vs full decode of a 60 x 2457 x 1996 uint16 DBT volume (native and JPEG 2000):
                time and peak memory (measured in a fresh subprocess); slices/s per core of the full
                pretraining sample path (read -> window -> crops -> masks).
 
 Every figure is a median over --repeats runs after --warmup runs; every comparison is a ratio taken in
 this process, with the implementations interleaved run by run (alternating order) so drift hits all equally.
+GPU tables give TFLOP/s (analytic matmul + attention FLOPs), its fraction of the matmul peak measured in the
+same run (one 8192^3 bf16 GEMM), and the speed relative to timm at the same precision.
 """
 import argparse
+import copy
+import gc
 import json
 import os
 import statistics
@@ -27,27 +37,52 @@ import time
 
 import torch
 
+import data
 import model
 
-# Dense bf16 tensor-core peaks (vendor datasheets, SXM parts); used only for the "fraction of peak" column.
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+ARCHS = {"vits14": ("vit_small", "vit_small_patch14_dinov2"), "vitb14": ("vit_base", "vit_base_patch14_dinov2")}
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", nargs="?", default="all", choices=["all", "backbone", "pretrain", "read"],
-                   help="which benchmark to run")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p = data.one_line_errors(argparse.ArgumentParser(description=__doc__,
+                                                     formatter_class=argparse.RawDescriptionHelpFormatter))
+    count = data.number(int, 1)
+    p.add_argument("what", nargs="?", default="all", choices=["all", "backbone", "embed", "precision", "pretrain",
+                                                              "read"], help="which benchmark to run (default: all)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: cuda if available (default: auto)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
-    p.add_argument("--chunk", type=int, default=0,
-                   help="slices per forward; 0 = DBT-DINO's extraction chunk (75) on CUDA, 2 on CPU")
-    p.add_argument("--size", type=int, default=518, help="input side for the backbone benchmark")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
-    p.add_argument("--cache", default="cache/bench", help="where the synthetic DICOM volumes are written once")
-    p.add_argument("--out", default="bench.json", help="where the results are written")
-    return p.parse_args(argv)
+    p.add_argument("--compile", action="store_true", help="also time our blocks under torch.compile "
+                   "(model.compile_blocks), and compile the pretraining step")
+    p.add_argument("--profile", action="store_true", help="print the kernel-time tables of our fastest backbone "
+                   "row and of each pretraining row that fits")
+    for flag, kind, default, text in [  # range-checked numbers
+            ("--repeats", count, 5, "timed runs per figure, median reported"),
+            ("--warmup", data.number(int, 0), 1, "untimed runs before timing"),
+            ("--chunk", data.number(int, 0), 0, "slices per forward; 0 = DBT-DINO's extraction chunk (75) on CUDA, "
+             "2 on CPU"),
+            ("--size", data.number(int, 14), 518, "input side for the backbone, embed and precision benchmarks"),
+            ("--volumes", count, 24, "volume reads in the embed benchmark"),
+            ("--workers", data.number(int, 0), 0, "embed loader workers; 0 = all cores but two"),
+            ("--patients", data.number(int, 8), 32, "phantom patients in the precision benchmark's density probe")]:
+        p.add_argument(flag, type=kind, default=default, help=f"{text} (default: {default})")
+    for flag, choices, text in [  # fixed sets; the first is the default
+            ("--compile-mode", ["default", "max-autotune-no-cudagraphs", "max-autotune"],
+             "torch.compile mode of the compiled rows; max-autotune searches matmul kernels (minutes)"),
+            ("--compile-scope", ["blocks", "model"], "blocks: model.compile_blocks (what pretrain and probe use); "
+             "model: torch.compile of the whole forward_features, for comparison"),
+            ("--precision", ["all", "autocast", "bf16-weights"], "CUDA backbone rows: both precisions or one"),
+            ("--arch", ["all"] + list(ARCHS), "backbone benchmark architectures")]:
+        p.add_argument(flag, default=choices[0], choices=choices, help=f"{text} (default: {choices[0]})")
+    p.add_argument("--cache", default="cache/bench", help="where the synthetic DICOM volumes are written once "
+                   "(default: cache/bench)")
+    p.add_argument("--out", default="bench.json", help="where the results are written (default: bench.json)")
+    args = p.parse_args(argv)
+    if args.size % 14:
+        p.error(f"argument --size: {args.size} is not a multiple of the patch size 14")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("argument --device: cuda was asked for, but this machine has no usable CUDA device")
+    return args
 
 
 def sync(device):
@@ -81,11 +116,30 @@ def vit_flops(vit, H, W):
     return 2 * n * 3 * p * p * D + L * per_block
 
 
-def peak_tflops(device):
+def matmul_peak_tflops(device, n=8192, reps=20):
+    """Dense bf16 TFLOP/s of one n^3 GEMM measured now: the denominator of every 'fraction of peak' (measured,
+    because clocks, power limits and parts differ from the datasheet). None on CPU."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))  # (n, n) each
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def add_rates(rows, flops_key, seconds_key, peak):
+    """TFLOP/s and its fraction of the measured matmul peak, in place."""
+    for r in rows:
+        if r.get(seconds_key):
+            r["tflops"] = r.pop(flops_key) / r[seconds_key] / 1e12
+            r["peak_frac"] = r["tflops"] / peak if peak else None
+        r.pop(flops_key, None)
+    return rows
 
 
 def reference_models(arch, ours, size):
@@ -93,8 +147,7 @@ def reference_models(arch, ours, size):
     refs = {}
     try:
         from dinov2.models import vision_transformer as vt
-        ref = getattr(vt, {"vits14": "vit_small", "vitb14": "vit_base"}[arch])(
-            patch_size=14, img_size=518, init_values=1.0, block_chunks=0)
+        ref = getattr(vt, ARCHS[arch][0])(patch_size=14, img_size=518, init_values=1.0, block_chunks=0)
         ref.load_state_dict(ours.state_dict(), strict=True)
         refs["dinov2"] = ref
     except ImportError:
@@ -102,8 +155,7 @@ def reference_models(arch, ours, size):
     try:
         import timm
         from timm.models.vision_transformer import checkpoint_filter_fn
-        ref = timm.create_model({"vits14": "vit_small_patch14_dinov2", "vitb14": "vit_base_patch14_dinov2"}[arch],
-                                pretrained=False, num_classes=0, img_size=size)  # timm fixes the input size
+        ref = timm.create_model(ARCHS[arch][1], pretrained=False, num_classes=0, img_size=size)  # fixed input size
         ref.load_state_dict(checkpoint_filter_fn(ours.state_dict(), ref), strict=True)
         refs["timm"] = ref
     except ImportError:
@@ -111,38 +163,186 @@ def reference_models(arch, ours, size):
     return refs
 
 
+def compile_mode(args):
+    return None if args.compile_mode == "default" else args.compile_mode
+
+
+def compiled_copy(vit, args):
+    if args.compile_scope == "blocks":
+        return model.compile_blocks(vit, mode=compile_mode(args), log=None)
+    vit.forward_features = torch.compile(vit.forward_features, mode=compile_mode(args), dynamic=False)
+    return vit
+
+
+def backbone_impls(arch, ours, size, args, device):
+    """(name, precision) -> module: eager ours and the references at each precision; ours compiled with --compile.
+    precision: fp32 (CPU), autocast (bf16 autocast, fp32 weights) or bf16-weights (everything bf16)."""
+    refs = reference_models(arch, ours, size)
+    precisions = ["autocast", "bf16-weights"] if device.type == "cuda" else ["fp32"]
+    precisions = precisions if args.precision == "all" or device.type != "cuda" else [args.precision]
+    impls = {}
+    for prec in precisions:
+        cast = (lambda m: copy.deepcopy(m).to(torch.bfloat16)) if prec == "bf16-weights" else (lambda m: m)
+        impls[("ours", prec)] = cast(ours)
+        for name, ref in refs.items():
+            if prec == precisions[0] or name == "timm":  # the dinov2 package is far behind: one precision is enough
+                impls[(name, prec)] = cast(ref) if ref is not None else None
+        if args.compile:
+            impls[("ours+compile", prec)] = compiled_copy(cast(copy.deepcopy(ours)), args)
+    return impls
+
+
 def bench_backbone(args, device):
     rows = []
     chunk = args.chunk or (75 if device.type == "cuda" else 2)
     size = 112 if args.quick else args.size
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    for arch in (["vits14"] if args.quick else ["vits14", "vitb14"]):
+    for arch in (["vits14"] if args.quick else list(ARCHS) if args.arch == "all" else [args.arch]):
         ours = model.build(arch).eval().to(device)
         x = torch.rand(chunk, 3, size, size, device=device)  # (chunk, 3, H, W)
-        fns, outs = {}, {}
-        impls = {"ours": ours, **reference_models(arch, ours, size)}
-        if args.compile:
-            impls["ours+compile"] = torch.compile(ours)
-        for name, m in impls.items():
+        fns, outs, compile_s = {}, {}, {}
+        for (name, prec), m in backbone_impls(arch, ours, size, args, device).items():
             if m is None:
-                rows.append(dict(bench="backbone", arch=arch, impl=name, note="not installed: skipped"))
+                rows.append(dict(bench="backbone", arch=arch, impl=name, precision=prec, note="not installed: skipped"))
                 continue
             m = m.eval().to(device)
+            xin = x.to(torch.bfloat16) if prec == "bf16-weights" else x
 
-            def run(m=m, name=name):
-                with torch.inference_mode(), torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
-                    out = m.forward_features(x)
-                outs[name] = out["x_norm_clstoken"] if isinstance(out, dict) else out[:, 0]
-            fns[name] = run
+            def run(m=m, key=(name, prec), xin=xin, amp=prec == "autocast"):  # bound now, not at call time
+                with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                    out = m.forward_features(xin)
+                outs[key] = out["x_norm_clstoken"] if isinstance(out, dict) else out[:, 0]
+            if name.endswith("+compile"):  # the first call compiles: timed apart, reported once per row
+                t0 = time.perf_counter()
+                run()
+                sync(device)
+                compile_s[(name, prec)] = time.perf_counter() - t0
+            fns[(name, prec)] = run
         secs = interleaved(fns, 1 if args.quick else args.repeats, args.warmup, device)
-        flops = vit_flops(ours, size, size) * chunk
-        for name, s in secs.items():
-            tflops = flops / s / 1e12
-            peak = peak_tflops(device)
-            rows.append(dict(bench="backbone", arch=arch, impl=name, size=size, chunk=chunk, dtype=str(dtype)[6:],
-                             slices_per_s=chunk / s, tflops=tflops, peak_frac=tflops / peak if peak else None,
-                             ours_speedup=s / secs["ours"],  # >= 1.0: ours is at least as fast
-                             max_abs_diff=(outs[name].float() - outs["ours"].float()).abs().max().item()))
+        if args.profile:  # our fastest setting: compiled if timed, at the last precision
+            ours_keys = [k for k in fns if k[0].startswith("ours")]
+            profile(fns[ours_keys[-1]], ours_keys[-1], device)
+        for (name, prec), s in secs.items():
+            timm_s = secs.get(("timm", prec))
+            rows.append(dict(bench="backbone", arch=arch, impl=name, precision=prec, size=size, chunk=chunk,
+                             slices_per_s=chunk / s, flops=vit_flops(ours, size, size) * chunk, seconds=s,
+                             vs_timm=timm_s / s if timm_s else None,  # > 1: faster than timm at this precision
+                             max_abs_diff=(outs[(name, prec)].float() - outs[("ours", prec)].float()).abs().max()
+                             .item(),
+                             compile_s=compile_s.get((name, prec))))
+    return add_rates(rows, "flops", "seconds", args.peak)
+
+
+def profile(fn, name, device, rows=15):
+    """Where the time goes: the costliest kernels of one call (what the one-line comments in model.py cite)."""
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda"
+                                                   else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        fn()
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"profile of {name}:\n" + prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60),
+          flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# embed: DICOM on disk -> features, through probe.embed_volumes
+
+
+def full_size_volume(args, encoding="native"):
+    """One phantom BTO file at the clinical size (quick: a small one), written once into --cache."""
+    shape = (8, 512, 384) if args.quick else (60, 2457, 1996)
+    os.makedirs(args.cache, exist_ok=True)
+    path = os.path.join(args.cache, f"phantom_{encoding}_{'x'.join(map(str, shape))}.dcm")
+    if not os.path.exists(path):  # written once (about 15 s each at full size), then reused
+        data.write_phantom_dicom(path + ".tmp", shape=shape, encoding=encoding)
+        os.replace(path + ".tmp", path)
+    return path, shape
+
+
+def loader_only(paths, workers, pin):
+    """The embed loader alone (decode on workers, hand-over, pinning): the ceiling the device side cannot pass."""
+    import probe
+    loader = torch.utils.data.DataLoader(probe.VolumeReader(paths), batch_size=None, num_workers=workers,
+                                         pin_memory=pin)
+    t0, slices = time.perf_counter(), 0
+    for _, item in loader:
+        slices += len(item["stored"]) if isinstance(item, dict) else 0
+    rate = slices / (time.perf_counter() - t0)
+    return dict(bench="embed", impl="loader-only" + ("+pin" if pin else ""), workers=workers, slices=slices,
+                slices_per_s=rate, slices_per_s_per_core=rate / max(workers, 1))
+
+
+def bench_embed(args, device):
+    """Slices/s from DICOM on disk to per-view features: the same volume read --volumes times (page cache, as a
+    warm archive), through probe.embed_volumes (loader workers decode, the device does VOI, resize, ViT)."""
+    import probe
+    path, shape = full_size_volume(args)
+    arch, size = ("tiny", 112) if args.quick else ("vitb14", args.size)
+    workers = args.workers or (1 if args.quick else max(1, (os.cpu_count() or 2) - 2))
+    chunk = args.chunk or (75 if device.type == "cuda" else 8)
+    paths = [path] * (2 if args.quick else args.volumes)
+    rows = [loader_only(paths, workers, pin) for pin in ([True, False] if device.type == "cuda" else [False])]
+    precisions = ["autocast", "bf16-weights"] if device.type == "cuda" else ["fp32"]
+    for compiled in ([False, True] if args.compile else [False]):
+        vit = model.build(arch).eval().to(device)
+        if compiled:
+            model.compile_blocks(vit, mode=compile_mode(args), log=None)
+        for prec in precisions:
+            kw = dict(size=size, chunk=chunk, workers=workers, precision=prec)
+            probe.embed_volumes(vit, paths[:1], device, **dict(kw, workers=min(workers, 1)))  # warm-up (compiles)
+            _, stats = probe.embed_volumes(vit, paths, device, **kw)
+            rate = stats["slices"] / stats["seconds"]
+            rows.append(dict(bench="embed", arch=arch, impl="ours+compile" if compiled else "ours", precision=prec,
+                             size=size, volume="x".join(map(str, shape)), workers=workers, slices=stats["slices"],
+                             slices_per_s=rate, slices_per_s_per_core=rate / max(workers, 1),
+                             data_wait_share=stats["wait_seconds"] / stats["seconds"], skipped=stats["skipped"],
+                             flops=vit_flops(vit, size, size) * stats["slices"], seconds=stats["seconds"]))
+    return add_rates(rows, "flops", "seconds", args.peak)
+
+
+# ---------------------------------------------------------------------------------------------------
+# precision: bf16 autocast and bf16 weights against fp32
+
+
+@torch.no_grad()
+def tokens(vit, images, device, prec, chunk=32):
+    """CLS (M, D) and patch tokens (M, N, D) as fp32 on the CPU, at one precision."""
+    cls, patches = [], []
+    for x in images.split(chunk):
+        x = x.to(device, torch.bfloat16 if prec == "bf16-weights" else torch.float32)
+        with torch.autocast(device.type, torch.bfloat16, enabled=prec == "autocast"):
+            out = vit.forward_features(x)
+        cls.append(out["x_norm_clstoken"].float().cpu())
+        patches.append(out["x_norm_patchtokens"].float().cpu())
+    return torch.cat(cls), torch.cat(patches)
+
+
+def bench_precision(args, device):
+    """Random-init weights (no checkpoint is downloaded here), phantom slices: what reduced precision changes."""
+    import metrics
+    arch, size = ("tiny", 112) if args.quick else ("vitb14", args.size)
+    archive = data.synthetic_archive(patients=8 if args.quick else args.patients, seed=0 if args.quick else 7)
+    ev = data.density_eval_set(archive, size=size)  # central slice of every view: (M, 3, size, size)
+    fp32 = model.build(arch).eval().to(device)
+    nets = {"fp32": fp32, "autocast": fp32, "bf16-weights": copy.deepcopy(fp32).to(torch.bfloat16)}
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32
+    feats = {k: tokens(net, ev["images"], device, k) for k, net in nets.items()}
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    rows = []
+    for prec, (cls, patches) in feats.items():
+        cos_cls = torch.nn.functional.cosine_similarity(cls, feats["fp32"][0], dim=-1)  # (M,)
+        cos_patch = torch.nn.functional.cosine_similarity(patches, feats["fp32"][1], dim=-1).flatten()  # (M*N,)
+        images = ev["images"].to(torch.bfloat16) if prec == "bf16-weights" else ev["images"]
+        with torch.autocast(device.type, torch.bfloat16, enabled=prec == "autocast"):
+            pooled = model.patch_mean_std(nets[prec], images, device)  # DBT-DINO's slice feature, (M, 2D)
+        probe = metrics.density_probe_cv(pooled.numpy(), ev["labels"].numpy(), ev["groups"].numpy())
+        rows.append(dict(bench="precision", arch=arch, weights="random-init", precision=prec, size=size,
+                         images=len(cls), cos_cls_min=cos_cls.min().item(), cos_cls_mean=cos_cls.mean().item(),
+                         cos_patch_min=cos_patch.min().item(), cos_patch_mean=cos_patch.mean().item(),
+                         density_acc=probe["density_acc"], acc_change=None, majority=probe["density_majority"]))
+    for r in rows:
+        r["acc_change"] = r["density_acc"] - rows[0]["density_acc"]
     return rows
 
 
@@ -169,15 +369,9 @@ def read_once(path, which):
 
 
 def bench_read(args, device):
-    import data
-    shape = (8, 512, 384) if args.quick else (60, 2457, 1996)
-    os.makedirs(args.cache, exist_ok=True)
     rows, repeats = [], 1 if args.quick else args.repeats
     for enc in ("native", "j2k"):
-        path = os.path.join(args.cache, f"phantom_{enc}_{'x'.join(map(str, shape))}.dcm")
-        if not os.path.exists(path):  # written once (about 15 s each at full size), then reused
-            data.write_phantom_dicom(path + ".tmp", shape=shape, encoding=enc)
-            os.replace(path + ".tmp", path)
+        path, shape = full_size_volume(args, enc)
         one = [read_once(path, str(shape[0] // 2)) for _ in range(repeats)]
         full = [read_once(path, "all") for _ in range(repeats)]
         t1, m1 = statistics.median(r[0] for r in one), statistics.median(r[1] for r in one)
@@ -190,7 +384,6 @@ def bench_read(args, device):
 
 def bench_sample_path(args, path):
     """Samples/s on one core through read -> VOI -> crops -> augmentation -> collate with masks."""
-    import data
     torch.set_num_threads(1)  # per loader worker: tells how many workers one GPU needs
     import pretrain
     sizes = {k: pretrain.PRESETS["tiny" if args.quick else "dbt-dino"][k] for k in ("global_size", "local_size")}
@@ -222,50 +415,98 @@ def rss_peak_mib(reset=False):
         return None
 
 
-def bench_pretrain(args, device):
-    """Images/s of pretrain.train_step on a fixed collated batch (data loading is timed in bench_read)."""
-    import functools
-    import data
-    import pretrain
-    preset = "tiny" if device.type == "cpu" or args.quick else "dbt-dino"
-    argv = ["--preset", preset, "--device", device.type] + (["--amp"] if device.type == "cuda" else [])
-    if args.quick:
-        argv += ["--batch-size", "4", "--prototypes", "256"]
-    elif device.type == "cuda":
-        argv += ["--batch-size", str(args.chunk or 32)]  # per-GPU images that fit beside 2x518 + 8x196 crops
-    p = pretrain.get_args(argv)
+# CUDA batch sizes tried, largest first, for the dbt-dino step without and with activation checkpointing
+PRETRAIN_BATCHES = {False: (40, 32, 24, 16), True: (128, 112, 96, 80, 64)}
+
+
+def pretrain_samples(p, n, workers):
+    """n uncollated pretraining samples of the synthetic archive (loader workers make the big batches fast)."""
     recipe = dict(data.RECIPES[p.recipe], global_size=p.global_size, local_size=p.local_size)
     stream = data.PretrainStream(data.synthetic_archive(), patch_size=14, seed=0, **recipe)
-    it = iter(stream)
-    batch = data.collate_pretrain([next(it) for _ in range(p.batch_size)], patch_size=14)
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    student, teacher = pretrain.build_models(p, device)
-    optimizer = torch.optim.AdamW(pretrain.param_groups(student, p.layer_decay))
+    if workers == 0:
+        it = iter(stream)
+        return [next(it) for _ in range(n)]
+    samples = []
+    for part in data.make_loader(stream, 8, workers, list, seed=0):  # each worker fills its own batches of 8
+        samples += part
+        if len(samples) >= n:
+            return samples[:n]
+
+
+def pretrain_row(args, device, p, samples):
+    """One row: images/s of pretrain.train_step on a fixed collated batch of len(samples) images."""
+    import pretrain
+    batch = data.collate_pretrain(samples, patch_size=14)
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    student, teacher = pretrain.build_models(p, device)  # compiles the blocks when p.compile
+    if args.compile and not getattr(p, "compile", False):  # a pretrain.py without --compile
+        model.compile_blocks(student.backbone)
+        model.compile_blocks(teacher.backbone)
+    # as pretrain.train: fused AdamW on CUDA (one kernel for the whole update)
+    optimizer = torch.optim.AdamW(pretrain.param_groups(student, p.layer_decay), betas=(0.9, 0.999),
+                                  fused=device.type == "cuda")
     centers = {k: torch.zeros(1, p.prototypes, device=device) for k in ("dino", "ibot")}
     sched = {k: float(v[0]) for k, v in pretrain.make_schedules(p, 1).items()}
     step = lambda: pretrain.train_step(student, teacher, batch, centers, optimizer, sched, p)  # noqa: E731
-    step()  # first step allocates optimizer state
+    t0 = time.perf_counter()
+    step()  # the first step allocates optimizer state (and compiles forward and backward)
+    sync(device)
+    first = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     base = rss_peak_mib(reset=True)
     secs = interleaved({"step": step}, 1 if args.quick else args.repeats, args.warmup, device)["step"]
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else rss_peak_mib()
+    if args.profile:
+        profile(step, f"train_step at batch {p.batch_size}", device, rows=25)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else rss_peak_mib() / 2**10
     # model FLOPs per image: student forward + backward (3x) on all crops, teacher forward on the globals
+    # (activation checkpointing's extra forward is not counted: it is the same work done twice)
     vit, G, L = student.backbone, p.global_size, p.local_size
     n_local = len(batch["local"]) // p.batch_size
     flops = 3 * (2 * vit_flops(vit, G, G) + n_local * vit_flops(vit, L, L)) + 2 * vit_flops(vit, G, G)
-    tflops, peak_t = flops * p.batch_size / secs / 1e12, peak_tflops(device)
-    return [dict(bench="pretrain", preset=preset, model=p.model, batch=p.batch_size, images_per_s=p.batch_size / secs,
-                 ms_per_step=1e3 * secs, peak_mem_mib=peak, peak_mem_from=("cuda" if device.type == "cuda" else "rss"),
-                 gflop_per_image=flops / 1e9, tflops=tflops, mfu=tflops / peak_t if peak_t else None,
-                 rss_before_mib=base)]
+    return dict(bench="pretrain", preset=p.preset, model=p.model, batch=p.batch_size,
+                grad_checkpoint=p.grad_checkpoint, compiled=args.compile, images_per_s=p.batch_size / secs,
+                ms_per_step=1e3 * secs, first_step_s=first, peak_mem_gib=peak,
+                peak_mem_from=("cuda" if device.type == "cuda" else "rss"), gflop_per_image=flops / 1e9,
+                flops=flops * p.batch_size, seconds=secs, rss_before_mib=base)
+
+
+def bench_pretrain(args, device):
+    """Images/s of pretrain.train_step (data loading is timed in bench_read and bench_embed). On CUDA: the
+    dbt-dino recipe at the largest batch of PRETRAIN_BATCHES that fits, without and with --grad-checkpoint."""
+    import pretrain
+    cuda = device.type == "cuda" and not args.quick
+    preset = "dbt-dino" if cuda else "tiny"
+    base = ["--preset", preset, "--device", device.type] + (["--amp"] if device.type == "cuda" else [])
+    base += ["--batch-size", "4", "--prototypes", "256"] if args.quick else []
+    plans = [(ckpt, PRETRAIN_BATCHES[ckpt]) for ckpt in (False, True)] if cuda else [(False, (None,))]
+    samples = pretrain_samples(pretrain.get_args(base), max(b or 8 for _, bs in plans for b in bs),
+                               max(1, min(14, (os.cpu_count() or 2) - 2)) if cuda else 0)
+    rows = []
+    for ckpt, batches in plans:
+        for b in batches:
+            argv = base + (["--batch-size", str(b)] if b else []) + (["--grad-checkpoint"] if ckpt else [])
+            p = pretrain.get_args(argv + (["--compile"] if args.compile else []))
+            try:
+                rows.append(pretrain_row(args, device, p, samples[:p.batch_size]))
+                break  # the largest batch that fits
+            except torch.OutOfMemoryError:
+                rows.append(dict(bench="pretrain", preset=preset, model=p.model, batch=b, grad_checkpoint=ckpt,
+                                 compiled=args.compile, note="out of memory"))
+            finally:
+                gc.collect()
+                torch.cuda.empty_cache() if device.type == "cuda" else None
+    return add_rates(rows, "flops", "seconds", args.peak)
 
 
 def table(rows):
     keys = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("-" if v is None else str(v).replace(" ", ""))  # noqa: E731
+    def fmt(v):  # cosines near 1 keep six decimals: 0.99998 is not 1
+        if isinstance(v, float):
+            return f"{v:.6f}" if 0.99 < v < 1 else f"{v:.4g}"
+        return "-" if v is None else str(v).replace(" ", "")
     cells = [[fmt(r.get(k)) for k in keys] for r in rows]
     widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
     lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths))]
@@ -276,18 +517,22 @@ def table(rows):
 def main(args):
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    args.peak = matmul_peak_tflops(device)
     env = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{os.cpu_count()}",
-               torch=torch.__version__, threads=torch.get_num_threads(), quick=args.quick)
-    print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
+               torch=torch.__version__, threads=torch.get_num_threads(), quick=args.quick, compile=args.compile,
+               matmul_peak_tflops=args.peak)
+    print(" ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}" for k, v in env.items()), flush=True)
     rows = []
-    for name, fn in [("backbone", bench_backbone), ("pretrain", bench_pretrain), ("read", bench_read)]:
+    for name, fn in [("backbone", bench_backbone), ("precision", bench_precision), ("embed", bench_embed),
+                     ("pretrain", bench_pretrain), ("read", bench_read)]:
         if args.what in ("all", name):
             t0 = time.perf_counter()
-            rows += fn(args, device)
+            new = fn(args, device)
+            rows += new
             print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
-    for kind in dict.fromkeys(r["bench"] for r in rows):  # one table per benchmark, columns of its own
-        print("\n" + table([{k: v for k, v in r.items() if k not in ("bench", "rss_before_mib")}
-                            for r in rows if r["bench"] == kind]), flush=True)
+            for kind in dict.fromkeys(r["bench"] for r in new):  # printed now: a long run keeps what it measured
+                print("\n" + table([{k: v for k, v in r.items() if k not in ("bench", "rss_before_mib", "seconds")}
+                                    for r in new if r["bench"] == kind]) + "\n", flush=True)
     with open(args.out + ".tmp", "w") as f:
         json.dump(dict(env, rows=rows), f, indent=1)
     os.replace(args.out + ".tmp", args.out)
@@ -295,4 +540,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    try:
+        main(get_args())
+    except (ValueError, FileNotFoundError, OSError) as e:
+        sys.exit(f"error: {e}")

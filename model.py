@@ -159,7 +159,8 @@ class ViT(nn.Module):
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))  # cls + grid, no registers
-        self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
+        self.register_tokens = (nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
+                                if num_register_tokens else None)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))  # exists in every hub checkpoint
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, ffn, init_values, drop_path_rate)
                                     for _ in range(depth))

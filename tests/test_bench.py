@@ -1,19 +1,56 @@
-"""Smoke test of bench.py --quick: every benchmark runs and lands in the table and bench.json."""
+"""bench.py: the FLOP count behind every TFLOP/s figure (against torch's own counter), and a smoke test of
+`bench.py all --quick` whose tables must hold numbers that can be checked independently."""
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+import model
+
 BENCH = Path(__file__).resolve().parents[1] / "bench.py"
 
 
-def test_bench_quick_produces_the_table(tmp_path):
+@pytest.mark.parametrize("name,H,W", [("tiny", 112, 112), ("tiny", 70, 126), ("vits14_reg", 56, 84)])
+def test_vit_flops_match_torch_flop_counter(name, H, W):
+    """torch.utils.flop_counter counts every matmul of a real forward (the math SDPA path makes attention two
+    bmm's it can see): the analytic count must be exactly that, registers and non-square grids included."""
+    vit = model.build(name).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        vit.forward_features(torch.rand(1, 3, H, W))
+    assert bench.vit_flops(vit, H, W) == counter.get_total_flops()
+
+
+def test_bad_flag_is_one_line():
+    run = subprocess.run([sys.executable, str(BENCH), "backbone", "--size", "100"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and "--size" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_bench_quick_produces_the_tables(tmp_path, monkeypatch):
+    monkeypatch.setenv("DBT_DINO_CACHE", str(tmp_path / "dbt-cache"))
     out = tmp_path / "bench.json"
     run = subprocess.run([sys.executable, str(BENCH), "all", "--quick", "--device", "cpu", "--cache",
-                          str(tmp_path / "cache"), "--out", str(out)], capture_output=True, text=True, timeout=300)
+                          str(tmp_path / "cache"), "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert {r["bench"] for r in rows} == {"backbone", "pretrain", "read", "sample_path"}
-    for header in ("slices_per_s", "images_per_s", "mem_ratio", "samples_per_s_per_core"):
+    assert {r["bench"] for r in rows} == {"backbone", "precision", "embed", "pretrain", "read", "sample_path"}
+    for header in ("slices_per_s", "vs_timm", "cos_patch_min", "data_wait_share", "images_per_s", "mem_ratio",
+                   "samples_per_s_per_core"):
         assert header in run.stdout  # each table printed its figure
-    assert all(r["slices_per_s"] > 0 for r in rows if r["bench"] == "backbone" and "slices_per_s" in r)
+    backbone = {r["impl"]: r for r in rows if r["bench"] == "backbone"}
+    assert backbone["timm"]["vs_timm"] == 1.0 and backbone["ours"]["max_abs_diff"] == 0.0
+    assert backbone["ours"]["vs_timm"] > 0 and backbone["dinov2"]["max_abs_diff"] < 1e-4  # same weights, fp32
+    precision = {r["precision"]: r for r in rows if r["bench"] == "precision"}
+    assert precision["fp32"]["cos_cls_min"] > 0.99999 and precision["fp32"]["acc_change"] == 0
+    assert 0.99 < precision["bf16-weights"]["cos_patch_min"] < 1  # bf16 changes something, not much
+    assert precision["fp32"]["images"] == 4 * 8  # 4 views of each of the 8 phantom patients
+    embed = [r for r in rows if r["bench"] == "embed"]
+    assert {r["impl"] for r in embed} == {"loader-only", "ours"}
+    assert all(r["slices"] == 2 * 8 for r in embed)  # 2 reads of one 8-slice volume, nothing skipped
+    assert all(0 <= r.get("data_wait_share", 0) <= 1 and r["slices_per_s"] > 0 for r in embed)

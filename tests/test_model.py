@@ -244,7 +244,8 @@ def test_grad_checkpointing_is_exact():
         torch.manual_seed(0)
         out = m.forward_features(torch.randn(4, 3, 112, 112, generator=torch.Generator().manual_seed(1)))
         out["x_norm_patchtokens"].square().mean().backward()
-        results.append((out["x_norm_clstoken"].detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+        grads = [p.grad.clone() for p in m.parameters() if p.grad is not None]
+        results.append((out["x_norm_clstoken"].detach(), grads))
     (a, ga), (b, gb) = results
     assert len(ga) == len(gb) > 20 and torch.equal(a, b)
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ga, gb))
