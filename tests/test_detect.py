@@ -158,8 +158,9 @@ def test_end_to_end_run_and_bad_input(archive, tmp_path):
     assert json.loads((out / "args.json").read_text())["skipped_volumes"] == 1
     with open(out / "predictions.csv") as f:
         assert next(csv.reader(f)) == "PatientID,StudyUID,View,X,Width,Y,Height,Z,Depth,Score".split(",")
-    assert (out / "froc.png").exists() and set(result["official"]) == {
-        "sensitivity_at_2_fps_all", "mean_sensitivity_positive", *(f"sensitivity_at_{k}_fps_positive" for k in (1, 2, 3, 4))}
+    official = {"sensitivity_at_2_fps_all", "mean_sensitivity_positive",
+                *(f"sensitivity_at_{k}_fps_positive" for k in (1, 2, 3, 4))}
+    assert (out / "froc.png").exists() and set(result["official"]) == official
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 2 and all(math.isfinite(float(r["loss"])) for r in map(json.loads, (
         out / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train")
@@ -176,3 +177,45 @@ def test_bad_flags_are_one_line_naming_the_flag(capsys):
             detect.get_args(flags)
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and name in err and "\n" not in err
+
+
+def test_grouping_slices_size_filter_and_cap():
+    vol = dict(rows=518, cols=518, n_slices=24)  # 518 px: DBT-DINO's size limits apply unscaled
+
+    def dets(*boxes):  # (slice, x0, y0, w, h, score)
+        return dict(slices=torch.tensor([b[0] for b in boxes]), scores=torch.tensor([b[5] for b in boxes]),
+                    boxes=torch.tensor([[b[1], b[2], b[1] + b[3], b[2] + b[4]] for b in boxes], dtype=torch.float32))
+    one_slice = dets((5, 10, 10, 40, 40, 0.9))
+    assert detect.aggregate(one_slice, vol, 0.5, 0.6) == [] and len(detect.aggregate(one_slice, vol, 0.5, 0.6,
+                                                                                      min_slices=1)) == 1
+    wide = dets((5, 10, 10, 200, 100, 0.9), (6, 10, 10, 200, 100, 0.8))  # w 200 <= 206, h 100 <= 182: kept
+    tall = dets((5, 10, 10, 100, 190, 0.9), (6, 10, 10, 100, 190, 0.8))  # h 190 > 182: dropped
+    assert len(detect.aggregate(wide, vol, 0.5, 0.6)) == 1 and detect.aggregate(tall, vol, 0.5, 0.6) == []
+    far = dets((5, 10, 10, 40, 40, 0.9), (12, 10, 10, 40, 40, 0.8))  # 7 slices apart > 24 / 4: two groups
+    assert len(detect.aggregate(far, vol, 0.5, 0.6, min_slices=1)) == 2
+    many = dets(*[(z, 60 * i, 10, 40, 40, 0.9 - 0.01 * i) for i in range(8) for z in (3, 4)])
+    c = detect.aggregate(many, vol, 0.5, 0.6, max_keep=3)
+    assert [round(x["score"], 2) for x in c] == [0.9, 0.89, 0.88] and detect.aggregate(many, vol, 0.95, 0.6) == []
+
+
+def test_resume_auto_continues_exactly(archive, tmp_path, monkeypatch):
+    def flags(out):
+        return detect.get_args(["--data", str(archive), "--out", str(out), "--steps", "4", "--eval-every", "2",
+                                "--log-every", "1", "--batch-size", "2", "--image-size", "112", "--channels", "32",
+                                "--n-boot", "10", "--baseline-draws", "1", "--device", "cpu", "--resume", "auto"])
+    whole = detect.main(flags(tmp_path / "whole"))
+    save = model.save_checkpoint
+
+    def crash_after_first_save(path, state):
+        save(path, state)
+        raise KeyboardInterrupt  # preempted right after the step-2 checkpoint
+
+    monkeypatch.setattr(model, "save_checkpoint", crash_after_first_save)
+    with pytest.raises(KeyboardInterrupt):
+        detect.main(flags(tmp_path / "cut"))
+    monkeypatch.setattr(model, "save_checkpoint", save)
+    resumed = detect.main(flags(tmp_path / "cut"))
+    losses = [[r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+               if r["split"] == "train"] for run in ("whole", "cut")]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+    assert resumed["official"] == whole["official"]
