@@ -754,7 +754,18 @@ class PretrainStream(torch.utils.data.IterableDataset):
             return self._skip(self.paths[p], e)
         self._sync_fetch_stats(0)
         self.client.cache.unpin(pin)
+        self.volume_bytes = path.stat().st_size  # for the cache-size check in __iter__
         return self._index(path, self.paths[p]) is not None
+
+    def _check_room(self, workers):
+        """Resident volumes are pinned, so the cache must hold all of them at once on this node (ranks x workers x
+        (the one in use + the prefetched)), or the stream would wait on itself until CacheFull."""
+        resident = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * workers * (self.prefetch + 1)
+        need = resident * self.volume_bytes
+        if need > self.client.cache.cap:
+            raise ValueError(f"--cache-bytes {self.client.cache.cap} cannot hold the {resident} volumes resident at "
+                             f"once on this node (ranks x loader workers x (1 + {self.prefetch} prefetched), about "
+                             f"{self.volume_bytes / 2**20:.0f} MiB each): use at least {need / 2**20:.0f}M")
 
     def _resident(self, volumes, row):
         """(v, local path or None, pin) per volume, in order. A remote instance is fetched `prefetch` volumes
@@ -803,6 +814,7 @@ class PretrainStream(torch.utils.data.IterableDataset):
         epoch, buffer = self.epoch, []
         row = worker + 1 if info else 0  # this process's row of fetch_stats
         if self.client is not None:  # a new worker starts from the counts it inherited, already reported
+            self._check_room(workers)
             self._synced = torch.tensor([self.client.stats[k] for k in ("hits", "misses", "bytes")],
                                         dtype=torch.float64)
         while True:
