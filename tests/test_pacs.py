@@ -540,6 +540,11 @@ def test_pretrain_stream_from_the_server_equals_the_local_stream(studies, proxy,
     assert 0 <= report["cache_hit"] < 1 and report["fetched_gb"] * 1e9 >= sum(f.stat().st_size for f in
                                                                              files.values()) * 12 / 15
     assert sum(p.stat().st_size for p in (tmp_path / "dicomweb").rglob("*.dcm*")) <= cap
+    monkeypatch.setenv("DBT_DINO_CACHE", str(tmp_path / "small"))  # the stream above still pins its volumes
+    first = 3 * files[rows[0]["SOPInstanceUID"]].stat().st_size  # the size check knows the first volume's size
+    small = data.PretrainStream(proxy.url, **kw, dicomweb=dict(manifest=manifest, cache_bytes=first - 1, floor_bytes=0))
+    with pytest.raises(ValueError, match="cannot hold the 3 volumes resident at once"):  # in use + 2 prefetched
+        next(iter(small))
 
 
 def _pretrain(args, env, timeout=240):
