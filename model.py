@@ -284,6 +284,11 @@ def compile_blocks(vit, mode=None, log=print, dynamic_batch=True, **compile_kwar
     - Each block's `forward` becomes the compiled Block.forward bound to that block, so copy.deepcopy (and a
       later .to(torch.bfloat16)) gives a copy that runs its own weights; module hooks stay eager.
     Activation checkpointing (vit.grad_checkpointing) works through the compiled blocks."""
+    # One cache entry per (tokens, dtype, train/eval, grad, thread count): embedding, training and evaluation in one
+    # process pass dynamo's default of 8 (bench.py all did), after which it silently runs eager, and a checkpointed
+    # block whose recompute (CUDA's backward thread has another thread count) then runs eager saves other tensors
+    # than its compiled forward: CheckpointError. 64 is plenty.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     # dynamic=False: static token counts, no automatic dynamic shapes after the second crop size
     forward = torch.compile(Block.forward, dynamic=False, mode=mode, **compile_kwargs)
     for blk in vit.blocks:

@@ -48,7 +48,8 @@ def test_bench_quick_produces_the_tables(tmp_path, monkeypatch):
     assert backbone["ours"]["vs_timm"] > 0 and backbone["dinov2"]["max_abs_diff"] < 1e-4  # same weights, fp32
     precision = {r["precision"]: r for r in rows if r["bench"] == "precision"}
     assert precision["fp32"]["cos_cls_min"] > 0.99999 and precision["fp32"]["acc_change"] == 0
-    assert 0.99 < precision["bf16-weights"]["cos_patch_min"] < 1  # bf16 changes something, not much
+    for prec in ("autocast", "bf16-weights"):  # bf16 rounding moves tokens by ~1e-5 in cosine: visibly, not much
+        assert 0.99 < precision[prec]["cos_patch_min"] < 0.99999 and 0.99 < precision[prec]["cos_cls_min"] < 0.99999
     assert precision["fp32"]["images"] == 4 * 8  # 4 views of each of the 8 phantom patients
     embed = [r for r in rows if r["bench"] == "embed"]
     assert {r["impl"] for r in embed} == {"loader-only", "ours"}
