@@ -402,8 +402,8 @@ def test_faults_are_retried_then_skipped_not_a_crash(studies, proxy, tmp_path):
     proxy.stop_after = proxy.forwards + 2  # the server goes away after two more instances
     t0, retries = time.monotonic(), client.stats["retries"]
     served = [path is not None for _, path, _ in client.prefetch(rows[3:9], ahead=1)]
-    n = sum(served)  # the request already accepted when the server closed may still be answered
-    assert served == [True] * n + [False] * (6 - n) and n in (2, 3)
+    n = sum(served)  # two in flight: which of them the server answers before it goes is a race
+    assert n in (2, 3) and served[-3:] == [False] * 3
     assert client.stats["retries"] - retries == 2 * (6 - n) and time.monotonic() - t0 < 20
 
 
