@@ -244,7 +244,7 @@ def apply_voi(x, slope, icpt, c, w, fn, bits_stored=16, signed=0):
     return np.clip(x, 0, 1, out=x)
 
 
-def _decode(meta, s):
+def decode_slice(meta, s):
     """Stored pixels of output slice s, decoded alone: a path source lets pydicom seek to one frame (spec 1.6)."""
     file, index = meta["frames"][s]
     try:
@@ -269,7 +269,7 @@ def read_slices(meta, frames):
     """Decode only `frames` (output slice indices) and display them: float32 (len(frames), H, W) in [0, 1]."""
     out = np.empty((len(frames), meta["rows"], meta["cols"]), np.float32)  # (S, H, W)
     for k, s in enumerate(frames):
-        out[k] = _display(meta, _decode(meta, s), s)
+        out[k] = _display(meta, decode_slice(meta, s), s)
     return out
 
 
@@ -288,7 +288,7 @@ def _orient(meta):
     (The official reader decides from the frame it reads; the breast outline barely changes with depth.)
     Returns the displayed central slice (H, W), for the tissue mask."""
     s = meta["n_frames"] // 2
-    stored = _decode(meta, s)
+    stored = decode_slice(meta, s)
     shown = _display(meta, stored, s)
     meta["side"] = edge_side(shown if meta["invert"] else stored)
     meta["flip"] = edge_side(shown) == "R"

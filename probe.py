@@ -226,7 +226,7 @@ class VolumeReader(torch.utils.data.Dataset):
     def __getitem__(self, i):
         try:
             meta = data.index_volume(self.paths[i])  # headers + the volume's one orientation decision
-            stored = np.stack([data._decode(meta, s) for s in range(meta["n_frames"])])  # (S, H, W)
+            stored = np.stack([data.decode_slice(meta, s) for s in range(meta["n_frames"])])  # (S, H, W)
         except (ValueError, OSError) as e:
             return i, str(e)
         rows, sigmoid = voi_rows(meta)
