@@ -1,6 +1,6 @@
 """Benchmarks for the costs that decide whether the papers' workloads are affordable.
 
-    python bench.py all                         # every figure below, one table each, bench.json (2-core CPU: < 15 min)
+    python bench.py all                         # every figure below, one table each, bench.json (2-core CPU: ~10 min)
     python bench.py all --quick                 # small sizes, about a minute (the test suite runs this)
     python bench.py all --device cuda --compile # the GPU figures, torch.compile rows included
 
@@ -10,10 +10,11 @@
                and timm), plus our compiled blocks with --compile.
 2. embed     - end to end from DICOM on disk (probe.embed_volumes: stored integers decoded on loader workers,
                VOI and resize on the device, features cached): slices/s per process and per loader core, and the
-               share of the time spent waiting for data.
+               share of the time spent waiting for data; the loader alone (pinned and not) beside it.
 3. precision - agreement of bf16 autocast and bf16 weights with fp32 on ViT-B/14 (random init) at 518 on
                phantom slices: cosine of CLS and patch tokens, and the density-probe accuracy on a 32-patient
                phantom archive (data.density_eval_set + model.patch_mean_std + metrics.density_probe_cv).
+               On a CPU, to stay short: ViT-S/14, embed on 1 volume read, precision at 224 on 8 patients.
 4. pretrain  - images/s, ms/step and peak memory of one DINOv2 + iBOT + KoLeo training step (tiny on CPU;
                on CUDA the dbt-dino recipe at the largest batch that fits, with and without --grad-checkpoint).
 5. read      - one-slice read vs full decode of a 60 x 2457 x 1996 uint16 DBT volume (native and JPEG 2000):
@@ -277,10 +278,10 @@ def bench_embed(args, device):
     warm archive), through probe.embed_volumes (loader workers decode, the device does VOI, resize, ViT)."""
     import probe
     path, shape = full_size_volume(args)
-    arch, size = ("tiny", 112) if args.quick else ("vitb14", args.size)
+    arch, size = ("tiny", 112) if args.quick else ("vitb14" if device.type == "cuda" else "vits14", args.size)
     workers = args.workers or (1 if args.quick else max(1, (os.cpu_count() or 2) - 2))
     chunk = args.chunk or (75 if device.type == "cuda" else 8)
-    paths = [path] * (2 if args.quick else args.volumes)
+    paths = [path] * (2 if args.quick else args.volumes if device.type == "cuda" else 1)
     rows = [loader_only(paths, workers, pin) for pin in ([True, False] if device.type == "cuda" else [False])]
     precisions = ["autocast", "bf16-weights"] if device.type == "cuda" else ["fp32"]
     for compiled in ([False, True] if args.compile else [False]):
@@ -320,8 +321,9 @@ def tokens(vit, images, device, prec, chunk=32):
 def bench_precision(args, device):
     """Random-init weights (no checkpoint is downloaded here), phantom slices: what reduced precision changes."""
     import metrics
-    arch, size = ("tiny", 112) if args.quick else ("vitb14", args.size)
-    archive = data.synthetic_archive(patients=8 if args.quick else args.patients, seed=0 if args.quick else 7)
+    cuda = device.type == "cuda" and not args.quick
+    arch, size = ("vitb14", args.size) if cuda else ("tiny", 112) if args.quick else ("vits14", 224)
+    archive = data.synthetic_archive(patients=args.patients if cuda else 8, seed=7 if cuda else 0)
     ev = data.density_eval_set(archive, size=size)  # central slice of every view: (M, 3, size, size)
     fp32 = model.build(arch).eval().to(device)
     nets = {"fp32": fp32, "autocast": fp32, "bf16-weights": copy.deepcopy(fp32).to(torch.bfloat16)}
