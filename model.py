@@ -289,6 +289,8 @@ def compile_blocks(vit, mode=None, log=print, dynamic_batch=True, **compile_kwar
     # block whose recompute (CUDA's backward thread has another thread count) then runs eager saves other tensors
     # than its compiled forward: CheckpointError. 64 is plenty.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # measured (H100, ViT-B/14, 518, chunk 75): 1055 -> 1375 slices/s under autocast, 1264 -> 1460 with bf16 weights;
+    # dbt-dino train_step at batch 32: 92 images/s (issue 14's eager figure: 67)
     # dynamic=False: static token counts, no automatic dynamic shapes after the second crop size
     forward = torch.compile(Block.forward, dynamic=False, mode=mode, **compile_kwargs)
     for blk in vit.blocks:
