@@ -20,6 +20,9 @@
 5. read      - one-slice read vs full decode of a 60 x 2457 x 1996 uint16 DBT volume (native and JPEG 2000):
                time and peak memory (measured in a fresh subprocess); slices/s per core of the full
                pretraining sample path (read -> window -> crops -> masks).
+6. stream    - DICOMweb from a throwaway loopback Orthanc through pacs.py (`bench.py stream`, not in `all`): a
+               cold fetch (MB/s, slices/s), then the pretraining stream through a rotating cache a quarter of the
+               data: samples/s, cache hit rate, MB fetched per training sample.
 
 Every figure is a median over --repeats runs after --warmup runs; every comparison is a ratio taken in
 this process, with the implementations interleaved run by run (alternating order) so drift hits all equally.
@@ -27,19 +30,29 @@ GPU tables give TFLOP/s (analytic matmul + attention FLOPs), its fraction of the
 same run (one 8192^3 bf16 GEMM), and the speed relative to timm at the same precision.
 """
 import argparse
+import base64
 import copy
+import csv
 import gc
+import http.client
+import itertools
 import json
 import os
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
+import pydicom
 import torch
 
 import data
 import model
+import pacs
 
 ARCHS = {"vits14": ("vit_small", "vit_small_patch14_dinov2"), "vitb14": ("vit_base", "vit_base_patch14_dinov2")}
 
@@ -49,7 +62,8 @@ def get_args(argv=None):
                                                      formatter_class=argparse.RawDescriptionHelpFormatter))
     count = data.number(int, 1)
     p.add_argument("what", nargs="?", default="all", choices=["all", "backbone", "embed", "precision", "pretrain",
-                                                              "read"], help="which benchmark to run (default: all)")
+                                                              "read", "stream"],
+                   help="which benchmark to run; `all` is every one but stream, which needs Orthanc (default: all)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: cuda if available (default: auto)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
@@ -516,6 +530,105 @@ def table(rows):
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------------
+# 6. stream: DICOMweb from a loopback Orthanc (not part of `all`: it needs Debian's orthanc + orthanc-dicomweb)
+
+def start_orthanc(root, user, password):
+    """A throwaway Orthanc with its DICOMweb plugin and authentication on a free loopback port:
+    (process, http://127.0.0.1:PORT). Loopback only: RemoteAccessAllowed is off."""
+    plugin = next((p for d in ("/usr/share/orthanc/plugins", "/usr/lib/orthanc") if os.path.isdir(d)
+                   for p in sorted(Path(d).glob("libOrthancDicomWeb.so*"))), None)
+    if shutil.which("Orthanc") is None or plugin is None:
+        raise ValueError("bench.py stream needs Orthanc and its DICOMweb plugin: apt-get install orthanc "
+                         "orthanc-dicomweb")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = dict(Name="bench", StorageDirectory=str(root / "db"), IndexDirectory=str(root / "db"), HttpPort=port,
+                  DicomServerEnabled=False, RemoteAccessAllowed=False, AuthenticationEnabled=True,
+                  RegisteredUsers={user: password}, Plugins=[str(plugin)], HttpCompressionEnabled=False,
+                  DicomWeb={"Enable": True, "Root": "/dicom-web/"})
+    (root / "orthanc.json").write_text(json.dumps(config))
+    proc = subprocess.Popen(["Orthanc", str(root / "orthanc.json")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    for _ in range(150):  # up to 15 s
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise ValueError(f"Orthanc did not start on port {port}")
+
+
+def upload_phantoms(root, url, auth, shape, n):
+    """n native phantom volumes written once and stored through Orthanc's REST API -> their manifest rows."""
+    rows = []
+    for i in range(n):
+        path = data.write_phantom_dicom(root / f"{i}.dcm", shape, "native", seed=i)
+        conn = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=60)
+        conn.request("POST", "/instances", body=path.read_bytes(), headers={"Authorization": auth})
+        if conn.getresponse().status != 200:
+            raise ValueError(f"Orthanc refused the upload of {path}")
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        rows.append({c: str(ds[c].value) for c in pacs.UID_COLUMNS})
+    return rows
+
+
+def bench_stream(args, device):
+    """A cold fetch of every instance through pacs.py (MB/s, slices/s), then the pretraining stream with a rotating
+    cache a quarter of the data (each volume fetched again on every pass, the regime of an archive far larger
+    than its cache): samples/s, cache hit rate, bytes fetched per training sample."""
+    shape, n, spv = ((8, 256, 192), 16, 4) if args.quick else ((24, 1024, 832), 16, 4)  # 0.8 / 41 MB a volume
+    user, password = "bench", "bench-" + os.urandom(6).hex()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        proc, url = start_orthanc(root, user, password)
+        try:
+            auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+            rows = upload_phantoms(root, url, auth, shape, n)
+            manifest, source = root / "manifest.csv", "dicomweb+" + url + "/dicom-web"
+            with open(manifest, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+            creds = pacs.load_credentials(environ=dict(DICOMWEB_USER=user, DICOMWEB_PASSWORD=password))
+            total = n * (root / "0.dcm").stat().st_size
+            client = pacs.Client(source, rows, pacs.Cache(root / "cold", 2 * total, 0), creds)
+            t0 = time.perf_counter()
+            for _, _, pin in client.prefetch(rows, ahead=2):  # 2 requests in flight
+                client.cache.unpin(pin)
+            cold_s = time.perf_counter() - t0
+            out = [dict(bench="stream", what="cold-fetch", volumes=n, shape=list(shape),
+                        mb_per_s=total / cold_s / 1e6, slices_per_s=n * shape[0] / cold_s)]
+            saved = {k: os.environ.get(k) for k in ("DBT_DINO_CACHE", "DICOMWEB_USER", "DICOMWEB_PASSWORD")}
+            os.environ.update(DBT_DINO_CACHE=str(root / "rotating"), DICOMWEB_USER=user, DICOMWEB_PASSWORD=password)
+            try:
+                stream = data.PretrainStream(source, global_size=112, local_size=56, slices_per_volume=spv,
+                                             dicomweb=dict(manifest=manifest, cache_bytes=max(total // 4, 2**20),
+                                                           floor_bytes=0))
+                draws = 2 * n * spv  # two passes over the manifest
+                t0 = time.perf_counter()
+                for _ in itertools.islice(stream, draws):
+                    pass
+                stream_s = time.perf_counter() - t0
+                report = stream.cache_report()
+            finally:
+                for k, v in saved.items():  # put the environment back as it was
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            out.append(dict(bench="stream", what="stream-cache-1/4-data", volumes=n, shape=list(shape),
+                            samples_per_volume=spv, samples_per_s=draws / stream_s, cache_hit=report["cache_hit"],
+                            mb_per_sample=report["bytes_per_sample"] / 1e6,
+                            mb_per_s=report["fetched_gb"] * 1e3 / stream_s))
+            return out
+        finally:
+            proc.kill()
+            proc.wait()
+
+
 def main(args):
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -526,8 +639,8 @@ def main(args):
     print(" ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}" for k, v in env.items()), flush=True)
     rows = []
     for name, fn in [("backbone", bench_backbone), ("precision", bench_precision), ("embed", bench_embed),
-                     ("pretrain", bench_pretrain), ("read", bench_read)]:
-        if args.what in ("all", name):
+                     ("pretrain", bench_pretrain), ("read", bench_read), ("stream", bench_stream)]:
+        if args.what == name or (args.what == "all" and name != "stream"):
             t0 = time.perf_counter()
             new = fn(args, device)
             rows += new
