@@ -13,11 +13,16 @@ Run from the repo root:
   python probe.py --task risk --out runs/risk
   python probe.py embed --data exams.csv --backbone dbt_dino.pth --arch vitb14     # fill the embedding cache only
   python probe.py --data exams.csv --backbone densenet121 --weights densenet121-a639ec97.pth   # the CNN baseline
+  python probe.py embed --data dicomweb+https://pacs.example.org/dicom-web --manifest exams.csv   # from a PACS
   python probe.py compare runs/dbt-dino runs/dinov2 runs/densenet                  # McNemar / DeLong + BH
   python probe.py show --backbone runs/demo/backbone.pth --image view.dcm          # attention.png
 The exam table (--data, or a folder holding exams.csv) has one row per exam: patient, exam, LCC, RCC, LMLO, RMLO
 (paths relative to the CSV), and optionally density (a-d), years_to_cancer (empty when none),
 years_of_followup, split (train/val/test; else 60/20/20 by patient, seeded) and any --subgroups columns.
+From a PACS (--data dicomweb+http(s)://..., the table as --manifest), each view cell names one instance as
+StudyInstanceUID/SeriesInstanceUID/SOPInstanceUID: only those are requested, fetched through pacs.py's rotating
+cache and read like local files; an instance that cannot be fetched leaves its exam out (counted), a refused
+login stops the run. The embedding cache knows an exam by its UIDs, whatever server or proxy served it.
 Embeddings are cached per exam under $DBT_DINO_CACHE/embeddings/<backbone weights + preprocessing>/: a rerun
 embeds only what is missing. --out gets args.json, metrics.jsonl (LR-search curves), metrics.json,
 predictions.csv, head.pt and confusion.png (density) or roc.png (risk).
@@ -48,6 +53,7 @@ from PIL import Image, ImageDraw
 import data
 import metrics
 import model
+import pacs
 
 VIEWS = ("RCC", "LCC", "RMLO", "LMLO")  # DBT-DINO's concatenation order
 STATS = ("patch_mean", "patch_std", "patch_min", "patch_max", "cls_mean", "cls_std")
@@ -224,14 +230,42 @@ class VolumeReader(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
+        return self.read(i, self.paths[i])
+
+    def read(self, i, path):
         try:
-            meta = data.index_volume(self.paths[i])  # headers + the volume's one orientation decision
+            meta = data.index_volume(path)  # headers + the volume's one orientation decision
             stored = np.stack([data.decode_slice(meta, s) for s in range(meta["n_frames"])])  # (S, H, W)
         except (ValueError, OSError) as e:
             return i, str(e)
         rows, sigmoid = voi_rows(meta)
         return i, {"stored": torch.from_numpy(stored), "rows": rows, "sigmoid": sigmoid, "invert": meta["invert"],
                    "flip": meta["flip"]}
+
+
+class RemoteVolumeReader(VolumeReader):
+    """VolumeReader for instances on a DICOMweb server (uids: dicts of pacs.UID_COLUMNS). Each loader worker fetches
+    its volume into the rotating cache (over its own connection, opened after the fork) and reads the cached file
+    through VolumeReader.read, so remote and local pixels share one code path. The file stays pinned only while it
+    is read: once the stored integers are in memory nothing needs it, so at most one volume per worker is pinned.
+    A failed fetch is an (i, message naming the UIDs) skip; AuthError and CacheFull come back as the item, for
+    embed_volumes to stop the run with one line."""
+
+    def __init__(self, client, uids):
+        self.client, self.uids = client, list(uids)
+        self.paths = ["/".join(u[c] for c in pacs.UID_COLUMNS) for u in self.uids]  # labels for the logs
+
+    def __getitem__(self, i):
+        try:
+            path, pin = self.client.fetch(self.uids[i])
+        except pacs.FetchError as e:
+            return i, str(e)
+        except (pacs.AuthError, pacs.CacheFull) as e:
+            return i, e
+        try:
+            return self.read(i, path)
+        finally:
+            self.client.cache.unpin(pin)
 
 
 def aggregate(patch_tokens, cls_tokens):
@@ -277,17 +311,20 @@ def _embed_one(net, item, device, size, chunk, dtype, amp):
 
 
 @torch.inference_mode()
-def embed_volumes(backbone, paths, device, *, size=518, chunk=75, workers=2, precision="autocast"):
+def embed_volumes(backbone, paths, device, *, size=518, chunk=75, workers=2, precision="autocast", client=None):
     """Embed DBT volumes with a frozen backbone -> (features, stats).
 
-    features: one entry per path, a dict of the six aggregate() (D,) tensors, or None for an unreadable volume
-    (reported once with its path). stats: slices, seconds, wait_seconds (blocked on the loader), skipped.
+    paths: local files, or with a pacs.Client `client`, dicts of the instances' three UIDs, fetched on the loader
+    workers (RemoteVolumeReader). features: one entry per path, a dict of the six aggregate() (D,) tensors, or None
+    for an unreadable volume or a failed fetch (reported once with its path or UIDs); pacs.AuthError and
+    pacs.CacheFull stop the run. stats: slices, seconds, wait_seconds (blocked on the loader), skipped.
     Loader workers decode the stored integers one slice at a time; the display transform (rescale, VOI,
     MONOCHROME1), the canonical mirror and the resize to size x size run on `device`, in chunks of `chunk` slices.
     precision: autocast (bf16 autocast on CUDA, fp32 on CPU), bf16-weights (backbone and input in bf16), fp32."""
     device = torch.device(device)
     net, dtype, amp = _prepare(backbone, device, precision)
-    loader = torch.utils.data.DataLoader(VolumeReader(paths), batch_size=None, num_workers=workers,
+    reader = VolumeReader(paths) if client is None else RemoteVolumeReader(client, paths)
+    loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=workers,
                                          pin_memory=device.type == "cuda")
     features, stats = [None] * len(paths), dict(slices=0, seconds=0.0, wait_seconds=0.0, skipped=0)
     progress, t0, every = metrics.Progress(len(paths)), time.perf_counter(), max(1, len(paths) // 10)
@@ -296,6 +333,8 @@ def embed_volumes(backbone, paths, device, *, size=518, chunk=75, workers=2, pre
         t = time.perf_counter()
         i, item = next(batches)
         stats["wait_seconds"] += time.perf_counter() - t
+        if isinstance(item, Exception):  # a refused login or a full cache: every further volume would fail too
+            raise item
         if isinstance(item, str):
             data.log(f"skipped unreadable view: {item}")
             stats["skipped"] += 1
@@ -325,7 +364,10 @@ def cache_key(net, size, precision, device):
 
 
 def exam_file(folder, row, root):
-    ident = json.dumps([row["patient"], row["exam"]] + [str(root / row[v]) for v in VIEWS])
+    """An exam's cache file, named by patient, exam and its views: the local paths, or for a DICOMweb exam table
+    (root None) the instances' UIDs alone, so the same exam through any server URL, proxy or port reuses it."""
+    views = [f"dicomweb:{row[v]}" if root is None else str(root / row[v]) for v in VIEWS]
+    ident = json.dumps([row["patient"], row["exam"]] + views)
     return Path(folder) / f"{hashlib.sha1(ident.encode()).hexdigest()[:20]}.pt"
 
 
@@ -336,27 +378,34 @@ def _cached(file):
         return None
 
 
-def embed_exams(net, rows, root, folder, device, *, size, chunk, workers, precision, batch=128):
+def embed_exams(net, rows, root, folder, device, *, size, chunk, workers, precision, batch=128, client=None):
     """{row index: {view: {stat: (D,)}}} for every readable exam; one atomic cache file per exam, so a rerun
-    embeds only the missing ones. Exams with a missing or unreadable view are left out and counted."""
+    embeds only the missing ones. Exams with a missing or unreadable view are left out and counted.
+    client: a pacs.Client; then each view cell names an instance (StudyInstanceUID/SeriesInstanceUID/SOPInstanceUID),
+    fetched on the loader workers, root is unused, and a failed fetch leaves its exam out like an unreadable view."""
+    root = None if client else root
     out, todo, skipped = {}, [], 0
     for j, r in enumerate(rows):
         record = _cached(exam_file(folder, r, root)) if exam_file(folder, r, root).exists() else None
         if record is not None:
             out[j] = record
             continue
-        absent = [str(root / r[v]) for v in VIEWS if not (root / r[v]).exists()]
-        for path in absent:
-            data.log(f"skipped exam {r['exam']}: view file missing: {path}")
+        absent = _absent_views(r, root)
+        for what in absent:
+            data.log(f"skipped exam {r['exam']}: {what}")
         skipped += bool(absent)
         todo += [] if absent else [j]
     reused = len(out)
     data.log(f"embeddings: {reused} exams reused from {folder}, {len(todo)} to embed")
     Path(folder).mkdir(parents=True, exist_ok=True)
+    if client and todo:
+        check_remote(client, instance_uids(rows[todo[0]][VIEWS[0]]), workers)
     for start in range(0, len(todo), batch):  # batches bound the memory; each finished exam is saved at once
         part = todo[start:start + batch]
-        feats, _ = embed_volumes(net, [root / rows[j][v] for j in part for v in VIEWS], device, size=size,
-                                 chunk=chunk, workers=workers, precision=precision)
+        views = [rows[j][v] for j in part for v in VIEWS]
+        views = [instance_uids(c) for c in views] if client else [root / c for c in views]
+        feats, _ = embed_volumes(net, views, device, size=size, chunk=chunk, workers=workers, precision=precision,
+                                 client=client)
         for a, j in enumerate(part):
             views = feats[4 * a:4 * a + 4]
             if any(v is None for v in views):
@@ -367,6 +416,39 @@ def embed_exams(net, rows, root, folder, device, *, size, chunk, workers, precis
     data.log(f"embeddings: {reused} reused, {len(out) - reused} embedded, {skipped} exams left out "
              "(missing or unreadable views)")
     return out, dict(reused=reused, embedded=len(out) - reused, skipped=skipped)
+
+
+def _absent_views(row, root):
+    """What makes an exam unembeddable before reading it: view files missing, or (DICOMweb, root None) empty cells."""
+    if root is None:
+        return [f"view {v} names no instance" for v in VIEWS if not row[v]]
+    return [f"view file missing: {root / row[v]}" for v in VIEWS if not (root / row[v]).exists()]
+
+
+def instance_uids(cell, where="view"):
+    """'StudyInstanceUID/SeriesInstanceUID/SOPInstanceUID' -> dict of pacs.UID_COLUMNS, each a valid DICOM UID."""
+    uids = cell.split("/")
+    if len(uids) != 3 or not all(len(u) <= 64 and pacs.UID.fullmatch(u) for u in uids):
+        raise ValueError(f"{where}: {cell[:80]!r} is not StudyInstanceUID/SeriesInstanceUID/SOPInstanceUID")
+    return dict(zip(pacs.UID_COLUMNS, uids))
+
+
+def check_remote(client, uids, workers):
+    """Fetch one instance in this process before the loader forks: a refused login stops the run here after one
+    request (pacs.AuthError), and its size tells whether the cache holds the volumes pinned at once (one per
+    loader worker, while it reads). A failed fetch is left to the loader, which skips and reports its exam."""
+    try:
+        path, pin = client.fetch(uids)
+    except pacs.FetchError:
+        return
+    try:
+        need = max(workers, 1) * path.stat().st_size
+    finally:
+        client.cache.unpin(pin)
+    if need > client.cache.cap:
+        raise ValueError(f"--cache-bytes {client.cache.cap} cannot hold the {max(workers, 1)} volumes read at once "
+                         f"(one per loader worker, about {need / max(workers, 1) / 2**20:.0f} MiB each): use at least "
+                         f"{math.ceil(need / 2**20)}M")
 
 
 def feature_matrix(records, features):
@@ -724,31 +806,60 @@ def run_risk(args, rows, split, x, writer):
 
 # ----------------------------------------------------------------------------- probe / embed commands
 def load_source(args):
+    """-> (exam rows, the folder their view paths are relative to, pacs.Client or None for local files)."""
+    if pacs.is_dicomweb(args.data):
+        return remote_exams(args)
+    if args.manifest:
+        raise ValueError("--manifest is only for a dicomweb+http(s):// --data (a local exam table is --data itself)")
     if args.data == "synthetic":
-        return read_exams(data.synthetic_archive(None, args.patients, args.data_seed,
-                                                 (args.slices, args.height, args.width)))
-    return read_exams(args.data)
+        return *read_exams(data.synthetic_archive(None, args.patients, args.data_seed,
+                                                  (args.slices, args.height, args.width))), None
+    return *read_exams(args.data), None
 
 
-def embeddings(args, rows, root, device):
+def remote_exams(args):
+    """--data dicomweb+http(s)://host/prefix --manifest exams.csv: the exam table's view cells name instances as
+    StudyInstanceUID/SeriesInstanceUID/SOPInstanceUID. Those instances are the client's allow-list: nothing else
+    is ever requested. They are fetched into the rotating cache under $DBT_DINO_CACHE/dicomweb (pacs.py).
+    Credentials as pretrain.py: DICOMWEB_TOKEN, or DICOMWEB_USER + DICOMWEB_PASSWORD, or --dicomweb-credentials."""
+    if not args.manifest:
+        raise ValueError(f"{pacs.redact(args.data)}: a DICOMweb source needs --manifest (the exam table naming "
+                         "the instances it may fetch)")
+    rows, root = read_exams(args.manifest)
+    instances = {}
+    for i, r in enumerate(rows):
+        for v in VIEWS:
+            r[v] = (r[v] or "").strip()
+            if r[v]:  # an empty cell is a missing view: its exam is left out and counted
+                instances[r[v]] = instance_uids(r[v], f"{args.manifest} row {i + 1} {v}")
+    cache = pacs.Cache(data.cache_base(), args.cache_bytes, floor_bytes=2**30)
+    client = pacs.Client(args.data, list(instances.values()), cache,
+                         pacs.load_credentials(args.dicomweb_credentials or None), args.dicomweb_ca_bundle or None)
+    data.log(f"exams: {len(rows)} from {args.manifest}, {len(instances)} instances on {client.url} (the only "
+             "ones ever requested)")
+    return rows, root, client
+
+
+def embeddings(args, rows, root, device, client=None):
     """Load the backbone (announced in one loud line) and embed every exam, reusing the cache."""
     net, desc = load_backbone(args.backbone, args.arch, args.weights)
     print(f"*** backbone: {desc} ***", flush=True)
     size = args.size or net.config["img_size"]
     folder = Path(args.cache or data.cache_base() / "embeddings") / cache_key(net, size, args.precision, device)
     records, counts = embed_exams(net, rows, root, folder, device, size=size, chunk=args.chunk,
-                                  workers=args.workers, precision=args.precision)
-    return records, dict(counts, backbone=desc, size=size, cache=str(folder))
+                                  workers=args.workers, precision=args.precision, client=client)
+    source = dict(source=client.url) if client else {}  # redacted: never user info
+    return records, dict(counts, backbone=desc, size=size, cache=str(folder), **source)
 
 
 def run_probe(args, device):
-    rows, root = load_source(args)
+    rows, root, client = load_source(args)
     absent = [c for c in args.subgroups if c not in rows[0]]
     if absent:
         raise ValueError(f"--subgroups: column(s) {', '.join(absent)} not in the exam table")
     (density_targets if args.task == "density" else risk_targets)(rows)  # bad labels fail before any embedding
     metrics.check_run_folder(args.out, "metrics.json", args.overwrite)
-    records, info = embeddings(args, rows, root, device)
+    records, info = embeddings(args, rows, root, device, client)
     if not records:
         raise ValueError("no exam could be embedded")
     keep = sorted(records)
@@ -773,8 +884,8 @@ def run_probe(args, device):
 
 
 def run_embed(args, device):
-    rows, root = load_source(args)
-    _, info = embeddings(args, rows, root, device)
+    rows, root, client = load_source(args)
+    _, info = embeddings(args, rows, root, device, client)
     print(json.dumps(info))
     return info
 
@@ -940,7 +1051,16 @@ def get_args(argv=None):
                    "McNemar/DeLong + BH; show: attention.png")
     p.add_argument("runs", nargs="*", help="compare: run folders holding metrics.json and predictions.csv")
     p.add_argument("--task", default="density", choices=sorted(TASKS), help="what the head predicts")
-    p.add_argument("--data", default="synthetic", help="exam table CSV, a folder holding exams.csv, or synthetic")
+    p.add_argument("--data", default="synthetic", help="exam table CSV, a folder holding exams.csv, synthetic, or "
+                   "dicomweb+http(s)://host/prefix (the PACS; the exam table is then --manifest)")
+    p.add_argument("--manifest", default="", help="dicomweb --data: the exam table, each view cell "
+                   "StudyInstanceUID/SeriesInstanceUID/SOPInstanceUID, the only instances ever requested "
+                   "(credentials: DICOMWEB_TOKEN, or DICOMWEB_USER + DICOMWEB_PASSWORD, or --dicomweb-credentials)")
+    p.add_argument("--dicomweb-credentials", default="", help="file (mode 600, outside the repo) of DICOMWEB_TOKEN= "
+                   "or DICOMWEB_USER= and DICOMWEB_PASSWORD= lines; instead of the environment")
+    p.add_argument("--dicomweb-ca-bundle", default="", help="PEM file of CAs to trust for https, besides the system's")
+    p.add_argument("--cache-bytes", type=data.byte_size, default="50G", help="cap of the rotating DICOMweb cache "
+                   "under $DBT_DINO_CACHE (suffixes K, M, G, T: powers of 2)")
     p.add_argument("--patients", type=data.number(int, 2), default=64, help="synthetic archive: patients")
     p.add_argument("--data-seed", type=data.number(int, 0), default=0, help="synthetic archive: seed")
     p.add_argument("--slices", type=data.number(int, 1), default=24, help="synthetic archive: slices per view")

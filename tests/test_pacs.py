@@ -3,8 +3,8 @@ orthanc-dicomweb) on loopback behind a recording, fault-injecting proxy written 
 
 The Orthanc tests skip, with the reason, only where Orthanc is not installed; .ci/run installs it, so CI runs them.
 Every request loop is bounded in count and time (few retries, short backoff, timeouts of seconds)."""
-import base64, csv, email.parser, hashlib, http.client, http.server, itertools, json, os, random, shutil, socket
-import ssl
+import base64, csv, email.parser, hashlib, http.client, http.server, itertools, json, math, os, random, shutil
+import socket, ssl
 import subprocess, sys, threading, time
 from pathlib import Path
 
@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import data
+import model
 import pacs
+import probe
 
 ROOT = Path(__file__).resolve().parents[1]
 USER, PASSWORD, TOKEN = "radiology", "pw-Zq81-never-logged", "tok-Hh27-never-logged"
@@ -581,3 +583,159 @@ def test_pretrain_with_a_wrong_password_says_one_line_and_stops(studies, proxy, 
     assert run.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and "HTTP 401" in lines[0]
     assert PASSWORD not in run.stdout + run.stderr and len(proxy.log) == 1  # no retries
     assert not (tmp_path / "run").exists()  # nothing written before the inputs proved good
+
+
+# ----------------------------------------------------------------------------- probe.py embed from the server
+VIEWS = ("LCC", "RCC", "LMLO", "RMLO")
+
+
+@pytest.fixture(scope="module")
+def exam_tables(orthanc, tmp_path_factory):
+    """A 4-patient synthetic archive (native, JPEG 2000 and RLE views, every display variant) uploaded to Orthanc.
+    Returns (archive folder, the same exam table naming UIDs with splits, plus a fifth exam whose instances the
+    server does not hold, the backbone file, that fifth exam's view cells)."""
+    root = tmp_path_factory.mktemp("exams")
+    archive = data.synthetic_archive(root / "archive", patients=4, seed=11, shape=(4, 64, 48))
+    with open(archive / "exams.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for r, split in zip(rows, ("train", "train", "val", "test")):
+        r["split"] = split
+        for v in VIEWS:
+            path = archive / r[v]
+            status, answer = _request(orthanc + "/instances", "POST", path.read_bytes())
+            assert status == 200, answer
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            r[v] = "/".join(str(ds[c].value) for c in pacs.UID_COLUMNS)
+    absent = {v: f"1.2.826.0.1.3680043.10.99/1.2.826.0.1.3680043.10.99.1/1.2.826.0.1.3680043.10.99.1.{k}"
+              for k, v in enumerate(VIEWS)}  # valid UIDs, never uploaded: the server answers 404
+    rows.append(dict(rows[0], patient="SYN-ABSENT", exam="1.2.826.0.1.3680043.10.99", split="train", **absent))
+    table = root / "exams-uids.csv"
+    with open(table, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    torch.manual_seed(0)
+    backbone = root / "backbone.pth"
+    model.save_checkpoint(backbone, model.build("tiny").state_dict())
+    return archive, table, backbone, absent
+
+
+def _probe(args, env, timeout=120):
+    run = subprocess.run([sys.executable, str(ROOT / "probe.py"), *args, "--device", "cpu", "--size", "28"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=timeout)
+    info = json.loads(run.stdout.strip().splitlines()[-1]) if run.returncode == 0 and args[0] == "embed" else None
+    return run, info  # info: the JSON line `probe.py embed` ends with
+
+
+def _exam_features(folder, rows, root):
+    """{exam: {view: {stat: (D,)}}} from the embedding cache files of `rows` (root None: a UID table)."""
+    return {r["exam"]: torch.load(probe.exam_file(folder, r, root), weights_only=True) for r in rows}
+
+
+def test_probe_embed_from_the_server_equals_local_and_reuses_its_cache(exam_tables, studies, orthanc, tmp_path):
+    archive, table, backbone, absent = exam_tables
+    outside = studies[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMWEB_")}
+    flags = ["--backbone", str(backbone), "--chunk", "3"]
+    local, local_info = _probe(["embed", "--data", str(archive), "--workers", "1", *flags],
+                               dict(env, DBT_DINO_CACHE=str(tmp_path / "local")))
+    assert local.returncode == 0, local.stderr[-3000:]
+    gate = Proxy(orthanc, token=TOKEN)  # the site's authenticating proxy, recording every request
+    remote_env = dict(env, DICOMWEB_TOKEN=TOKEN, DBT_DINO_CACHE=str(tmp_path / "remote"))
+    try:  # one loader worker: the fetches happen in the forked worker, as at scale
+        first, info = _probe(["embed", "--data", gate.url, "--manifest", str(table), "--workers", "1",
+                              "--cache-bytes", "1M", *flags], remote_env)
+    finally:
+        gate.stop()
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (info["reused"], info["embedded"], info["skipped"]) == (0, 4, 1) and info["source"] == gate.url
+
+    # the same pixels through the same reader: the features equal those of the local archive
+    with open(archive / "exams.csv", newline="") as fh:
+        local_rows = list(csv.DictReader(fh))
+    with open(table, newline="") as fh:
+        uid_rows = list(csv.DictReader(fh))[:4]
+    want = _exam_features(local_info["cache"], local_rows, archive)
+    got = _exam_features(info["cache"], uid_rows, None)
+    assert list(got) == list(want) and info["cache"].endswith(Path(local_info["cache"]).name)  # same backbone key
+    for exam in want:
+        for v in VIEWS:
+            for stat in probe.STATS:
+                assert torch.allclose(got[exam][v][stat], want[exam][v][stat], rtol=0, atol=1e-6), (exam, v, stat)
+    exams = list(want)
+    assert not torch.allclose(want[exams[0]]["RCC"]["patch_mean"], want[exams[1]]["RCC"]["patch_mean"], atol=1e-3)
+
+    # only the table's instances were requested, each named once in the log when it could not be fetched
+    cells = {r[v] for r in uid_rows for v in VIEWS} | set(absent.values())
+    allowed = {"/dicom-web/studies/{}/series/{}/instances/{}".format(*c.split("/")) for c in cells}
+    assert {e["path"] for e in gate.log} == allowed and all(e["auth"] == f"Bearer {TOKEN}" for e in gate.log)
+    assert not any(outside["StudyInstanceUID"] in e["path"] for e in gate.log)
+    assert all(first.stdout.count(cell.rsplit("/", 1)[1]) == 1 for cell in absent.values()), first.stdout[-3000:]
+    assert "4 embedded, 1 exams left out" in first.stdout
+
+    # a density probe on the same table, through another proxy port: every exam reused, no pixels requested
+    gate = Proxy(orthanc, token=TOKEN)
+    try:
+        second, _ = _probe(["--task", "density", "--data", gate.url, "--manifest", str(table), "--workers", "1",
+                            "--trials", "1", "--epochs", "2", "--n-boot", "10", "--out", str(tmp_path / "run"),
+                            *flags], remote_env)
+    finally:
+        gate.stop()
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "4 reused, 0 embedded, 1 exams left out" in second.stdout
+    retried = {"/dicom-web/studies/{}/series/{}/instances/{}".format(*c.split("/")) for c in absent.values()}
+    assert gate.log and {e["path"] for e in gate.log} == retried  # only what failed before is asked for again
+    report = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert report["n_test"] == 1 and report["exams_left_out"] == 1
+    written = [p for d in (tmp_path / "remote", tmp_path / "run") for p in d.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".dcm" for p in written) and any(p.name == "args.json" for p in written)
+    text = "".join(p.read_bytes().decode("latin-1") for p in written) + first.stdout + first.stderr
+    for secret in (TOKEN, base64.b64encode(TOKEN.encode()).decode()):
+        assert secret not in text + second.stdout + second.stderr
+
+
+def test_probe_embed_with_a_wrong_token_says_one_line_and_stops(exam_tables, orthanc, tmp_path):
+    _, table, backbone, _ = exam_tables
+    gate = Proxy(orthanc, token=TOKEN)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMWEB_")}
+    env.update(DICOMWEB_TOKEN="wrong-" + TOKEN, DBT_DINO_CACHE=str(tmp_path))
+    try:
+        run, _ = _probe(["embed", "--data", gate.url, "--manifest", str(table), "--workers", "1",
+                         "--backbone", str(backbone)], env)
+    finally:
+        gate.stop()
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode != 0 and lines[-1].startswith("error: ") and "HTTP 401" in lines[-1], run.stderr[-3000:]
+    assert [line for line in lines if "401" in line or "Error" in line] == lines[-1:]  # one line, no traceback
+    assert TOKEN not in run.stdout + run.stderr
+    assert len(gate.log) == 1  # stopped at the first refusal, before any loader worker asked again
+    assert not list(tmp_path.rglob("*.pt"))  # no embedding written
+
+
+def test_remote_volume_reader_reads_what_the_local_one_reads_and_pins_only_while_reading(studies, proxy, tmp_path):
+    rows, files, _, _ = studies
+    ghost = dict(rows[0], SOPInstanceUID="1.2.826.0.1.3680043.10.99.7")  # in the table, not on the server: 404
+    client = _client(proxy, rows + [ghost], tmp_path)
+    chosen = [rows[0], rows[4]]  # JPEG 2000 and native
+    reader = probe.RemoteVolumeReader(client, chosen + [ghost])
+    local = probe.VolumeReader([files[r["SOPInstanceUID"]] for r in chosen])
+    for i in range(2):
+        (_, got), (_, want) = reader[i], local[i]
+        assert torch.equal(got["stored"], want["stored"]) and torch.equal(got["rows"], want["rows"])
+        assert (got["invert"], got["flip"]) == (want["invert"], want["flip"])
+    i, message = reader[2]
+    assert i == 2 and isinstance(message, str) and ghost["SOPInstanceUID"] in message and "404" in message
+    assert not client.cache.usage()[2]  # nothing left pinned once read
+    wrong = pacs.load_credentials(environ={"DICOMWEB_USER": USER, "DICOMWEB_PASSWORD": "wrong-" + PASSWORD})
+    refused = _client(proxy, rows, tmp_path / "refused", credentials=wrong)
+    assert isinstance(probe.RemoteVolumeReader(refused, rows[:1])[0][1], pacs.AuthError)
+    with pytest.raises(pacs.AuthError, match="HTTP 401"):  # embed_volumes stops on it, it does not skip it
+        probe.embed_volumes(model.build("tiny"), rows[:2], "cpu", size=28, workers=0, client=refused)
+    # the cache must hold one volume per loader worker at once
+    size = files[rows[4]["SOPInstanceUID"]].stat().st_size
+    small = _client(proxy, rows, tmp_path / "small", cap=int(1.5 * size))
+    probe.check_remote(small, rows[4], workers=1)
+    need = math.ceil(2 * size / 2**20)
+    with pytest.raises(ValueError, match=f"cannot hold the 2 volumes read at once.*at least {need}M"):
+        probe.check_remote(small, rows[4], workers=2)
+    assert not small.cache.usage()[2]
