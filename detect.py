@@ -79,7 +79,7 @@ def get_args(argv=None):
     p.add_argument("--seed", type=data.number(int, 0), default=0, help="split, sampling, augmentation seed")
     p.add_argument("--val-fraction", type=fraction, default=0.2, help="patients for validation (no official split)")
     p.add_argument("--test-fraction", type=fraction, default=0.25, help="patients held out for the final score")
-    p.add_argument("--steps", type=count, default=240, help="training iterations (epochs are derived and logged)")
+    p.add_argument("--steps", type=count, default=160, help="training iterations (epochs are derived and logged)")
     p.add_argument("--batch-size", type=count, default=8, help="slices per step")
     p.add_argument("--lr", type=rate, default=8e-3, help="AdamW LR per 64 images (linear scaling)")
     p.add_argument("--weight-decay", type=data.number(float, 0), default=1e-4, help="AdamW weight decay")
@@ -106,7 +106,7 @@ def get_args(argv=None):
     p.add_argument("--min-slices", type=count, nargs="+", default=[1, 2],
                    help="slices a 3-D group needs, tried on validation (DBT-DINO: 2; calcifications show on 1-2)")
     p.add_argument("--chunk", type=count, default=16, help="slices per forward pass at inference")
-    p.add_argument("--eval-every", type=count, default=80, help="validation mean sensitivity every N steps")
+    p.add_argument("--eval-every", type=count, default=40, help="validation mean sensitivity every N steps")
     p.add_argument("--patience", type=count, default=10, help="stop after this many evals without improvement")
     p.add_argument("--log-every", type=count, default=10, help="progress line + metrics.jsonl every N steps")
     p.add_argument("--n-boot", type=count, default=1000, help="bootstrap resamples (patients) for the CI")
