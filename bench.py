@@ -20,7 +20,8 @@
 5. read      - one-slice read vs full decode of a 60 x 2457 x 1996 uint16 DBT volume (native and JPEG 2000):
                time and peak memory (measured in a fresh subprocess); slices/s per core of the full
                pretraining sample path (read -> window -> crops -> masks).
-6. stream    - DICOMweb from a throwaway loopback Orthanc through pacs.py (`bench.py stream`, not in `all`): a
+6. detect    - slices/s of detect.py's volume inference (frozen ViT + pyramid + RetinaNet head), in chunks.
+7. stream    - DICOMweb from a throwaway loopback Orthanc through pacs.py (`bench.py stream`, not in `all`): a
                cold fetch (MB/s, slices/s), then the pretraining stream through a rotating cache a quarter of the
                data: samples/s, cache hit rate, MB fetched per training sample.
 
@@ -62,7 +63,7 @@ def get_args(argv=None):
                                                      formatter_class=argparse.RawDescriptionHelpFormatter))
     count = data.number(int, 1)
     p.add_argument("what", nargs="?", default="all", choices=["all", "backbone", "embed", "precision", "pretrain",
-                                                              "read", "stream"],
+                                                              "read", "stream", "detect"],
                    help="which benchmark to run; `all` is every one but stream, which needs Orthanc (default: all)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: cuda if available (default: auto)")
@@ -629,6 +630,26 @@ def bench_stream(args, device):
             proc.wait()
 
 
+# ---------------------------------------------------------------------------------------------------
+# 7. detect: detect.py's volume inference
+
+def bench_detect(args, device):
+    """Slices/s of detect.py's volume inference: frozen ViT + pyramid + RetinaNet head + score threshold, chunks of
+    --chunk slices (bf16 autocast on CUDA), median of --repeats runs after --warmup (NMS left out: an untrained
+    head passes ~1e4 boxes a slice, which would time NMS, not the network)."""
+    import detect
+    arch, size, channels = ("tiny", 112, 32) if args.quick else ("vitb14", args.size, 256)
+    chunk = args.chunk or (64 if device.type == "cuda" else 4)
+    n = chunk * (2 if args.quick else (16 if device.type == "cuda" else 2))
+    for _ in range(args.warmup):
+        detect.time_inference(device, size, chunk, arch, channels, chunk)
+    runs = sorted((detect.time_inference(device, size, n, arch, channels, chunk) for _ in range(args.repeats)),
+                  key=lambda r: r["slices_per_s"])
+    r = runs[len(runs) // 2]
+    return [dict(bench="detect", arch=arch, precision=r["dtype"], size=size, chunk=chunk, slices=r["slices"],
+                 slices_per_s=r["slices_per_s"], seconds=r["seconds"])]
+
+
 def main(args):
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -639,7 +660,8 @@ def main(args):
     print(" ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}" for k, v in env.items()), flush=True)
     rows = []
     for name, fn in [("backbone", bench_backbone), ("precision", bench_precision), ("embed", bench_embed),
-                     ("pretrain", bench_pretrain), ("read", bench_read), ("stream", bench_stream)]:
+                     ("pretrain", bench_pretrain), ("read", bench_read), ("detect", bench_detect),
+                     ("stream", bench_stream)]:
         if args.what == name or (args.what == "all" and name != "stream"):
             t0 = time.perf_counter()
             new = fn(args, device)
