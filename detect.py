@@ -45,7 +45,7 @@ ANCHOR_SCALES = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))  # 1, 1.26, 1.587
 BOX_CLAMP = math.log(1000 / 16)  # torchvision's clamp on decoded dw, dh
 REF = 518  # DBT-DINO's image side: anchor sizes, box size limits and augmentation sizes are given at it
 SIZE_LIMITS = (15, 206, 9, 182)  # DBT-DINO: candidate / zoomed box w in [15, 206], h in [9, 182] at 518 px
-PAPER_RADIUS = 24.0  # DBT-DINO's evaluator radius at 518 px (downstream.md §4); not the official protocol
+PAPER_RADIUS = metrics.DBT_DINO_RADIUS  # DBT-DINO's evaluator radius at 518 px; not the official protocol
 SEARCH_SPACE = {  # paper §6.2.3 (Optuna there, seeded random search here): flag -> (kind, low, high | choices)
     "lr": ("log", 1e-5, 1e-2), "weight_decay": ("log", 1e-6, 1e-3), "label_smoothing": ("uniform", 0.0, 0.1),
     "dropout": ("choice", (0.0, 0.05, 0.1, 0.15)), "cls_weight": ("log", 0.1, 10.0), "alpha": ("uniform", 0.25, 0.95),

@@ -88,8 +88,8 @@ def test_dbtex_hit_rule_is_inclusive():
     assert one_box_case(100, 0) == 1.0 and one_box_case(100.5, 0) == 0.0  # radius max(diag/2, 100), <=
     assert one_box_case(0, 15) == 1.0 and one_box_case(0, 15.5) == 0.0  # slice window VolumeSlices/4 = 15, <=
     assert one_box_case(150, 0, w=300, h=400) == 1.0 and one_box_case(251, 0, w=300, h=400) == 0.0  # diag/2 = 250
-    assert one_box_case(20, 0, radius=metrics.DBT_DINO_RADIUS, w=20, h=20) == 1.0  # 20 px > diag/2 = 14.1
-    assert one_box_case(20.5, 0, radius=metrics.DBT_DINO_RADIUS, w=20, h=20) == 0.0
+    assert one_box_case(24, 0, radius=metrics.DBT_DINO_RADIUS, w=20, h=20) == 1.0  # 24 px > diag/2 = 14.1
+    assert one_box_case(24.5, 0, radius=metrics.DBT_DINO_RADIUS, w=20, h=20) == 0.0
 
 
 def test_dbtex_nearest_box_assignment():
