@@ -504,7 +504,13 @@ def get_args(argv=None):
                    "Z, Depth, Score")
     p.add_argument("--radius", type=float, default=100.0, help="minimum hit radius in px (20 for DBT-DINO's "
                    "518-px coordinates)")
-    return parser.parse_args(argv)
+    # one line naming the flag, not argparse's whole usage block
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")
+    p.error = parser.error
+    args = parser.parse_args(argv)
+    if not args.radius > 0:
+        parser.error(f"argument --radius: {args.radius} is not a positive number of pixels")
+    return args
 
 
 if __name__ == "__main__":

@@ -541,9 +541,10 @@ def run_loop(args, ddp, student, teacher, optimizer, centers, schedules, stream,
                 loss_state=centers))
             # the teacher backbone alone, hub keys: what probe.py, detect.py and DINOv2's code load
             model.save_checkpoint(os.path.join(args.out, "backbone.pth"), teacher.backbone.state_dict())
-    n_skipped = skips.total()
+    n_skipped = skips.total()  # a collective: every rank asks
     if writer:
-        writer.write(dict(step=args.steps, split="data", time=time.time(), skipped=n_skipped, volumes=len(stream.paths)))
+        writer.write(dict(step=args.steps, split="data", time=time.time(), skipped=n_skipped,
+                          volumes=len(stream.paths)))
     data.log(skips.summary())
     data.log(f"done: {args.out}/backbone.pth")
 
