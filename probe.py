@@ -398,8 +398,9 @@ def embed_exams(net, rows, root, folder, device, *, size, chunk, workers, precis
     reused = len(out)
     data.log(f"embeddings: {reused} exams reused from {folder}, {len(todo)} to embed")
     Path(folder).mkdir(parents=True, exist_ok=True)
-    if client and todo:
-        check_remote(client, instance_uids(rows[todo[0]][VIEWS[0]]), workers)
+    if client and todo:  # a few instances to fetch, first views first (the first exam's may all be absent)
+        cells = list(dict.fromkeys(rows[j][v] for v in VIEWS for j in todo[:3]))[:3]
+        check_remote(client, [instance_uids(c) for c in cells], workers, reused)
     for start in range(0, len(todo), batch):  # batches bound the memory; each finished exam is saved at once
         part = todo[start:start + batch]
         views = [rows[j][v] for j in part for v in VIEWS]
@@ -433,13 +434,23 @@ def instance_uids(cell, where="view"):
     return dict(zip(pacs.UID_COLUMNS, uids))
 
 
-def check_remote(client, uids, workers):
-    """Fetch one instance in this process before the loader forks: a refused login stops the run here after one
-    request (pacs.AuthError), and its size tells whether the cache holds the volumes pinned at once (one per
-    loader worker, while it reads). A failed fetch is left to the loader, which skips and reports its exam."""
-    try:
-        path, pin = client.fetch(uids)
-    except pacs.FetchError:
+def check_remote(client, candidates, workers, reused=0):
+    """Fetch one instance (the first of `candidates` that can be) in this process before the loader forks: a
+    refused login stops the run here after one request (pacs.AuthError), and its size tells whether the cache holds
+    the volumes pinned at once (one per loader worker, while it reads). A failed fetch is left to the loader, which
+    skips and reports its exam; but when none of the candidates can be fetched and no exam was reused, the server
+    is taken for unreachable and the run stops, instead of retrying every instance of the table in turn."""
+    reasons = []
+    for uids in candidates:
+        try:
+            path, pin = client.fetch(uids)
+            break
+        except pacs.FetchError as e:
+            reasons.append(str(e))
+    else:
+        if reasons and not reused:
+            raise ValueError(f"{client.url}: none of the first {len(reasons)} instances could be fetched: "
+                             + "; ".join(reasons))
         return
     try:
         need = max(workers, 1) * path.stat().st_size
