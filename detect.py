@@ -915,6 +915,7 @@ def main(args):
     # and 518 costs 2.4x the head compute of 336 per slice
     args.image_size = args.image_size or (REF if hub else 336)
     args.channels = args.channels or (256 if hub else 64)
+    backbone, source = load_backbone(args)  # checked before the (slow, once) phantom archive is built
     if args.data == "synthetic":
         S, H, W = args.synthetic_size
         root = data.synthetic_archive(data.cache_base() / f"detect-p{args.synthetic_patients}-s{args.synthetic_seed}"
@@ -930,7 +931,6 @@ def main(args):
     split = split_volumes(volumes, args.val_fraction, args.test_fraction, args.seed)
     if not split["val"]:
         raise ValueError(f"{root}: no validation volumes; raise --val-fraction")
-    backbone, source = load_backbone(args)
     data.log(f"*** {source} ***")
     metrics.write_args(args.out, args, backbone_source=source, torch=torch.__version__, skipped_volumes=skipped)
     data.log(f"{root}: " + ", ".join(f"{k} {len(v)} volumes ({sum(len(x['boxes']) for x in v)} boxes)"
