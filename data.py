@@ -135,6 +135,17 @@ def one_line_errors(parser):
     return parser
 
 
+def add_dicomweb_flags(p, manifest_help):
+    """The flags of a DICOMweb --data source, shared by pretrain.py and probe.py."""
+    p.add_argument("--manifest", default="", help=manifest_help + " (credentials: DICOMWEB_TOKEN, or "
+                   "DICOMWEB_USER + DICOMWEB_PASSWORD, or --dicomweb-credentials)")
+    p.add_argument("--dicomweb-credentials", default="", help="file (mode 600, outside the repo) of DICOMWEB_TOKEN= "
+                   "or DICOMWEB_USER= and DICOMWEB_PASSWORD= lines; instead of the environment")
+    p.add_argument("--dicomweb-ca-bundle", default="", help="PEM file of CAs to trust for https, besides the system's")
+    p.add_argument("--cache-bytes", type=byte_size, default="50G",
+                   help="cap of the rotating DICOMweb cache under $DBT_DINO_CACHE (suffixes K, M, G, T: powers of 2)")
+
+
 def seed_everything(seed, rank=0):
     # + rank so that ranks draw different augmentations (spec style.md 2.6)
     random.seed(seed + rank)

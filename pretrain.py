@@ -77,14 +77,8 @@ def get_args(argv=None):
                    "sets the defaults shown below (e.g. --preset dbt-dino --help)")
     p.add_argument("--data", default="synthetic", help="DICOM archive root, a .csv manifest, 'synthetic' "
                    "(phantoms from data.py, under $DBT_DINO_CACHE) or dicomweb+https://host/prefix (with --manifest)")
-    p.add_argument("--manifest", default="", help="dicomweb sources: CSV of StudyInstanceUID, SeriesInstanceUID, "
-                   "SOPInstanceUID, the only instances ever requested (credentials: DICOMWEB_TOKEN, or "
-                   "DICOMWEB_USER + DICOMWEB_PASSWORD, or --dicomweb-credentials)")
-    p.add_argument("--dicomweb-credentials", default="", help="file (mode 600, outside the repo) of DICOMWEB_TOKEN= "
-                   "or DICOMWEB_USER= and DICOMWEB_PASSWORD= lines; instead of the environment")
-    p.add_argument("--dicomweb-ca-bundle", default="", help="PEM file of CAs to trust for https, besides the system's")
-    p.add_argument("--cache-bytes", type=data.byte_size, default="50G",
-                   help="cap of the rotating DICOMweb cache under $DBT_DINO_CACHE (suffixes K, M, G, T: powers of 2)")
+    data.add_dicomweb_flags(p, "dicomweb sources: CSV of StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, the "
+                            "only instances ever requested")
     p.add_argument("--samples-per-volume", type=count, default=4,
                    help="samples drawn from each volume (local or fetched) before the stream moves on")
     p.add_argument("--out", default=time.strftime("runs/pretrain-%Y%m%d-%H%M%S"), help="run folder")

@@ -851,9 +851,9 @@ def remote_exams(args):
     return rows, root, client
 
 
-def embeddings(args, rows, root, device, client=None):
-    """Load the backbone (announced in one loud line) and embed every exam, reusing the cache."""
-    net, desc = load_backbone(args.backbone, args.arch, args.weights)
+def embeddings(args, backbone, rows, root, device, client=None):
+    """Announce the backbone (net, description) in one loud line and embed every exam, reusing the cache."""
+    net, desc = backbone
     print(f"*** backbone: {desc} ***", flush=True)
     size = args.size or net.config["img_size"]
     folder = Path(args.cache or data.cache_base() / "embeddings") / cache_key(net, size, args.precision, device)
@@ -864,13 +864,14 @@ def embeddings(args, rows, root, device, client=None):
 
 
 def run_probe(args, device):
+    backbone = load_backbone(args.backbone, args.arch, args.weights)  # a bad file: one line before any archive
     rows, root, client = load_source(args)
     absent = [c for c in args.subgroups if c not in rows[0]]
     if absent:
         raise ValueError(f"--subgroups: column(s) {', '.join(absent)} not in the exam table")
     (density_targets if args.task == "density" else risk_targets)(rows)  # bad labels fail before any embedding
     metrics.check_run_folder(args.out, "metrics.json", args.overwrite)
-    records, info = embeddings(args, rows, root, device, client)
+    records, info = embeddings(args, backbone, rows, root, device, client)
     if not records:
         raise ValueError("no exam could be embedded")
     keep = sorted(records)
@@ -895,8 +896,9 @@ def run_probe(args, device):
 
 
 def run_embed(args, device):
+    backbone = load_backbone(args.backbone, args.arch, args.weights)
     rows, root, client = load_source(args)
-    _, info = embeddings(args, rows, root, device, client)
+    _, info = embeddings(args, backbone, rows, root, device, client)
     print(json.dumps(info))
     return info
 
@@ -962,8 +964,9 @@ def run_compare(args):
     print("\n".join(lines))
     metrics.check_run_folder(args.out, "compare.json", args.overwrite)
     os.makedirs(args.out, exist_ok=True)
-    result = dict(task=task, runs=[str(r) for r in args.runs], n_common=len(exams), rule=args.rule if task == "risk" else None,
-                  test="mcnemar" if task == "density" else "delong", correction="benjamini-hochberg", tests=tests)
+    result = dict(task=task, runs=[str(r) for r in args.runs], n_common=len(exams),
+                  rule=args.rule if task == "risk" else None, test="mcnemar" if task == "density" else "delong",
+                  correction="benjamini-hochberg", tests=tests)
     metrics.atomic_write(Path(args.out) / "compare.json", json.dumps(_finite(result), indent=1) + "\n")
     return result
 
@@ -1056,7 +1059,7 @@ def run_show(args, device):
 # ----------------------------------------------------------------------------- command line
 def get_args(argv=None):
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=fmt)
+    p = data.one_line_errors(argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=fmt))
     p.add_argument("command", nargs="?", default="probe", choices=["probe", "embed", "compare", "show"],
                    help="probe: train and test a head (--task); embed: fill the cache; compare RUN_A RUN_B ...: "
                    "McNemar/DeLong + BH; show: attention.png")
@@ -1064,14 +1067,8 @@ def get_args(argv=None):
     p.add_argument("--task", default="density", choices=sorted(TASKS), help="what the head predicts")
     p.add_argument("--data", default="synthetic", help="exam table CSV, a folder holding exams.csv, synthetic, or "
                    "dicomweb+http(s)://host/prefix (the PACS; the exam table is then --manifest)")
-    p.add_argument("--manifest", default="", help="dicomweb --data: the exam table, each view cell "
-                   "StudyInstanceUID/SeriesInstanceUID/SOPInstanceUID, the only instances ever requested "
-                   "(credentials: DICOMWEB_TOKEN, or DICOMWEB_USER + DICOMWEB_PASSWORD, or --dicomweb-credentials)")
-    p.add_argument("--dicomweb-credentials", default="", help="file (mode 600, outside the repo) of DICOMWEB_TOKEN= "
-                   "or DICOMWEB_USER= and DICOMWEB_PASSWORD= lines; instead of the environment")
-    p.add_argument("--dicomweb-ca-bundle", default="", help="PEM file of CAs to trust for https, besides the system's")
-    p.add_argument("--cache-bytes", type=data.byte_size, default="50G", help="cap of the rotating DICOMweb cache "
-                   "under $DBT_DINO_CACHE (suffixes K, M, G, T: powers of 2)")
+    data.add_dicomweb_flags(p, "dicomweb --data: the exam table, each view cell StudyInstanceUID/SeriesInstanceUID/"
+                            "SOPInstanceUID, the only instances ever requested")
     p.add_argument("--patients", type=data.number(int, 2), default=64, help="synthetic archive: patients")
     p.add_argument("--data-seed", type=data.number(int, 0), default=0, help="synthetic archive: seed")
     p.add_argument("--slices", type=data.number(int, 1), default=24, help="synthetic archive: slices per view")
