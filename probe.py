@@ -8,21 +8,12 @@ concatenated in DBT-DINO's order RCC, LCC, RMLO, LMLO, and a linear head is trai
            per sample, balanced sampling, 100 epochs, LR search in [1e-5, 1e-3]
 Facts: ../shared/spec/downstream.md §1-3 (what DBT-DINO's code does), detection_metrics.md §4 (Mirai).
 
-Run from the repo root:
-  python probe.py --task density               # synthetic archive (64 patients), default backbone, CPU, minutes
-  python probe.py --task risk --out runs/risk
-  python probe.py embed --data exams.csv --backbone dbt_dino.pth --arch vitb14     # fill the embedding cache only
-  python probe.py --data exams.csv --backbone densenet121 --weights densenet121-a639ec97.pth   # the CNN baseline
-  python probe.py embed --data dicomweb+https://pacs.example.org/dicom-web --manifest exams.csv   # from a PACS
-  python probe.py compare runs/dbt-dino runs/dinov2 runs/densenet                  # McNemar / DeLong + BH
-  python probe.py show --backbone runs/demo/backbone.pth --image view.dcm          # attention.png
+Commands and flags: README.md and --help.
 The exam table (--data, or a folder holding exams.csv) has one row per exam: patient, exam, LCC, RCC, LMLO, RMLO
 (paths relative to the CSV), and optionally density (a-d), years_to_cancer (empty when none),
 years_of_followup, split (train/val/test; else 60/20/20 by patient, seeded) and any --subgroups columns.
-From a PACS (--data dicomweb+http(s)://..., the table as --manifest), each view cell names one instance as
-StudyInstanceUID/SeriesInstanceUID/SOPInstanceUID: only those are requested, fetched through pacs.py's rotating
-cache and read like local files; an instance that cannot be fetched leaves its exam out (counted), a refused
-login stops the run. The embedding cache knows an exam by its UIDs, whatever server or proxy served it.
+From a PACS (--data dicomweb+..., the table as --manifest) each view cell names one instance as
+StudyInstanceUID/SeriesInstanceUID/SOPInstanceUID; only those are ever requested (README, pacs.py).
 Embeddings are cached per exam under $DBT_DINO_CACHE/embeddings/<backbone weights + preprocessing>/: a rerun
 embeds only what is missing. --out gets args.json, metrics.jsonl (LR-search curves), metrics.json,
 predictions.csv, head.pt and confusion.png (density) or roc.png (risk).
@@ -38,6 +29,7 @@ import json
 import math
 import os
 import random
+import re
 import statistics
 import sys
 import time
@@ -127,7 +119,7 @@ class DenseNetFeatures(nn.Module):
         if weights:
             state = _read_checkpoint(weights)
             # torchvision's released file names layers "norm.1"; the module calls them "norm1"
-            state = {_densenet_key(k): v for k, v in state.items()}
+            state = {re.sub(r"\.(norm|relu|conv)\.([12])\.", r".\1\2.", k): v for k, v in state.items()}
             try:
                 net.load_state_dict(state)
             except RuntimeError as e:
@@ -141,13 +133,6 @@ class DenseNetFeatures(nn.Module):
         x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         pooled = F.adaptive_avg_pool2d(F.relu(self.features(x)), 1).flatten(1)  # (B, 1024)
         return {"x_norm_clstoken": pooled, "x_norm_patchtokens": pooled[:, None]}  # (B, D), (B, 1, D)
-
-
-def _densenet_key(k):
-    for layer in ("norm", "relu", "conv"):
-        for i in ("1", "2"):
-            k = k.replace(f".{layer}.{i}.", f".{layer}{i}.")
-    return k
 
 
 def _read_checkpoint(path):
@@ -386,7 +371,7 @@ def embed_exams(net, rows, root, folder, device, *, size, chunk, workers, precis
     root = None if client else root
     out, todo, skipped = {}, [], 0
     for j, r in enumerate(rows):
-        record = _cached(exam_file(folder, r, root)) if exam_file(folder, r, root).exists() else None
+        record = _cached(exam_file(folder, r, root))  # None when absent or unreadable
         if record is not None:
             out[j] = record
             continue
@@ -509,10 +494,6 @@ def risk_loss(p, y_label, y_mask):
     observed years, then averaged over the batch (Mirai divides by the batch's total instead)."""
     bce = F.binary_cross_entropy(p, y_label, weight=y_mask, reduction="none")  # (B, years), 0 where censored
     return (bce.sum(1) / y_mask.sum(1).clamp(min=1)).mean()
-
-
-def density_loss(logits, y):
-    return F.cross_entropy(logits, y)
 
 
 # ----------------------------------------------------------------------------- training and the LR search
@@ -732,7 +713,7 @@ def run_density(args, rows, split, x, writer):
     tr = tr[stratified_subset(y[tr], args.fraction, args.seed)]
     z, mu, sd = _standardise(x, tr)
     yt = torch.from_numpy(y)
-    best = lr_search(lambda: nn.Linear(z.shape[1], 4), density_loss, (z[tr], (yt[tr],)), (z[va], (yt[va],)),
+    best = lr_search(lambda: nn.Linear(z.shape[1], 4), F.cross_entropy, (z[tr], (yt[tr],)), (z[va], (yt[va],)),
                      lr_range=TASKS["density"]["lr"], trials=args.trials, epochs=args.epochs or 75,
                      batch_size=args.batch_size, seed=args.seed, writer=writer)
     head = nn.Linear(z.shape[1], 4)
