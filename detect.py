@@ -546,12 +546,12 @@ def make_batch(samples, negatives, volumes, cache, step, args):
 # -----------------------------------------------------------------------------------------------------------
 # volume inference and 3-D candidates
 
-def _autocast(args, device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
+def _autocast(device, amp=True):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
 
 
 @torch.no_grad()
-def predict_volume(det, anchors, vol, args, device, cache=None):
+def predict_volume(det, anchors, vol, args, device, cache):
     """Every slice, in chunks -> per-slice detections in original pixels: slices (n,), boxes (n, 4), scores (n,),
     plus the breast mask of the central slice at model size (for the random baseline)."""
     was_training = det.training
@@ -559,8 +559,8 @@ def predict_volume(det, anchors, vol, args, device, cache=None):
     slices, boxes, scores = [], [], []
     for start in range(0, vol["n_slices"], args.chunk):
         frames = list(range(start, min(start + args.chunk, vol["n_slices"])))
-        x = cache.get(vol, frames) if cache else read_resized(vol, frames, args.image_size)  # (n, 1, S, S)
-        with _autocast(args, device):
+        x = cache.get(vol, frames)  # (n, 1, S, S)
+        with _autocast(device, args.amp):
             logits, deltas = det(x.to(device).expand(-1, 3, -1, -1))
         dets = postprocess(logits.float(), deltas.float(), anchors, args.image_size, args.score_thresh, args.nms_iou)
         for f, (b, s) in zip(frames, dets):
@@ -568,10 +568,9 @@ def predict_volume(det, anchors, vol, args, device, cache=None):
             boxes.append(to_original(vol, b.cpu(), args.image_size))
             scores.append(s.cpu())
     det.train(was_training)
-    mid = vol["n_slices"] // 2
-    image = cache.get(vol, [mid]) if cache else read_resized(vol, [mid], args.image_size)
+    image = cache.get(vol, [vol["n_slices"] // 2])[0, 0]  # (S, S)
     return dict(slices=torch.cat(slices), boxes=torch.cat(boxes), scores=torch.cat(scores),
-                mask=data.tissue_mask(image[0, 0].numpy()))
+                mask=data.tissue_mask(image.numpy()))
 
 
 def _ios(box, boxes):
@@ -813,7 +812,7 @@ def train(det, anchors, split, cache, args, device):
         t1 = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        with _autocast(args, device):
+        with _autocast(device, args.amp):
             logits, deltas = det(images.to(device))
         losses = detection_loss(logits.float(), deltas.float(), anchors, [b.to(device) for b in targets], args)
         if not torch.isfinite(losses["loss"]):
@@ -875,12 +874,11 @@ def evaluate(det, anchors, split, cache, args, device, timing):
     curve = metrics.dbtex_froc(labels, boxes, rows, max_fps=6.0) if rows else (np.zeros(1), np.zeros(1))
     result["froc_points"] = dict(fps=curve[0].tolist(), sensitivity=curve[1].tolist())
     masks = [d["mask"] for d in dets]
-    base = [official_score(held, random_rows(held, cands, masks, [args.seed, k]))["mean_sensitivity_positive"]
-            for k in range(args.baseline_draws)]
+    draws = [random_rows(held, cands, masks, [args.seed, k]) for k in range(args.baseline_draws)]
+    base = [official_score(held, r)["mean_sensitivity_positive"] for r in draws]
     result["random_baseline"] = dict(mean_sensitivity_mean=float(np.mean(base)), sd=float(np.std(base)),
                                      draws=len(base), boxes=len(rows))
-    random_curve = metrics.dbtex_froc(labels, boxes, random_rows(held, cands, masks, [args.seed, 0]), max_fps=6.0) \
-        if rows else curve
+    random_curve = metrics.dbtex_froc(labels, boxes, draws[0], max_fps=6.0) if rows else curve
     draw_froc(os.path.join(args.out, "froc.png"), [
         (f"model: mean sens {result['official']['mean_sensitivity_positive']:.3f}", curve, (30, 80, 200)),
         (f"random boxes: {np.mean(base):.3f} (mean of {len(base)})", random_curve, (150, 150, 150))])
@@ -997,14 +995,13 @@ def time_inference(device, image_size=518, n_slices=64, name="vitb14", channels=
     det = Detector(model.build(name), channels, 0.0).to(device).eval()
     anchors = make_anchors(image_size, grid_sizes(image_size)).to(device)
     x = torch.rand(chunk, 3, image_size, image_size, device=device)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    with amp:
+    with _autocast(device):
         det(x[:2])  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(math.ceil(n_slices / chunk)):
-        with amp:
+        with _autocast(device):
             logits, deltas = det(x)
         postprocess(logits.float(), deltas.float(), anchors, image_size, 0.5, 0.2)  # 0.5: no untrained box passes
     if device.type == "cuda":
