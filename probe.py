@@ -119,7 +119,7 @@ class DenseNetFeatures(nn.Module):
         if weights:
             state = _read_checkpoint(weights)
             # torchvision's released file names layers "norm.1"; the module calls them "norm1"
-            state = {re.sub(r"\.(norm|relu|conv)\.([12])\.", r".\1\2.", k): v for k, v in state.items()}
+            state = {re.sub(r"\.(norm|relu|conv)\.([12])(?=\.)", r".\1\2", k): v for k, v in state.items()}
             try:
                 net.load_state_dict(state)
             except RuntimeError as e:
