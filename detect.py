@@ -45,7 +45,6 @@ ANCHOR_SCALES = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))  # 1, 1.26, 1.587
 BOX_CLAMP = math.log(1000 / 16)  # torchvision's clamp on decoded dw, dh
 REF = 518  # DBT-DINO's image side: anchor sizes, box size limits and augmentation sizes are given at it
 SIZE_LIMITS = (15, 206, 9, 182)  # DBT-DINO: candidate / zoomed box w in [15, 206], h in [9, 182] at 518 px
-PAPER_RADIUS = metrics.DBT_DINO_RADIUS  # DBT-DINO's evaluator radius at 518 px; not the official protocol
 SEARCH_SPACE = {  # paper §6.2.3 (Optuna there, seeded random search here): flag -> (kind, low, high | choices)
     "lr": ("log", 1e-5, 1e-2), "weight_decay": ("log", 1e-6, 1e-3), "label_smoothing": ("uniform", 0.0, 0.1),
     "dropout": ("choice", (0.0, 0.05, 0.1, 0.15)), "cls_weight": ("log", 0.1, 10.0), "alpha": ("uniform", 0.25, 0.95),
@@ -638,19 +637,6 @@ def official_score(volumes, preds):
     return metrics.dbtex_evaluate(labels, boxes, preds)
 
 
-def choose_thresholds(volumes, dets, args):
-    """(setting, candidates per volume, mean sensitivity) with the best validation mean sensitivity on the grid
-    of score threshold s, overlap t, candidates kept per volume and slices per group."""
-    best = None
-    for s, t, keep, n in itertools.product(args.score_grid, args.overlap_grid, args.max_candidates, args.min_slices):
-        cands = [aggregate(d, v, s, t, keep, n) for v, d in zip(volumes, dets)]
-        rows = [r for v, c in zip(volumes, cands) for r in submission_rows(v, c)]
-        score = official_score(volumes, rows)["mean_sensitivity_positive"]
-        if best is None or score > best[2]:
-            best = (dict(s=s, t=t, max_keep=keep, min_slices=n), cands, score)
-    return best
-
-
 # -----------------------------------------------------------------------------------------------------------
 # evaluation: official score, DBT-DINO's variant, CI over patients, class split, random baseline, figures
 
@@ -666,7 +652,7 @@ def paper_variant(volumes, cands):
              for v, cs in pos for r, c in zip(submission_rows(v, cs), cs)]
     if not preds:
         return {"mean_sensitivity": 0.0}
-    res = metrics.dbtex_evaluate(truth_rows([v for v, _ in pos])[0], boxes, preds, radius=PAPER_RADIUS)
+    res = metrics.dbtex_evaluate(truth_rows([v for v, _ in pos])[0], boxes, preds, radius=metrics.DBT_DINO_RADIUS)
     return {k.replace("_positive", ""): x for k, x in res.items() if k.endswith("_positive")}
 
 
@@ -775,9 +761,17 @@ def draw_examples(path, volumes, cands, cache, size, n=4):
 # training
 
 def validate(det, anchors, volumes, cache, args, device):
-    """Predict every validation slice, choose (s, t) on the grid -> (s, t, candidates, mean sensitivity, dets)."""
+    """Predict every validation slice -> (setting, mean sensitivity): the best validation mean sensitivity on the
+    grid of score threshold s, overlap t, candidates kept per volume and slices per group."""
     dets = [predict_volume(det, anchors, v, args, device, cache) for v in volumes]
-    return choose_thresholds(volumes, dets, args) + (dets,)
+    best = None
+    for s, t, keep, n in itertools.product(args.score_grid, args.overlap_grid, args.max_candidates, args.min_slices):
+        cands = [aggregate(d, v, s, t, keep, n) for v, d in zip(volumes, dets)]
+        rows = [r for v, c in zip(volumes, cands) for r in submission_rows(v, c)]
+        score = official_score(volumes, rows)["mean_sensitivity_positive"]
+        if best is None or score > best[1]:
+            best = (dict(s=s, t=t, max_keep=keep, min_slices=n), score)
+    return best
 
 
 def train(det, anchors, split, cache, args, device):
@@ -832,7 +826,7 @@ def train(det, anchors, split, cache, args, device):
                               **values, lr=lr_at(step)))
             window = []
         if done % args.eval_every == 0 or done == args.steps:
-            setting, _, score, _ = validate(det, anchors, split["val"], cache, args, device)
+            setting, score = validate(det, anchors, split["val"], cache, args, device)
             if score > state["best_score"]:
                 best = {k: v.detach().cpu().clone() for k, v in det.trainable_state().items()}  # a copy, not a view
                 state.update(best=best, best_score=score, best_step=done, bad_evals=0)
@@ -850,7 +844,7 @@ def train(det, anchors, split, cache, args, device):
 def evaluate(det, anchors, split, cache, args, device, timing):
     """Thresholds on validation; then the held-out split: official metrics, DBT-DINO's variant, FROC points,
     per-class sensitivity, patient bootstrap CI, random baseline, predictions.csv and figures."""
-    setting, _, val_score, _ = validate(det, anchors, split["val"], cache, args, device)
+    setting, val_score = validate(det, anchors, split["val"], cache, args, device)
     held = split["test"] or split["val"]
     name = "test" if split["test"] else "val"
     t0 = time.perf_counter()
