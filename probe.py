@@ -229,12 +229,9 @@ class VolumeReader(torch.utils.data.Dataset):
 
 
 class RemoteVolumeReader(VolumeReader):
-    """VolumeReader for instances on a DICOMweb server (uids: dicts of pacs.UID_COLUMNS). Each loader worker fetches
-    its volume into the rotating cache (over its own connection, opened after the fork) and reads the cached file
-    through VolumeReader.read, so remote and local pixels share one code path. The file stays pinned only while it
-    is read: once the stored integers are in memory nothing needs it, so at most one volume per worker is pinned.
-    A failed fetch is an (i, message naming the UIDs) skip; AuthError and CacheFull come back as the item, for
-    embed_volumes to stop the run with one line."""
+    """VolumeReader for DICOMweb instances (uids: dicts of pacs.UID_COLUMNS): each worker fetches into the rotating
+    cache and reads the file through VolumeReader.read, pinned only while read (one volume per worker). A failed
+    fetch is an (i, message) skip; AuthError and CacheFull come back as the item, for embed_volumes to raise."""
 
     def __init__(self, client, uids):
         self.client, self.uids = client, list(uids)
@@ -299,13 +296,10 @@ def _embed_one(net, item, device, size, chunk, dtype, amp):
 def embed_volumes(backbone, paths, device, *, size=518, chunk=75, workers=2, precision="autocast", client=None):
     """Embed DBT volumes with a frozen backbone -> (features, stats).
 
-    paths: local files, or with a pacs.Client `client`, dicts of the instances' three UIDs, fetched on the loader
-    workers (RemoteVolumeReader). features: one entry per path, a dict of the six aggregate() (D,) tensors, or None
-    for an unreadable volume or a failed fetch (reported once with its path or UIDs); pacs.AuthError and
-    pacs.CacheFull stop the run. stats: slices, seconds, wait_seconds (blocked on the loader), skipped.
-    Loader workers decode the stored integers one slice at a time; the display transform (rescale, VOI,
-    MONOCHROME1), the canonical mirror and the resize to size x size run on `device`, in chunks of `chunk` slices.
-    precision: autocast (bf16 autocast on CUDA, fp32 on CPU), bf16-weights (backbone and input in bf16), fp32."""
+    paths: local files, or with a pacs.Client `client`, dicts of the instances' three UIDs. features: per path the
+    six aggregate() (D,) tensors, or None when unreadable or not fetched (logged); AuthError and CacheFull stop the
+    run. stats: slices, seconds, wait_seconds (blocked on the loader), skipped. Workers decode; the display
+    transform, mirror and resize run on `device`, `chunk` slices at a time. precision: one of PRECISIONS."""
     device = torch.device(device)
     net, dtype, amp = _prepare(backbone, device, precision)
     reader = VolumeReader(paths) if client is None else RemoteVolumeReader(client, paths)
@@ -365,9 +359,8 @@ def _cached(file):
 
 def embed_exams(net, rows, root, folder, device, *, size, chunk, workers, precision, batch=128, client=None):
     """{row index: {view: {stat: (D,)}}} for every readable exam; one atomic cache file per exam, so a rerun
-    embeds only the missing ones. Exams with a missing or unreadable view are left out and counted.
-    client: a pacs.Client; then each view cell names an instance (StudyInstanceUID/SeriesInstanceUID/SOPInstanceUID),
-    fetched on the loader workers, root is unused, and a failed fetch leaves its exam out like an unreadable view."""
+    embeds only the missing ones. Exams with a missing, unreadable or unfetchable view are left out and counted.
+    With a pacs.Client `client`, each view cell names an instance (instance_uids) and root is unused."""
     root = None if client else root
     out, todo, skipped = {}, [], 0
     for j, r in enumerate(rows):
@@ -420,11 +413,9 @@ def instance_uids(cell, where="view"):
 
 
 def check_remote(client, candidates, workers, reused=0):
-    """Fetch one instance (the first of `candidates` that can be) in this process before the loader forks: a
-    refused login stops the run here after one request (pacs.AuthError), and its size tells whether the cache holds
-    the volumes pinned at once (one per loader worker, while it reads). A failed fetch is left to the loader, which
-    skips and reports its exam; but when none of the candidates can be fetched and no exam was reused, the server
-    is taken for unreachable and the run stops, instead of retrying every instance of the table in turn."""
+    """Fetch the first fetchable of `candidates` before the loader forks: a refused login stops here after one
+    request, and its size tells whether the cache holds one pinned volume per worker. When none can be fetched and
+    no exam was reused, the server is taken for unreachable (instead of retrying every instance in turn)."""
     reasons = []
     for uids in candidates:
         try:
@@ -810,10 +801,7 @@ def load_source(args):
 
 
 def remote_exams(args):
-    """--data dicomweb+http(s)://host/prefix --manifest exams.csv: the exam table's view cells name instances as
-    StudyInstanceUID/SeriesInstanceUID/SOPInstanceUID. Those instances are the client's allow-list: nothing else
-    is ever requested. They are fetched into the rotating cache under $DBT_DINO_CACHE/dicomweb (pacs.py).
-    Credentials as pretrain.py: DICOMWEB_TOKEN, or DICOMWEB_USER + DICOMWEB_PASSWORD, or --dicomweb-credentials."""
+    """--data dicomweb+http(s)://... --manifest exams.csv: the view cells (instance UIDs) are the allow-list."""
     if not args.manifest:
         raise ValueError(f"{pacs.redact(args.data)}: a DICOMweb source needs --manifest (the exam table naming "
                          "the instances it may fetch)")
@@ -900,14 +888,12 @@ def load_run(folder):
 
 def pair_tests(task, preds, names, exams, rule):
     """Every pair of runs on the common exams: McNemar on correctness (density), DeLong per year (risk)."""
-    tests = []
     pairs = [(a, b) for a in range(len(names)) for b in range(a + 1, len(names))]
     if task == "density":
         correct = [np.array([p[e]["pred"] == p[e]["density"] for e in exams]) for p in preds]
-        for a, b in pairs:
-            tests.append(dict(a=names[a], b=names[b], metric="accuracy", value_a=float(correct[a].mean()),
-                              value_b=float(correct[b].mean()), p=metrics.mcnemar(correct[a], correct[b])))
-        return tests
+        return [dict(a=names[a], b=names[b], metric="accuracy", value_a=float(correct[a].mean()),
+                     value_b=float(correct[b].mean()), p=metrics.mcnemar(correct[a], correct[b])) for a, b in pairs]
+    tests = []
     first = preds[0]
     ytc = np.array([float(first[e]["years_to_cancer"] or "inf") for e in exams])
     yfu = np.array([float(first[e]["years_of_followup"]) for e in exams])
