@@ -336,8 +336,7 @@ def cache_key(net, size, precision, device):
     for k, v in sorted(net.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    effective = "bf16-autocast" if precision == "autocast" and device.type == "cuda" else precision
-    effective = "fp32" if effective == "autocast" else effective
+    effective = {"autocast": "bf16-autocast" if device.type == "cuda" else "fp32"}.get(precision, precision)
     h.update(json.dumps([type(net).__name__, size, effective, PREPROCESS_VERSION]).encode())
     return h.hexdigest()[:16]
 
@@ -429,13 +428,14 @@ def check_remote(client, candidates, workers, reused=0):
                              + "; ".join(reasons))
         return
     try:
-        need = max(workers, 1) * path.stat().st_size
+        size = path.stat().st_size
     finally:
         client.cache.unpin(pin)
-    if need > client.cache.cap:
-        raise ValueError(f"--cache-bytes {client.cache.cap} cannot hold the {max(workers, 1)} volumes read at once "
-                         f"(one per loader worker, about {need / max(workers, 1) / 2**20:.0f} MiB each): use at least "
-                         f"{math.ceil(need / 2**20)}M")
+    n = max(workers, 1)
+    if n * size > client.cache.cap:
+        raise ValueError(f"--cache-bytes {client.cache.cap} cannot hold the {n} volumes read at once "
+                         f"(one per loader worker, about {size / 2**20:.0f} MiB each): use at least "
+                         f"{math.ceil(n * size / 2**20)}M")
 
 
 def feature_matrix(records, features):
