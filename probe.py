@@ -704,8 +704,9 @@ def run_density(args, rows, split, x, writer):
     tr = tr[stratified_subset(y[tr], args.fraction, args.seed)]
     z, mu, sd = _standardise(x, tr)
     yt = torch.from_numpy(y)
+    task = TASKS["density"]
     best = lr_search(lambda: nn.Linear(z.shape[1], 4), F.cross_entropy, (z[tr], (yt[tr],)), (z[va], (yt[va],)),
-                     lr_range=TASKS["density"]["lr"], trials=args.trials, epochs=args.epochs or 75,
+                     lr_range=task["lr"], trials=args.trials, epochs=args.epochs or task["epochs"],
                      batch_size=args.batch_size, seed=args.seed, writer=writer)
     head = nn.Linear(z.shape[1], 4)
     head.load_state_dict(best["state"])
@@ -762,9 +763,10 @@ def run_risk(args, rows, split, x, writer):
     # DBT-DINO's WeightedRandomSampler: weights 1/n_cancer and 1/n_healthy, len(healthy train) draws
     weights = (torch.from_numpy(np.where(cancer[tr], 1 / n_cancer, 1 / n_healthy)), n_healthy)
     vb = _balanced_val(va, cancer, args.seed)
+    task = TASKS["risk"]
     best = lr_search(lambda: CumulativeRiskHead(z.shape[1]), risk_loss, (z[tr], (y_label[tr], y_mask[tr])),
-                     (z[vb], (y_label[vb], y_mask[vb])), lr_range=TASKS["risk"]["lr"], trials=args.trials,
-                     epochs=args.epochs or 100, batch_size=args.batch_size, seed=args.seed, weights=weights,
+                     (z[vb], (y_label[vb], y_mask[vb])), lr_range=task["lr"], trials=args.trials,
+                     epochs=args.epochs or task["epochs"], batch_size=args.batch_size, seed=args.seed, weights=weights,
                      writer=writer)
     head = CumulativeRiskHead(z.shape[1])
     head.load_state_dict(best["state"])
