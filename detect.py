@@ -788,7 +788,7 @@ def train(det, anchors, split, cache, args, device):
     state = dict(best=None, best_score=-1.0, best_step=0, bad_evals=0)
     writer = metrics.JsonlWriter(os.path.join(args.out, "metrics.jsonl"))
     if args.resume == "auto" and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = model.read_checkpoint(ckpt_path)  # a corrupt file is one line naming it
         det.load_state_dict(ckpt["heads"], strict=False)
         opt.load_state_dict(ckpt["optimizer"])
         start, state = ckpt["step"], ckpt["early_stop"]

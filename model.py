@@ -450,19 +450,25 @@ def resample_pos_embed(pos_embed, grid, antialias):
     return torch.cat([pos_embed[:, :1].float(), patch], dim=1).to(pos_embed.dtype)
 
 
+def read_checkpoint(path, map_location="cpu"):
+    """torch.load(weights_only=True) with one-line errors naming the file: FileNotFoundError when it is missing,
+    ValueError when it is not a readable PyTorch checkpoint (a text file, a truncated zip, a pickled object)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such checkpoint file") from None
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
+
+
 def load_pretrained(model, path_or_state_dict):
     """Load DINOv2 / DBT-DINO / our weights into `model`; any key or shape mismatch is an error listing them."""
     name = "<state dict>"
     ckpt = path_or_state_dict
     if not isinstance(ckpt, dict):
         name = str(path_or_state_dict)
-        try:
-            ckpt = torch.load(name, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{name}: no such checkpoint file") from None
-        except Exception as e:  # truncated zip, pickle of arbitrary objects, a text file, ...
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{name}: not a readable PyTorch checkpoint ({reason})") from None
+        ckpt = read_checkpoint(name)
     state = backbone_state_dict(ckpt, name)
     own = model.state_dict()
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:

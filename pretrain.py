@@ -384,7 +384,7 @@ def build_models(args, device):
     if args.init:
         model.load_pretrained(student.backbone, args.init)
         # a DINOv2 teacher_checkpoint.pth (or our ckpt.pt) also holds heads: reuse them when they fit
-        ckpt = torch.load(args.init, map_location="cpu", weights_only=True)
+        ckpt = model.read_checkpoint(args.init)
         heads = {k: v for k, v in (ckpt.get("teacher") or {}).items() if k.startswith(("dino_head.", "ibot_head."))}
         own = student.state_dict()
         if heads and all(k in own and own[k].shape == v.shape for k, v in heads.items()):
@@ -399,14 +399,8 @@ def build_models(args, device):
 
 def load_resume(path, args, device):
     """ckpt.pt -> dict, checked like --init: a missing, unreadable or wrong kind of file, or a model/head that does
-    not fit the flags, is one ValueError naming the file and what differs."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such checkpoint file (--resume)") from None
-    except Exception as e:  # a text file, a truncated zip, a pickle of arbitrary objects, ...
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
+    not fit the flags, is one error naming the file and what is wrong."""
+    ckpt = model.read_checkpoint(path, device)
     need = {"student", "teacher", "optimizer", "loss_state", "step", "args"}
     if not isinstance(ckpt, dict) or not need <= set(ckpt):
         raise ValueError(f"{path}: not a pretrain.py ckpt.pt (it lacks {sorted(need - set(ckpt or {}))}); --resume "
@@ -509,7 +503,7 @@ def run_loop(args, ddp, student, teacher, optimizer, centers, schedules, stream,
         if step % args.log_every == 0 or step == args.steps:  # rank-averaged terms, for logging only
             avg = data.all_reduce(torch.stack(list(values.values()))) / world
             values = dict(zip(values, avg.tolist()), lr=schedules["lr"][it])
-            n_skipped = skips.total()  # unreadable volumes over all workers and ranks
+            n_skipped = skips.update()  # unreadable volumes over all workers and ranks
             if n_skipped:
                 values["skipped"] = n_skipped
             values.update(stream.cache_report())  # DICOMweb: hit rate, GB fetched, bytes per sample (all ranks)
@@ -535,7 +529,7 @@ def run_loop(args, ddp, student, teacher, optimizer, centers, schedules, stream,
                 loss_state=centers))
             # the teacher backbone alone, hub keys: what probe.py, detect.py and DINOv2's code load
             model.save_checkpoint(os.path.join(args.out, "backbone.pth"), teacher.backbone.state_dict())
-    n_skipped = skips.total()  # a collective: every rank asks
+    n_skipped = skips.update()  # a collective: every rank asks
     if writer:
         writer.write(dict(step=args.steps, split="data", time=time.time(), skipped=n_skipped,
                           volumes=len(stream.paths)))

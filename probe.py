@@ -117,7 +117,7 @@ class DenseNetFeatures(nn.Module):
         import torchvision  # only this baseline needs it
         net = torchvision.models.densenet121(weights=None)
         if weights:
-            state = _read_checkpoint(weights)
+            state = model.read_checkpoint(weights)
             # torchvision's released file names layers "norm.1"; the module calls them "norm1"
             state = {re.sub(r"\.(norm|relu|conv)\.([12])(?=\.)", r".\1\2", k): v for k, v in state.items()}
             try:
@@ -133,15 +133,6 @@ class DenseNetFeatures(nn.Module):
         x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         pooled = F.adaptive_avg_pool2d(F.relu(self.features(x)), 1).flatten(1)  # (B, 1024)
         return {"x_norm_clstoken": pooled, "x_norm_patchtokens": pooled[:, None]}  # (B, D), (B, 1, D)
-
-
-def _read_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such checkpoint file") from None
-    except Exception as e:  # a text file, a truncated zip, a pickle of arbitrary objects
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
 
 
 def load_backbone(spec="", arch="auto", weights="", seed=0):
@@ -165,7 +156,7 @@ def load_backbone(spec="", arch="auto", weights="", seed=0):
             torch.manual_seed(seed)
             net = model.build("tiny")
         return net.eval(), f"RANDOMLY INITIALISED tiny ViT (seed {seed}; no runs/*/backbone.pth found)"
-    state = model.backbone_state_dict(_read_checkpoint(spec), spec)
+    state = model.backbone_state_dict(model.read_checkpoint(spec), spec)
     if "pos_embed" not in state or "patch_embed.proj.weight" not in state:
         raise ValueError(f"{spec}: not a ViT backbone (no pos_embed / patch_embed)")
     width = state["pos_embed"].shape[-1]

@@ -86,13 +86,14 @@ def test_resume_failures_are_one_line_naming_the_file(finished, archive, tmp_pat
     cut = tmp_path / "cut.pt"
     raw = (finished / "ckpt.pt").read_bytes()
     cut.write_bytes(raw[:len(raw) // 2])
-    cases = [(text, "not a readable PyTorch checkpoint"), (cut, "not a readable PyTorch checkpoint"),
-             (tmp_path / "missing.pt", "no such checkpoint file"),
-             (finished / "backbone.pth", "not a pretrain.py ckpt.pt")]
-    for path, reason in cases:
+    cases = [(text, ValueError, "not a readable PyTorch checkpoint"),
+             (cut, ValueError, "not a readable PyTorch checkpoint"),
+             (tmp_path / "missing.pt", FileNotFoundError, "no such checkpoint file"),
+             (finished / "backbone.pth", ValueError, "not a pretrain.py ckpt.pt")]
+    for path, kind, reason in cases:  # the script prints each as one `error:` line (OSError and ValueError)
         args = pretrain.get_args(["--data", str(archive), "--out", str(tmp_path / "r"), "--resume", str(path),
                                   *SMALL])
-        with pytest.raises(ValueError, match=reason) as e:
+        with pytest.raises(kind, match=reason) as e:
             pretrain.train(args)
         assert str(path) in str(e.value)
     args = pretrain.get_args(["--data", str(archive), "--out", str(tmp_path / "r"), "--resume",
