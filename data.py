@@ -1048,37 +1048,36 @@ def make_loader(dataset, batch_size, workers, collate_fn, seed):
 
 class SkipCounter:
     """Unreadable volumes over the main process, its loader workers (their skips arrive in batch["skipped"]) and all
-    ranks (gathered when asked, so every rank must ask at the same steps)."""
+    ranks. update() gathers them (a collective: every rank calls it at the same steps); total, check and summary
+    then read that one gathered view."""
 
     def __init__(self, stream):
-        self.stream, self.local = stream, {}
+        self.stream, self.local, self.skipped = stream, {}, {}
 
     def add(self, skipped):
         self.local.update(skipped)
 
-    def gathered(self):
+    def update(self):
+        """Gather path -> reason over all ranks; returns how many volumes proved unreadable so far."""
         merged = dict(self.stream.skipped, **self.local)  # the main process's own skips (it indexes at start)
         if rank_world()[1] > 1:
             parts = [None] * rank_world()[1]
             torch.distributed.all_gather_object(parts, merged)
             merged = {p: r for part in parts for p, r in part.items()}
-        return merged
-
-    def total(self):
-        return len(self.gathered())
+        self.skipped = merged
+        return len(merged)
 
     def summary(self, first=3):
-        skipped = self.gathered()
-        lines = [f"data: {len(skipped)} of {len(self.stream.paths)} volumes skipped as unreadable"]
-        lines += [f"  {r}" for r in list(skipped.values())[:first]]
-        return "\n".join(lines + (["  ..."] if len(skipped) > first else []))
+        lines = [f"data: {len(self.skipped)} of {len(self.stream.paths)} volumes skipped as unreadable"]
+        lines += [f"  {r}" for r in list(self.skipped.values())[:first]]
+        return "\n".join(lines + (["  ..."] if len(self.skipped) > first else []))
 
     def check(self, max_fraction):
         """Stop (one ValueError on every rank) when more than max_fraction of the volumes proved unreadable."""
-        skipped, n = self.gathered(), len(self.stream.paths)
-        if len(skipped) > max_fraction * n:
-            raise ValueError(f"{len(skipped)} of {n} volumes are unreadable, more than --max-skip-fraction "
-                             f"{max_fraction:g}; the first: {next(iter(skipped.values()))}")
+        n = len(self.stream.paths)
+        if len(self.skipped) > max_fraction * n:
+            raise ValueError(f"{len(self.skipped)} of {n} volumes are unreadable, more than --max-skip-fraction "
+                             f"{max_fraction:g}; the first: {next(iter(self.skipped.values()))}")
 
 
 def density_eval_set(root, size=112, max_exams=None):
@@ -1091,9 +1090,10 @@ def density_eval_set(root, size=112, max_exams=None):
     groups, patients = [], {}  # patient index per image; patient id -> index
     for e in exams:
         for col in ("LCC", "RCC", "LMLO", "RMLO"):
-            meta = index_volume(root / e[col])  # one header parse per view
-            x, _ = read_dbt(root / e[col], frames=[meta["n_frames"] // 2], meta=meta)
-            x = F.interpolate(torch.from_numpy(x)[None], size=(size, size), mode="bilinear", antialias=True)
+            meta = _parse_headers(root / e[col])  # one header parse per view
+            x = _orient(meta)  # (H, W) the displayed central slice, decoded once for the decision and the image
+            x = np.ascontiguousarray(x[:, ::-1] if meta["flip"] else x)  # canonical: chest wall on the left
+            x = F.interpolate(torch.from_numpy(x)[None, None], size=(size, size), mode="bilinear", antialias=True)[0]
             images.append(x[0].clamp(0, 1).expand(3, -1, -1))  # (3, size, size)
             labels.append("abcd".index(e["density"]))
             groups.append(patients.setdefault(e["patient"], len(patients)))
