@@ -411,7 +411,8 @@ def tissue_mask(image):
 def make_phantom(shape=(24, 256, 192), glandular=0.25, mlo=False, lesions=(), beta=3.0, seed=0):
     """Synthetic DBT volume (S, H, W) in [0, 1], chest wall on the left (spec data.md 6.1).
 
-    lesions: classes ("cancer" -> spiculation-free mass, "benign" -> calcification cluster).
+    lesions: classes ("cancer" -> spiculation-free mass, "benign" -> calcification cluster, "benign mass" -> a mass
+    whose box Class is "benign").
     Returns (volume, boxes) with boxes [dict(Class, Slice, X, Y, Width, Height)] in pixel units."""
     rng = np.random.default_rng(seed)
     S, H, W = shape
@@ -442,7 +443,7 @@ def make_phantom(shape=(24, 256, 192), glandular=0.25, mlo=False, lesions=(), be
     inner = np.argwhere(breast & (r < 0.6) & central)  # lesion centres: central slices, not the skin
     for cls in lesions:
         cz, cy, cx = inner[rng.integers(len(inner))]
-        if cls == "cancer":  # ellipsoid mass with a smooth (erfc) margin
+        if cls in ("cancer", "benign mass"):  # ellipsoid mass with a smooth (erfc) margin
             rr, rz = rng.uniform(6, 14) * scale, rng.uniform(2, 4)
             d = np.sqrt(((X - cx) / rr) ** 2 + ((Y - cy) / rr) ** 2 + ((Z - cz) / rz) ** 2)
             vol += 0.12 * 0.5 * erfc((d - 1) * 3)
@@ -456,7 +457,7 @@ def make_phantom(shape=(24, 256, 192), glandular=0.25, mlo=False, lesions=(), be
             x0, y0_ = sx.min() - 2, sy.min() - 2
             x1, y1 = sx.max() + 3, sy.max() + 3
         x0, y0_ = max(int(x0), 0), max(int(y0_), 0)
-        boxes.append(dict(Class=cls, Slice=int(cz), X=x0, Y=y0_, Width=int(min(x1, W) - x0),
+        boxes.append(dict(Class=cls.split()[0], Slice=int(cz), X=x0, Y=y0_, Width=int(min(x1, W) - x0),
                           Height=int(min(y1, H) - y0_)))
     vol = vol + rng.standard_normal(shape) * 0.01 * np.sqrt(np.clip(vol, 0, None))  # quantum noise ~ sqrt(signal)
     return np.where(breast, np.clip(vol, 0, 1), 0).astype(np.float32), boxes
@@ -537,9 +538,15 @@ def write_phantom_dicom(path, shape=(60, 2457, 1996), encoding="native", seed=0,
     return Path(path)
 
 
-def write_archive(root, patients=8, seed=0, shape=(24, 256, 192)):
-    """A small BCS-DBT-like archive: 4 BTO views per exam, BCS-DBT CSVs, exams.csv for density/risk probes."""
+def write_archive(root, patients=8, seed=0, shape=(24, 256, 192), lesion_rate=0.0):
+    """A small BCS-DBT-like archive: 4 BTO views per exam, BCS-DBT CSVs, exams.csv for density/risk probes.
+
+    lesion_rate: the mean number of extra lesions per view (Poisson), for detection archives, enriched with lesions
+    as BCS-DBT's validation and test sets are. They are masses, as BCS-DBT's boxes are (masses and architectural
+    distortions), Class benign or cancer at even odds. They are in boxes.csv and labels.csv only: exams.csv's cancer
+    outcomes (the risk probe's) do not know them."""
     root, rng = Path(root), np.random.default_rng(seed)
+    enrich = np.random.default_rng([seed, 1])  # its own stream: lesion_rate 0 leaves every other draw as it was
     paths, labels = [], []  # rows of file-paths.csv, labels.csv,
     boxes, exams = [], []  # boxes.csv and exams.csv
     # cycle encodings and display conventions so every exam exercises the whole reading path
@@ -559,6 +566,7 @@ def write_archive(root, patients=8, seed=0, shape=(24, 256, 192)):
         for k, view in enumerate(("LCC", "RCC", "LMLO", "RMLO")):
             cancer = ["cancer"] if onset < 1 and view[0] == side else []
             lesions = cancer + (["benign"] if rng.random() < 0.15 else [])
+            lesions += [("cancer", "benign mass")[int(c)] for c in enrich.integers(2, size=enrich.poisson(lesion_rate))]
             g = [0.1, 0.25, 0.5, 0.75][density] * rng.uniform(0.8, 1.25)
             vol, bxs = make_phantom(shape, g, view.endswith("MLO"), lesions, beta=3 + 0.3 * risk,
                                     seed=int(rng.integers(2 ** 31)))
@@ -595,14 +603,14 @@ def cache_base():
     return Path(os.environ.get("DBT_DINO_CACHE", "cache"))
 
 
-def synthetic_archive(root=None, patients=8, seed=0, shape=(24, 256, 192)):
+def synthetic_archive(root=None, patients=8, seed=0, shape=(24, 256, 192), lesion_rate=0.0):
     """Create once (build in a tmp dir, then os.replace) and return the synthetic archive folder."""
     root = Path(root) if root else cache_base() / f"synthetic-p{patients}-s{seed}"
     if (root / "exams.csv").exists():
         return root
     tmp = Path(_tmp(root))
     shutil.rmtree(tmp, ignore_errors=True)
-    write_archive(tmp, patients, seed, shape)
+    write_archive(tmp, patients, seed, shape, lesion_rate)
     try:
         os.replace(tmp, root)
     except OSError:  # another process won the race (or root is a non-empty folder): keep theirs
@@ -1112,6 +1120,8 @@ def get_args(argv=None):
     p.add_argument("--slices", type=number(int, 1, 1000), default=24, help="slices per volume")
     p.add_argument("--height", type=number(int, 16, 8192), default=256, help="rows per slice")
     p.add_argument("--width", type=number(int, 16, 8192), default=192, help="columns per slice")
+    p.add_argument("--lesion-rate", type=number(float, 0, 10), default=0.0,
+                   help="mean extra masses per view, for detection archives (BCS-DBT's sets are enriched)")
     return p.parse_args(argv)
 
 
@@ -1125,7 +1135,7 @@ def synth_command(args):
         return f"reused {out}: {4 * n} volumes of {n} patients{asked}"
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out}: exists and is not an archive written by data.py synth; choose another --out")
-    root = synthetic_archive(out, args.patients, args.seed, (args.slices, args.height, args.width))
+    root = synthetic_archive(out, args.patients, args.seed, (args.slices, args.height, args.width), args.lesion_rate)
     return f"wrote {root}: {4 * args.patients} volumes of {args.patients} patients"
 
 

@@ -297,6 +297,26 @@ def test_synth_archive_and_cli(tmp_path, archive):
     assert data.get_args(["synth"]).patients == 8
 
 
+def test_detection_archive_adds_masses_and_leaves_the_rest(tmp_path):
+    """lesion_rate draws its masses from a stream of its own: the base archive's exams, files and lesions stay."""
+    base = data.write_archive(tmp_path / "base", patients=3, seed=4, shape=(4, 64, 48))
+    rich = data.write_archive(tmp_path / "rich", patients=3, seed=4, shape=(4, 64, 48), lesion_rate=2.0)
+    read = lambda root, name: list(csv.DictReader(open(root / name)))
+    for name in ("exams.csv", "file-paths.csv"):
+        assert read(base, name) == read(rich, name)
+    base_boxes, rich_boxes = read(base, "boxes.csv"), read(rich, "boxes.csv")
+    assert all(b in rich_boxes for b in base_boxes)  # the same lesions at the same places
+    extra = [b for b in rich_boxes if b not in base_boxes]
+    assert 10 <= len(extra) <= 40  # Poisson(2) over 12 views: mean 24, sd 4.9
+    assert {b["Class"] for b in extra} == {"benign", "cancer"}
+    whole = [b for b in extra if 0 < int(b["X"]) and int(b["X"]) + int(b["Width"]) < 48]  # not cut by an edge
+    assert len(whole) >= 5 and all(b["Width"] == b["Height"] for b in whole)  # round masses, not calcifications
+    for r in read(rich, "labels.csv"):  # BCS-DBT's groups are exclusive: a volume with a cancer box is Cancer
+        classes = {b["Class"] for b in rich_boxes if (b["PatientID"], b["View"]) == (r["PatientID"], r["View"])}
+        group = "Cancer" if "cancer" in classes else "Benign" if classes else "Normal"
+        assert [k for k in ("Normal", "Benign", "Cancer") if r[k] == "1"] == [group]
+
+
 def test_bcs_dbt_side_uses_stored_pixels(tmp_path):
     """A window that clips the left edge's few bright pixels flips the displayed sums but not the stored ones:
     the official reader (stored sums) keeps an 'lcc' image as it is, so ours must too."""
