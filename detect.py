@@ -1,7 +1,7 @@
 """Lesion detection on DBT: frozen DINOv2 ViT -> simple feature pyramid -> RetinaNet, 3-D volume candidates, and the
 official DBTex submission and score (DBT-DINO paper §3.5, §6.2.3; spec downstream.md §4-5).
 
-    python detect.py                                   # synthetic phantoms (768 x 576), tiny ViT, CPU, a few minutes
+    python detect.py                                   # 24 phantom patients (768 x 576), tiny ViT, CPU, ~4-6 min
     python detect.py --data /bcs-dbt --backbone dbt_dino.pth --model vitb14 --amp --out runs/det   # 518 px, GPU
     python detect.py --data /bcs-dbt --backbone dbt_dino.pth --model vitb14 --trials 20 --out runs/search
     python detect.py --out runs/det --resume auto      # continue an interrupted run exactly
@@ -58,9 +58,11 @@ def get_args(argv=None):
     count, fraction, rate = data.number(int, 1), data.number(float, 0, 1), data.number(float, 0, lo_open=True)
     p.add_argument("--data", default="synthetic", help="BCS-DBT folder (CSVs + DICOM tree) or 'synthetic' (phantoms "
                    "from data.py under $DBT_DINO_CACHE, sized by --synthetic-*)")
-    p.add_argument("--synthetic-patients", type=count, default=40, help="phantom patients (4 views each)")
-    p.add_argument("--synthetic-size", type=count, nargs=3, default=[24, 768, 576], metavar=("S", "H", "W"),
+    p.add_argument("--synthetic-patients", type=count, default=24, help="phantom patients (4 views each)")
+    p.add_argument("--synthetic-size", type=count, nargs=3, default=[16, 768, 576], metavar=("S", "H", "W"),
                    help="phantom slices, rows, columns: realistic sizes keep the 100 px hit radius small")
+    p.add_argument("--synthetic-lesions", type=data.number(float, 0, 10), default=2.0,
+                   help="mean extra masses per phantom view (data.write_archive's lesion_rate)")
     p.add_argument("--synthetic-seed", type=data.number(int, 0), default=1, help="phantom archive seed")
     p.add_argument("--out", default=time.strftime("runs/detect-%Y%m%d-%H%M%S"), help="run folder")
     p.add_argument("--resume", default="", choices=["", "auto"], help="auto: continue <out>/ckpt.pt if present")
@@ -78,7 +80,7 @@ def get_args(argv=None):
     p.add_argument("--seed", type=data.number(int, 0), default=0, help="split, sampling, augmentation seed")
     p.add_argument("--val-fraction", type=fraction, default=0.2, help="patients for validation (no official split)")
     p.add_argument("--test-fraction", type=fraction, default=0.25, help="patients held out for the final score")
-    p.add_argument("--steps", type=count, default=160, help="training iterations (epochs are derived and logged)")
+    p.add_argument("--steps", type=count, default=400, help="training iterations (epochs are derived and logged)")
     p.add_argument("--batch-size", type=count, default=8, help="slices per step")
     p.add_argument("--lr", type=rate, default=8e-3, help="AdamW LR per 64 images (linear scaling)")
     p.add_argument("--weight-decay", type=data.number(float, 0), default=1e-4, help="AdamW weight decay")
@@ -105,7 +107,7 @@ def get_args(argv=None):
     p.add_argument("--min-slices", type=count, nargs="+", default=[1, 2],
                    help="slices a 3-D group needs, tried on validation (DBT-DINO: 2; calcifications show on 1-2)")
     p.add_argument("--chunk", type=count, default=16, help="slices per forward pass at inference")
-    p.add_argument("--eval-every", type=count, default=40, help="validation mean sensitivity every N steps")
+    p.add_argument("--eval-every", type=count, default=100, help="validation mean sensitivity every N steps")
     p.add_argument("--patience", type=count, default=10, help="stop after this many evals without improvement")
     p.add_argument("--log-every", type=count, default=10, help="progress line + metrics.jsonl every N steps")
     p.add_argument("--n-boot", type=count, default=1000, help="bootstrap resamples (patients) for the CI")
@@ -572,41 +574,36 @@ def predict_volume(det, anchors, vol, args, device, cache):
                 mask=data.tissue_mask(image.numpy()))
 
 
-def _ios(box, boxes):
-    """Intersection over the smaller area of one box (4,) against boxes (n, 4)."""
-    wh = (torch.minimum(box[2:], boxes[:, 2:]) - torch.maximum(box[:2], boxes[:, :2])).clamp(min=0)
-    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    return wh[:, 0] * wh[:, 1] / torch.minimum(area(box), area(boxes)).clamp(min=1e-6)
-
-
 def aggregate(dets, vol, s, t, max_keep=8, min_slices=2):
     """DBT-DINO's 3-D grouping (downstream.md §4) -> candidates, best first: dict(box xyxy original px, z0, z1,
     median slice, score). Greedy from the best box: the free boxes near its slice (below) and with intersection
     over the smaller box >= t join it; one-slice groups are dropped; a group is the union box, scored by the mean
     of its top 10 scores; then the size filter and the cumulative-softmax cut.
     "Near": DBT-DINO's "within half the span of the kept slices" splits a lesion seen on 6 slices in two
-    (measured on phantoms); we take the evaluator's slice tolerance, VolumeSlices/4 of the best box's slice."""
-    keep = dets["scores"] >= s
-    sl, bx, sc = dets["slices"][keep], dets["boxes"][keep], dets["scores"][keep]
-    if len(sc) == 0:
-        return []
-    order = sc.argsort(descending=True)
-    sl, bx, sc = sl[order], bx[order], sc[order]
-    window, free, cands = vol["n_slices"] / 4, torch.ones(len(sc), dtype=torch.bool), []
-    ref = torch.tensor([REF / vol["cols"], REF / vol["rows"]])  # the size limits are at 518 px
+    (measured on phantoms); we take the evaluator's slice tolerance, VolumeSlices/4 of the best box's slice.
+    In numpy: validation runs this for every volume at each of its grid's settings."""
+    sc = dets["scores"].numpy()
+    order = np.argsort(-sc, kind="stable")
+    order = order[sc[order] >= s]
+    sl, bx, sc = dets["slices"].numpy()[order], dets["boxes"].numpy()[order], sc[order]
+    area = (bx[:, 2] - bx[:, 0]) * (bx[:, 3] - bx[:, 1])  # (n,)
+    window, free, cands = vol["n_slices"] / 4, np.ones(len(sc), dtype=bool), []
+    ref = np.array([REF / vol["cols"], REF / vol["rows"]])  # the size limits are at 518 px
     for i in range(len(sc)):
         if not free[i]:
             continue
-        members = free & ((sl - sl[i]).abs() <= window) & (_ios(bx[i], bx) >= t)
+        wh = (np.minimum(bx[i, 2:], bx[:, 2:]) - np.maximum(bx[i, :2], bx[:, :2])).clip(min=0)  # (n, 2)
+        ios = wh[:, 0] * wh[:, 1] / np.maximum(np.minimum(area[i], area), 1e-6)
+        members = free & (np.abs(sl - sl[i]) <= window) & (ios >= t)
         free &= ~members
-        z = sl[members]
-        if len(z.unique()) < min_slices:  # DBT-DINO: 2 (one-slice groups dropped)
+        z = np.sort(sl[members])
+        if len(np.unique(z)) < min_slices:  # DBT-DINO: 2 (one-slice groups dropped)
             continue
-        box = torch.cat([bx[members, :2].min(0).values, bx[members, 2:].max(0).values])
+        box = np.concatenate([bx[members, :2].min(0), bx[members, 2:].max(0)])
         w, h = (box[2:] - box[:2]) * ref
         if not (SIZE_LIMITS[0] <= w <= SIZE_LIMITS[1] and SIZE_LIMITS[2] <= h <= SIZE_LIMITS[3]):
             continue
-        cands.append(dict(box=box.tolist(), z0=int(z.min()), z1=int(z.max()), median=int(z.median()),
+        cands.append(dict(box=box.tolist(), z0=int(z[0]), z1=int(z[-1]), median=int(z[(len(z) - 1) // 2]),
                           score=float(sc[members][:10].mean())))
     cands.sort(key=lambda c: -c["score"])
     mass = torch.softmax(torch.tensor([c["score"] for c in cands] or [0.0]), 0).cumsum(0)
@@ -733,7 +730,9 @@ def draw_froc(path, curves, max_fps=6.0):
 
 
 def draw_examples(path, volumes, cands, cache, size, n=4):
-    """examples.png: up to n positive volumes at a ground-truth slice; GT green, candidates on it red + score."""
+    """examples.png: up to n positive volumes at a ground-truth slice; GT green (thin: a lesion centred on another
+    slice within the evaluator's VolumeSlices/4, which a lesion seen on several slices shows here), candidates
+    spanning the slice red + score."""
     tiles = []
     for v, cs in zip(volumes, cands):
         if not v["boxes"] or len(tiles) == n:
@@ -741,8 +740,9 @@ def draw_examples(path, volumes, cands, cache, size, n=4):
         z = v["boxes"][0][4]
         img = Image.fromarray((cache.get(v, [z])[0, 0].numpy() * 255).astype(np.uint8)).convert("RGB")
         d = ImageDraw.Draw(img)
-        for b in to_model(v, [b[:4] for b in v["boxes"] if b[4] == z], size).tolist():
-            d.rectangle(b, outline=(0, 220, 0), width=2)
+        for b in v["boxes"]:
+            if abs(b[4] - z) <= v["n_slices"] / 4:
+                d.rectangle(to_model(v, [b[:4]], size)[0].tolist(), outline=(0, 220, 0), width=2 if b[4] == z else 1)
         for c in cs:
             if c["z0"] <= z <= c["z1"]:
                 b = to_model(v, c["box"], size)[0].tolist()
@@ -764,9 +764,11 @@ def validate(det, anchors, volumes, cache, args, device):
     """Predict every validation slice -> (setting, mean sensitivity): the best validation mean sensitivity on the
     grid of score threshold s, overlap t, candidates kept per volume and slices per group."""
     dets = [predict_volume(det, anchors, v, args, device, cache) for v in volumes]
-    best = None
+    best, grouped = None, {}  # (s, t, n) -> candidates at the largest max_keep; a smaller one is a prefix
     for s, t, keep, n in itertools.product(args.score_grid, args.overlap_grid, args.max_candidates, args.min_slices):
-        cands = [aggregate(d, v, s, t, keep, n) for v, d in zip(volumes, dets)]
+        if (s, t, n) not in grouped:
+            grouped[s, t, n] = [aggregate(d, v, s, t, max(args.max_candidates), n) for v, d in zip(volumes, dets)]
+        cands = [c[:keep] for c in grouped[s, t, n]]
         rows = [r for v, c in zip(volumes, cands) for r in submission_rows(v, c)]
         score = official_score(volumes, rows)["mean_sensitivity_positive"]
         if best is None or score > best[1]:
@@ -829,7 +831,7 @@ def train(det, anchors, split, cache, args, device):
             setting, score = validate(det, anchors, split["val"], cache, args, device)
             if score > state["best_score"]:
                 best = {k: v.detach().cpu().clone() for k, v in det.trainable_state().items()}  # a copy, not a view
-                state.update(best=best, best_score=score, best_step=done, bad_evals=0)
+                state.update(best=best, best_score=score, best_step=done, bad_evals=0, best_setting=setting)
             else:
                 state["bad_evals"] += 1
             data.log(f"step {done}: val mean sensitivity {score:.4f} ({setting}); best {state['best_score']:.4f} "
@@ -841,10 +843,11 @@ def train(det, anchors, split, cache, args, device):
     return state, dict(train_s=t_train, epochs=epochs, s_per_epoch=t_train / max(epochs, 1e-9) if start == 0 else None)
 
 
-def evaluate(det, anchors, split, cache, args, device, timing):
-    """Thresholds on validation; then the held-out split: official metrics, DBT-DINO's variant, FROC points,
-    per-class sensitivity, patient bootstrap CI, random baseline, predictions.csv and figures."""
-    setting, val_score = validate(det, anchors, split["val"], cache, args, device)
+def evaluate(det, anchors, split, cache, args, device, timing, chosen=None):
+    """Thresholds on validation (chosen: the (setting, score) training found for these weights); then the held-out
+    split: official metrics, DBT-DINO's variant, FROC points, per-class sensitivity, patient bootstrap CI, random
+    baseline, predictions.csv and figures."""
+    setting, val_score = chosen or validate(det, anchors, split["val"], cache, args, device)
     held = split["test"] or split["val"]
     name = "test" if split["test"] else "val"
     t0 = time.perf_counter()
@@ -910,8 +913,9 @@ def main(args):
     backbone, source = load_backbone(args)  # checked before the (slow, once) phantom archive is built
     if args.data == "synthetic":
         S, H, W = args.synthetic_size
-        root = data.synthetic_archive(data.cache_base() / f"detect-p{args.synthetic_patients}-s{args.synthetic_seed}"
-                                      f"-{S}x{H}x{W}", args.synthetic_patients, args.synthetic_seed, (S, H, W))
+        name = f"detect-p{args.synthetic_patients}-s{args.synthetic_seed}-{S}x{H}x{W}-l{args.synthetic_lesions:g}"
+        root = data.synthetic_archive(data.cache_base() / name, args.synthetic_patients, args.synthetic_seed,
+                                      (S, H, W), args.synthetic_lesions)
     elif not os.path.isdir(args.data):
         raise FileNotFoundError(f"{args.data}: no such folder")
     else:
@@ -933,7 +937,8 @@ def main(args):
     state, timing = train(det, anchors, split, cache, args, device)
     if state["best"] is not None:
         det.load_state_dict(state["best"], strict=False)
-    result = evaluate(det, anchors, split, cache, args, device, dict(timing, best_step=state["best_step"]))
+    chosen = (state["best_setting"], state["best_score"]) if state.get("best_setting") else None
+    result = evaluate(det, anchors, split, cache, args, device, dict(timing, best_step=state["best_step"]), chosen)
     result["backbone"] = source
     metrics.atomic_write(os.path.join(args.out, "metrics.json"), json.dumps(result, indent=1) + "\n")
     _report(result, args.out)

@@ -196,6 +196,14 @@ def test_grouping_slices_size_filter_and_cap():
     many = dets(*[(z, 60 * i, 10, 40, 40, 0.9 - 0.01 * i) for i in range(8) for z in (3, 4)])
     c = detect.aggregate(many, vol, 0.5, 0.6, max_keep=3)
     assert [round(x["score"], 2) for x in c] == [0.9, 0.89, 0.88] and detect.aggregate(many, vol, 0.95, 0.6) == []
+    assert c == detect.aggregate(many, vol, 0.5, 0.6, max_keep=8)[:3]  # validate() relies on this prefix
+    assert len(detect.aggregate(dets((5, 10, 10, 40, 40, 0.75)), vol, 0.75, 0.6, min_slices=1)) == 1  # score >= s
+    # a 40 x 40 box inside the best one (intersection over the smaller 1) joins it; a box overlapping it by
+    # 30 x 100 (intersection over the smaller 0.3 < 0.6) starts its own group
+    nested = dets((5, 10, 10, 100, 100, 0.9), (6, 30, 30, 40, 40, 0.8), (7, 80, 10, 100, 100, 0.7))
+    c = detect.aggregate(nested, vol, 0.5, 0.6, min_slices=1)
+    assert [(x["box"], x["z0"], x["z1"], x["median"], round(x["score"], 6)) for x in c] == [
+        ([10, 10, 110, 110], 5, 6, 5, 0.85), ([80, 10, 180, 110], 7, 7, 7, 0.7)]
 
 
 def test_resume_auto_continues_exactly(archive, tmp_path, monkeypatch):
