@@ -68,7 +68,7 @@ def get_args(argv=None):
     p.add_argument("--resume", default="", choices=["", "auto"], help="auto: continue <out>/ckpt.pt if present")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that already holds a run")
     p.add_argument("--backbone", default="", help="frozen ViT weights for model.load_pretrained (hub, DBT-DINO, "
-                   "ours); empty: the newest runs/*/backbone.pth, else a random tiny ViT")
+                   "ours); random: an untrained ViT; empty: the newest runs/*/backbone.pth, else random")
     p.add_argument("--model", default="tiny", choices=sorted(model.PRESETS) + [k + "_reg" for k in model.PRESETS
                    if k != "tiny"], help="architecture of --backbone")
     p.add_argument("--image-size", type=data.number(int, 0), default=0, help="slice side in px, a multiple of the "
@@ -894,10 +894,10 @@ def load_backbone(args):
         path = str(found[-1]) if found else ""
     torch.manual_seed(args.seed)  # a random backbone is the same in every run of this seed (resume relies on it)
     vit = model.build(args.model)
-    if path:
+    if path and path != "random":
         return model.load_pretrained(vit, path), f"backbone: {args.model} from {path} (frozen)"
-    return vit, (f"backbone: RANDOM {args.model} ViT (no --backbone, no runs/*/backbone.pth): untrained features, "
-                 "a plumbing check, not DBT-DINO")
+    why = "--backbone random" if path else "no --backbone, no runs/*/backbone.pth"
+    return vit, f"backbone: RANDOM {args.model} ViT ({why}): untrained features, a plumbing check, not DBT-DINO"
 
 
 def main(args):

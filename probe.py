@@ -139,7 +139,8 @@ def load_backbone(spec="", arch="auto", weights="", seed=0):
     """-> (frozen backbone with forward_features, one-line description).
 
     spec: a model.load_pretrained file (--arch names the architecture; auto reads it from the width), the word
-    densenet121, or '' for the newest runs/*/backbone.pth, else a randomly initialised tiny ViT (seeded)."""
+    densenet121, the word random, or '' for the newest runs/*/backbone.pth, else a randomly initialised tiny ViT
+    (seeded)."""
     if spec == "densenet121":
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # random weights are reproducible, so their cache entries are reused
@@ -151,11 +152,12 @@ def load_backbone(spec="", arch="auto", weights="", seed=0):
     if not spec:
         runs = sorted(Path("runs").glob("*/backbone.pth"), key=lambda p: p.stat().st_mtime)
         spec, how = (str(runs[-1]), "newest runs/*/backbone.pth") if runs else ("", "")
-    if not spec:
+    if spec in ("", "random"):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             net = model.build("tiny")
-        return net.eval(), f"RANDOMLY INITIALISED tiny ViT (seed {seed}; no runs/*/backbone.pth found)"
+        why = "--backbone random" if spec else "no runs/*/backbone.pth found"
+        return net.eval(), f"RANDOMLY INITIALISED tiny ViT (seed {seed}; {why})"
     state = model.backbone_state_dict(model.read_checkpoint(spec), spec)
     if "pos_embed" not in state or "patch_embed.proj.weight" not in state:
         raise ValueError(f"{spec}: not a ViT backbone (no pos_embed / patch_embed)")
@@ -1034,8 +1036,8 @@ def get_args(argv=None):
     p.add_argument("--slices", type=data.number(int, 1), default=24, help="synthetic archive: slices per view")
     p.add_argument("--height", type=data.number(int, 16), default=256, help="synthetic archive: rows per slice")
     p.add_argument("--width", type=data.number(int, 16), default=192, help="synthetic archive: columns per slice")
-    p.add_argument("--backbone", default="", help="a model.load_pretrained file, densenet121, or '' for the "
-                   "newest runs/*/backbone.pth, else a random tiny ViT")
+    p.add_argument("--backbone", default="", help="a model.load_pretrained file, densenet121, random (an untrained "
+                   "tiny ViT), or '' for the newest runs/*/backbone.pth, else a random tiny ViT")
     p.add_argument("--arch", default="auto", help="model.build name of --backbone (auto: from its width)")
     p.add_argument("--weights", default="", help="DenseNet-121 state dict (torchvision's file); '' = random")
     p.add_argument("--size", type=data.number(int, 0), default=0, help="input side; 0 = the backbone's own "

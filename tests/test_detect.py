@@ -227,3 +227,18 @@ def test_resume_auto_continues_exactly(archive, tmp_path, monkeypatch):
                if r["split"] == "train"] for run in ("whole", "cut")]
     assert len(losses[0]) == 4 and losses[0] == losses[1]
     assert resumed["official"] == whole["official"]
+
+
+def test_backbone_is_the_newest_run_or_random_on_request(tmp_path, monkeypatch):
+    """No --backbone takes the newest runs/*/backbone.pth; --backbone random an untrained ViT (seeded) even then."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    torch.manual_seed(5)
+    saved = model.build("tiny")
+    torch.save(saved.state_dict(), tmp_path / "runs" / "a" / "backbone.pth")
+    vit, line = detect.load_backbone(detect.get_args(["--out", str(tmp_path / "o")]))
+    assert "runs/a/backbone.pth" in line and torch.equal(vit.pos_embed, saved.pos_embed)
+    vit, line = detect.load_backbone(detect.get_args(["--backbone", "random", "--seed", "3"]))
+    torch.manual_seed(3)
+    assert "RANDOM" in line and "--backbone random" in line
+    assert torch.equal(vit.pos_embed, model.build("tiny").pos_embed)
