@@ -345,14 +345,9 @@ def test_compare_density_mcnemar_exact_on_known_discordant_pairs(tmp_path):
     assert test["p"] == pytest.approx(binomtest(0, 6, 0.5).pvalue, abs=1e-12) and test["p_bh"] == test["p"]
 
 
-def test_backbone_random_ignores_saved_runs(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "runs" / "a").mkdir(parents=True)
-    torch.manual_seed(5)
-    saved = model.build("tiny")
-    torch.save(saved.state_dict(), tmp_path / "runs" / "a" / "backbone.pth")
+def test_backbone_random_ignores_saved_runs(saved_run):
     net, line = probe.load_backbone("")
-    assert "runs/a/backbone.pth" in line and torch.equal(net.pos_embed, saved.pos_embed)
+    assert "runs/a/backbone.pth" in line and torch.equal(net.pos_embed, saved_run.pos_embed)
     net, line = probe.load_backbone("random", seed=3)
     torch.manual_seed(3)
     assert "--backbone random" in line and torch.equal(net.pos_embed, model.build("tiny").pos_embed)
