@@ -888,16 +888,12 @@ def evaluate(det, anchors, split, cache, args, device, timing, chosen=None):
 
 def load_backbone(args):
     """The frozen ViT and a line saying where it came from; no --backbone: newest runs/*/backbone.pth, else random."""
-    path = args.backbone
-    if not path:
-        found = sorted(Path("runs").glob("*/backbone.pth"), key=lambda p: p.stat().st_mtime)
-        path = str(found[-1]) if found else ""
+    path, how = model.backbone_file(args.backbone)
     torch.manual_seed(args.seed)  # a random backbone is the same in every run of this seed (resume relies on it)
     vit = model.build(args.model)
-    if path and path != "random":
-        return model.load_pretrained(vit, path), f"backbone: {args.model} from {path} (frozen)"
-    why = "--backbone random" if path else "no --backbone, no runs/*/backbone.pth"
-    return vit, f"backbone: RANDOM {args.model} ViT ({why}): untrained features, a plumbing check, not DBT-DINO"
+    if path:
+        return model.load_pretrained(vit, path), f"backbone: {args.model} from {path} (frozen, {how})"
+    return vit, f"backbone: RANDOM {args.model} ViT ({how}): untrained features, a plumbing check, not DBT-DINO"
 
 
 def main(args):

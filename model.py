@@ -25,6 +25,7 @@ import os
 import re
 import time
 import types
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -460,6 +461,17 @@ def read_checkpoint(path, map_location="cpu"):
     except Exception as e:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
+
+
+def backbone_file(spec):
+    """probe.py's and detect.py's --backbone -> (file, or '' for an untrained ViT; how it was chosen). 'random' asks
+    for the untrained ViT; '' takes the newest runs/*/backbone.pth in the working directory (a pretrain.py run)."""
+    if spec == "random":
+        return "", "--backbone random"
+    if spec:
+        return spec, "--backbone"
+    runs = sorted(Path("runs").glob("*/backbone.pth"), key=lambda p: p.stat().st_mtime)
+    return (str(runs[-1]), "newest runs/*/backbone.pth") if runs else ("", "no --backbone, no runs/*/backbone.pth")
 
 
 def load_pretrained(model, path_or_state_dict):

@@ -148,16 +148,12 @@ def load_backbone(spec="", arch="auto", weights="", seed=0):
         return net.eval(), f"DenseNet-121, {weights or f'RANDOM weights (seed {seed})'}, ImageNet normalisation"
     if weights:
         raise ValueError("--weights is only for --backbone densenet121; give a ViT file as --backbone PATH")
-    how = "--backbone"
+    spec, how = model.backbone_file(spec)
     if not spec:
-        runs = sorted(Path("runs").glob("*/backbone.pth"), key=lambda p: p.stat().st_mtime)
-        spec, how = (str(runs[-1]), "newest runs/*/backbone.pth") if runs else ("", "")
-    if spec in ("", "random"):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             net = model.build("tiny")
-        why = "--backbone random" if spec else "no runs/*/backbone.pth found"
-        return net.eval(), f"RANDOMLY INITIALISED tiny ViT (seed {seed}; {why})"
+        return net.eval(), f"RANDOMLY INITIALISED tiny ViT (seed {seed}; {how})"
     state = model.backbone_state_dict(model.read_checkpoint(spec), spec)
     if "pos_embed" not in state or "patch_embed.proj.weight" not in state:
         raise ValueError(f"{spec}: not a ViT backbone (no pos_embed / patch_embed)")

@@ -1,5 +1,5 @@
 """Lets plain `pytest` (not only `python -m pytest`) import the repo's flat modules from any working directory;
-the saved_run fixture (a backbone.pth where detect.py and probe.py look for one) is shared by their tests."""
+the saved_run fixture (backbone.pth files where detect.py and probe.py look for one) is shared by their tests."""
 import sys
 from pathlib import Path
 
@@ -12,12 +12,16 @@ if str(ROOT) not in sys.path:
 
 @pytest.fixture
 def saved_run(tmp_path, monkeypatch):
-    """The working directory becomes tmp_path, holding runs/a/backbone.pth (a seed-5 tiny ViT); -> that ViT."""
+    """The working directory becomes tmp_path, holding runs/b/backbone.pth (a seed-5 tiny ViT) and an older
+    runs/a/backbone.pth (seed 6); -> the newest one's ViT."""
+    import os
     import torch
     import model  # here, after the path set-up above
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "runs" / "a").mkdir(parents=True)
-    torch.manual_seed(5)
-    saved = model.build("tiny")
-    torch.save(saved.state_dict(), tmp_path / "runs" / "a" / "backbone.pth")
+    for name, seed in (("a", 6), ("b", 5)):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        torch.manual_seed(seed)
+        saved = model.build("tiny")
+        torch.save(saved.state_dict(), tmp_path / "runs" / name / "backbone.pth")
+    os.utime(tmp_path / "runs" / "a" / "backbone.pth", (1e9, 1e9))  # older whatever the file system's clock says
     return saved

@@ -232,7 +232,7 @@ def test_resume_auto_continues_exactly(archive, tmp_path, monkeypatch):
 def test_backbone_is_the_newest_run_or_random_on_request(saved_run):
     """No --backbone takes the newest runs/*/backbone.pth; --backbone random an untrained ViT (seeded) even then."""
     vit, line = detect.load_backbone(detect.get_args([]))
-    assert "runs/a/backbone.pth" in line and torch.equal(vit.pos_embed, saved_run.pos_embed)
+    assert "runs/b/backbone.pth" in line and torch.equal(vit.pos_embed, saved_run.pos_embed)
     vit, line = detect.load_backbone(detect.get_args(["--backbone", "random", "--seed", "3"]))
     torch.manual_seed(3)
     assert "RANDOM" in line and "--backbone random" in line

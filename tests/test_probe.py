@@ -347,7 +347,7 @@ def test_compare_density_mcnemar_exact_on_known_discordant_pairs(tmp_path):
 
 def test_backbone_random_ignores_saved_runs(saved_run):
     net, line = probe.load_backbone("")
-    assert "runs/a/backbone.pth" in line and torch.equal(net.pos_embed, saved_run.pos_embed)
+    assert "runs/b/backbone.pth" in line and torch.equal(net.pos_embed, saved_run.pos_embed)
     net, line = probe.load_backbone("random", seed=3)
     torch.manual_seed(3)
     assert "--backbone random" in line and torch.equal(net.pos_embed, model.build("tiny").pos_embed)
