@@ -209,12 +209,21 @@ class VolumeReader(torch.utils.data.Dataset):
     def read(self, i, path):
         try:
             meta = data.index_volume(path)  # headers + the volume's one orientation decision
-            stored = np.stack([data.decode_slice(meta, s) for s in range(meta["n_frames"])])  # (S, H, W)
+            first = data.decode_slice(meta, 0)  # (H, W): gives the stored dtype
+            stored = torch.empty((meta["n_frames"], *first.shape), dtype=torch.from_numpy(first[:0]).dtype)
+            if torch.utils.data.get_worker_info() is not None:
+                # decode straight into shared memory, so the hand-over to the main process moves a file descriptor
+                # instead of copying the volume: 50 -> 63 slices/s with 1 worker, 71 -> 95 with 2 (60 x 2457 x 1996,
+                # 2-core CPU, median of 4 alternated runs); the copy's cost is page faults on 590 MB of fresh memory
+                stored.share_memory_()
+            out = stored.numpy()  # (S, H, W), the same memory
+            out[0] = first
+            for s in range(1, meta["n_frames"]):
+                out[s] = data.decode_slice(meta, s)
         except (ValueError, OSError) as e:
             return i, str(e)
         rows, sigmoid = voi_rows(meta)
-        return i, {"stored": torch.from_numpy(stored), "rows": rows, "sigmoid": sigmoid, "invert": meta["invert"],
-                   "flip": meta["flip"]}
+        return i, {"stored": stored, "rows": rows, "sigmoid": sigmoid, "invert": meta["invert"], "flip": meta["flip"]}
 
 
 class RemoteVolumeReader(VolumeReader):
