@@ -1,5 +1,6 @@
 """Lets plain `pytest` (not only `python -m pytest`) import the repo's flat modules from any working directory;
-the saved_run fixture (backbone.pth files where detect.py and probe.py look for one) is shared by their tests."""
+the saved_run fixture (backbone.pth files where detect.py and probe.py look for one) is shared by their tests, and
+torch_compile by the tests of --compile."""
 import sys
 from pathlib import Path
 
@@ -25,3 +26,15 @@ def saved_run(tmp_path, monkeypatch):
         torch.save(saved.state_dict(), tmp_path / "runs" / name / "backbone.pth")
     os.utime(tmp_path / "runs" / "a" / "backbone.pth", (1e9, 1e9))  # older whatever the file system's clock says
     return saved
+
+
+@pytest.fixture(scope="session")
+def torch_compile():
+    """torch.compile's CPU backend builds C++ at run time: a test of compiled code fails here, with the reason,
+    instead of skipping, on a machine without a working g++ (.ci/run installs one)."""
+    import torch
+    try:
+        ok = torch.compile(lambda t: t * 2 + 1)(torch.ones(3)).sum().item() == 9.0
+    except Exception as e:  # the toolchain's own message says what is missing
+        pytest.fail(f"torch.compile cannot run on this machine (needs g++ and the Python headers): {e}")
+    assert ok, "torch.compile ran but computed 2 * 1 + 1 wrongly"
