@@ -13,7 +13,8 @@ official DBTex submission and score (DBT-DINO paper §3.5, §6.2.3; spec downstr
                       Slice, original pixels in the orientation of data.read_dbt(path, view=View) (= dcmread_image)
 CSV names containing train / validation / test give the official split; otherwise patients are split, seeded.
 Outputs in --out: args.json, metrics.jsonl, ckpt.pt, predictions.csv (the official submission: X, Width, Y, Height,
-Z = first slice, Depth = span, so Z + Depth/2 is the centre the evaluator uses), metrics.json, froc.png, examples.png.
+Z = first slice, Depth = span, so Z + Depth/2 is the centre the evaluator uses), metrics.json, froc.png, examples.png,
+curves.png (training loss terms, lr and validation mean sensitivity).
 LR: --lr is per 64 images (DBT-DINO's batch) and scales linearly with --batch-size; the effective LR is printed.
 Shapes: B images, A anchors, G ground-truth boxes, D backbone width, C neck channels, g patch grid.
 """
@@ -776,6 +777,9 @@ def validate(det, anchors, volumes, cache, args, device):
     return best
 
 
+CURVES = [("train", "loss"), ("train", "cls"), ("train", "box"), ("train", "lr"), ("val", "mean_sensitivity")]
+
+
 def train(det, anchors, split, cache, args, device):
     """AdamW + cosine, early stopping on validation mean sensitivity -> the best neck/head state."""
     samples, negatives = training_slices(split["train"], seed=args.seed)
@@ -839,6 +843,8 @@ def train(det, anchors, split, cache, args, device):
             writer.write(dict(step=done, split="val", time=time.time(), mean_sensitivity=score, **setting))
             model.save_checkpoint(ckpt_path, dict(version=1, step=done, args=vars(args), heads=det.trainable_state(),
                                                   optimizer=opt.state_dict(), early_stop=state))
+            metrics.draw_curves(os.path.join(args.out, "curves.png"), writer.read(), CURVES, title=f"detect.py: "
+                                f"{args.out}, step {done}/{args.steps}, validation mean sensitivity (official rules)")
     epochs = args.steps * args.batch_size / len(samples)
     return state, dict(train_s=t_train, epochs=epochs, s_per_epoch=t_train / max(epochs, 1e-9) if start == 0 else None)
 

@@ -1,4 +1,4 @@
-"""Metrics, paired statistics, the official DBTex FROC evaluator, and logging helpers (stdlib + numpy + scipy).
+"""Metrics, paired statistics, the official DBTex FROC evaluator, and logging helpers (numpy, scipy, Pillow).
 
 What is here, in file order; each definition is written once, in the docstring of the function that computes it:
 - classification: auroc, accuracy, confusion_matrix, macro_f1, roc_curve, and risk_auroc_by_year (per-year
@@ -9,7 +9,7 @@ What is here, in file order; each definition is written once, in the docstring o
 - detection:      dbtex_evaluate / dbtex_froc reproduce duke_dbt_data.evaluate (DBTex challenge): a hit is a
                   predicted centre within max(GT diagonal/2, 100 px) of the GT centre and within VolumeSlices/4
                   slices of its centre slice; the ranking metric is mean sensitivity at 1-4 FP per positive volume
-- logging:        Progress (one console line) and JsonlWriter (metrics.jsonl)
+- logging:        Progress (one console line), JsonlWriter (metrics.jsonl) and draw_curves (curves.png from it)
 
 CLI (scores a BCS-DBT submission with the public CSVs):
     python metrics.py dbtex --labels labels.csv --boxes boxes.csv --predictions predictions.csv
@@ -25,6 +25,7 @@ import time
 import warnings
 
 import numpy as np
+from PIL import Image, ImageDraw
 from scipy import stats
 
 # -----------------------------------------------------------------------------
@@ -445,6 +446,79 @@ class JsonlWriter:
                 keep.append(line)
         atomic_write(self.path, "".join(k + "\n" for k in keep))
         return len(lines) - len(keep)
+
+    def read(self) -> list:
+        """The records written so far (a torn last line from a crash is left out)."""
+        if not os.path.exists(self.path):
+            return []
+        records = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return records
+
+
+CURVE_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def draw_curves(path, records, panels, baselines=None, title="", columns=3):
+    """curves.png from metrics.jsonl records, written atomically: one panel per (split, key) in `panels` that the
+    records hold, the key against step with the panel's own y range, and baselines[key] (another key of the same
+    records, e.g. the majority-class rate) dashed grey. Returns {key: (x0, y0, x1, y1, step_lo, step_hi, lo, hi)}:
+    each panel's plot box in pixels and the data ranges mapped onto it (y up)."""
+    baselines, W, H, m = baselines or {}, 300, 170, 56  # panel size and its left margin (y labels), px
+    series = []
+    for split, key in panels:
+        pts = [(r["step"], float(r[key])) for r in records if r.get("split") == split and _number(r.get(key))]
+        ref = [(r["step"], float(r[baselines[key]])) for r in records
+               if key in baselines and r.get("split") == split and _number(r.get(baselines[key]))]
+        if pts:
+            series.append((key, pts, ref))
+    rows = max(1, -(-len(series) // columns))
+    img = Image.new("RGB", (columns * W, rows * H + 30), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 8), title, fill="black")
+    boxes = {}
+    for n, (key, pts, ref) in enumerate(series):
+        x0, y0 = (n % columns) * W + m, 30 + (n // columns) * H + 20
+        x1, y1 = x0 + W - m - 15, y0 + H - m - 15
+        steps, values = [p[0] for p in pts + ref], [p[1] for p in pts + ref]
+        s_lo, s_hi, lo, hi = min(steps), max(steps), min(values), max(values)
+        if hi - lo < 1e-12:  # a flat line: centre it
+            lo, hi = lo - 0.5, hi + 0.5
+        if s_hi == s_lo:  # one record: its point in the middle of the panel
+            s_lo, s_hi = s_lo - 1, s_hi + 1
+        if len(ref) == 1:  # one baseline value: a line across the panel
+            ref = [(s_lo, ref[0][1]), (s_hi, ref[0][1])]
+        px = lambda s, v: (x0 + (s - s_lo) / (s_hi - s_lo) * (x1 - x0), y1 - (v - lo) / (hi - lo) * (y1 - y0))
+        d.rectangle((x0 - 4, y0 - 6, x1 + 4, y1 + 6), outline="grey")  # a little outside: lines on the edge show
+        d.text((x0, y0 - 20), key + (f" (dashed: {baselines[key]})" if ref else ""), fill="black")
+        d.text((x0 - m + 4, y0 - 4), f"{hi:.3g}", fill="black")
+        d.text((x0 - m + 4, y1 - 8), f"{lo:.3g}", fill="black")
+        d.text((x0, y1 + 8), str(int(s_lo)), fill="black")
+        d.text((x1 - 30, y1 + 8), str(int(s_hi)), fill="black")
+        for (sa, va), (sb, vb) in zip(ref, ref[1:]):  # dashed: every other tenth of each segment
+            for k in range(0, 10, 2):
+                a, b = k / 10, (k + 1) / 10
+                d.line([px(sa + a * (sb - sa), va + a * (vb - va)), px(sa + b * (sb - sa), va + b * (vb - va))],
+                       fill=(150, 150, 150))
+        colour = CURVE_COLOURS[n % len(CURVE_COLOURS)]
+        if len(pts) == 1:
+            cx, cy = px(*pts[0])
+            d.ellipse((cx - 3, cy - 3, cx + 3, cy + 3), fill=colour)
+        d.line([px(s, v) for s, v in pts], fill=colour, width=2)
+        boxes[key] = (x0, y0, x1, y1, s_lo, s_hi, lo, hi)
+    tmp = f"{path}.tmp.{os.getpid()}.png"
+    img.save(tmp)
+    os.replace(tmp, path)  # a crash leaves the old picture or the new one
+    return boxes
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
 
 
 # -----------------------------------------------------------------------------

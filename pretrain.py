@@ -22,8 +22,9 @@ Run from the repo root:
 when the shapes fit), DBT-DINO's dbt_dino.pth, or our ckpt.pt/backbone.pth.
 dbt-dino is the paper's recipe: ViT-B/14, 60k steps, batch 160 per GPU x 4 = 640, global crops 0.5-1.0 at 518,
 local 0.2-0.5 at 196. --batch-size is per process; the LR is --lr x sqrt(global batch / 1024) as in DINOv2.
---out gets args.json, metrics.jsonl, ckpt.pt (everything to resume; torch.load(weights_only=True) works) and
-backbone.pth (teacher backbone with hub keys: model.load_pretrained and the official DINOv2 code load it).
+--out gets args.json, metrics.jsonl, ckpt.pt (everything to resume; torch.load(weights_only=True) works),
+backbone.pth (teacher backbone with hub keys: model.load_pretrained and the official DINOv2 code load it) and
+curves.png (the loss terms, lr and the density probe against the majority class, redrawn at every save).
 """
 import argparse
 import copy
@@ -434,6 +435,27 @@ def load_resume(path, args, device):
     return ckpt
 
 
+# loss terms and the quick probe, as curves.png shows them (the terms a run does not log are left out)
+CURVES = [("train", k) for k in ("loss", "dino_local", "dino_global", "ibot", "koleo", "adjacent", "lr")]
+CURVES.append(("val", "density_acc"))
+
+
+def save_run(args, step, student, teacher, optimizer, centers, writer):
+    """ckpt.pt (everything to resume), backbone.pth and curves.png, each written atomically (rank 0)."""
+    model.save_checkpoint(os.path.join(args.out, "ckpt.pt"), dict(
+        version=1, step=step, config=student.backbone.config, args=vars(args),
+        heads=dict(prototypes=args.prototypes, hidden=args.head_hidden, bottleneck=args.head_bottleneck,
+                   separate_ibot_head=args.separate_ibot_head),
+        student=student.state_dict(), teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
+        loss_state=centers))
+    # the teacher backbone alone, hub keys: what probe.py, detect.py and DINOv2's code load
+    model.save_checkpoint(os.path.join(args.out, "backbone.pth"), teacher.backbone.state_dict())
+    # from metrics.jsonl, which holds the steps before a resume too; density_acc against the majority class
+    metrics.draw_curves(os.path.join(args.out, "curves.png"), writer.read(), CURVES,
+                        {"density_acc": "density_majority"}, title=f"pretrain.py --preset {args.preset} "
+                        f"--model {args.model}: {args.out}, step {step}/{args.steps}")
+
+
 # ---------------------------------------------------------------------------------------------------
 
 def train(args):
@@ -542,14 +564,7 @@ def run_loop(args, ddp, student, teacher, optimizer, centers, schedules, stream,
                      f"{result['density_majority']:.4f}, {result['density_n']} images, 5-fold by patient)")
             writer.write(dict(step=step, split="val", time=time.time(), **result))
         if data.is_main() and (step % args.save_every == 0 or step == args.steps):
-            model.save_checkpoint(os.path.join(args.out, "ckpt.pt"), dict(
-                version=1, step=step, config=student.backbone.config, args=vars(args),
-                heads=dict(prototypes=args.prototypes, hidden=args.head_hidden, bottleneck=args.head_bottleneck,
-                           separate_ibot_head=args.separate_ibot_head),
-                student=student.state_dict(), teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
-                loss_state=centers))
-            # the teacher backbone alone, hub keys: what probe.py, detect.py and DINOv2's code load
-            model.save_checkpoint(os.path.join(args.out, "backbone.pth"), teacher.backbone.state_dict())
+            save_run(args, step, student, teacher, optimizer, centers, writer)
     n_skipped = skips.update()  # a collective: every rank asks
     if writer:
         writer.write(dict(step=args.steps, split="data", time=time.time(), skipped=n_skipped,

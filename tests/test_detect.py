@@ -160,7 +160,7 @@ def test_end_to_end_run_and_bad_input(archive, tmp_path):
         assert next(csv.reader(f)) == "PatientID,StudyUID,View,X,Width,Y,Height,Z,Depth,Score".split(",")
     official = {"sensitivity_at_2_fps_all", "mean_sensitivity_positive",
                 *(f"sensitivity_at_{k}_fps_positive" for k in (1, 2, 3, 4))}
-    assert (out / "froc.png").exists() and set(result["official"]) == official
+    assert (out / "froc.png").exists() and (out / "curves.png").exists() and set(result["official"]) == official
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 2 and all(math.isfinite(float(r["loss"])) for r in map(json.loads, (
         out / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train")

@@ -360,6 +360,37 @@ def test_jsonl_writer_parses_line_by_line(tmp_path):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(s) for s in lines] == [{"step": 1, "loss": 0.5, "n": 3.0},
                                               {"step": 2, "split": "val", "auc": 0.75}]
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # a crash mid-write
+    assert w.read() == [{"step": 1, "loss": 0.5, "n": 3.0}, {"step": 2, "split": "val", "auc": 0.75}]
+
+
+def test_draw_curves_puts_each_point_where_its_values_say(tmp_path):
+    """curves.png: panels in the order asked, only for keys the records hold; step left to right, value bottom to
+    top within each panel's own range; the baseline dashed grey at its value; written atomically."""
+    from PIL import Image
+    records = [{"step": s, "split": "train", "loss": 10.0 - s, "koleo": 0.5, "time": 1e9 + s} for s in range(1, 11)]
+    records += [{"step": 5, "split": "val", "density_acc": 0.3, "density_majority": 0.5},
+                {"step": 10, "split": "val", "density_acc": 0.6, "density_majority": 0.5}]
+    panels = [("train", "loss"), ("train", "ibot"), ("train", "koleo"), ("val", "density_acc")]
+    path = tmp_path / "curves.png"
+    boxes = metrics.draw_curves(path, records, panels, {"density_acc": "density_majority"}, title="t")
+    assert list(boxes) == ["loss", "koleo", "density_acc"]  # no ibot records: no empty panel
+    assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+    img, white = Image.open(path).convert("RGB"), (255, 255, 255)
+
+    def at(key, step, value):  # colours within 2 px (lines are 1-2 px wide) of where (step, value) belongs,
+        x0, y0, x1, y1, s_lo, s_hi, lo, hi = boxes[key]  # computed here from the returned box and ranges
+        x, y = x0 + (step - s_lo) / (s_hi - s_lo) * (x1 - x0), y1 - (value - lo) / (hi - lo) * (y1 - y0)
+        return {img.getpixel((round(x), round(y) + dy)) for dy in range(-2, 3)} - {white}
+
+    assert boxes["loss"][4:] == (1, 10, 0.0, 9.0) and boxes["density_acc"][4:] == (5, 10, 0.3, 0.6)
+    for step in (1, 3.25, 5.5, 10):  # on the line from (1, 9) down to (10, 0)
+        assert at("loss", step, 10.0 - step), step
+    assert not at("loss", 3.25, 10.0 - 7.75)  # where an upside-down axis would put it
+    assert at("koleo", 5, 0.5)  # a flat series is drawn mid-panel, not lost on the frame
+    assert at("density_acc", 7.5, 0.45) and not at("density_acc", 7.5, 0.35)
+    assert at("density_acc", 5.2, 0.5) == {(150, 150, 150)} and not at("density_acc", 5.8, 0.5)  # dashes
 
 
 def test_dbtex_interpolates_towards_the_first_point_past_the_limit():

@@ -45,11 +45,19 @@ def archive(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, archive):
-    """A finished 2-step run: ckpt.pt, backbone.pth, args.json, metrics.jsonl."""
+    """A finished 2-step run: ckpt.pt, backbone.pth, args.json, metrics.jsonl, curves.png."""
     out = tmp_path_factory.mktemp("runs") / "done"
     pretrain.train(pretrain.get_args(["--data", str(archive), "--out", str(out), "--steps", "2", "--save-every", "1",
                                       "--workers", "0", *SMALL]))
     return out
+
+
+def test_a_run_folder_holds_its_curves(finished):
+    """curves.png shows the logged terms (metrics.draw_curves is tested on its own in test_metrics)."""
+    from PIL import Image
+    assert sorted(p.name for p in finished.iterdir()) == ["args.json", "backbone.pth", "ckpt.pt", "curves.png",
+                                                         "metrics.jsonl"]
+    assert Image.open(finished / "curves.png").size[0] > 600
 
 
 def snapshot(folder):
