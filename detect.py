@@ -727,7 +727,7 @@ def draw_froc(path, curves, max_fps=6.0):
         pts = [px(min(f, max_fps), s) for f, s in zip(fps, sens)] + [px(max_fps, sens[-1])]
         d.line([px(0, 0)] + pts, fill=colour, width=2)
         d.text((W - 250, 20 + 16 * i), label, fill=colour)
-    img.save(path)
+    metrics.save_png(img, path)
 
 
 def draw_examples(path, volumes, cands, cache, size, n=4):
@@ -755,7 +755,7 @@ def draw_examples(path, volumes, cands, cache, size, n=4):
         sheet = Image.new("RGB", (size * len(tiles), size))
         for i, t in enumerate(tiles):
             sheet.paste(t, (i * size, 0))
-        sheet.save(path)
+        metrics.save_png(sheet, path)
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -511,9 +511,7 @@ def draw_curves(path, records, panels, baselines=None, title="", columns=3):
             d.ellipse((cx - 3, cy - 3, cx + 3, cy + 3), fill=colour)
         d.line([px(s, v) for s, v in pts], fill=colour, width=2)
         boxes[key] = (x0, y0, x1, y1, s_lo, s_hi, lo, hi)
-    tmp = f"{path}.tmp.{os.getpid()}.png"
-    img.save(tmp)
-    os.replace(tmp, path)  # a crash leaves the old picture or the new one
+    save_png(img, path)
     return boxes
 
 
@@ -529,6 +527,13 @@ def atomic_write(path, text: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
+    os.replace(tmp, path)
+
+
+def save_png(img, path) -> None:
+    """A Pillow image to `path`, write-then-rename like atomic_write: a crash leaves the old picture or the new one."""
+    tmp = f"{path}.tmp.{os.getpid()}.png"
+    img.save(tmp)
     os.replace(tmp, path)
 
 

@@ -651,7 +651,7 @@ def draw_confusion(confusion, title, path):
             d.rectangle(box, fill=(shade, shade, 255), outline="grey")
             d.text((box[0] + cell // 2 - 8, box[1] + cell // 2 - 6), str(int(c[i, j])),
                    fill="white" if shade < 128 else "black")
-    img.save(path)
+    metrics.save_png(img, path)
 
 
 def draw_roc(curves, title, path):
@@ -669,7 +669,7 @@ def draw_roc(curves, title, path):
         colour = COLOURS[n % len(COLOURS)]
         d.line([xy(f, t) for f, t in zip(fpr, tpr)], fill=colour, width=2)
         d.text((pad + size + 10, pad + 20 * n), label, fill=colour)
-    img.save(path)
+    metrics.save_png(img, path)
 
 
 # ----------------------------------------------------------------------------- the two tasks
@@ -1018,8 +1018,8 @@ def run_show(args, device):
     x = x.clamp(0, 1).expand(-1, 3, -1, -1)  # (1, 3, size, size)
     metrics.check_run_folder(args.out, "attention.png", args.overwrite)
     os.makedirs(args.out, exist_ok=True)
-    attention_figure(net.float(), x, f"{Path(args.image).name}, slice {s}/{n}: {desc}").save(
-        Path(args.out) / "attention.png")
+    metrics.save_png(attention_figure(net.float(), x, f"{Path(args.image).name}, slice {s}/{n}: {desc}"),
+                     Path(args.out) / "attention.png")
     data.log(f"wrote {args.out}/attention.png")
 
 
