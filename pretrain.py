@@ -123,7 +123,7 @@ def get_args(argv=None):
                    help="lambda of the adjacent-slice loss (used when the recipe loads adjacent slices)")
     p.add_argument("--log-every", type=count, default=d["log_every"], help="progress line + metrics.jsonl every N")
     p.add_argument("--eval-every", type=steps, default=d["eval_every"],
-                   help="quick density probe every N steps (0 = never)")
+                   help="quick density probe every N steps, at the last and, on a fresh start, at step 0 (0 = never)")
     p.add_argument("--eval-exams", type=count, default=100, help="exams (4 views each) in the quick density probe")
     p.add_argument("--save-every", type=count, default=d["save_every"],
                    help="ckpt.pt every N steps (also the data stream reseed point)")
@@ -435,6 +435,15 @@ def load_resume(path, args, device):
     return ckpt
 
 
+def quick_probe(step, teacher, eval_set, device, writer):
+    """DBT-DINO's checkpoint check on rank 0: the density probe on the teacher's frozen patch statistics."""
+    feats = model.patch_mean_std(teacher.backbone, eval_set["images"], device)  # (M, 2D)
+    result = metrics.density_probe_cv(feats.numpy(), eval_set["labels"].numpy(), eval_set["groups"].numpy())
+    data.log(f"step {step}: density_acc {result['density_acc']:.4f} (majority class "
+             f"{result['density_majority']:.4f}, {result['density_n']} images, 5-fold by patient)")
+    writer.write(dict(step=step, split="val", time=time.time(), **result))
+
+
 # loss terms and the quick probe, as curves.png shows them (the terms a run does not log are left out)
 CURVES = [("train", k) for k in ("loss", "dino_local", "dino_global", "ibot", "koleo", "adjacent", "lr")]
 CURVES.append(("val", "density_acc"))
@@ -522,6 +531,8 @@ def run_loop(args, ddp, student, teacher, optimizer, centers, schedules, stream,
     """The training iterations from `start`: step, log every --log-every, probe, checkpoint."""
     rank, world = data.rank_world()
     progress, window, skips = metrics.Progress(args.steps, start), [], data.SkipCounter(stream)
+    if eval_set is not None and start == 0:  # the starting backbone (random or --init): what training must beat
+        quick_probe(0, teacher, eval_set, device, writer)
     for it in range(start, args.steps):
         if it == start or it % args.save_every == 0:
             # every checkpoint step restarts the data and RNG streams from (seed, step, rank), so a run
@@ -558,11 +569,7 @@ def run_loop(args, ddp, student, teacher, optimizer, centers, schedules, stream,
             window = []
             skips.check(args.max_skip_fraction)
         if eval_set is not None and (step % args.eval_every == 0 or step == args.steps):
-            feats = model.patch_mean_std(teacher.backbone, eval_set["images"], device)  # (M, 2D)
-            result = metrics.density_probe_cv(feats.numpy(), eval_set["labels"].numpy(), eval_set["groups"].numpy())
-            data.log(f"step {step}: density_acc {result['density_acc']:.4f} (majority class "
-                     f"{result['density_majority']:.4f}, {result['density_n']} images, 5-fold by patient)")
-            writer.write(dict(step=step, split="val", time=time.time(), **result))
+            quick_probe(step, teacher, eval_set, device, writer)
         if data.is_main() and (step % args.save_every == 0 or step == args.steps):
             save_run(args, step, student, teacher, optimizer, centers, writer)
     n_skipped = skips.update()  # a collective: every rank asks

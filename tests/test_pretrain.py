@@ -255,7 +255,11 @@ def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(tmp_path)
 
 def _train(tmp_path, name, *extra):
     return pretrain.get_args(["--out", str(tmp_path / name), "--steps", "4", "--save-every", "2", "--log-every", "1",
-                              "--eval-every", "0", "--batch-size", "2", "--workers", "0", *TINY, *extra])
+                              "--eval-every", "2", "--batch-size", "2", "--workers", "0", *TINY, *extra])
+
+
+def _probes(run):
+    return [(r["step"], r["density_acc"]) for r in map(json.loads, open(run / "metrics.jsonl")) if r["split"] == "val"]
 
 
 def _losses(run):
@@ -282,6 +286,9 @@ def test_resume_auto_replays_the_uninterrupted_run_exactly(tmp_path, monkeypatch
     assert resumed[3] == full[3] and resumed[4] == full[4], (full, resumed)
     steps = [r["step"] for r in map(json.loads, open(tmp_path / "killed" / "metrics.jsonl")) if r["split"] == "train"]
     assert steps == [1, 2, 3, 4]  # step 3 is redone after the resume and logged once
+    # the density probe: the starting backbone at step 0 (a fresh start only), then every 2 steps, each once
+    assert _probes(tmp_path / "killed") == _probes(tmp_path / "full") and [s for s, _ in _probes(tmp_path / "full")] \
+        == [0, 2, 4]
     ckpt = torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 4 and {"student", "teacher", "optimizer", "loss_state", "args"} <= set(ckpt)
     import model
