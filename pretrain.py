@@ -267,6 +267,7 @@ def compiled(fn):
 
 
 def loss_fn(fn, fused):
+    """fn itself, or with fused (--compile) its compiled version: same arguments, same result to float rounding."""
     return compiled(fn) if fused else fn
 
 
