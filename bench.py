@@ -17,6 +17,9 @@
                On a CPU, to stay short: ViT-S/14, embed on 1 volume read, precision at 224 on 8 patients.
 4. pretrain  - images/s, ms/step and peak memory of one DINOv2 + iBOT + KoLeo training step (tiny on CPU;
                on CUDA the dbt-dino recipe at the largest batch that fits, with and without --grad-checkpoint).
+   losses    - ms of the step's loss part alone (teacher centering, DINO and iBOT terms, forward and backward) on
+               dbt-dino-shaped logits (K = 65,536; batch 32 on CUDA in bf16, as under --amp; 8 on a CPU), eager and,
+               with --compile, through pretrain.compiled.
 5. read      - one-slice read vs full decode of a 60 x 2457 x 1996 uint16 DBT volume (native and JPEG 2000):
                time and peak memory (measured in a fresh subprocess); slices/s per core of the full
                pretraining sample path (read -> window -> crops -> masks).
@@ -63,7 +66,7 @@ def get_args(argv=None):
                                                      formatter_class=argparse.RawDescriptionHelpFormatter))
     count = data.number(int, 1)
     p.add_argument("what", nargs="?", default="all", choices=["all", "backbone", "embed", "precision", "pretrain",
-                                                              "read", "stream", "detect"],
+                                                              "losses", "read", "stream", "detect"],
                    help="which benchmark to run; `all` is every one but stream, which needs Orthanc (default: all)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: cuda if available (default: auto)")
@@ -516,6 +519,41 @@ def bench_pretrain(args, device):
     return add_rates(rows, "flops", "seconds", args.peak)
 
 
+def bench_losses(args, device):
+    """The loss part of pretrain.train_step alone, eager and compiled: the elementwise passes over (rows, K) logits
+    that an H100 profile put at 36 of 347 ms per dbt-dino step. Masked patches: half the 2B global crops, 30% of
+    their 1,369 patches (the mean iBOT ratio) on CUDA. Loss values must agree (loss_diff)."""
+    import pretrain
+    K, B, M = (4096, 2, 100) if args.quick else (65536, 32, 13140) if device.type == "cuda" else (65536, 8, 1000)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the head's logits under --amp
+    g = torch.Generator(device).manual_seed(0)
+    s_glob, s_loc, s_patch = (torch.randn(n, K, device=device, dtype=dtype, generator=g).requires_grad_()
+                              for n in (2 * B, 8 * B, M))  # student logits: global, local, masked patches
+    t_glob, t_patch = (torch.randn(n, K, device=device, dtype=dtype, generator=g) for n in (2 * B, M))
+    center, weight = torch.zeros(1, K, device=device), torch.full((M,), 2 * B / M, device=device)
+
+    def step(fused):
+        soft = pretrain.loss_fn(pretrain.softmax_center, fused)
+        dino, ibot = pretrain.loss_fn(pretrain.dino_loss, fused), pretrain.loss_fn(pretrain.ibot_loss, fused)
+        tg, tp = soft(t_glob, center, 0.07), soft(t_patch, center, 0.07)  # (2B, K), (M, K) fp32
+        swapped = torch.cat(tg.chunk(2)[::-1])
+        dino_terms = dino(s_loc.chunk(8), tg.chunk(2)) + 2 * dino([s_glob], [swapped])  # 16 + 2 of the 18 pairs
+        loss = dino_terms / 18 + ibot(s_patch, tp, weight, 2 * B)
+        loss.backward()
+        return loss.detach()
+
+    fns, compile_s = {"eager": lambda: step(False)}, None
+    if args.compile:
+        t0 = time.perf_counter()
+        step(True)  # the first call compiles
+        fns["compiled"], compile_s = (lambda: step(True)), time.perf_counter() - t0
+    secs = interleaved(fns, 1 if args.quick else args.repeats, args.warmup, device)
+    eager_loss = float(step(False))
+    return [dict(bench="losses", impl=name, K=K, rows=10 * B + M, dtype=str(dtype)[6:], ms=1e3 * t,
+                 vs_eager=secs["eager"] / t, first_call_s=compile_s if name == "compiled" else None,
+                 loss_diff=abs(float(fns[name]()) - eager_loss)) for name, t in secs.items()]
+
+
 def table(rows):
     keys = []
     for r in rows:
@@ -660,8 +698,8 @@ def main(args):
     print(" ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}" for k, v in env.items()), flush=True)
     rows = []
     for name, fn in [("backbone", bench_backbone), ("precision", bench_precision), ("embed", bench_embed),
-                     ("pretrain", bench_pretrain), ("read", bench_read), ("detect", bench_detect),
-                     ("stream", bench_stream)]:
+                     ("pretrain", bench_pretrain), ("losses", bench_losses), ("read", bench_read),
+                     ("detect", bench_detect), ("stream", bench_stream)]:
         if args.what == name or (args.what == "all" and name != "stream"):
             t0 = time.perf_counter()
             new = fn(args, device)

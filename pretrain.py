@@ -262,9 +262,10 @@ def compiled(fn):
     """torch.compile(fn), built once per function; with --compile the loss terms run through it. Each term is a chain
     of elementwise passes over (rows, K) logits (K = 65,536 in dbt-dino), which compile fuses into a few kernels.
     Measured on an H100: 36 ms of a 347 ms dbt-dino step were such eager passes outside the compiled blocks; what
-    fusing them gains there is still to be measured. On a 2-core CPU, the centering softmax and the DINO + iBOT terms,
-    forward and backward, at K = 65,536 (16 global, 64 local, 1,000 masked-patch rows): 1,628 -> 326 ms (median of
-    5 alternated runs). Dynamo's first call per shape includes the compile time."""
+    fusing them gains there is still to be measured (bench.py losses --compile). On a 2-core CPU, the centering
+    softmax and the DINO + iBOT terms, forward and backward, at K = 65,536 (16 global, 64 local, 1,000 masked-patch
+    rows): 1,165 -> 315 ms (bench.py losses; 1,628 -> 326 in another run). Dynamo's first call per shape includes
+    the compile time."""
     return torch.compile(fn)
 
 

@@ -39,8 +39,10 @@ def test_bench_quick_produces_the_tables(tmp_path, monkeypatch):
                           str(tmp_path / "cache"), "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert {r["bench"] for r in rows} == {"backbone", "precision", "embed", "pretrain", "read", "sample_path",
-                                          "detect"}
+    assert {r["bench"] for r in rows} == {"backbone", "precision", "embed", "pretrain", "losses", "read",
+                                          "sample_path", "detect"}
+    losses = [r for r in rows if r["bench"] == "losses"]
+    assert [r["impl"] for r in losses] == ["eager"] and losses[0]["ms"] > 0 and losses[0]["loss_diff"] == 0
     detect = [r for r in rows if r["bench"] == "detect"]
     assert len(detect) == 1 and detect[0]["slices"] == 8 and detect[0]["slices_per_s"] > 0
     for header in ("slices_per_s", "vs_timm", "cos_patch_min", "data_wait_share", "images_per_s", "mem_ratio",
