@@ -31,7 +31,8 @@
 Every figure is a median over --repeats runs after --warmup runs; every comparison is a ratio taken in
 this process, with the implementations interleaved run by run (alternating order) so drift hits all equally.
 GPU tables give TFLOP/s (analytic matmul + attention FLOPs), its fraction of the matmul peak measured in the
-same run (one 8192^3 bf16 GEMM), and the speed relative to timm at the same precision.
+same run (one 8192^3 bf16 GEMM), and the speed relative to timm at the same precision. A CUDA `all` run ends with
+the goals table: issue 14's H100 targets (GOALS) against the best row of ours for each, met or not.
 """
 import argparse
 import base64
@@ -554,6 +555,34 @@ def bench_losses(args, device):
                  loss_diff=abs(float(fns[name]()) - eager_loss)) for name, t in secs.items()]
 
 
+GOALS = {  # issue 14's goals for one H100, checked at the end of `bench.py all` on CUDA
+    "embedding: ViT-B/14 at 518, slices/s": 1500,
+    "pretraining: dbt-dino, images/s": 100,
+    "pretraining: dbt-dino with --grad-checkpoint, images/s": 100,
+    "ours/timm at equal precision, ViT-B/14": 1.2,
+}
+
+
+def goals(rows):
+    """GOALS against this run's rows: the best figure of each, which row gave it, and whether it is met (None when
+    the run has no such row, e.g. a batch that did not fit or timm not installed)."""
+    def best(kind, key, **match):
+        found = [r for r in rows if r["bench"] == kind and r.get(key) is not None
+                 and all(r.get(k) == v for k, v in match.items()) and r.get("impl", "ours").startswith("ours")]
+        top = max(found, key=lambda r: r[key], default=None)
+        by = top and " ".join(f"{k} {top[k]}" if k == "batch" else str(top[k])
+                              for k in ("impl", "precision", "batch") if top.get(k) is not None)
+        return (top[key], by) if top else (None, None)
+
+    measured = [best("backbone", "slices_per_s", arch="vitb14", size=518),
+                best("pretrain", "images_per_s", preset="dbt-dino", grad_checkpoint=False),
+                best("pretrain", "images_per_s", preset="dbt-dino", grad_checkpoint=True),
+                best("backbone", "vs_timm", arch="vitb14", size=518)]
+    return [dict(bench="goals", goal=goal, target=target, measured=value, by=by,
+                 met=None if value is None else value >= target)
+            for (goal, target), (value, by) in zip(GOALS.items(), measured)]
+
+
 def table(rows):
     keys = []
     for r in rows:
@@ -708,6 +737,10 @@ def main(args):
             for kind in dict.fromkeys(r["bench"] for r in new):  # printed now: a long run keeps what it measured
                 print("\n" + table([{k: v for k, v in r.items() if k not in ("bench", "rss_before_mib", "seconds")}
                                     for r in new if r["bench"] == kind]) + "\n", flush=True)
+    if args.what == "all" and device.type == "cuda" and not args.quick:  # the goals are H100 figures
+        rows += goals(rows)
+        print("\n" + table([{k: v for k, v in r.items() if k != "bench"} for r in rows if r["bench"] == "goals"]),
+              flush=True)
     with open(args.out + ".tmp", "w") as f:
         json.dump(dict(env, rows=rows), f, indent=1)
     os.replace(args.out + ".tmp", args.out)

@@ -60,3 +60,26 @@ def test_bench_quick_produces_the_tables(tmp_path, monkeypatch):
     assert {r["impl"] for r in embed} == {"loader-only", "ours"}
     assert all(r["slices"] == 2 * 8 for r in embed)  # 2 reads of one 8-slice volume, nothing skipped
     assert all(0 <= r.get("data_wait_share", 0) <= 1 and r["slices_per_s"] > 0 for r in embed)
+
+
+def test_goals_take_the_best_row_of_ours_and_say_what_is_missing():
+    """Issue 14's goals table: the best of our rows (never timm's), the row that gave it, met or not, and None
+    where the run has no such row (a batch that did not fit)."""
+    rows = [dict(bench="backbone", arch="vitb14", size=518, impl="ours", precision="autocast", slices_per_s=1050.0,
+                 vs_timm=1.07),
+            dict(bench="backbone", arch="vitb14", size=518, impl="ours+compile", precision="bf16-weights",
+                 slices_per_s=1510.0, vs_timm=1.25),
+            dict(bench="backbone", arch="vitb14", size=518, impl="timm", precision="bf16-weights",
+                 slices_per_s=1600.0, vs_timm=1.0),  # faster, but not ours
+            dict(bench="backbone", arch="vits14", size=518, impl="ours", precision="autocast", slices_per_s=3000.0),
+            dict(bench="pretrain", preset="dbt-dino", grad_checkpoint=False, batch=32, images_per_s=92.2),
+            dict(bench="pretrain", preset="dbt-dino", grad_checkpoint=True, batch=128, note="out of memory"),
+            dict(bench="pretrain", preset="dbt-dino", grad_checkpoint=True, batch=96, images_per_s=100.0)]
+    got = {r["goal"]: r for r in bench.goals(rows)}
+    assert list(got) == list(bench.GOALS)
+    embed, plain, ckpt, ratio = got.values()
+    assert (embed["measured"], embed["by"], embed["met"]) == (1510.0, "ours+compile bf16-weights", True)
+    assert (plain["measured"], plain["by"], plain["met"]) == (92.2, "batch 32", False)
+    assert (ckpt["measured"], ckpt["by"], ckpt["met"]) == (100.0, "batch 96", True)  # the goal exactly: met
+    assert all(r["measured"] is None and r["met"] is None for r in bench.goals([]))
+    assert (ratio["measured"], ratio["met"]) == (1.25, True) and ratio["target"] == 1.2
