@@ -218,6 +218,29 @@ def test_cache_resume_reembeds_nothing_then_exactly_one(archive, tmp_path):
     assert counts == dict(reused=9, embedded=1, skipped=0)
 
 
+def test_compile_flag_embeds_through_compiled_blocks_with_the_same_features(archive, tmp_path, capsys,
+                                                                             torch_compile):
+    """probe.py --compile: the ViT's blocks run compiled (their compile is logged), the features equal eager ones to
+    1e-5 and land under the same cache key; the DenseNet baseline refuses the flag in one line."""
+    rows, root = probe.read_exams(archive)
+    rows = rows[:2]
+    got = {}
+    for flag in ([], ["--compile"]):
+        args = probe.get_args(["embed", "--size", "28", "--workers", "0", "--cache", str(tmp_path / str(flag))] + flag)
+        net = random_tiny()
+        got[bool(flag)] = probe.embeddings(args, (net, "random tiny"), rows, root, torch.device("cpu"))
+        assert (net.blocks[0].forward.__func__ is model.Block.forward) != bool(flag)  # compiled only with the flag
+    assert "torch.compile: first forward" in capsys.readouterr().out
+    (eager, info), (comp, comp_info) = got[False], got[True]
+    assert Path(info["cache"]).name == Path(comp_info["cache"]).name and sorted(eager) == sorted(comp) == [0, 1]
+    for j in eager:
+        for view, stats in eager[j].items():
+            assert all((stats[k] - comp[j][view][k]).abs().max() < 1e-5 for k in probe.STATS), (j, view)
+    args = probe.get_args(["embed", "--compile", "--backbone", "densenet121"])
+    with pytest.raises(ValueError, match="^--compile: .*DenseNet"):
+        probe.embeddings(args, (probe.DenseNetFeatures(), "densenet"), rows, root, torch.device("cpu"))
+
+
 def test_truncated_and_missing_views_are_skipped_and_counted(archive, tmp_path, capsys):
     copy = tmp_path / "arch"
     shutil.copytree(archive, copy)
