@@ -221,7 +221,7 @@ def test_cache_resume_reembeds_nothing_then_exactly_one(archive, tmp_path):
 def test_compile_flag_embeds_through_compiled_blocks_with_the_same_features(archive, tmp_path, capsys,
                                                                              torch_compile):
     """probe.py --compile: the ViT's blocks run compiled (their compile is logged), the features equal eager ones to
-    1e-5 and land under the same cache key; the DenseNet baseline refuses the flag in one line."""
+    1e-5 and land under the same cache key; the DenseNet baseline is refused as a bad flag, in one line."""
     rows, root = probe.read_exams(archive)
     rows = rows[:2]
     got = {}
@@ -236,9 +236,10 @@ def test_compile_flag_embeds_through_compiled_blocks_with_the_same_features(arch
     for j in eager:
         for view, stats in eager[j].items():
             assert all((stats[k] - comp[j][view][k]).abs().max() < 1e-5 for k in probe.STATS), (j, view)
-    args = probe.get_args(["embed", "--compile", "--backbone", "densenet121"])
-    with pytest.raises(ValueError, match="^--compile: .*DenseNet"):
-        probe.embeddings(args, (probe.DenseNetFeatures(), "densenet"), rows, root, torch.device("cpu"))
+    with pytest.raises(SystemExit) as exit_:
+        probe.get_args(["embed", "--compile", "--backbone", "densenet121"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "--compile" in err and "DenseNet" in err
 
 
 def test_truncated_and_missing_views_are_skipped_and_counted(archive, tmp_path, capsys):
