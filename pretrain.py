@@ -557,6 +557,9 @@ def run_loop(args, ddp, student, teacher, optimizer, centers, schedules, stream,
         values = train_step(ddp, teacher, batch, centers, optimizer, sched, args)
         window.append((time.perf_counter() - t0, t1 - t0))
         step = it + 1
+        if args.compile and it == start:  # reported once; the median ms/step of the progress line leaves it out
+            data.log(f"torch.compile: the first step took {window[-1][0]:.1f} s (compiling the blocks and the loss "
+                     "terms; the iBOT rows vary, so the second step recompiles them once with a dynamic row count)")
 
         if step % args.log_every == 0 or step == args.steps:  # rank-averaged terms, for logging only
             avg = data.all_reduce(torch.stack(list(values.values()))) / world
