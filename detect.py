@@ -2,7 +2,7 @@
 official DBTex submission and score (DBT-DINO paper §3.5, §6.2.3; spec downstream.md §4-5).
 
     python detect.py                                   # 24 phantom patients (768 x 576), tiny ViT, CPU, ~4-6 min
-    python detect.py --data /bcs-dbt --backbone dbt_dino.pth --model vitb14 --amp --out runs/det   # 518 px, GPU
+    python detect.py --data /bcs-dbt --backbone dbt_dino.pth --model vitb14 --amp --compile --out runs/det  # GPU
     python detect.py --data /bcs-dbt --backbone dbt_dino.pth --model vitb14 --trials 20 --out runs/search
     python detect.py --out runs/det --resume auto      # continue an interrupted run exactly
 
@@ -78,6 +78,8 @@ def get_args(argv=None):
                    help="neck/head width, a multiple of 32; 0: 256 (DBT-DINO) for hub ViTs, 64 for tiny on a CPU")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (ignored on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the frozen ViT's blocks "
+                   "(model.compile_blocks; the same features to 1e-5)")
     p.add_argument("--seed", type=data.number(int, 0), default=0, help="split, sampling, augmentation seed")
     p.add_argument("--val-fraction", type=fraction, default=0.2, help="patients for validation (no official split)")
     p.add_argument("--test-fraction", type=fraction, default=0.25, help="patients held out for the final score")
@@ -898,7 +900,11 @@ def load_backbone(args):
     torch.manual_seed(args.seed)  # a random backbone is the same in every run of this seed (resume relies on it)
     vit = model.build(args.model)
     if path:
-        return model.load_pretrained(vit, path), f"backbone: {args.model} from {path} (frozen, {how})"
+        model.load_pretrained(vit, path)
+    if args.compile:  # after the weights are in: the compiled blocks run whatever the module holds
+        model.compile_blocks(vit, log=data.log)
+    if path:
+        return vit, f"backbone: {args.model} from {path} (frozen, {how})"
     return vit, f"backbone: RANDOM {args.model} ViT ({how}): untrained features, a plumbing check, not DBT-DINO"
 
 

@@ -237,3 +237,16 @@ def test_backbone_is_the_newest_run_or_random_on_request(saved_run):
     torch.manual_seed(3)
     assert "RANDOM" in line and "--backbone random" in line
     assert torch.equal(vit.pos_embed, model.build("tiny").pos_embed)
+
+
+def test_compile_flag_compiles_the_frozen_backbone_with_the_same_features(torch_compile):
+    """detect.py --compile: the backbone's blocks run compiled (model.compile_blocks, tested in test_model) and its
+    features equal the eager backbone's (same seed, same weights) to 1e-5 at the detector's input size."""
+    eager, _ = detect.load_backbone(detect.get_args(["--backbone", "random"]))
+    comp, _ = detect.load_backbone(detect.get_args(["--backbone", "random", "--compile"]))
+    assert eager.blocks[0].forward.__func__ is model.Block.forward
+    assert comp.blocks[0].forward.__func__ is not model.Block.forward
+    x = torch.rand(2, 3, 112, 84, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = eager.eval().forward_features(x), comp.eval().forward_features(x)
+    assert (a["x_norm_patchtokens"] - b["x_norm_patchtokens"]).abs().max() < 1e-5
