@@ -521,9 +521,10 @@ def bench_pretrain(args, device):
 
 
 def bench_losses(args, device):
-    """The loss part of pretrain.train_step alone, eager and compiled: the elementwise passes over (rows, K) logits
-    that an H100 profile put at 36 of 347 ms per dbt-dino step. Masked patches: half the 2B global crops, 30% of
-    their 1,369 patches (the mean iBOT ratio) on CUDA. Loss values must agree (loss_diff)."""
+    """The loss part of pretrain.train_step alone (teacher_targets with centering, dino_ibot_terms, backward), eager
+    and compiled: the elementwise passes over (rows, K) logits that an H100 profile put at 36 of 347 ms per
+    dbt-dino step. Masked patches: half the 2B global crops, 30% of their 1,369 patches (the mean iBOT ratio) on
+    CUDA. Loss values must agree (loss_diff)."""
     import pretrain
     K, B, M = (4096, 2, 100) if args.quick else (65536, 32, 13140) if device.type == "cuda" else (65536, 8, 1000)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the head's logits under --amp
@@ -531,15 +532,13 @@ def bench_losses(args, device):
     s_glob, s_loc, s_patch = (torch.randn(n, K, device=device, dtype=dtype, generator=g).requires_grad_()
                               for n in (2 * B, 8 * B, M))  # student logits: global, local, masked patches
     t_glob, t_patch = (torch.randn(n, K, device=device, dtype=dtype, generator=g) for n in (2 * B, M))
-    center, weight = torch.zeros(1, K, device=device), torch.full((M,), 2 * B / M, device=device)
+    weight = torch.full((M,), 2 * B / M, device=device)  # per masked patch: 1 / its image's masked count
 
-    def step(fused):
-        soft = pretrain.loss_fn(pretrain.softmax_center, fused)
-        dino, ibot = pretrain.loss_fn(pretrain.dino_loss, fused), pretrain.loss_fn(pretrain.ibot_loss, fused)
-        tg, tp = soft(t_glob, center, 0.07), soft(t_patch, center, 0.07)  # (2B, K), (M, K) fp32
-        swapped = torch.cat(tg.chunk(2)[::-1])
-        dino_terms = dino(s_loc.chunk(8), tg.chunk(2)) + 2 * dino([s_glob], [swapped])  # 16 + 2 of the 18 pairs
-        loss = dino_terms / 18 + ibot(s_patch, tp, weight, 2 * B)
+    def step(fused):  # what train_step runs between the two forwards and the backward, centering mode
+        centers = {k: torch.zeros(1, K, device=device) for k in ("dino", "ibot")}
+        probs, t_p = pretrain.teacher_targets([t_glob], t_patch, centers, 0.07, "centering", fused)
+        terms = pretrain.dino_ibot_terms(s_glob, s_loc, s_patch, probs[0], t_p, weight, 1.0, fused)
+        loss = sum(terms.values())
         loss.backward()
         return loss.detach()
 

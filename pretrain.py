@@ -263,9 +263,8 @@ def compiled(fn):
     of elementwise passes over (rows, K) logits (K = 65,536 in dbt-dino), which compile fuses into a few kernels.
     Measured on an H100: 36 ms of a 347 ms dbt-dino step were such eager passes outside the compiled blocks; what
     fusing them gains there is still to be measured (bench.py losses --compile). On a 2-core CPU, the centering
-    softmax and the DINO + iBOT terms, forward and backward, at K = 65,536 (16 global, 64 local, 1,000 masked-patch
-    rows): 1,165 -> 315 ms (bench.py losses; 1,628 -> 326 in another run). Dynamo's first call per shape includes
-    the compile time."""
+    and the DINO + iBOT terms, forward and backward, at K = 65,536 (16 global, 64 local, 1,000 masked-patch rows):
+    1,218 -> 334 ms (bench.py losses --compile). Dynamo's first call per shape includes the compile time."""
     return torch.compile(fn)
 
 
@@ -343,6 +342,22 @@ def teacher_targets(cls_logits, patch_logits, centers, temp, mode, fused=False):
     return probs, patch_probs
 
 
+def dino_ibot_terms(s_global, s_local, s_patch, t_global, t_patch, masks_weight, ibot_weight, fused=False):
+    """The DINO terms (local and global crops) and the iBOT term from student logits (bf16 under --amp: the loss
+    functions cast to fp32) and teacher targets: s_global, t_global (2B, K) with rows [crop 1; crop 2] of the same
+    B images, s_local (n_local B, K), s_patch, t_patch (M, K). fused: through torch.compile (loss_fn)."""
+    n_images = len(s_global)  # 2B global crops
+    n_local = len(s_local) // (n_images // 2)
+    n_terms = 2 + max(2 * n_local, 1)  # 2 global-vs-other-global pairs + 2 per local crop = 18
+    t_swapped = torch.cat(t_global.chunk(2)[::-1])  # [crop 2; crop 1]: row-aligned pairs are cross-view only
+    dino, ibot = loss_fn(dino_loss, fused), loss_fn(ibot_loss, fused)
+    return {  # both DINO parts have weight 1; the global term is one mean over 2B rows x 2 pairs
+        "dino_local": dino(s_local.chunk(n_local), t_global.chunk(2)) / n_terms if n_local else 0.0,
+        "dino_global": 2 * dino([s_global], [t_swapped]) / n_terms,
+        "ibot": ibot_weight * ibot(s_patch, t_patch, masks_weight, n_images),
+    }
+
+
 def train_step(student, teacher, batch, centers, optimizer, sched, args):
     """One iteration on a collated batch (data.collate_pretrain, already on the device): student step,
     teacher EMA, centers. `sched` holds this iteration's schedule values. Returns the loss terms as floats."""
@@ -360,17 +375,9 @@ def train_step(student, teacher, batch, centers, optimizer, sched, args):
     with amp:
         views = [glob, batch["local"]] + ([adjacent] if adjacent is not None else [])
         s_cls, s_logits, s_patch = student(views, masks, idx)  # (2B, D), [(2B|n_l*B|2B, K)], (M, K)
-    s_global, s_local = s_logits[0], s_logits[1]  # bf16 under --amp: the loss functions cast to fp32
-    n_local = len(s_local) // (len(glob) // 2)
-    n_terms = 2 + max(2 * n_local, 1)  # 2 global-vs-other-global pairs + 2 per local crop = 18
-    t_global = t_probs[0]  # rows [crop 1; crop 2] of the same B images
-    t_swapped = torch.cat(t_global.chunk(2)[::-1])  # [crop 2; crop 1]: row-aligned pairs are cross-view only
-    dino, ibot = loss_fn(dino_loss, args.compile), loss_fn(ibot_loss, args.compile)
-    losses = {  # both DINO parts have weight 1; the global term is one mean over 2B rows x 2 pairs
-        "dino_local": dino(s_local.chunk(n_local), t_global.chunk(2)) / n_terms if n_local else 0.0,
-        "dino_global": 2 * dino([s_global], [t_swapped]) / n_terms,
-        "ibot": args.ibot_weight * ibot(s_patch, t_patch, batch["masks_weight"], len(glob)),
-    }
+    s_global, t_global = s_logits[0], t_probs[0]  # (2B, K) rows [crop 1; crop 2] of the same B images
+    losses = dino_ibot_terms(s_global, s_logits[1], s_patch, t_global, t_patch, batch["masks_weight"],
+                             args.ibot_weight, args.compile)
     if args.koleo_weight > 0:  # per global crop, never between two crops of one image; per rank (no gather)
         losses["koleo"] = args.koleo_weight * sum(koleo_loss(c) for c in s_cls.float().chunk(2))
     if adjacent is not None:
