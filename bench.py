@@ -459,10 +459,7 @@ def pretrain_row(args, device, p, samples):
     import pretrain
     batch = data.collate_pretrain(samples, patch_size=14)
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    student, teacher = pretrain.build_models(p, device)  # compiles the blocks when p.compile
-    if args.compile and not getattr(p, "compile", False):  # a pretrain.py without --compile
-        model.compile_blocks(student.backbone)
-        model.compile_blocks(teacher.backbone)
+    student, teacher = pretrain.build_models(p, device)  # compiles the blocks when p.compile (bench's --compile)
     # as pretrain.train: fused AdamW on CUDA (one kernel for the whole update)
     optimizer = torch.optim.AdamW(pretrain.param_groups(student, p.layer_decay), betas=(0.9, 0.999),
                                   fused=device.type == "cuda")

@@ -899,13 +899,13 @@ def load_backbone(args):
     path, how = model.backbone_file(args.backbone)
     torch.manual_seed(args.seed)  # a random backbone is the same in every run of this seed (resume relies on it)
     vit = model.build(args.model)
+    source = f"backbone: RANDOM {args.model} ViT ({how}): untrained features, a plumbing check, not DBT-DINO"
     if path:
         model.load_pretrained(vit, path)
+        source = f"backbone: {args.model} from {path} (frozen, {how})"
     if args.compile:  # after the weights are in: the compiled blocks run whatever the module holds
         model.compile_blocks(vit, log=data.log)
-    if path:
-        return vit, f"backbone: {args.model} from {path} (frozen, {how})"
-    return vit, f"backbone: RANDOM {args.model} ViT ({how}): untrained features, a plumbing check, not DBT-DINO"
+    return vit, source
 
 
 def main(args):
