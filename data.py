@@ -2,8 +2,9 @@
 
 Layouts accepted under `--data`:
   DIR/**/*.dcm            any tree of DICOM files; each file is one volume (BTO multi-frame, MG 2D, multi-frame
-                          SC/CT), except a folder holding only the single-frame slices of one series (legacy
-                          layout), which is one volume. Files named *.dcm, *.dicom, *.ima or without a suffix.
+                          SC/CT), except a folder holding only the single-frame slices of one series at distinct
+                          ImagePositionPatient z (legacy layout), which is one volume. Files named *.dcm, *.dicom,
+                          *.ima, by their UID (1.2.840...) or without a suffix.
   manifest.csv            a CSV with a `path` column (relative to the CSV); a path may also be a folder holding the
                           single-frame legacy slices of ONE series (sorted by ImagePositionPatient z, then
                           InstanceNumber).
@@ -192,11 +193,10 @@ def _parse_headers(path):
         heads = [(p, _header(p)) for p in sorted(path.iterdir()) if _dicom_name(p)]
         if not heads:
             raise ValueError(f"{path}: empty folder")
-        series = {str(h.get("SeriesInstanceUID")) for _, h in heads}
-        if len(series) > 1:
-            raise ValueError(f"{path}: {len(series)} series in one folder; pass one series folder")
-        heads.sort(key=lambda ph: (float((ph[1].get("ImagePositionPatient") or [0, 0, 0])[2]),
-                                   int(ph[1].get("InstanceNumber") or 0)))
+        problem = _not_one_series([h for _, h in heads])
+        if problem:
+            raise ValueError(f"{path}: {problem}; a folder is one volume only when it holds one series' slices")
+        heads.sort(key=lambda ph: (float(ph[1].ImagePositionPatient[2]), int(ph[1].get("InstanceNumber") or 0)))
         ds = heads[0][1]
         frames = [[str(p), None] for p, _ in heads]
         voi = [_frame_voi(h, 0) for _, h in heads]
@@ -645,8 +645,10 @@ def scan(source, manifest=None):
 
 
 def _dicom_name(p):
-    """Files worth opening as DICOM: no hidden files (.DS_Store), no .txt/.csv/.png beside the slices."""
-    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in DICOM_SUFFIXES
+    """Files worth opening as DICOM: *.dcm, *.dicom, *.ima, no suffix, or named by their UID as storescp and PACS
+    exports do ('1.2.840...9465': the 'suffix' is digits); no hidden files, no .txt/.csv/.png beside the slices."""
+    suffix = p.suffix.lower()
+    return p.is_file() and not p.name.startswith(".") and (suffix in DICOM_SUFFIXES or suffix[1:].isdigit())
 
 
 def _tmp(path):
@@ -659,14 +661,31 @@ def _legacy_series(files):
     layout), so the folder is one volume. Only folders of 3+ files pay for reading headers."""
     if len(files) < 3:
         return False
-    try:
-        heads = [pydicom.dcmread(f, stop_before_pixels=True, specific_tags=[
-            "NumberOfFrames", "SeriesInstanceUID", "ImagePositionPatient"]) for f in files]
-    except Exception:  # unreadable files stay single entries, to be skipped and logged by the stream
-        return False
-    z = {float((h.get("ImagePositionPatient") or [0, 0, i])[2]) for i, h in enumerate(heads)}
-    return (all(int(h.get("NumberOfFrames") or 1) == 1 for h in heads) and len(z) == len(heads)
-            and len({str(h.get("SeriesInstanceUID")) for h in heads}) == 1)
+    heads = []
+    for f in files:
+        try:
+            heads.append(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=[
+                "NumberOfFrames", "SeriesInstanceUID", "ImagePositionPatient", "Rows", "Columns"]))
+        except Exception:  # one bad slice must not split the series into 1-slice volumes: the folder stays one
+            pass           # volume, which the stream then skips once, naming the bad file
+    return len(heads) >= 2 and _not_one_series(heads) is None
+
+
+def _not_one_series(heads):
+    """Why these headers are not the single-frame slices of one series at distinct z, or None when they are.
+    Without ImagePositionPatient they are 2-D images (MG, DX: separate views and breasts), never slices."""
+    if any(int(h.get("NumberOfFrames") or 1) != 1 for h in heads):
+        return "multi-frame files in one folder"
+    n_series = len({str(h.get("SeriesInstanceUID")) for h in heads})
+    if n_series > 1:
+        return f"{n_series} series in one folder; pass one series folder"
+    if any(h.get("ImagePositionPatient") is None for h in heads):
+        return "files without ImagePositionPatient (2-D images, not slices)"
+    if len({float(h.ImagePositionPatient[2]) for h in heads}) != len(heads):
+        return "two files at the same z"
+    if len({(h.get("Rows"), h.get("Columns")) for h in heads}) != 1:
+        return "slices of different sizes"
+    return None
 
 
 def volume_index(path, cache_dir):

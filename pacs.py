@@ -70,8 +70,11 @@ def is_dicomweb(source):
 
 
 def redact(url):
-    """The URL as it may be logged: no user info, no query (tokens hide in both)."""
-    return re.sub(r"//[^/@]*@", "//", str(url)).split("?")[0].split("#")[0]
+    """The URL as it may be logged: no user info, no query (tokens hide in both). Everything up to the last `@`
+    goes, since a password typed unencoded may itself hold `@`, `/`, `?` or `#`; over-redacting is harmless."""
+    head, sep, rest = str(url).partition("//")
+    rest = rest.rsplit("@", 1)[-1]
+    return (head + sep + rest).split("?")[0].split("#")[0]
 
 
 def parse_url(source):
@@ -79,7 +82,9 @@ def parse_url(source):
     if not is_dicomweb(source):
         raise ValueError(f"{redact(source)}: not a dicomweb+http:// or dicomweb+https:// URL")
     parts = urlsplit(str(source)[len("dicomweb+"):])
-    if "@" in parts.netloc:  # it would reach args.json and every log line: refuse instead of silently stripping
+    # it would reach args.json and every log line: refuse instead of silently stripping. Anywhere in the URL, not
+    # just urlsplit's netloc: a password typed with '/' or '?' in it ends the netloc before its '@'.
+    if "@" in str(source):
         raise ValueError(f"{redact(source)}: no credentials in the URL; set DICOMWEB_TOKEN or "
                          "DICOMWEB_USER/DICOMWEB_PASSWORD, or name a credentials file")
     if parts.query or parts.fragment or not parts.hostname:

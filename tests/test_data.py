@@ -124,6 +124,45 @@ def test_legacy_folder_sorted_by_z(tmp_path, volumes):
     assert stream.n_skipped == 0 and abs(int(item["slice_index"][0] - item["slice_index"][1])) == 1
 
 
+def _slice_file(path, pixels, z, series="1.2.3.4", laterality=None):
+    """One single-frame 64 x 48 slice at z (no position at all for z None: a 2-D image, as MG files are)."""
+    ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    ds.Rows, ds.Columns, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 64, 48, 10, 9, 0
+    ds.SeriesInstanceUID, ds.PixelData = series, pixels.astype("<u2").tobytes()
+    if z is None:
+        del ds.ImagePositionPatient
+    else:
+        ds.ImagePositionPatient = [0, 0, float(z)]
+    if laterality:
+        ds.ImageLaterality = laterality
+    ds.save_as(path)
+
+
+def test_scan_uid_names_mammograms_and_a_bad_slice(tmp_path, volumes):
+    """UID-named exports are volumes; 2-D images of one series stay separate; one bad slice skips its series once."""
+    paths, _ = volumes
+    pixels = pydicom.dcmread(paths["native"]).pixel_array  # (8, 64, 48)
+    (tmp_path / "export").mkdir()
+    uid_named = tmp_path / "export" / "1.2.840.113619.2.55.3.9465"  # storescp's naming: the "suffix" is .9465
+    uid_named.write_bytes(paths["native"].read_bytes())
+    assert data.scan(tmp_path / "export") == [str(uid_named)]
+    mg = tmp_path / "mg"  # four 2-D views of one series, no ImagePositionPatient: four volumes, not one
+    mg.mkdir()
+    for i, lat in enumerate("LLRR"):
+        _slice_file(mg / f"{i}.dcm", pixels[i], None, laterality=lat)
+    assert data.scan(mg) == [str(mg / f"{i}.dcm") for i in range(4)]
+    with pytest.raises(ValueError, match="without ImagePositionPatient"):
+        data.read_dbt(mg)  # named as a folder volume (a manifest may), it is refused instead of stacked
+    series = tmp_path / "export" / "0-series"  # sorts first, so the stream's start-up probe reads it
+    series.mkdir()
+    for i in range(6):
+        _slice_file(series / f"{i}.dcm", pixels[i], i)
+    (series / "3.dcm").write_bytes(b"not a dicom")  # one broken slice
+    assert data.scan(tmp_path / "export") == [str(series), str(uid_named)]  # one series, not five 1-slice volumes
+    stream = data.PretrainStream(tmp_path / "export", global_size=28, local_size=14, cache_dir=tmp_path / "c")
+    assert stream.n_skipped == 1 and "3.dcm: not a readable DICOM" in stream.skipped[str(series)]
+
+
 def test_orientation_rules(archive):
     row = next(csv.DictReader(open(archive / "exams.csv")))
     rcc = archive / row["RCC"]
