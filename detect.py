@@ -930,13 +930,15 @@ def main(args):
         root = args.data
     resuming = args.resume == "auto" and os.path.exists(os.path.join(args.out, "ckpt.pt"))
     if not resuming:
-        metrics.check_run_folder(args.out, "ckpt.pt", args.overwrite)
+        metrics.check_run_folder(args.out, "ckpt.pt", args.overwrite, "detect.py",
+                                 ("metrics.json", "predictions.csv", "froc.png", "examples.png", "curves.png"))
     volumes, skipped = load_volumes(root)
     split = split_volumes(volumes, args.val_fraction, args.test_fraction, args.seed)
     if not split["val"]:
         raise ValueError(f"{root}: no validation volumes; raise --val-fraction")
     data.log(f"*** {source} ***")
-    metrics.write_args(args.out, args, backbone_source=source, torch=torch.__version__, skipped_volumes=skipped)
+    metrics.write_args(args.out, args, "detect.py", backbone_source=source, torch=torch.__version__,
+                       skipped_volumes=skipped)
     data.log(f"{root}: " + ", ".join(f"{k} {len(v)} volumes ({sum(len(x['boxes']) for x in v)} boxes)"
                                      for k, v in split.items()) + f"; {args.image_size} px on {device}")
     det = Detector(backbone, args.channels, args.dropout).to(device)

@@ -547,23 +547,39 @@ def git_sha():
     return out.stdout.strip() or None
 
 
-def check_run_folder(out, marker="ckpt.pt", overwrite=False):
-    """A fresh run refuses a folder that already holds `marker` (a finished or interrupted run), with one line
-    that says what to do. With overwrite, the old run's metrics.jsonl is removed so the two never mix."""
-    if os.path.exists(os.path.join(out, marker)):
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "args.json")  # what every run folder holds and a new run would mix with
+
+
+def check_run_folder(out, marker="ckpt.pt", overwrite=False, script=None, outputs=()):
+    """A fresh run refuses, with one line that says what to do, a folder holding `marker` (a finished or interrupted
+    run) or, given `script`, an args.json another script wrote: probe.py pointed at its backbone's pretraining
+    folder would otherwise erase that run's metrics.jsonl. With overwrite, the old run's files (RUN_FILES, marker,
+    outputs) go first, so the two never mix and a later --resume auto cannot pick up the old ckpt.pt."""
+    owner = script
+    if script and os.path.exists(os.path.join(out, "args.json")):
+        try:
+            with open(os.path.join(out, "args.json")) as fh:
+                owner = json.load(fh).get("script") or "an unknown script"
+        except (ValueError, AttributeError):
+            owner = "an unknown script"
+    if owner != script:
+        what = f"a run of {owner} (its args.json); use another --out"
+    else:
+        what = f"a run ({marker}); use --resume auto to continue it, another --out"
+    if owner != script or os.path.exists(os.path.join(out, marker)):
         if not overwrite:
-            raise ValueError(f"{out}: already holds a run ({marker}); use --resume auto to continue it, "
-                             "another --out, or --overwrite to replace it")
-        for name in ("metrics.jsonl", "args.json"):
+            raise ValueError(f"{out}: already holds {what}, or --overwrite to replace it")
+        for name in {*RUN_FILES, marker, *outputs}:
             if os.path.exists(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
 
 
-def write_args(out, args, **extra):
-    """args.json (atomic): the flags, the code version and anything the caller adds (world size, ...).
-    Call it only after the inputs were validated, so a failed start leaves an existing run's file alone."""
+def write_args(out, args, script=None, **extra):
+    """args.json (atomic): the flags, the script that wrote it, the code version and anything the caller adds
+    (world size, ...). Call it only after the inputs were validated, so a failed start leaves an existing run's
+    file alone."""
     os.makedirs(out, exist_ok=True)
-    record = dict(vars(args), git_sha=git_sha(), **extra)
+    record = dict(vars(args), script=script, git_sha=git_sha(), **extra)
     atomic_write(os.path.join(out, "args.json"), json.dumps(record, indent=1, default=str) + "\n")
 
 

@@ -488,7 +488,7 @@ def train(args):
     resume = "" if resume == "auto" else resume
     ckpt = load_resume(resume, args, device) if resume else None
     if ckpt is None:  # a fresh run never lands silently on top of another one
-        metrics.check_run_folder(args.out, "ckpt.pt", args.overwrite)
+        metrics.check_run_folder(args.out, "ckpt.pt", args.overwrite, "pretrain.py", ("backbone.pth", "curves.png"))
 
     # ---------------- student, teacher, optimizer, loss state ----------------
     student, teacher = build_models(args, device)
@@ -522,7 +522,7 @@ def train(args):
 
     # ---------------- the inputs are valid: only now touch the run folder ----------------
     if data.is_main():
-        metrics.write_args(args.out, args, torch=torch.__version__, world_size=world)
+        metrics.write_args(args.out, args, "pretrain.py", torch=torch.__version__, world_size=world)
         writer = metrics.JsonlWriter(os.path.join(args.out, "metrics.jsonl"))
         dropped = writer.truncate_after(start)  # steps after the checkpoint are redone: each appears once
         if ckpt is not None:

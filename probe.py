@@ -842,14 +842,15 @@ def run_probe(args, device):
     if absent:
         raise ValueError(f"--subgroups: column(s) {', '.join(absent)} not in the exam table")
     (density_targets if args.task == "density" else risk_targets)(rows)  # bad labels fail before any embedding
-    metrics.check_run_folder(args.out, "metrics.json", args.overwrite)
+    metrics.check_run_folder(args.out, "metrics.json", args.overwrite, "probe.py",
+                             ("predictions.csv", "head.pt", "confusion.png", "roc.png"))
     records, info = embeddings(args, backbone, rows, root, device, client)
     if not records:
         raise ValueError("no exam could be embedded")
     keep = sorted(records)
     split = np.array(assign_splits(rows, args.seed))[keep]  # splits from the whole table: a skip moves no one
     x = feature_matrix([records[j] for j in keep], args.features)
-    metrics.write_args(args.out, args, embeddings=info)
+    metrics.write_args(args.out, args, "probe.py", embeddings=info)
     writer = metrics.JsonlWriter(Path(args.out) / "metrics.jsonl")
     writer.truncate_after(-1)  # an interrupted run's curves: this run redoes the (cheap) search from the start
     run = run_density if args.task == "density" else run_risk

@@ -1,5 +1,6 @@
 """metrics.py against the spec goldens (detection_metrics.md §1.3.7, §5) and reference packages (test-only)."""
 
+import argparse
 import csv
 import json
 import math
@@ -363,6 +364,23 @@ def test_jsonl_writer_parses_line_by_line(tmp_path):
     with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "lo')  # a crash mid-write
     assert w.read() == [{"step": 1, "loss": 0.5, "n": 3.0}, {"step": 2, "split": "val", "auc": 0.75}]
+
+
+def test_check_run_folder_refuses_another_scripts_run_and_overwrite_clears_it(tmp_path):
+    out = tmp_path / "run"
+    metrics.check_run_folder(out, "ckpt.pt", script="detect.py")  # no folder yet: nothing to refuse
+    metrics.write_args(out, argparse.Namespace(seed=0), "pretrain.py")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    metrics.check_run_folder(out, "ckpt.pt", script="pretrain.py")  # its own run, interrupted before a checkpoint
+    with pytest.raises(ValueError, match=r"already holds a run of pretrain.py \(its args.json\); use another --out"):
+        metrics.check_run_folder(out, "metrics.json", script="probe.py")  # no marker, but another script's folder
+    (out / "ckpt.pt").write_bytes(b"old weights")
+    (out / "metrics.json").write_text("{}")
+    (out / "notes.txt").write_text("the user's own file")
+    with pytest.raises(ValueError, match=r"a run \(ckpt.pt\); use --resume auto to continue it"):
+        metrics.check_run_folder(out, "ckpt.pt", script="pretrain.py")
+    metrics.check_run_folder(out, "ckpt.pt", overwrite=True, script="detect.py", outputs=("metrics.json",))
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # no old ckpt.pt left for --resume auto
 
 
 def test_draw_curves_puts_each_point_where_its_values_say(tmp_path):

@@ -76,6 +76,16 @@ def test_fresh_run_refuses_a_folder_holding_a_run_and_a_failed_start_changes_not
     assert snapshot(finished) == before  # args.json still names the real data; nothing was appended
 
 
+def test_probe_refuses_the_pretraining_folder_of_its_backbone(finished, archive):
+    """probe.py --out on a pretrain run folder (no metrics.json there) once replaced its args.json and emptied its
+    metrics.jsonl; now another script's run folder is refused like a finished run."""
+    before = snapshot(finished)
+    run = cli("probe.py", "--data", archive / "exams.csv", "--backbone", finished / "backbone.pth", "--arch", "tiny",
+              "--out", finished, "--size", "28", "--workers", "0")
+    one_line(run, 1, f"error: {finished}: already holds a run of pretrain.py (its args.json); use another --out")
+    assert snapshot(finished) == before
+
+
 def test_overwrite_starts_afresh_without_mixing_metrics(finished, archive, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(finished, out)
