@@ -265,8 +265,11 @@ def _read_table(src, name, columns):
     """
     if isinstance(src, (str, os.PathLike)):
         name = str(src)
-        with open(src, newline="") as f:
-            rows = list(csv.DictReader(f))
+        try:
+            with open(src, newline="") as f:
+                rows = list(csv.DictReader(f))
+        except (csv.Error, UnicodeDecodeError) as e:  # a binary file, or a cell over csv's field size limit
+            raise ValueError(f"{name}: not a readable CSV ({e})") from None
     else:
         rows = list(src)
     if not rows:
@@ -597,8 +600,8 @@ def get_args(argv=None):
     p.add_argument("--boxes", required=True, help="BCS-DBT boxes CSV (ground truth)")
     p.add_argument("--predictions", required=True, help="submission CSV: StudyUID, View, X, Width, Y, Height, "
                    "Z, Depth, Score")
-    p.add_argument("--radius", type=float, default=100.0, help="minimum hit radius in px (20 for DBT-DINO's "
-                   "518-px coordinates)")
+    p.add_argument("--radius", type=float, default=100.0, help="minimum hit radius in px (DBT-DINO's variant: "
+                   f"{DBT_DINO_RADIUS:g} in 518-px coordinates)")
     # one line naming the flag, not argparse's whole usage block
     parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")
     p.error = parser.error

@@ -193,6 +193,11 @@ def test_dbtex_empty_file(tmp_path):
     (tmp_path / "empty.csv").write_text(",".join(metrics.PREDICTION_COLUMNS) + "\n")
     with pytest.raises(ValueError, match="empty.csv: no data rows"):
         metrics.dbtex_evaluate(labels, boxes, str(tmp_path / "empty.csv"))
+    (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00StudyUID")  # e.g. a spreadsheet saved as UTF-16
+    (tmp_path / "huge.csv").write_text("StudyUID\n" + "x" * 200_000 + "\n")  # over csv's field size limit
+    for name in ("binary.csv", "huge.csv"):
+        with pytest.raises(ValueError, match=f"{name}: not a readable CSV"):
+            metrics.dbtex_evaluate(labels, boxes, str(tmp_path / name))
 
 
 def test_cli_prints_the_six_numbers(tmp_path):
