@@ -123,7 +123,7 @@ def byte_size(text):
         number_part, unit = number_part[:-1], number_part[-1]
     try:
         n = int(float(number_part) * units[unit])
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: inf, 1e400
         raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 50G or 500M") from None
     if n < 2**20:
         raise argparse.ArgumentTypeError(f"{text} is below 1M")
@@ -604,8 +604,10 @@ def cache_base():
 
 
 def synthetic_archive(root=None, patients=8, seed=0, shape=(24, 256, 192), lesion_rate=0.0):
-    """Create once (build in a tmp dir, then os.replace) and return the synthetic archive folder."""
-    root = Path(root) if root else cache_base() / f"synthetic-p{patients}-s{seed}"
+    """Create once (build in a tmp dir, then os.replace) and return the synthetic archive folder. Its default name
+    holds every argument, so other shape or lesion flags never get an archive built with different ones."""
+    shape_name = "x".join(map(str, shape)) + (f"-l{lesion_rate:g}" if lesion_rate else "")
+    root = Path(root) if root else cache_base() / f"synthetic-p{patients}-s{seed}-{shape_name}"
     if (root / "exams.csv").exists():
         return root
     tmp = Path(_tmp(root))
@@ -791,9 +793,11 @@ class PretrainStream(torch.utils.data.IterableDataset):
         except pacs.FetchError as e:
             return self._skip(self.paths[p], e)
         self._sync_fetch_stats(0)
-        self.client.cache.unpin(pin)
-        self.volume_bytes = path.stat().st_size  # for the cache-size check in __iter__
-        return self._index(path, self.paths[p]) is not None
+        try:  # unpinned only once read: another process's eviction could delete it in between
+            self.volume_bytes = path.stat().st_size  # for the cache-size check in __iter__
+            return self._index(path, self.paths[p]) is not None
+        finally:
+            self.client.cache.unpin(pin)
 
     def _check_room(self, workers):
         """Resident volumes are pinned, so the cache must hold all of them at once on this node (ranks x workers x
@@ -878,9 +882,10 @@ class PretrainStream(torch.utils.data.IterableDataset):
                 finally:  # unpinned: the LRU may evict it now
                     if pin is not None:
                         self.client.cache.unpin(pin)
-            if not produced:
-                raise ValueError(f"rank {rank} worker {worker}: no readable volume in its shard "
-                                 f"({self.n_skipped} files skipped)")
+            # a shard of only unreadable volumes (likely when ranks x workers ~ volumes) moves on to the next
+            # epoch's shard; only when every volume has failed here is there nothing left to read
+            if not produced and all(p in self.skipped for p in self.paths):
+                raise ValueError(f"rank {rank} worker {worker}: no readable volume ({self.n_skipped} files skipped)")
             epoch += 1
 
     def sample(self, meta, mask, rng):

@@ -204,6 +204,25 @@ def test_bad_files_errors_and_stream_skips(tmp_path, volumes):
         data.PretrainStream(bad, cache_dir=tmp_path / "cache")
 
 
+def test_a_shard_of_only_unreadable_volumes_moves_on(tmp_path, volumes, monkeypatch):
+    """Ranks x workers ~ volumes: some epoch gives a rank only the bad file. It reads on in the next epoch's shard
+    instead of stopping the run; only a stream whose every volume failed gives up."""
+    paths, _ = volumes
+    (tmp_path / "a" / "good.dcm").parent.mkdir()
+    (tmp_path / "a" / "good.dcm").write_bytes(paths["native"].read_bytes())
+    (tmp_path / "a" / "empty.dcm").write_bytes(b"")
+    for rank in (0, 1):  # 2 ranks, 1 volume each per epoch: one of them starts on empty.dcm
+        monkeypatch.setattr(data, "rank_world", lambda: (rank, 2))
+        ds = data.PretrainStream(tmp_path / "a", cache_dir=tmp_path / "c", global_size=28, local_size=14, n_local=1,
+                                 shuffle_buffer=0)
+        shards = [ds.paths[ds.shard(e, rank, 2)[0]] for e in range(2)]
+        items = [item for item, _ in zip(ds, range(3))]
+        assert {ds.paths[i["volume"]] for i in items} == {str(tmp_path / "a" / "good.dcm")}, shards
+    ds.paths.remove(str(tmp_path / "a" / "good.dcm"))  # only the bad file left: nothing to read, said once
+    with pytest.raises(ValueError, match="rank 1 worker 0: no readable volume"):
+        next(iter(ds))
+
+
 def test_memory_one_slice_vs_full(tmp_path):
     path = data.write_phantom_dicom(tmp_path / "big.dcm", (60, 256, 192), "native")
     peaks = []

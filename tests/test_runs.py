@@ -141,6 +141,9 @@ def test_resume_failures_are_one_line_naming_the_file(finished, archive, tmp_pat
     (["--model", "vitz14"], "argument --model: invalid choice: 'vitz14'"),
     (["--global-size", "100"], "argument --global-size: 100 is not a multiple of the patch size 14"),
     (["--batch-size", "1"], "argument --batch-size: KoLeo needs at least 2 images per process"),
+    (["--cache-bytes", "inf"], "argument --cache-bytes: 'inf' is not a size such as 50G"),
+    (["--cache-bytes", "1e400G"], "argument --cache-bytes: '1e400G' is not a size such as 50G"),
+    (["--cache-bytes", "512K"], "argument --cache-bytes: 512K is below 1M"),
 ])
 def test_bad_flags_are_one_line_naming_the_flag(capsys, argv, message):
     with pytest.raises(SystemExit) as e:
