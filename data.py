@@ -908,12 +908,13 @@ class PretrainStream(torch.utils.data.IterableDataset):
             local.append(self._photo(self._crop(img, b, rng.random() < 0.5, self.local_size), rng, 0.5, 0.0))
         out["local_crops"] = torch.stack(local)  # (n_local, 3, L, L)
         out["global_tissue"] = torch.stack([self._tissue_grid(mask, stride, b, f) for b, f in zip(boxes, flips)])
-        s2 = s
-        if self.adjacent_k > 0 and S > 1:
-            d = int(rng.integers(1, self.adjacent_k + 1)) * (1 if rng.random() < 0.5 else -1)
-            s2 = int(np.clip(s + d if 0 <= s + d < S else s - d, 0, S - 1))  # reflect at the volume ends
-        if self.adjacent_k > 0:  # same geometry on slice s', independent photometric augmentation
-            out["adjacent"] = global_views(self._slice(meta, s2))
+        s2 = s  # kept for a single-slice image (FFDM): collate marks it, and its adjacent-slice term is masked
+        if self.adjacent_k > 0:
+            # delta uniform over the offsets in +-1..+-k that stay inside the volume: s' != s whenever S > 1
+            # (clamping s + delta to the volume gave s' = s, e.g. s = 0, delta = -2 in a 2-slice volume)
+            inside = [d for d in range(-self.adjacent_k, self.adjacent_k + 1) if d and 0 <= s + d < S]
+            s2 = s + inside[int(rng.integers(len(inside)))] if inside else s
+            out["adjacent"] = global_views(self._slice(meta, s2))  # same geometry, own photometric augmentation
         out["slice_index"] = torch.tensor([s, s2])
         return out
 
@@ -1039,6 +1040,9 @@ def collate_pretrain(samples, *, patch_size=14, mask_probability=0.5, mask_ratio
            "global": crop_major("global_crops"),  # (2B, 3, G, G)
            "local": crop_major("local_crops"),  # (n_local*B, 3, L, L)
            "adjacent": crop_major("adjacent") if "adjacent" in samples[0] else None}  # (2B, 3, G, G)
+    if out["adjacent"] is not None:  # (2B,) 0 where s' = s (a single-slice image): no neighbour, no adjacent term
+        has_neighbour = [float(s["slice_index"][0] != s["slice_index"][1]) for s in samples]
+        out["adjacent_valid"] = torch.tensor(has_neighbour).repeat(2)  # crop-major, like the crops
     B, G = len(samples), out["global"].shape[-1]
     n = G // patch_size  # patch grid side
     N, n_masked = n * n, int(2 * B * mask_probability)

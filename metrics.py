@@ -556,8 +556,9 @@ RUN_FILES = ("ckpt.pt", "metrics.jsonl", "args.json")  # what every run folder h
 def check_run_folder(out, marker="ckpt.pt", overwrite=False, script=None, outputs=()):
     """A fresh run refuses, with one line that says what to do, a folder holding `marker` (a finished or interrupted
     run) or, given `script`, an args.json another script wrote: probe.py pointed at its backbone's pretraining
-    folder would otherwise erase that run's metrics.jsonl. With overwrite, the old run's files (RUN_FILES, marker,
-    outputs) go first, so the two never mix and a later --resume auto cannot pick up the old ckpt.pt."""
+    folder would otherwise erase that run's metrics.jsonl. With overwrite it returns the old run's files (RUN_FILES,
+    marker, outputs) for write_args to remove once the inputs are checked: the two runs never mix, a later
+    --resume auto cannot pick up the old ckpt.pt, and a start that fails on a bad input leaves the old run whole."""
     owner = script
     if script and os.path.exists(os.path.join(out, "args.json")):
         try:
@@ -572,16 +573,18 @@ def check_run_folder(out, marker="ckpt.pt", overwrite=False, script=None, output
     if owner != script or os.path.exists(os.path.join(out, marker)):
         if not overwrite:
             raise ValueError(f"{out}: already holds {what}, or --overwrite to replace it")
-        for name in {*RUN_FILES, marker, *outputs}:
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
+        return sorted(name for name in {*RUN_FILES, marker, *outputs} if os.path.exists(os.path.join(out, name)))
+    return []
 
 
-def write_args(out, args, script=None, **extra):
+def write_args(out, args, script=None, clear=(), **extra):
     """args.json (atomic): the flags, the script that wrote it, the code version and anything the caller adds
-    (world size, ...). Call it only after the inputs were validated, so a failed start leaves an existing run's
-    file alone."""
+    (world size, ...). First removes `clear` (what check_run_folder returned for --overwrite). Call it only after
+    the inputs were validated, so a failed start leaves an existing run's files alone."""
     os.makedirs(out, exist_ok=True)
+    for name in clear:
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
     record = dict(vars(args), script=script, git_sha=git_sha(), **extra)
     atomic_write(os.path.join(out, "args.json"), json.dumps(record, indent=1, default=str) + "\n")
 

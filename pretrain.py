@@ -216,12 +216,15 @@ def koleo_loss(x, eps=1e-8):
         return -torch.log(d[keep] + eps).mean() if keep.any() else d.sum() * 0
 
 
-def adjacent_slice_loss(student_s, student_adj, teacher_s, teacher_adj, student_temp=STUDENT_TEMP):
+def adjacent_slice_loss(student_s, student_adj, teacher_s, teacher_adj, valid, student_temp=STUDENT_TEMP):
     """MammoDINO: DINO cross-entropy between the student on slice s and the teacher on the adjacent slice
     (same crop geometry, so rows pair without the cross-view swap), and the reverse; mean of the two.
-    student_*: (2B, K) logits, teacher_*: (2B, K) probs, all crop-major."""
-    return 0.5 * (dino_loss([student_s], [teacher_adj], student_temp) +
-                  dino_loss([student_adj], [teacher_s], student_temp))
+    student_*: (2B, K) logits, teacher_*: (2B, K) probs, all crop-major. valid (2B,): 0 for single-slice
+    images, which have no neighbour (data.md 4.2: lambda masked to 0); the mean is over valid rows."""
+    def cross_entropy(s, t):  # (2B,)
+        return -(t * F.log_softmax(at_least_fp32(s) / student_temp, dim=-1)).sum(-1)
+    per_row = 0.5 * (cross_entropy(student_s, teacher_adj) + cross_entropy(student_adj, teacher_s))
+    return (per_row * valid).sum() / valid.sum().clamp_min(1)
 
 
 @torch.no_grad()
@@ -250,7 +253,9 @@ def softmax_center(teacher_logits, center, teacher_temp):
 def update_center(center, teacher_logits, momentum=CENTER_MOMENTUM):
     """center <- m * center + (1 - m) * mean of the logits over all rows of all ranks. Returns the new center.
     (DINOv2 averages per-rank means; the same when ranks hold equal row counts, always true for CLS tokens.)"""
-    stats = torch.cat([teacher_logits.float().sum(0), teacher_logits.new_full((1,), len(teacher_logits))])
+    # the row count in fp32 whatever the logits' dtype: bf16 (--amp) rounds 65,713 masked patches to 65,536
+    count = torch.full((1,), float(len(teacher_logits)), device=teacher_logits.device)
+    stats = torch.cat([teacher_logits.float().sum(0), count])
     stats = data.all_reduce(stats.float())  # (K + 1,): logit sums and the row count
     if stats[-1] == 0:  # no masked patch anywhere this step
         return center
@@ -382,7 +387,8 @@ def train_step(student, teacher, batch, centers, optimizer, sched, args):
         losses["koleo"] = args.koleo_weight * sum(koleo_loss(c) for c in s_cls.float().chunk(2))
     if adjacent is not None:
         adjacent_loss = loss_fn(adjacent_slice_loss, args.compile)
-        losses["adjacent"] = args.adjacent_weight * adjacent_loss(s_global, s_logits[2], t_global, t_probs[1])
+        valid = batch.get("adjacent_valid", torch.ones(len(glob), device=glob.device))  # hand-made batches: all
+        losses["adjacent"] = args.adjacent_weight * adjacent_loss(s_global, s_logits[2], t_global, t_probs[1], valid)
     total = sum(losses.values())
     values = {k: torch.as_tensor(v, device=glob.device).detach().float() for k, v in losses.items()}  # 0-d, no sync
     values["loss"] = total.detach().float()
@@ -438,7 +444,13 @@ def load_resume(path, args, device):
     if not isinstance(ckpt, dict) or not need <= set(ckpt):
         raise ValueError(f"{path}: not a pretrain.py ckpt.pt (it lacks {sorted(need - set(ckpt or {}))}); --resume "
                          "continues a run from its ckpt.pt, --init starts from backbone weights such as backbone.pth")
-    settings = ("model", "prototypes", "head_hidden", "head_bottleneck", "separate_ibot_head")
+    # what shapes the weights, and what makes the continuation exact: the schedules, the data and random streams
+    # (reseeded from the seed at every --save-every step) and the loss (--data, --workers and the speed flags
+    # may change: the same volumes elsewhere, or another machine)
+    settings = ("model", "prototypes", "head_hidden", "head_bottleneck", "separate_ibot_head", "seed", "recipe",
+                "global_size", "local_size", "samples_per_volume", "batch_size", "steps", "save_every", "lr",
+                "warmup", "wd", "wd_end", "momentum", "teacher_temp_warmup", "freeze_last_layer", "layer_decay",
+                "drop_path", "centering", "koleo_weight", "ibot_weight", "adjacent_weight")
     diffs = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} in the checkpoint, {getattr(args, k)} now"
              for k in settings if ckpt["args"].get(k) != getattr(args, k)]
     if diffs:
@@ -487,8 +499,10 @@ def train(args):
     resume = ckpt_path if args.resume == "auto" and os.path.exists(ckpt_path) else args.resume
     resume = "" if resume == "auto" else resume
     ckpt = load_resume(resume, args, device) if resume else None
-    if ckpt is None:  # a fresh run never lands silently on top of another one
-        metrics.check_run_folder(args.out, "ckpt.pt", args.overwrite, "pretrain.py", ("backbone.pth", "curves.png"))
+    stale = []  # a fresh run, or a --resume from another folder, never lands silently on top of another run
+    if ckpt is None or os.path.dirname(os.path.abspath(resume)) != os.path.abspath(args.out):
+        stale = metrics.check_run_folder(args.out, "ckpt.pt", args.overwrite, "pretrain.py",
+                                         ("backbone.pth", "curves.png"))
 
     # ---------------- student, teacher, optimizer, loss state ----------------
     student, teacher = build_models(args, device)
@@ -522,7 +536,7 @@ def train(args):
 
     # ---------------- the inputs are valid: only now touch the run folder ----------------
     if data.is_main():
-        metrics.write_args(args.out, args, "pretrain.py", torch=torch.__version__, world_size=world)
+        metrics.write_args(args.out, args, "pretrain.py", stale, torch=torch.__version__, world_size=world)
         writer = metrics.JsonlWriter(os.path.join(args.out, "metrics.jsonl"))
         dropped = writer.truncate_after(start)  # steps after the checkpoint are redone: each appears once
         if ckpt is not None:

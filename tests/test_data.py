@@ -204,6 +204,15 @@ def test_bad_files_errors_and_stream_skips(tmp_path, volumes):
         data.PretrainStream(bad, cache_dir=tmp_path / "cache")
 
 
+def test_synthetic_archive_name_holds_its_shape(tmp_path, monkeypatch):
+    """Other shape flags once got the archive of an earlier run (its name held only patients and seed)."""
+    monkeypatch.setenv("DBT_DINO_CACHE", str(tmp_path))
+    small, other = (data.synthetic_archive(patients=1, seed=0, shape=shape) for shape in [(4, 64, 48), (3, 32, 40)])
+    assert small != other and small == data.synthetic_archive(patients=1, seed=0, shape=(4, 64, 48))
+    vol, _ = data.read_dbt(next(other.rglob("*.dcm")))
+    assert vol.shape == (3, 32, 40)
+
+
 def test_a_shard_of_only_unreadable_volumes_moves_on(tmp_path, volumes, monkeypatch):
     """Ranks x workers ~ volumes: some epoch gives a rank only the bad file. It reads on in the next epoch's shard
     instead of stopping the run; only a stream whose every volume failed gives up."""
@@ -283,6 +292,24 @@ def test_adjacent_pairs(archive, tmp_path, monkeypatch):
     same = np.mean([(i["global_crops"] - i["adjacent"]).abs().mean() for i in items])
     other = np.mean([(a["global_crops"] - b["adjacent"]).abs().mean() for a, b in zip(items, items[1:])])
     assert same < 0.5 * other  # same crop box on a neighbouring slice, not a fresh crop
+
+
+def test_adjacent_pairs_in_thin_volumes(tmp_path):
+    """A 2-slice volume always pairs s with the other slice (clamping gave s' = s); a 1-slice image (FFDM) pairs
+    with itself, and collate marks it so the adjacent-slice term leaves it out (data.md 4.2)."""
+    (tmp_path / "v").mkdir()
+    for n in (1, 2):
+        data.write_phantom_dicom(tmp_path / "v" / f"s{n}.dcm", (n, 64, 48), seed=n)
+    ds = data.PretrainStream(tmp_path / "v", cache_dir=tmp_path / "c", global_size=28, local_size=14, n_local=1,
+                             adjacent_k=2)
+    items = [i for i, _ in zip(ds, range(40))]
+    thin = {ds.paths[i["volume"]][-6:]: set() for i in items}
+    for i in items:
+        thin[ds.paths[i["volume"]][-6:]].add(tuple(i["slice_index"].tolist()))
+    assert thin == {"s1.dcm": {(0, 0)}, "s2.dcm": {(0, 1), (1, 0)}}
+    out = data.collate_pretrain(items[:6], patch_size=14)
+    has = [float(ds.paths[i["volume"]].endswith("s2.dcm")) for i in items[:6]]
+    assert out["adjacent_valid"].tolist() == has + has  # crop-major: [crop 1 of all B; crop 2 of all B]
 
 
 def test_sharding_two_ranks_two_workers(archive, tmp_path):

@@ -384,8 +384,11 @@ def test_check_run_folder_refuses_another_scripts_run_and_overwrite_clears_it(tm
     (out / "notes.txt").write_text("the user's own file")
     with pytest.raises(ValueError, match=r"a run \(ckpt.pt\); use --resume auto to continue it"):
         metrics.check_run_folder(out, "ckpt.pt", script="pretrain.py")
-    metrics.check_run_folder(out, "ckpt.pt", overwrite=True, script="detect.py", outputs=("metrics.json",))
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # no old ckpt.pt left for --resume auto
+    stale = metrics.check_run_folder(out, "ckpt.pt", overwrite=True, script="detect.py", outputs=("metrics.json",))
+    assert stale == ["args.json", "ckpt.pt", "metrics.json", "metrics.jsonl"] and (out / "ckpt.pt").exists()
+    metrics.write_args(out, argparse.Namespace(seed=1), "detect.py", clear=stale)  # the inputs were good
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "notes.txt"]  # no old ckpt.pt for --resume auto
+    assert json.loads((out / "args.json").read_text())["script"] == "detect.py"
 
 
 def test_draw_curves_puts_each_point_where_its_values_say(tmp_path):

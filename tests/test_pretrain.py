@@ -89,6 +89,15 @@ def test_centering_matches_reference_over_two_steps():
     assert (ref.center - center).abs().max() < 1e-7
 
 
+def test_center_of_bf16_logits_counts_every_row():
+    """Under --amp the teacher's logits are bf16, which holds 65,713 (about dbt-dino's masked-patch count) only
+    as 65,536: the row count must not take the logits' dtype."""
+    logits = torch.linspace(1, 2, 65_713 * 2).reshape(-1, 2).to(torch.bfloat16)  # (M, K = 2), mean about 1.5
+    center = pretrain.update_center(torch.zeros(1, 2), logits, momentum=0.0)
+    mean = logits.double().mean(0, keepdim=True)  # independent: float64 over the same bf16 values
+    torch.testing.assert_close(center.double(), mean, rtol=1e-5, atol=1e-7)
+
+
 def test_dino_head_keys_and_outputs_match_reference():
     torch.manual_seed(0)
     head = model.DINOHead(12, out_dim=40, hidden_dim=20, bottleneck_dim=8)

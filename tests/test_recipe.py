@@ -69,6 +69,7 @@ def recipe_batch(seed=0):
     per_image = masks.sum(-1, keepdim=True).clamp_min(1)
     return {"global": torch.randn(2 * B, 3, G, G, generator=g), "local": torch.randn(N_LOCAL * B, 3, L, L, generator=g),
             "adjacent": torch.randn(2 * B, 3, G, G, generator=g), "masks": masks,
+            "adjacent_valid": torch.tensor([0.0] + [1.0] * (B - 1)).repeat(2),  # image 0: one slice (FFDM)
             "mask_indices": masks.flatten().nonzero().flatten(), "n_masked": int(masks.sum()),
             "masks_weight": (1 / per_image).expand_as(masks)[masks].float()}
 
@@ -114,8 +115,10 @@ def expected_terms(args, batch, s_out, t_out, centers):
     ibot = sum(per_patch[image_of == i].mean() for i in range(2 * B) if (image_of == i).any()) / (2 * B)
     # KoLeo on the backbone CLS tokens of each global crop separately
     koleo = args.koleo_weight * (koleo64(s_cls[:B]) + koleo64(s_cls[B:]))
-    # adjacent slice, symmetrised: student(s) vs teacher(s') and student(s') vs teacher(s), same crop rows
-    adjacent = args.adjacent_weight * 0.5 * (ce(ta, s_glob).mean() + ce(tg, s_adj).mean())
+    # adjacent slice, symmetrised: student(s) vs teacher(s') and student(s') vs teacher(s), same crop rows,
+    # over the rows of images that have a neighbouring slice (both crops of image 0 have none)
+    has = batch["adjacent_valid"].bool()
+    adjacent = args.adjacent_weight * 0.5 * (ce(ta, s_glob)[has].mean() + ce(tg, s_adj)[has].mean())
     terms = dict(dino_global=dino_global, dino_local=dino_local, ibot=args.ibot_weight * ibot, koleo=koleo,
                  adjacent=adjacent)
     terms = {k: float(v) for k, v in terms.items()}

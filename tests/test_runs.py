@@ -71,7 +71,8 @@ def test_fresh_run_refuses_a_folder_holding_a_run_and_a_failed_start_changes_not
     run = cli("pretrain.py", "--data", archive, "--out", finished, "--steps", "2", *SMALL)
     one_line(run, 1, f"error: {finished}: already holds a run (ckpt.pt); use --resume auto to continue it, "
                      "another --out, or --overwrite to replace it")
-    run = cli("pretrain.py", "--data", "/nonexistent", "--out", finished, "--resume", "auto", *SMALL)
+    run = cli("pretrain.py", "--data", "/nonexistent", "--out", finished, "--resume", "auto", "--steps", "2",
+              "--save-every", "1", *SMALL)
     one_line(run, 1, "error: /nonexistent: not a folder or a .csv manifest")
     assert snapshot(finished) == before  # args.json still names the real data; nothing was appended
 
@@ -118,12 +119,31 @@ def test_resume_failures_are_one_line_naming_the_file(finished, archive, tmp_pat
                               str(finished / "ckpt.pt"), *SMALL, "--prototypes", "128"])
     with pytest.raises(ValueError, match="does not fit the flags: --prototypes 64 in the checkpoint, 128 now"):
         pretrain.train(args)
+    # another seed would silently change every later batch, mask and drop-path draw: not a continuation
+    args = pretrain.get_args(["--data", str(archive), "--out", str(tmp_path / "r"), "--resume",
+                              str(finished / "ckpt.pt"), *SMALL, "--seed", "7", "--steps", "2"])
+    with pytest.raises(ValueError, match="does not fit the flags: --seed 0 in the checkpoint, 7 now"):
+        pretrain.train(args)
     assert not (tmp_path / "r").exists()  # no failed start made a run folder
     corrupt = tmp_path / "corrupt"  # a broken ckpt.pt found by --resume auto: the same one line, from the CLI
     shutil.copytree(finished, corrupt)
     (corrupt / "ckpt.pt").write_bytes(raw[:100])
     run = cli("pretrain.py", "--data", archive, "--out", corrupt, "--resume", "auto", *SMALL)
     one_line(run, 1, f"error: {corrupt / 'ckpt.pt'}: not a readable PyTorch checkpoint")
+
+
+def test_resume_from_elsewhere_and_overwrite_with_bad_data_leave_a_run_whole(finished, archive, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(finished, other)
+    before = snapshot(other)
+    # --resume of one run's ckpt.pt with --out naming another run: that run was overwritten without a word
+    run = cli("pretrain.py", "--data", archive, "--out", other, "--resume", finished / "ckpt.pt", "--steps", "2",
+              "--save-every", "1", *SMALL)
+    one_line(run, 1, f"error: {other}: already holds a run (ckpt.pt)")
+    # --overwrite, but the data is wrong: the start fails before the old run's files are removed
+    run = cli("pretrain.py", "--data", tmp_path / "nonexistent", "--out", other, "--overwrite", *SMALL)
+    one_line(run, 1, "nonexistent: not a folder or a .csv manifest")
+    assert snapshot(other) == before
 
 
 # 3. numeric flags, 4. --help -----------------------------------------------------------------------------------
