@@ -11,7 +11,8 @@ Facts: ../shared/spec/downstream.md §1-3 (what DBT-DINO's code does), detection
 Commands and flags: README.md and --help.
 The exam table (--data, or a folder holding exams.csv) has one row per exam: patient, exam, LCC, RCC, LMLO, RMLO
 (paths relative to the CSV), and optionally density (a-d), years_to_cancer (empty when none),
-years_of_followup, split (train/val/test; else 60/20/20 by patient, seeded) and any --subgroups columns.
+years_of_followup, split (train/val/test, one per patient; else 60/20/20 by patient, seeded) and any --subgroups
+columns.
 From a PACS (--data dicomweb+..., the table as --manifest) each view cell names one instance as
 StudyInstanceUID/SeriesInstanceUID/SOPInstanceUID; only those are ever requested (README, pacs.py).
 Embeddings are cached per exam under $DBT_DINO_CACHE/embeddings/<backbone weights + preprocessing>/: a rerun
@@ -26,6 +27,7 @@ import argparse
 import copy
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -89,6 +91,12 @@ def assign_splits(rows, seed):
         bad = next((i for i, r in enumerate(rows) if r["split"] not in ("train", "val", "test")), None)
         if bad is not None:
             raise ValueError(f"exam table row {bad + 1}: split {rows[bad]['split']!r} is not train, val or test")
+        first = {}
+        for r in rows:  # a patient in two splits leaks their other exams' features into the evaluation
+            s = first.setdefault(r["patient"], r["split"])
+            if s != r["split"]:
+                raise ValueError(f"exam table: patient {r['patient']!r} has exams in both the {s} and the "
+                                 f"{r['split']} split; all of a patient's exams must share one split")
         return [r["split"] for r in rows]
     patients = sorted({r["patient"] for r in rows})
     order = np.random.default_rng(seed).permutation(len(patients))
@@ -341,11 +349,23 @@ def cache_key(net, size, precision, device):
 
 
 def exam_file(folder, row, root):
-    """An exam's cache file, named by patient, exam and its views: the local paths, or for a DICOMweb exam table
-    (root None) the instances' UIDs alone, so the same exam through any server URL, proxy or port reuses it."""
-    views = [f"dicomweb:{row[v]}" if root is None else str(root / row[v]) for v in VIEWS]
+    """An exam's cache file, named by patient, exam and its views: for local files the resolved path, size and
+    modification time of each (a file copied over a view, or another cohort with the same IDs and relative paths,
+    never reuses an entry); for a DICOMweb exam table (root None) the instances' UIDs alone, which name immutable
+    instances, so the same exam through any server URL, proxy or port reuses it."""
+    views = [f"dicomweb:{row[v]}" if root is None else _file_identity(Path(root) / row[v]) for v in VIEWS]
     ident = json.dumps([row["patient"], row["exam"]] + views)
     return Path(folder) / f"{hashlib.sha1(ident.encode()).hexdigest()[:20]}.pt"
+
+
+def _file_identity(path):
+    """[resolved path, size, mtime in ns]; a missing file has no size (its exam is skipped, never cached)."""
+    path = path.resolve()
+    try:
+        st = path.stat()
+    except OSError:
+        return [str(path), None, None]
+    return [str(path), st.st_size, st.st_mtime_ns]
 
 
 def _cached(file):
@@ -361,8 +381,10 @@ def embed_exams(net, rows, root, folder, device, *, size, chunk, workers, precis
     With a pacs.Client `client`, each view cell names an instance (instance_uids) and root is unused."""
     root = None if client else root
     out, todo, skipped = {}, [], 0
+    # named before any view is read: a file replaced while it is embedded gets a new name on the next run
+    files = [exam_file(folder, r, root) for r in rows]
     for j, r in enumerate(rows):
-        record = _cached(exam_file(folder, r, root))  # None when absent or unreadable
+        record = _cached(files[j])  # None when absent or unreadable
         if record is not None:
             out[j] = record
             continue
@@ -389,7 +411,7 @@ def embed_exams(net, rows, root, folder, device, *, size, chunk, workers, precis
                 skipped += 1
                 continue
             out[j] = dict(zip(VIEWS, views))
-            model.save_checkpoint(exam_file(folder, rows[j], root), out[j])
+            model.save_checkpoint(files[j], out[j])
     data.log(f"embeddings: {reused} reused, {len(out) - reused} embedded, {skipped} exams left out "
              "(missing or unreadable views)")
     return out, dict(reused=reused, embedded=len(out) - reused, skipped=skipped)
@@ -552,6 +574,9 @@ def lr_search(make_head, loss_fn, train, val, *, lr_range, trials, epochs, batch
                  + (f" (pruned at epoch {len(curve)})" if pruned else ""))
         if best is None or v < best["val_loss"]:
             best = dict(lr=lr, state=state, val_loss=v, epoch=epoch, trial=t)
+    if best["state"] is None:  # every epoch of every trial had a NaN or infinite validation loss
+        raise ValueError(f"LR search: none of the {trials} trials reached a finite validation loss; check the "
+                         "val split's labels and features")
     return best
 
 
@@ -587,8 +612,10 @@ def _ci(statistic, *arrays, groups, n_boot, seed):
         return [float(statistic(*arrays)), math.nan, math.nan]
 
 
-def density_report(y, probs, patients, subgroups, n_boot, seed):
-    """metrics.json for density: accuracy (+ CI by patient), macro F1, one-vs-rest AUROC, confusion, A/B vs C/D."""
+def density_report(y, probs, patients, subgroups, n_boot, seed, train_majority):
+    """metrics.json for density: accuracy (+ CI by patient), macro F1, one-vs-rest AUROC, confusion, A/B vs C/D,
+    and majority_rate, the accuracy of always predicting `train_majority` (the training split's commonest class:
+    the test set's own would be a baseline that peeks at the test labels)."""
     pred = probs.argmax(1)
     ovr = {c: metrics.auroc(y == k, probs[:, k]) if 0 < (y == k).sum() < len(y) else math.nan
            for k, c in enumerate("abcd")}
@@ -598,7 +625,7 @@ def density_report(y, probs, patients, subgroups, n_boot, seed):
               "auroc_ovr": dict(ovr, mean=_nanmean(list(ovr.values()))),
               "confusion": metrics.confusion_matrix(y, pred, labels=range(4)).tolist(),
               "binary_accuracy": metrics.accuracy(y >= 2, pred >= 2), "n_test": len(y),
-              "majority_rate": float(np.bincount(y, minlength=4).max() / len(y))}
+              "majority_rate": float(np.mean(y == train_majority))}
     report["subgroups"] = {col: {v: dict(zip(("accuracy", "low", "high"), _ci(
         metrics.accuracy, y[values == v], pred[values == v], groups=patients[values == v], n_boot=n_boot,
         seed=seed)), n=int((values == v).sum())) for v in sorted(set(values))} for col, values in subgroups.items()}
@@ -712,15 +739,17 @@ def run_density(args, rows, split, x, writer):
     with torch.no_grad():
         probs = torch.softmax(head(z[te]), 1).double().numpy()  # (n_test, 4)
     groups = {c: np.array([rows[i][c] for i in te]) for c in args.subgroups}
-    report = density_report(y[te], probs, patients[te], groups, args.n_boot, args.seed)
+    majority = int(np.bincount(y[tr], minlength=4).argmax())  # ties: the first class
+    report = density_report(y[te], probs, patients[te], groups, args.n_boot, args.seed, majority)
     preds = [dict(patient=rows[i]["patient"], exam=rows[i]["exam"], density="abcd"[y[i]],
                   pred="abcd"[int(p.argmax())], **{f"p_{c}": f"{v:.6f}" for c, v in zip("abcd", p)})
              for i, p in zip(te, probs)]
     draw_confusion(report["confusion"], f"density, {len(te)} test exams: accuracy {report['accuracy']:.3f}",
                    Path(args.out) / "confusion.png")
     data.log(f"density: accuracy {report['accuracy']:.3f} (95% CI {report['accuracy_ci'][0]:.3f}-"
-             f"{report['accuracy_ci'][1]:.3f}), majority class {report['majority_rate']:.3f}, macro F1 "
-             f"{report['macro_f1']:.3f}, A/B vs C/D {report['binary_accuracy']:.3f}, {len(te)} test exams")
+             f"{report['accuracy_ci'][1]:.3f}), train's majority class ({'abcd'[majority]}) "
+             f"{report['majority_rate']:.3f}, macro F1 {report['macro_f1']:.3f}, A/B vs C/D "
+             f"{report['binary_accuracy']:.3f}, {len(te)} test exams")
     return report, preds, head, (mu, sd), best, len(tr)
 
 
@@ -733,7 +762,24 @@ def risk_targets(rows):
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"exam {r['exam']}: years_to_cancer {r.get('years_to_cancer')!r} / years_of_followup "
                              f"{r.get('years_of_followup')!r} are not numbers (years_to_cancer empty = none)") from None
+        for name, value in (("years_to_cancer", ytc[-1]), ("years_of_followup", yfu[-1])):
+            if math.isnan(value) or value < 0:  # NaN would only fail after training, far from its exam
+                raise ValueError(f"exam {r['exam']}: {name} {r.get(name)!r} is NaN or negative (years_to_cancer "
+                                 "empty = none)")
     return np.array(ytc), np.array(yfu)
+
+
+def _observed_splits(split, unobserved, rows):
+    """train, val, test indices without the exams that have no follow-up; each split must keep some exams (an
+    empty val split would leave the LR search without a loss, an empty test split nothing to report)."""
+    before = _split_indices(split, "risk")
+    parts = [np.setdiff1d(p, unobserved) for p in before]
+    for name, exams, after in zip(("train", "val", "test"), before, parts):
+        if len(after) == 0:
+            raise ValueError(f"risk: all {len(exams)} exams of the {name} split have no follow-up "
+                             f"(years_of_followup 0, e.g. exam {rows[exams[0]]['exam']}); the split needs exams "
+                             "with follow-up")
+    return parts
 
 
 def _balanced_val(va, cancer, seed):
@@ -752,7 +798,7 @@ def run_risk(args, rows, split, x, writer):
     unobserved = np.flatnonzero(y_mask.sum(1).numpy() == 0)  # no follow-up at all: Mirai's check_label drops them
     if len(unobserved):
         data.log(f"risk: {len(unobserved)} exams without follow-up left out (e.g. {rows[unobserved[0]]['exam']})")
-    tr, va, te = (np.setdiff1d(p, unobserved) for p in _split_indices(split, "risk"))
+    tr, va, te = _observed_splits(split, unobserved, rows)
     tr = tr[stratified_subset(cancer[tr], args.fraction, args.seed)]
     n_cancer, n_healthy = int(cancer[tr].sum()), int((~cancer[tr]).sum())
     if n_cancer == 0 or n_healthy == 0:
@@ -842,15 +888,16 @@ def run_probe(args, device):
     if absent:
         raise ValueError(f"--subgroups: column(s) {', '.join(absent)} not in the exam table")
     (density_targets if args.task == "density" else risk_targets)(rows)  # bad labels fail before any embedding
-    metrics.check_run_folder(args.out, "metrics.json", args.overwrite, "probe.py",
-                             ("predictions.csv", "head.pt", "confusion.png", "roc.png"))
+    splits = np.array(assign_splits(rows, args.seed))  # and a bad split column
+    stale = metrics.check_run_folder(args.out, "metrics.json", args.overwrite, "probe.py",
+                                     ("predictions.csv", "head.pt", "confusion.png", "roc.png"))
     records, info = embeddings(args, backbone, rows, root, device, client)
     if not records:
         raise ValueError("no exam could be embedded")
     keep = sorted(records)
-    split = np.array(assign_splits(rows, args.seed))[keep]  # splits from the whole table: a skip moves no one
+    split = splits[keep]  # (from the whole table, so a skipped exam moves no one to another split)
     x = feature_matrix([records[j] for j in keep], args.features)
-    metrics.write_args(args.out, args, "probe.py", embeddings=info)
+    metrics.write_args(args.out, args, "probe.py", stale, embeddings=info)
     writer = metrics.JsonlWriter(Path(args.out) / "metrics.jsonl")
     writer.truncate_after(-1)  # an interrupted run's curves: this run redoes the (cheap) search from the start
     run = run_density if args.task == "density" else run_risk
@@ -859,13 +906,21 @@ def run_probe(args, device):
                   lr=best["lr"], best_epoch=best["epoch"] + 1, val_loss=best["val_loss"], backbone=info["backbone"],
                   exams_left_out=info["skipped"])
     out = Path(args.out)
-    text = ",".join(preds[0]) + "\n" + "".join(",".join(str(v) for v in p.values()) + "\n" for p in preds)
-    metrics.atomic_write(out / "predictions.csv", text)
+    metrics.atomic_write(out / "predictions.csv", predictions_csv(preds))
     model.save_checkpoint(out / "head.pt", {"task": args.task, "features": args.features, "head": head.state_dict(),
                                             "feature_mean": mu, "feature_std": sd, "lr": best["lr"]})
     metrics.atomic_write(out / "metrics.json", json.dumps(_finite(report), indent=1) + "\n")  # last: the marker
     data.log(f"wrote {out}/metrics.json, predictions.csv, head.pt")
     return report
+
+
+def predictions_csv(preds):
+    """The rows (dicts with the same keys) as CSV text, quoted where needed: an exam ID may hold a comma."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(preds[0])
+    w.writerows(p.values() for p in preds)
+    return buf.getvalue()
 
 
 def run_embed(args, device):

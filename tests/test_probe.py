@@ -1,6 +1,8 @@
 """probe.py: aggregation, risk head/labels/loss, both per-year AUROC rules, the embedding path and its cache,
 bad input, the two default tasks end to end, compare and the explicit attention. CPU, tiny archives."""
+import argparse
 import csv
+import io
 import json
 import shutil
 import subprocess
@@ -10,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
@@ -158,6 +161,139 @@ def test_stratified_subset_keeps_class_shares():
     assert len(set(keep)) == len(keep)
 
 
+def test_risk_targets_refuse_nan_and_negative_years_naming_the_exam():
+    ok = dict(exam="E0", years_to_cancer="", years_of_followup="4")
+    assert [a.tolist() for a in probe.risk_targets([ok])] == [[np.inf], [4.0]]
+    for column, value in [("years_of_followup", "nan"), ("years_of_followup", "-1"), ("years_to_cancer", "NaN"),
+                          ("years_to_cancer", "-0.5")]:
+        with pytest.raises(ValueError) as e:
+            probe.risk_targets([ok, dict(ok, exam="E7", **{column: value})])
+        msg = str(e.value)
+        assert "\n" not in msg and f"exam E7: {column} {value!r}" in msg, msg
+
+
+def _risk_case(unobserved_split):
+    """12 exams of 12 patients, 4 per split, each split with cancers and healthy exams, except that every exam of
+    `unobserved_split` is healthy with no follow-up at all (years_of_followup 0)."""
+    rows, split = [], []
+    for i, s in enumerate(np.repeat(["train", "val", "test"], 4)):
+        ytc, yfu = ("1.5", "1.5") if i % 2 else ("", "6")
+        rows.append(dict(patient=f"P{i}", exam=f"E{i}", years_to_cancer=ytc, years_of_followup=yfu))
+        if s == unobserved_split:
+            rows[-1].update(years_to_cancer="", years_of_followup="0")
+        split.append(s)
+    args = argparse.Namespace(fraction=1.0, seed=0, trials=2, epochs=3, batch_size=64, rule="mirai", n_boot=10)
+    return args, rows, np.array(split), torch.randn(len(rows), 6, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name", ["val", "test"])
+def test_risk_split_emptied_by_exams_without_follow_up_is_one_line(name):
+    args, rows, split, x = _risk_case(name)
+    with pytest.raises(ValueError) as e:
+        probe.run_risk(args, rows, split, x, writer=None)
+    msg = str(e.value)
+    assert "\n" not in msg and f"all 4 exams of the {name} split have no follow-up" in msg, msg
+
+
+def test_lr_search_without_a_finite_validation_loss_raises():
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    nan = torch.full_like(y, float("nan"))  # a val loss that is NaN every epoch: no epoch is ever the best
+    with pytest.raises(ValueError, match="none of the 2 trials reached a finite validation loss"):
+        probe.lr_search(lambda: nn.Linear(3, 1), F.mse_loss, (x, (y,)), (x, (nan,)), lr_range=(1e-3, 1e-2),
+                        trials=2, epochs=2, batch_size=4, seed=0)
+
+
+# ----------------------------------------------------------------------------- splits, baselines, bootstrap CIs
+def _multi_exam_rows(patients=20):
+    """1 to 3 exams per patient: the patient-level guarantees can only fail on such a table."""
+    return [dict(patient=f"P{p:02d}", exam=f"P{p:02d}-E{e}") for p in range(patients) for e in range(1 + p % 3)]
+
+
+def test_fallback_split_keeps_every_patients_exams_together():
+    rows = _multi_exam_rows()
+    for seed in range(3):
+        splits = {}
+        for r, s in zip(rows, probe.assign_splits(rows, seed)):
+            splits.setdefault(r["patient"], set()).add(s)
+        assert all(len(s) == 1 for s in splits.values()), seed
+        shares = sorted(s for (s,) in splits.values())
+        assert [shares.count(k) for k in ("train", "val", "test")] == [12, 4, 4]  # 60/20/20 of the patients
+
+
+def test_split_column_refuses_a_patient_in_two_splits_before_embedding(tmp_path):
+    rows = [dict(r, split=s) for r, s in zip(_multi_exam_rows(4), ["train", "val", "val", "test", "test", "train",
+                                                                     "train"])]
+    assert probe.assign_splits(rows[:3], 0) == ["train", "val", "val"]  # P00 | P01, P01: no patient in two
+    with pytest.raises(ValueError) as e:
+        probe.assign_splits(rows, 0)  # P02's three exams: test, test, train
+    assert "\n" not in str(e.value) and "patient 'P02'" in str(e.value)
+    table = tmp_path / "leaky.csv"
+    for r in rows:
+        r.update({v: f"{v}.dcm" for v in probe.VIEWS}, density="a")
+    with open(table, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with pytest.raises(ValueError, match="patient 'P02'"):  # refused before any view is looked for or embedded
+        probe.main(["--data", str(table), "--backbone", "random", "--cache", str(tmp_path / "cache"),
+                    "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
+def _patient_bootstrap(statistic, arrays, patients, n_boot, seed):
+    """An independent 95% percentile CI drawing patients: the sorted IDs drawn with replacement from
+    np.random.default_rng(seed), all exams of each drawn patient kept, resamples with an undefined value dropped."""
+    ids, rng, values = sorted(set(patients)), np.random.default_rng(seed), []
+    for _ in range(n_boot):
+        idx = np.concatenate([np.flatnonzero(patients == ids[d]) for d in rng.integers(len(ids), size=len(ids))])
+        try:
+            v = statistic(*(a[idx] for a in arrays))
+        except ValueError:
+            continue
+        if np.isfinite(v):
+            values.append(v)
+    return np.quantile(values, [0.025, 0.975]).tolist()
+
+
+def test_density_ci_resamples_patients_and_majority_is_the_training_class():
+    rows = _multi_exam_rows(12)
+    rng = np.random.default_rng(0)
+    patients = np.array([r["patient"] for r in rows])
+    y = rng.integers(0, 4, len(rows))
+    pred = np.where(rng.random(len(rows)) < 0.6, y, (y + 1) % 4)
+    report = probe.density_report(y, np.eye(4)[pred], patients, {}, n_boot=200, seed=3, train_majority=3)
+    expected = _patient_bootstrap(metrics.accuracy, (y, pred), patients, 200, 3)
+    assert report["accuracy_ci"] == pytest.approx(expected, abs=1e-12)
+    by_exam = metrics.bootstrap_ci(metrics.accuracy, y, pred, n_boot=200, seed=3)[1:]
+    assert by_exam != pytest.approx(expected, abs=1e-3)  # so resampling exams could not pass the line above
+    # the baseline always predicts the training split's commonest class; the test set's own would be higher here
+    assert np.bincount(y).tolist() == [5, 3, 10, 6] and report["majority_rate"] == 6 / 24  # not c's 10 / 24
+
+
+def test_risk_ci_resamples_patients():
+    rows = _multi_exam_rows(16)
+    rng = np.random.default_rng(1)
+    patients = np.array([r["patient"] for r in rows])
+    ytc = np.where(rng.random(len(rows)) < 0.35, rng.uniform(0, 5, len(rows)), np.inf)
+    yfu = np.where(np.isinf(ytc), rng.uniform(0.5, 8, len(rows)), ytc)
+    probs = np.sort(rng.random((len(rows), 5)), 1)
+    block = probe.risk_block(probs, ytc, yfu, patients, "mirai", n_boot=100, seed=4)
+
+    def mean(p, t, u):
+        return np.mean(list(metrics.risk_auroc_by_year(p, t, u, 5, "mirai").values()))
+    assert block["auroc_mean_ci"] == pytest.approx(_patient_bootstrap(mean, (probs, ytc, yfu), patients, 100, 4),
+                                                   abs=1e-12)
+    year3 = _patient_bootstrap(lambda p, t, u: metrics.risk_auroc_by_year(p, t, u, 5, "mirai")[3],
+                               (probs, ytc, yfu), patients, 100, 4)
+    assert block["auroc_ci"][3] == pytest.approx(year3, abs=1e-12)
+
+
+def test_predictions_csv_quotes_an_exam_id_holding_a_comma():
+    preds = [dict(patient="P1", exam='CC, "left" 2019', density="a", pred="b", p_a="0.100000"),
+             dict(patient="P2", exam="E2", density="c", pred="c", p_a="0.700000")]
+    assert [dict(r) for r in csv.DictReader(io.StringIO(probe.predictions_csv(preds)))] == preds
+
+
 # ----------------------------------------------------------------------------- embedding path
 def test_device_display_equals_read_dbt_for_every_variant(archive):
     paths = sorted(archive.rglob("*.dcm"))[:8]  # 8 consecutive views cover all 8 encoding/VOI/MONOCHROME variants
@@ -216,6 +352,26 @@ def test_cache_resume_reembeds_nothing_then_exactly_one(archive, tmp_path):
     probe.exam_file(tmp_path, rows[3], root).unlink()
     _, counts = _embed(rows, root, tmp_path)
     assert counts == dict(reused=9, embedded=1, skipped=0)
+
+
+def test_cache_misses_a_replaced_view_and_another_cohort_at_the_same_relative_paths(archive, tmp_path, monkeypatch):
+    """The cache name holds each view's resolved path, size and modification time: another exam's file copied over
+    a view is embedded again, and so is a second cohort with the same IDs read through the same relative path."""
+    for name in ("a", "b"):
+        shutil.copytree(archive, tmp_path / name)  # copy2: the same sizes and modification times in both
+    monkeypatch.chdir(tmp_path / "a")
+    rows, root = probe.read_exams("exams.csv")
+    assert not root.is_absolute()  # the view paths as the table names them: RCC/... under "."
+    first, _ = _embed(rows, root, tmp_path / "cache")
+    shutil.copyfile(root / rows[1]["RCC"], root / rows[0]["RCC"])  # exam 1's RCC file over exam 0's
+    again, counts = _embed(rows, root, tmp_path / "cache")
+    assert counts == dict(reused=9, embedded=1, skipped=0)
+    assert torch.allclose(again[0]["RCC"]["patch_mean"], first[1]["RCC"]["patch_mean"], atol=1e-6)
+    assert not torch.allclose(again[0]["RCC"]["patch_mean"], first[0]["RCC"]["patch_mean"], atol=1e-3)
+    monkeypatch.chdir(tmp_path / "b")
+    rows, root = probe.read_exams("exams.csv")
+    _, counts = _embed(rows, root, tmp_path / "cache")
+    assert counts == dict(reused=0, embedded=10, skipped=0)
 
 
 def test_compile_flag_embeds_through_compiled_blocks_with_the_same_features(archive, tmp_path, capsys,
@@ -295,6 +451,9 @@ def test_default_runs_write_promised_outputs(runs, table):
     assert list(risk["auroc"]) == ["1", "2", "3", "4", "5"]
     density = json.loads((out / "density" / "metrics.json").read_text())
     assert np.array(density["confusion"]).sum() == 4 and set(density["subgroups"]["site"]) <= {"A", "B"}
+    # train holds a, c, d, a, a and test b, c, d, b: the training majority (a) is never right on test (the test
+    # set's own majority, b, would have given 0.5)
+    assert density["majority_rate"] == 0.0
     with pytest.raises(ValueError, match="already holds a run"):  # a finished run is never overwritten silently
         probe.main(SMALL + ["--data", str(table), "--out", str(out / "density")])
 
