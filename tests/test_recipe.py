@@ -360,3 +360,31 @@ def test_compiled_loss_terms_equal_eager(mode, monkeypatch, torch_compile):
         # fused kernels sum in another order: float32 noise of a few 1e-5 relative on sums over many tokens
         assert (g - comp_grads[name]).abs().max() <= 1e-4 * (1e-3 + g.abs().max()), name
     assert all(torch.allclose(eager_centers[k], comp_centers[k], atol=1e-6) for k in eager_centers)
+
+
+def test_train_step_applies_each_groups_schedule_and_moves_the_teacher_by_ema():
+    """The step sets lr and weight decay per parameter from the schedules (layer decay, patch-embed x0.2, the
+    last layer on its own schedule, no decay on biases, norms and gammas) and then teacher = m t + (1 - m) s."""
+    args = pretrain.get_args(TINY + ["--layer-decay", "0.5"])
+    student, teacher = pretrain.build_models(args, torch.device("cpu"))
+    opt = torch.optim.AdamW(pretrain.param_groups(student, args.layer_decay))
+    before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    sched = dict(SCHED, last_layer_lr=0.0)  # the first epoch's frozen prototypes
+    centers = {k: torch.zeros(1, args.prototypes) for k in ("dino", "ibot")}
+    pretrain.train_step(student, teacher, recipe_batch(), centers, opt, sched, args)
+    group = {id(p): g for g in opt.param_groups for p in g["params"]}
+    params = dict(student.named_parameters())
+    lr, wd, depth = SCHED["lr"], SCHED["wd"], student.backbone.n_blocks  # by hand: 0.5 ** (depth + 1 - layer)
+    wanted = {"backbone.patch_embed.proj.weight": (lr * 0.5 ** (depth + 1) * 0.2, wd),
+              "backbone.cls_token": (lr * 0.5 ** (depth + 1), wd),
+              "backbone.blocks.0.norm1.weight": (lr * 0.5 ** depth, 0.0),
+              f"backbone.blocks.{depth - 1}.mlp.fc1.weight": (lr * 0.5, wd),
+              f"backbone.blocks.{depth - 1}.ls1.gamma": (lr * 0.5, 0.0),
+              "backbone.norm.weight": (lr, 0.0), "dino_head.mlp.0.weight": (lr, wd), "dino_head.mlp.0.bias": (lr, 0.0),
+              "dino_head.last_layer.weight_v": (0.0, wd)}
+    for name, (want_lr, want_wd) in wanted.items():
+        g = group[id(params[name])]
+        assert (g["lr"], g["weight_decay"]) == (pytest.approx(want_lr), pytest.approx(want_wd)), name
+    m = SCHED["momentum"]
+    for name, p in teacher.named_parameters():
+        torch.testing.assert_close(p, m * before[name] + (1 - m) * params[name].detach(), rtol=1e-6, atol=1e-7)
