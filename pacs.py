@@ -238,6 +238,11 @@ class CacheFull(OSError):
     """No room under the byte cap or above the free-disk floor, even after evicting every unpinned file."""
 
 
+class TooLarge(FetchError):
+    """One instance larger than the whole cap: it can never be cached, so it is skipped and counted like a failed
+    fetch instead of stopping the run (the other instances fit)."""
+
+
 class Cache:
     """The node's bounded store of whole instances, shared by every process that names the same folder."""
 
@@ -316,7 +321,7 @@ class Cache:
         AlreadyCached when another process finished `final` meanwhile: two copies of one instance would count
         twice, and with every process holding one such duplicate the cache could wait on itself until timeout."""
         if nbytes > self.cap:
-            raise CacheFull(f"cache {self.dir}: one instance needs {nbytes} bytes, more than --cache-bytes {self.cap}")
+            raise TooLarge(f"cache {self.dir}: one instance needs {nbytes} bytes, more than --cache-bytes {self.cap}")
         deadline = time.monotonic() + self.wait_s
         while True:
             with self.locked():
@@ -464,8 +469,12 @@ class Client:
                     return self._get(target, path)
             except _Transient as e:
                 reason = str(e)
+                if (e.retry_after or 0) > self.max_wait:  # never sooner than the server asked: skip it instead
+                    raise FetchError(f"study {uids[0]} series {uids[1]} instance {uids[2]}: {reason}; the server "
+                                     f"asked for a retry after {e.retry_after:.0f} s, more than the "
+                                     f"{self.max_wait:.0f} s this client waits") from None
                 delay = self._rng().uniform(0, min(self.max_wait, self.backoff * 2 ** attempt))  # full jitter
-                delay = min(max(delay, e.retry_after or 0), self.max_wait)  # never sooner than the server asked
+                delay = max(delay, e.retry_after or 0)
                 if attempt + 1 < self.retries:
                     with self._stats_lock:
                         self.stats["retries"] += 1

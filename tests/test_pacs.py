@@ -137,7 +137,7 @@ def test_cache_lru_pins_and_crash_leftovers(tmp_path):
     cache.pin(paths[1])  # a hit: paths[1] becomes the most recently used, paths[2] the least
     cache.write(paths[3], lambda w: w(b"x" * 1000))
     assert [p.exists() for p in paths] == [True, True, False, True]  # pinned 0 kept, LRU 2 evicted
-    with pytest.raises(pacs.CacheFull, match="more than --cache-bytes"):
+    with pytest.raises(pacs.FetchError, match="more than --cache-bytes"):  # skipped and counted, not a stop
         cache.write(cache.path("big"), lambda w: w(b"x" * 3001))
     held = [cache.pin(p)[0] for p in paths if p.exists()]  # every cached volume resident somewhere
     with pytest.raises(pacs.CacheFull, match="no room for 1000 bytes"):  # waits wait_s, then says so
@@ -411,6 +411,28 @@ def test_faults_are_retried_then_skipped_not_a_crash(studies, proxy, tmp_path):
     n = sum(served)  # two in flight: which of them the server answers before it goes is a race
     assert n in (2, 3) and served[-3:] == [False] * 3
     assert client.stats["retries"] - retries == 2 * (6 - n) and time.monotonic() - t0 < 20
+
+
+def test_a_long_retry_after_and_an_instance_over_the_cap_are_skipped_not_hurried_or_fatal(studies, proxy, tmp_path):
+    rows, files, _, _ = studies
+    sop = [r["SOPInstanceUID"] for r in rows]
+    proxy.plan = {sop[0]: ["503:30"]}  # the server asks for 30 s, the client waits at most 2 s: no early retry
+    client = _client(proxy, rows, tmp_path)
+    t0 = time.monotonic()
+    with pytest.raises(pacs.FetchError, match=f"instance {sop[0]}: HTTP 503.*retry after 30 s, more than the 2 s"):
+        client.fetch(rows[0])
+    assert time.monotonic() - t0 < 2 and [e["path"].rsplit("/", 1)[1] for e in proxy.log] == [sop[0]]
+    sizes = [files[s].stat().st_size for s in sop[:4]]
+    fits = [r["encoding"] == "j2k" for r in rows[:4]]  # two JPEG 2000 instances, far smaller than two native ones
+    # halfway: the native instances (with their multipart headers) can never be cached; the others can
+    client.cache.cap = (max(n for n, f in zip(sizes, fits) if f) + min(n for n, f in zip(sizes, fits) if not f)) // 2
+    assert any(fits) and not all(fits)
+    got = []
+    for row, path, token in client.prefetch(rows[:4], ahead=0):
+        got.append(path is not None)
+        if path is not None:
+            client.cache.unpin(token)
+    assert got == fits  # skipped like a failed fetch; the stream goes on
 
 
 def test_cache_never_exceeds_its_cap_while_serving_four_times_more(studies, proxy, tmp_path):
