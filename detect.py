@@ -362,7 +362,10 @@ def load_volumes(root):
     where = {}
     for split, p in paths.items():
         for r in _rows(p, ("PatientID", "StudyUID", "View", "descriptive_path")):
-            where[_key(r)] = (r["descriptive_path"] or r.get("classic_path", ""), split)
+            rel = r["descriptive_path"]
+            if not (rel and (Path(root) / rel).exists()) and r.get("classic_path"):
+                rel = r["classic_path"]  # a tree downloaded in TCIA's classic layout
+            where[_key(r)] = (rel, split)
     boxes = _boxes_by_volume(_csvs(root, "boxes").values())
     volumes, skipped, dropped = [], 0, 0
     for split, p in labels.items():
@@ -517,18 +520,21 @@ def coarse_dropout(img, boxes, rng):
 
 
 class SliceCache:
-    """Resized slices kept in memory (fp16): training revisits the same slices every epoch, and validation
-    re-reads every slice of its volumes at each evaluation."""
+    """Resized slices (fp16), kept in memory when asked (keep=True): training revisits its few slices every epoch.
+    Inference reads every slice of every volume, tens of GB on BCS-DBT, so those are read, rounded the same way,
+    and dropped."""
 
     def __init__(self, size):
         self.size, self.store = size, {}
 
-    def get(self, vol, frames):
-        missing = [f for f in frames if (vol["path"], f) not in self.store]
+    def get(self, vol, frames, keep=True):
+        got = {f: self.store[vol["path"], f] for f in frames if (vol["path"], f) in self.store}
+        missing = [f for f in frames if f not in got]
         if missing:
-            for f, x in zip(missing, read_resized(vol, missing, self.size)):
-                self.store[vol["path"], f] = x.half()
-        return torch.stack([self.store[vol["path"], f] for f in frames]).float()  # (n, 1, S, S)
+            got.update(zip(missing, read_resized(vol, missing, self.size).half()))
+            if keep:
+                self.store.update({(vol["path"], f): got[f] for f in missing})
+        return torch.stack([got[f] for f in frames]).float()  # (n, 1, S, S)
 
 
 def make_batch(samples, negatives, volumes, cache, step, args):
@@ -560,10 +566,12 @@ def predict_volume(det, anchors, vol, args, device, cache):
     plus the breast mask of the central slice at model size (for the random baseline)."""
     was_training = det.training
     det.eval()
-    slices, boxes, scores = [], [], []
+    slices, boxes, scores, mid = [], [], [], vol["n_slices"] // 2
     for start in range(0, vol["n_slices"], args.chunk):
         frames = list(range(start, min(start + args.chunk, vol["n_slices"])))
-        x = cache.get(vol, frames)  # (n, 1, S, S)
+        x = cache.get(vol, frames, keep=False)  # (n, 1, S, S)
+        if mid in frames:
+            image = x[mid - start, 0]  # (S, S), the central slice, for the mask
         with _autocast(device, args.amp):
             logits, deltas = det(x.to(device).expand(-1, 3, -1, -1))
         dets = postprocess(logits.float(), deltas.float(), anchors, args.image_size, args.score_thresh, args.nms_iou)
@@ -572,7 +580,6 @@ def predict_volume(det, anchors, vol, args, device, cache):
             boxes.append(to_original(vol, b.cpu(), args.image_size))
             scores.append(s.cpu())
     det.train(was_training)
-    image = cache.get(vol, [vol["n_slices"] // 2])[0, 0]  # (S, S)
     return dict(slices=torch.cat(slices), boxes=torch.cat(boxes), scores=torch.cat(scores),
                 mask=data.tissue_mask(image.numpy()))
 
@@ -741,7 +748,7 @@ def draw_examples(path, volumes, cands, cache, size, n=4):
         if not v["boxes"] or len(tiles) == n:
             continue
         z = v["boxes"][0][4]
-        img = Image.fromarray((cache.get(v, [z])[0, 0].numpy() * 255).astype(np.uint8)).convert("RGB")
+        img = Image.fromarray((cache.get(v, [z], keep=False)[0, 0].numpy() * 255).astype(np.uint8)).convert("RGB")
         d = ImageDraw.Draw(img)
         for b in v["boxes"]:
             if abs(b[4] - z) <= v["n_slices"] / 4:
@@ -782,8 +789,9 @@ def validate(det, anchors, volumes, cache, args, device):
 CURVES = [("train", "loss"), ("train", "cls"), ("train", "box"), ("train", "lr"), ("val", "mean_sensitivity")]
 
 
-def train(det, anchors, split, cache, args, device):
-    """AdamW + cosine, early stopping on validation mean sensitivity -> the best neck/head state."""
+def train(det, anchors, split, cache, args, device, ckpt=None):
+    """AdamW + cosine, early stopping on validation mean sensitivity -> the best neck/head state; ckpt: a checked
+    ckpt.pt (load_resume) to continue from."""
     samples, negatives = training_slices(split["train"], seed=args.seed)
     if not samples:
         raise ValueError(f"{args.data}: no annotated training slices (no boxes in the training split)")
@@ -795,9 +803,7 @@ def train(det, anchors, split, cache, args, device):
     ckpt_path, start = os.path.join(args.out, "ckpt.pt"), 0
     state = dict(best=None, best_score=-1.0, best_step=0, bad_evals=0)
     writer = metrics.JsonlWriter(os.path.join(args.out, "metrics.jsonl"))
-    if args.resume == "auto" and os.path.exists(ckpt_path):
-        ckpt = model.read_checkpoint(ckpt_path)  # a corrupt file is one line naming it
-        det.load_state_dict(ckpt["heads"], strict=False)
+    if ckpt:  # checked by load_resume; the heads are in det already (main)
         opt.load_state_dict(ckpt["optimizer"])
         start, state = ckpt["step"], ckpt["early_stop"]
         writer.truncate_after(start)
@@ -805,6 +811,7 @@ def train(det, anchors, split, cache, args, device):
     data.log(f"{len(samples)} annotated + {len(negatives)} negative training slices, {len(split['val'])} validation "
              f"volumes; lr {lr:.2e} (= {args.lr:g} x {args.batch_size}/64)")
     progress, window, t_train = metrics.Progress(args.steps, start), [], 0.0
+    done = start  # the last step run: early stopping may end before args.steps
     for step in range(start, args.steps):
         if state["bad_evals"] >= args.patience:
             break
@@ -847,8 +854,8 @@ def train(det, anchors, split, cache, args, device):
                                                   optimizer=opt.state_dict(), early_stop=state))
             metrics.draw_curves(os.path.join(args.out, "curves.png"), writer.read(), CURVES, title=f"detect.py: "
                                 f"{args.out}, step {done}/{args.steps}, validation mean sensitivity (official rules)")
-    epochs = args.steps * args.batch_size / len(samples)
-    return state, dict(train_s=t_train, epochs=epochs, s_per_epoch=t_train / max(epochs, 1e-9) if start == 0 else None)
+    epochs, run_epochs = (n * args.batch_size / len(samples) for n in (done, done - start))  # t_train: this run's
+    return state, dict(train_s=t_train, epochs=epochs, s_per_epoch=t_train / run_epochs if run_epochs else None)
 
 
 def evaluate(det, anchors, split, cache, args, device, timing, chosen=None):
@@ -868,6 +875,10 @@ def evaluate(det, anchors, split, cache, args, device, timing, chosen=None):
         ",".join(str(r[c]) for c in cols) + "\n" for r in rows))
     result = dict(split=name, volumes=len(held), thresholds=dict(setting, val_mean_sensitivity=val_score),
                   seconds_per_slice_inference=per_slice, **timing)
+    if not split["test"]:  # --test-fraction 0, or official CSVs without a test file
+        result["warning"] = ("no test split: the score is on the validation split that chose the early-stopping "
+                             "step and the thresholds, so it is optimistic")
+        data.log(f"WARNING: {result['warning']}")
     if not any(v["raw_boxes"] for v in held):
         data.log(f"{name}: no ground-truth boxes; wrote predictions.csv only")
         return result
@@ -908,6 +919,27 @@ def load_backbone(args):
     return vit, source
 
 
+# flags that neither change the trained weights nor the choices made on validation: a resume may change them
+RESUME_FREE = ("out", "resume", "overwrite", "device", "amp", "compile", "chunk", "log_every", "n_boot",
+               "baseline_draws", "trials")
+
+
+def load_resume(path, args):
+    """ckpt.pt -> dict, checked as pretrain.py's: a file that is not a detect.py checkpoint, or one whose run flags
+    (data, split, model, training, validation grid) differ from these, is one error naming the file and the flags."""
+    ckpt = model.read_checkpoint(path)  # a corrupt file is one line naming it
+    need = {"heads", "optimizer", "step", "early_stop", "args"}
+    have = set(ckpt) if isinstance(ckpt, dict) else set()
+    if not need <= have:
+        raise ValueError(f"{path}: not a detect.py ckpt.pt (it lacks {sorted(need - have)}); --resume auto continues "
+                         "a detect.py run, --overwrite starts afresh")
+    diffs = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} in the checkpoint, {v} now"
+             for k, v in vars(args).items() if k not in RESUME_FREE and ckpt["args"].get(k) != v]
+    if diffs:
+        raise ValueError(f"{path}: does not fit the flags: " + "; ".join(diffs))
+    return ckpt
+
+
 def main(args):
     if args.trials:
         return search(args)
@@ -919,6 +951,7 @@ def main(args):
     args.image_size = args.image_size or (REF if hub else 336)
     args.channels = args.channels or (256 if hub else 64)
     backbone, source = load_backbone(args)  # checked before the (slow, once) phantom archive is built
+    args.backbone = model.backbone_file(args.backbone)[0] or "random"  # the file used: a resume checks it
     if args.data == "synthetic":
         S, H, W = args.synthetic_size
         name = f"detect-p{args.synthetic_patients}-s{args.synthetic_seed}-{S}x{H}x{W}-l{args.synthetic_lesions:g}"
@@ -928,23 +961,30 @@ def main(args):
         raise FileNotFoundError(f"{args.data}: no such folder")
     else:
         root = args.data
-    resuming = args.resume == "auto" and os.path.exists(os.path.join(args.out, "ckpt.pt"))
-    if not resuming:
-        metrics.check_run_folder(args.out, "ckpt.pt", args.overwrite, "detect.py",
-                                 ("metrics.json", "predictions.csv", "froc.png", "examples.png", "curves.png"))
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    ckpt = load_resume(ckpt_path, args) if args.resume == "auto" and os.path.exists(ckpt_path) else None
+    stale = [] if ckpt else metrics.check_run_folder(args.out, "ckpt.pt", args.overwrite, "detect.py", (
+        "metrics.json", "predictions.csv", "froc.png", "examples.png", "curves.png"))
     volumes, skipped = load_volumes(root)
     split = split_volumes(volumes, args.val_fraction, args.test_fraction, args.seed)
     if not split["val"]:
         raise ValueError(f"{root}: no validation volumes; raise --val-fraction")
+    det = Detector(backbone, args.channels, args.dropout).to(device)
+    if ckpt:
+        try:
+            det.load_state_dict(ckpt["heads"], strict=False)
+        except RuntimeError as e:  # the flags fit but the weights do not: a hand-edited or foreign file
+            why = " ".join(str(e).split())[:200]
+            raise ValueError(f"{ckpt_path}: its heads do not fit the model ({why})") from None
     data.log(f"*** {source} ***")
-    metrics.write_args(args.out, args, "detect.py", backbone_source=source, torch=torch.__version__,
+    # only now: a refused start leaves the run's args.json (and with --overwrite the old run's files) alone
+    metrics.write_args(args.out, args, "detect.py", stale, backbone_source=source, torch=torch.__version__,
                        skipped_volumes=skipped)
     data.log(f"{root}: " + ", ".join(f"{k} {len(v)} volumes ({sum(len(x['boxes']) for x in v)} boxes)"
                                      for k, v in split.items()) + f"; {args.image_size} px on {device}")
-    det = Detector(backbone, args.channels, args.dropout).to(device)
     anchors = make_anchors(args.image_size, grid_sizes(args.image_size, backbone.patch_size)).to(device)
     cache = SliceCache(args.image_size)
-    state, timing = train(det, anchors, split, cache, args, device)
+    state, timing = train(det, anchors, split, cache, args, device, ckpt)
     if state["best"] is not None:
         det.load_state_dict(state["best"], strict=False)
     chosen = (state["best_setting"], state["best_score"]) if state.get("best_setting") else None
@@ -965,6 +1005,8 @@ def _report(r, out):
              f" random boxes {b['mean_sensitivity_mean']:.3f} +- {b['sd']:.3f}")
     data.log(f"paper variant (NOT official): {r['paper_variant_NOT_official']}; by class @4FP: "
              f"{r['sensitivity_at_4_fps_by_class']}; written to {out}")
+    if "warning" in r:  # repeated under the score it qualifies
+        data.log(f"WARNING: {r['warning']}")
 
 
 def _sample(rng, kind, a, b=None):

@@ -112,6 +112,88 @@ def test_mapped_back_boxes_land_on_the_lesion_in_the_official_orientation(tmp_pa
     torch.testing.assert_close(detect.to_original(vol, detect.to_model(vol, box, size), size), box)
 
 
+class _LesionFinder(torch.nn.Module):
+    """A stand-in detector for the single anchor [0, 0, S, S]: on a slice with pixels above 0.5 (the lesion; the
+    chest wall is ~0.3) it scores 10 and regresses to their bounding box, in model pixels; elsewhere it scores -10."""
+
+    def forward(self, x):  # (B, 3, S, S)
+        S, logits, boxes = x.shape[-1], [], []
+        for img in x[:, 0]:
+            yx = (img > 0.5).nonzero()  # (n, 2) row, column
+            lo, hi = (yx.amin(0), yx.amax(0) + 1) if len(yx) else (torch.zeros(2), torch.ones(2))
+            boxes.append(torch.stack([lo[1], lo[0], hi[1], hi[0]]).float())
+            logits.append(10.0 if len(yx) else -10.0)
+        deltas = detect.encode(torch.tensor([[0.0, 0.0, S, S]]), torch.stack(boxes))  # (B, 4)
+        return torch.tensor(logits)[:, None], deltas[:, None]  # (B, 1), (B, 1, 4)
+
+
+@pytest.mark.parametrize("view", ["lcc", "rcc"])
+def test_predict_volume_gives_boxes_in_original_pixels_and_official_orientation(tmp_path, view):
+    S, H, W, size = 5, 84, 70, 56  # non-square: x and y scale differently to the model's 56 x 56
+    stored = np.zeros((S, H, W), np.uint16)
+    for z in range(S):  # chest wall on the stored left (an R view is rotated 180 deg), wider on each slice
+        stored[z, :, :20 + 4 * z] = 300
+    stored[3, 10:20, 40:52] = 1000  # the lesion, on slice 3 (the second chunk of 2), stored rows 10-19, cols 40-51
+    path = tmp_path / f"{view}.dcm"
+    data.write_bto(path, stored, laterality=view[0].upper(), view="CC")
+    x, y, w, h = (40, 10, 12, 10) if view == "lcc" else (W - 52, H - 20, 12, 10)  # BCS-DBT box, official frame
+    vol = dict(path=str(path), view=view, rows=H, cols=W, n_slices=S)
+    args = detect.get_args([])
+    args.image_size, args.chunk = size, 2
+    cache = detect.SliceCache(size)
+    dets = detect.predict_volume(_LesionFinder(), torch.tensor([[0.0, 0.0, size, size]]), vol, args,
+                                 torch.device("cpu"), cache)
+    assert dets["slices"].tolist() == [3]
+    # one model pixel is 1.25 x 1.5 original pixels; unmapped or x/y-swapped boxes are off by 3-8 px
+    torch.testing.assert_close(dets["boxes"], torch.tensor([[x, y, x + w, y + h]], dtype=torch.float32),
+                               atol=1.2, rtol=0)
+    central = detect.read_resized(vol, [S // 2], size)[0, 0].half().float()  # rounded as the cache rounds
+    assert np.array_equal(dets["mask"], data.tissue_mask(central.numpy()))
+    assert not cache.store  # inference slices are not kept (tens of GB on BCS-DBT)
+
+
+def test_flips_and_zoom_move_the_image_and_its_boxes_together():
+    S = 112
+    img, box = torch.zeros(1, S, S), torch.tensor([[20.0, 30.0, 44.0, 44.0]])  # 24 x 14: zoomable at 112 px
+    img[:, 30:44, 20:44] = 1.0
+
+    def bright_box(im):  # the bounding box of the pixels above 0.5, xyxy
+        yx = (im[0] > 0.5).nonzero()
+        return torch.cat([yx.amin(0).flip(0), yx.amax(0).flip(0) + 1]).float()
+    seen = []
+    for seed in range(24):
+        out, b = detect.augment(img, box, np.random.default_rng(seed))
+        assert out.shape == img.shape and len(b) == 1
+        torch.testing.assert_close(bright_box(out), b[0], atol=1.5, rtol=0)  # noise may move an edge pixel
+        seen.append(b[0])
+    seen = torch.stack(seen)
+    assert (seen[:, 0] > S / 2).any() and (seen[:, 1] > S / 2).any()  # both flips happened
+    assert ((seen[:, 2] - seen[:, 0] - 24).abs() > 2).any()  # and zooms
+    for f in (0.8, 1.4):  # a pad and a crop, at random offsets
+        out, b = detect.zoom(img, box, f, np.random.default_rng(0))
+        torch.testing.assert_close(bright_box(out), b[0], atol=1.0, rtol=0)
+        torch.testing.assert_close(b[0, 2:] - b[0, :2], (box[0, 2:] - box[0, :2]) * f, atol=1.0, rtol=0)
+
+
+def test_classic_path_is_used_when_the_descriptive_file_is_missing(archive, tmp_path):
+    root = tmp_path / "classic"  # the archive's tree under another name, the descriptive paths pointing nowhere
+    root.mkdir()
+    (root / "tcia").symlink_to(archive / "Breast-Cancer-Screening-DBT")
+    with open(archive / "file-paths.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        rest = r["descriptive_path"].split("/", 1)[1]
+        r.update(descriptive_path="missing/" + rest, classic_path="tcia/" + rest)
+    with open(root / "file-paths.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    for name in ("labels", "boxes"):
+        (root / f"{name}.csv").write_text((archive / f"{name}.csv").read_text())
+    volumes, skipped = detect.load_volumes(root)
+    assert skipped == 0 and len(volumes) == len(rows) and all("/tcia/" in v["path"] for v in volumes)
+
+
 def test_submission_from_ground_truth_scores_one(archive):
     volumes, skipped = detect.load_volumes(archive)
     assert skipped == 0 and any(v["view"] == "rcc" and v["boxes"] for v in volumes)
@@ -127,8 +209,12 @@ def test_submission_from_ground_truth_scores_one(archive):
                     scores=torch.tensor(sc))
         cands = detect.aggregate(dets, v, 0.5, 0.6)
         assert len(cands) == len(v["boxes"])
+        truth = {(b["X"], b["Y"], b["Width"], b["Height"]) for b in v["raw_boxes"]}
         for r, c in zip(detect.submission_rows(v, cands), cands):
             assert r["Z"] == c["z0"] and r["Z"] + r["Depth"] / 2 == (c["z0"] + c["z1"]) / 2  # Z first, Depth span
+            # each row is a ground-truth box, column for column: at 128 x 96 the 100 px radius covers most of the
+            # image, so the evaluator alone would not notice X and Y (or Width and Height) swapped
+            assert (r["X"], r["Y"], r["Width"], r["Height"]) in truth
         rows += detect.submission_rows(v, cands)
     result = metrics.dbtex_evaluate(archive / "labels.csv", archive / "boxes.csv", rows)
     assert result["mean_sensitivity_positive"] == 1.0 and result["sensitivity_at_2_fps_all"] == 1.0
@@ -227,6 +313,42 @@ def test_resume_auto_continues_exactly(archive, tmp_path, monkeypatch):
                if r["split"] == "train"] for run in ("whole", "cut")]
     assert len(losses[0]) == 4 and losses[0] == losses[1]
     assert resumed["official"] == whole["official"]
+
+
+def test_early_stop_epochs_no_test_split_warning_and_resume_checks(archive, tmp_path, monkeypatch):
+    """Early stopping at step 2 of 6: epochs and time per epoch come from the steps run. No test split: the score
+    is the validation split's, with a warning. --resume auto refuses, in one line and leaving args.json alone, other
+    run flags and a file lacking keys; flags such as --n-boot may change."""
+    flat = (dict(s=0.5, t=0.6, max_keep=8, min_slices=1), 0.0)
+    monkeypatch.setattr(detect, "validate", lambda *a: flat)  # never better than the first evaluation
+    out = tmp_path / "run"
+    flags = ["--data", str(archive), "--out", str(out), "--steps", "6", "--eval-every", "1", "--patience", "1",
+             "--batch-size", "2", "--image-size", "112", "--channels", "32", "--n-boot", "10", "--baseline-draws",
+             "1", "--device", "cpu", "--backbone", "random", "--test-fraction", "0", "--resume", "auto"]
+    result = detect.main(detect.get_args(flags))
+    split = detect.split_volumes(detect.load_volumes(archive)[0], 0.2, 0.0, 0)
+    epochs = 2 * 2 / len(detect.training_slices(split["train"])[0])  # 2 steps x 2 slices / annotated slices
+    assert result["best_step"] == 1 and result["epochs"] == pytest.approx(epochs)
+    assert result["s_per_epoch"] == pytest.approx(result["train_s"] / epochs)
+    assert result["split"] == "val" and "optimistic" in result["warning"]
+    before = (out / "args.json").read_text()
+    with pytest.raises(ValueError, match="does not fit the flags: --channels 32 in the checkpoint, 64 now; "
+                                         "--seed 0 in the checkpoint, 1 now$") as e:
+        detect.main(detect.get_args(flags + ["--seed", "1", "--channels", "64"]))
+    assert "\n" not in str(e.value) and (out / "args.json").read_text() == before
+    again = detect.main(detect.get_args(flags + ["--n-boot", "5"]))  # already stopped: evaluates only
+    assert again["epochs"] == pytest.approx(epochs) and again["s_per_epoch"] is None
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["heads"]["head.cls.bias"] = torch.zeros(3)  # 9 anchors: a hand-edited file whose flags fit
+    torch.save(ckpt, out / "ckpt.pt")
+    with pytest.raises(ValueError, match="heads do not fit the model .*head.cls.bias") as e:
+        detect.main(detect.get_args(flags))
+    assert "\n" not in str(e.value)
+    del ckpt["heads"]
+    torch.save(ckpt, out / "ckpt.pt")
+    with pytest.raises(ValueError, match=r"not a detect.py ckpt.pt \(it lacks \['heads'\]\)") as e:
+        detect.main(detect.get_args(flags))
+    assert "\n" not in str(e.value)
 
 
 def test_backbone_is_the_newest_run_or_random_on_request(saved_run):
