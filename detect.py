@@ -328,8 +328,11 @@ def _csvs(root, kind):
 
 
 def _rows(path, columns):
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (csv.Error, UnicodeDecodeError) as e:  # a binary file, or a cell over csv's field size limit
+        raise ValueError(f"{path}: not a readable CSV ({e})") from None
     missing = [c for c in columns if rows and c not in rows[0]]
     if missing:
         raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")

@@ -70,8 +70,11 @@ def read_exams(source):
     path = path / "exams.csv" if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no exam table (give a CSV, or a folder holding exams.csv)")
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (csv.Error, UnicodeDecodeError) as e:  # a binary file, or a cell over csv's field size limit
+        raise ValueError(f"{path}: not a readable CSV ({e})") from None
     if not rows:
         raise ValueError(f"{path}: no exams")
     missing = [c for c in ("patient", "exam") + VIEWS if c not in rows[0]]
@@ -158,11 +161,12 @@ def load_backbone(spec="", arch="auto", weights="", seed=0):
     if weights:
         raise ValueError("--weights is only for --backbone densenet121; give a ViT file as --backbone PATH")
     spec, how = model.backbone_file(spec)
-    if not spec:
+    if not spec:  # --arch picks the random ViT (a random ViT-B baseline); a bad name is one line, not ignored
+        name = "tiny" if arch == "auto" else arch
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            net = model.build("tiny")
-        return net.eval(), f"RANDOMLY INITIALISED tiny ViT (seed {seed}; {how})"
+            net = model.build(name)
+        return net.eval(), f"RANDOMLY INITIALISED {name} ViT (seed {seed}; {how})"
     state = model.backbone_state_dict(model.read_checkpoint(spec), spec)
     if "pos_embed" not in state or "patch_embed.proj.weight" not in state:
         raise ValueError(f"{spec}: not a ViT backbone (no pos_embed / patch_embed)")

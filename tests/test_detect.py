@@ -372,3 +372,9 @@ def test_compile_flag_compiles_the_frozen_backbone_with_the_same_features(torch_
     with torch.no_grad():
         a, b = eager.eval().forward_features(x), comp.eval().forward_features(x)
     assert (a["x_norm_patchtokens"] - b["x_norm_patchtokens"]).abs().max() < 1e-5
+
+
+def test_an_unreadable_csv_is_one_line_naming_it(tmp_path):
+    (tmp_path / "labels.csv").write_bytes("PatientID,StudyUID,View\n".encode("utf-16"))  # "Unicode text" export
+    with pytest.raises(ValueError, match="labels.csv: not a readable CSV"):
+        detect._rows(tmp_path / "labels.csv", ("PatientID",))

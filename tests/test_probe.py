@@ -418,6 +418,13 @@ def test_bad_input_one_line_and_nonzero_exit(tmp_path, capsys):
     r = subprocess.run([sys.executable, str(ROOT / "probe.py"), "--data", str(tmp_path / "none.csv")],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "none.csv: no exam table" in r.stderr
+    (tmp_path / "utf16.csv").write_bytes("patient,exam\n".encode("utf-16"))  # a spreadsheet's "Unicode text"
+    with pytest.raises(ValueError, match="utf16.csv: not a readable CSV"):
+        probe.read_exams(tmp_path / "utf16.csv")
+    net, what = probe.load_backbone("random", arch="vits14")  # --arch picks the random ViT instead of being ignored
+    assert net.embed_dim == 384 and "RANDOMLY INITIALISED vits14" in what
+    with pytest.raises(ValueError, match="unknown model 'bogus'"):
+        probe.load_backbone("random", arch="bogus")
 
 
 @pytest.fixture(scope="module")
