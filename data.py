@@ -295,7 +295,7 @@ def _orient(meta):
       side  the official BCS-DBT edge-sum guess of the chest-wall side: on stored pixels, before any window clips
             them, as the official reader sums its MONOCHROME2 data (on displayed pixels for MONOCHROME1, where
             stored sums point the other way). read_dbt(view=...) rotates 180 deg when it disagrees with the view.
-      flip  our canonical mirror: the displayed chest wall is on the right.
+      flip  our canonical mirror: True when the displayed chest wall is on the right, so it ends on the left.
     (The official reader decides from the frame it reads; the breast outline barely changes with depth.)
     Returns the displayed central slice (H, W), for the tissue mask."""
     s = meta["n_frames"] // 2

@@ -378,3 +378,18 @@ def test_an_unreadable_csv_is_one_line_naming_it(tmp_path):
     (tmp_path / "labels.csv").write_bytes("PatientID,StudyUID,View\n".encode("utf-16"))  # "Unicode text" export
     with pytest.raises(ValueError, match="labels.csv: not a readable CSV"):
         detect._rows(tmp_path / "labels.csv", ("PatientID",))
+
+
+def test_split_volumes_keeps_patients_whole_and_lesions_in_validation():
+    """Without a split in the CSVs: whole patients (their views never straddle train and test), seeded, and the
+    patients with boxes spread over the splits, so validation is never left without a lesion."""
+    volumes = [dict(patient=f"P{p:02d}", split="", boxes=[[1, 2, 3, 4, 5]] if p % 8 == 0 and v == 0 else [],
+                    view=view) for p in range(40) for v, view in enumerate(("lcc", "rcc", "lmlo", "rmlo"))]
+    for seed in range(10):  # 5 patients with a lesion: unstratified, 4 of these 10 seeds left validation with none
+        split = detect.split_volumes(volumes, 0.2, 0.2, seed)
+        owners = {s: {v["patient"] for v in vols} for s, vols in split.items()}
+        assert not (owners["train"] & owners["val"] or owners["train"] & owners["test"]
+                    or owners["val"] & owners["test"])
+        assert [len(owners[s]) for s in ("train", "val", "test")] == [24, 8, 8]
+        assert [sum(bool(v["boxes"]) for v in split[s]) for s in ("train", "val", "test")] == [3, 1, 1]
+    assert split == detect.split_volumes(volumes, 0.2, 0.2, 9) != detect.split_volumes(volumes, 0.2, 0.2, 4)
