@@ -54,7 +54,7 @@ SEARCH_SPACE = {  # paper §6.2.3 (Optuna there, seeded random search here): fla
 
 
 def get_args(argv=None):
-    p = data.one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = data.one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     count, fraction, rate = data.number(int, 1), data.number(float, 0, 1), data.number(float, 0, lo_open=True)
     p.add_argument("--data", default="synthetic", help="BCS-DBT folder (CSVs + DICOM tree) or 'synthetic' (phantoms "

@@ -13,15 +13,16 @@ Run from the repo root:
   python pretrain.py                              # tiny ViT, synthetic phantom DICOM, CPU, about a minute
   python pretrain.py --out runs/demo              # same into a fixed folder; runs/demo/backbone.pth for probe/detect
   torchrun --nproc_per_node=2 pretrain.py --out runs/ddp                     # 2 CPU processes (gloo)
-  torchrun --nproc_per_node=4 pretrain.py --data /dbt --preset dbt-dino --amp --grad-checkpoint \\
+  torchrun --nproc_per_node=8 pretrain.py --data /dbt --preset dbt-dino --batch-size 80 --amp --grad-checkpoint \\
       --init dinov2_vitb14_pretrain.pth --out runs/dbt-dino                  # DBT-DINO from Meta's ViT-B/14
-  torchrun --nproc_per_node=4 pretrain.py --data /dbt --preset dbt-dino --amp --grad-checkpoint \\
+  torchrun --nproc_per_node=8 pretrain.py --data /dbt --preset dbt-dino --batch-size 80 --amp --grad-checkpoint \\
       --out runs/dbt-dino --resume auto                                      # continue after a crash/preemption
   torchrun --nproc_per_node=4 pretrain.py --data /dbt --preset mammodino --amp --init dinov2_vitb14_pretrain.pth
 --init takes the hub file (dinov2_vitb14_pretrain.pth), a DINOv2 teacher_checkpoint.pth (its DINO head is reused
 when the shapes fit), DBT-DINO's dbt_dino.pth, or our ckpt.pt/backbone.pth.
 dbt-dino is the paper's recipe: ViT-B/14, 60k steps, batch 160 per GPU x 4 = 640, global crops 0.5-1.0 at 518,
-local 0.2-0.5 at 196. --batch-size is per process; the LR is --lr x sqrt(global batch / 1024) as in DINOv2.
+local 0.2-0.5 at 196. 160 per GPU does not fit an 80 GB H100 even with --grad-checkpoint (96 does): the same
+global batch is 8 GPUs x --batch-size 80, as above. --batch-size is per process; the LR is --lr x sqrt(global batch / 1024) as in DINOv2.
 --out gets args.json, metrics.jsonl, ckpt.pt (everything to resume; torch.load(weights_only=True) works),
 backbone.pth (teacher backbone with hub keys: model.load_pretrained and the official DINOv2 code load it) and
 curves.png (the loss terms, lr and the density probe against the majority class, redrawn at every save).
@@ -503,6 +504,11 @@ def train(args):
     if ckpt is None or os.path.dirname(os.path.abspath(resume)) != os.path.abspath(args.out):
         stale = metrics.check_run_folder(args.out, "ckpt.pt", args.overwrite, "pretrain.py",
                                          ("backbone.pth", "curves.png"))
+    if ckpt is not None and ckpt["step"] >= args.steps:  # a relaunched finished job: leave its folder as it is
+        data.log(f"{resume}: this run already finished (step {ckpt['step']} of {args.steps}); nothing to do")
+        if world > 1:
+            dist.destroy_process_group()
+        return
 
     # ---------------- student, teacher, optimizer, loss state ----------------
     student, teacher = build_models(args, device)

@@ -136,6 +136,10 @@ def test_resume_from_elsewhere_and_overwrite_with_bad_data_leave_a_run_whole(fin
     other = tmp_path / "other"
     shutil.copytree(finished, other)
     before = snapshot(other)
+    # a finished run relaunched with --resume auto (a requeued job): nothing to do, nothing appended
+    pretrain.train(pretrain.get_args(["--data", str(archive), "--out", str(other), "--resume", "auto", "--steps", "2",
+                                      "--save-every", "1", "--workers", "0", *SMALL]))
+    assert snapshot(other) == before
     # --resume of one run's ckpt.pt with --out naming another run: that run was overwritten without a word
     run = cli("pretrain.py", "--data", archive, "--out", other, "--resume", finished / "ckpt.pt", "--steps", "2",
               "--save-every", "1", *SMALL)
