@@ -504,11 +504,6 @@ def train(args):
     if ckpt is None or os.path.dirname(os.path.abspath(resume)) != os.path.abspath(args.out):
         stale = metrics.check_run_folder(args.out, "ckpt.pt", args.overwrite, "pretrain.py",
                                          ("backbone.pth", "curves.png"))
-    if ckpt is not None and ckpt["step"] >= args.steps:  # a relaunched finished job: leave its folder as it is
-        data.log(f"{resume}: this run already finished (step {ckpt['step']} of {args.steps}); nothing to do")
-        if world > 1:
-            dist.destroy_process_group()
-        return
 
     # ---------------- student, teacher, optimizer, loss state ----------------
     student, teacher = build_models(args, device)
@@ -539,6 +534,12 @@ def train(args):
     # keeps that wait (and the images' memory at --global-size) well inside the collective timeout
     eval_set = (data.density_eval_set(source, args.global_size, args.eval_exams)
                 if args.eval_every and has_labels and data.is_main() else None)
+
+    if start >= args.steps:  # a relaunched finished job, its inputs still valid: leave its folder as it is
+        data.log(f"{resume}: this run already finished (step {start} of {args.steps}); nothing to do")
+        if world > 1:
+            dist.destroy_process_group()
+        return
 
     # ---------------- the inputs are valid: only now touch the run folder ----------------
     if data.is_main():
