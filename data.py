@@ -49,6 +49,7 @@ OPTIONAL_DECODER = {f"1.2.840.10008.1.2.4.{n}": pkg for pkg, ns in [("pylibjpeg-
 VIEW_CODES = {"399162004": "CC", "R-10242": "CC", "399368009": "MLO", "R-10226": "MLO", "R-102D2": "MLO",
               "399260004": "ML", "R-10224": "ML", "399352003": "LM", "R-10228": "LM", "399192003": "XCCL"}
 DICOM_SUFFIXES = {"", ".dcm", ".dicom", ".ima"}
+SEED_MAX = 2**31 - 1  # --seed flags: numpy's legacy seeding takes 32 bits, and seeds are offset by rank and step
 INDEX_VERSION = 3  # bump when the cached per-volume index changes meaning
 # Crop recipes: PretrainStream(src, global_size=..., local_size=..., **RECIPES[name]). Crop sizes are not here:
 # they live with the model and schedule in pretrain.PRESETS. MammoDINO's numbers are our proposal (data.md 4.2).
@@ -107,7 +108,7 @@ def number(kind, lo=None, hi=None, lo_open=False):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
         low_bad = lo is not None and (x <= lo if lo_open else x < lo)
-        if low_bad or (hi is not None and x > hi) or not math.isfinite(x):
+        if low_bad or (hi is not None and x > hi) or (kind is float and not math.isfinite(x)):
             rng = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
             raise argparse.ArgumentTypeError(f"{text} is outside {rng}")
         return x
@@ -149,9 +150,12 @@ def add_dicomweb_flags(p, manifest_help):
 
 def seed_everything(seed, rank=0):
     # + rank so that ranks draw different augmentations (spec style.md 2.6)
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)
+    seed = seed + rank
+    if seed >= 2**32:  # numpy takes 32 bits: pretrain's seed + 65536 x step passes them after 65,536 steps
+        seed = int(np.random.SeedSequence(seed).generate_state(1)[0])  # hashed, not wrapped onto step 0's seed
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------- DICOM reading
@@ -630,10 +634,15 @@ def scan(source, manifest=None):
         if not manifest:
             raise ValueError(f"{pacs.redact(source)}: a DICOMweb source needs --manifest (the studies it may fetch)")
         return pacs.read_manifest(manifest)
+    if not str(source).strip():  # e.g. an unset shell variable: never fall back to the current folder
+        raise ValueError("--data is empty; give a folder, a .csv manifest or `synthetic`")
     source = Path(source)
     if source.suffix.lower() == ".csv":
-        with open(source, newline="") as fh:
-            rows = list(csv.DictReader(fh))
+        try:  # utf-8-sig: a spreadsheet's CSV starts with a byte-order mark
+            with open(source, newline="", encoding="utf-8-sig") as fh:
+                rows = list(csv.DictReader(fh))
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise ValueError(f"{source}: not a readable CSV ({e})") from None
         if not rows or "path" not in rows[0]:
             raise ValueError(f"{source}: manifest needs a `path` column and at least one row")
         return [str(source.parent / r["path"]) for r in rows]
@@ -1120,7 +1129,7 @@ def density_eval_set(root, size=112, max_exams=None):
     """Central slice of every view of the first `max_exams` exams in exams.csv, canonical orientation, resized
     -> images, density 0..3, patient groups."""
     root = Path(root)
-    with open(root / "exams.csv", newline="") as fh:
+    with open(root / "exams.csv", newline="", encoding="utf-8-sig") as fh:
         exams = list(csv.DictReader(fh))[:max_exams]
     images, labels = [], []
     groups, patients = [], {}  # patient index per image; patient id -> index
@@ -1144,7 +1153,7 @@ def get_args(argv=None):
     p.add_argument("--out", default=str(cache_base() / "synthetic"),
                    help="output folder: new, empty, or an archive this command wrote (then it is reused)")
     p.add_argument("--patients", type=number(int, 1, 100000), default=8, help="patients (one exam of four views)")
-    p.add_argument("--seed", type=number(int, 0), default=0, help="random seed")
+    p.add_argument("--seed", type=number(int, 0, SEED_MAX), default=0, help="random seed")
     p.add_argument("--slices", type=number(int, 1, 1000), default=24, help="slices per volume")
     p.add_argument("--height", type=number(int, 16, 8192), default=256, help="rows per slice")
     p.add_argument("--width", type=number(int, 16, 8192), default=192, help="columns per slice")
@@ -1157,7 +1166,7 @@ def synth_command(args):
     """`data.py synth`: write an archive, or reuse the one already there and say how large it really is."""
     out = Path(args.out)
     if (out / "exams.csv").exists():
-        with open(out / "exams.csv", newline="") as fh:
+        with open(out / "exams.csv", newline="", encoding="utf-8-sig") as fh:
             n = sum(1 for _ in csv.DictReader(fh))
         asked = "" if n == args.patients else f"; {args.patients} were asked for: remove the folder to rewrite it"
         return f"reused {out}: {4 * n} volumes of {n} patients{asked}"

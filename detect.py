@@ -80,7 +80,8 @@ def get_args(argv=None):
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (ignored on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the frozen ViT's blocks "
                    "(model.compile_blocks; the same features to 1e-5)")
-    p.add_argument("--seed", type=data.number(int, 0), default=0, help="split, sampling, augmentation seed")
+    p.add_argument("--seed", type=data.number(int, 0, data.SEED_MAX), default=0,
+                   help="split, sampling, augmentation seed")
     p.add_argument("--val-fraction", type=fraction, default=0.2, help="patients for validation (no official split)")
     p.add_argument("--test-fraction", type=fraction, default=0.25, help="patients held out for the final score")
     p.add_argument("--steps", type=count, default=400, help="training iterations (epochs are derived and logged)")
@@ -329,7 +330,7 @@ def _csvs(root, kind):
 
 def _rows(path, columns):
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
     except (csv.Error, UnicodeDecodeError) as e:  # a binary file, or a cell over csv's field size limit
         raise ValueError(f"{path}: not a readable CSV ({e})") from None
@@ -639,11 +640,8 @@ def truth_rows(volumes):
 
 
 def official_score(volumes, preds):
-    """metrics.dbtex_evaluate on rows; an empty submission scores 0 (the evaluator needs at least one row)."""
+    """metrics.dbtex_evaluate on rows (an empty submission scores 0)."""
     labels, boxes = truth_rows(volumes)
-    if not preds:
-        return dict.fromkeys(["sensitivity_at_2_fps_all"] + [f"sensitivity_at_{k}_fps_positive" for k in (1, 2, 3, 4)]
-                             + ["mean_sensitivity_positive"], 0.0)
     return metrics.dbtex_evaluate(labels, boxes, preds)
 
 

@@ -258,23 +258,25 @@ PREDICTION_COLUMNS = ("StudyUID", "View", "X", "Y", "Width", "Height", "Z", "Dep
 DBT_DINO_RADIUS = 24.0
 
 
-def _read_table(src, name, columns):
+def _read_table(src, name, columns, allow_empty=False):
     """A CSV path, or rows in memory as a list of dicts (what csv.DictReader yields), -> (name, keys, floats).
 
     floats maps every numeric column to a float array; rows are numbered from 1, header excluded.
     """
+    header = None
     if isinstance(src, (str, os.PathLike)):
         name = str(src)
         try:
-            with open(src, newline="") as f:
-                rows = list(csv.DictReader(f))
+            with open(src, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f)
+                rows, header = list(reader), reader.fieldnames
         except (csv.Error, UnicodeDecodeError) as e:  # a binary file, or a cell over csv's field size limit
             raise ValueError(f"{name}: not a readable CSV ({e})") from None
     else:
         rows = list(src)
-    if not rows:
+    if not rows and not allow_empty:
         raise ValueError(f"{name}: no data rows")
-    missing = [c for c in columns if c not in rows[0]]
+    missing = [c for c in columns if c not in (rows[0] if rows else header or columns)]
     if missing:
         raise ValueError(f"{name}: missing column(s) {', '.join(missing)}")
     floats = {}
@@ -295,7 +297,8 @@ def _dbtex_match(labels, boxes, predictions, radius):
     """Read the three tables and assign each prediction to at most one GT box (see dbtex_evaluate)."""
     lname, lkeys, _ = _read_table(labels, "labels", LABEL_COLUMNS)
     bname, bkeys, b = _read_table(boxes, "boxes", BOX_COLUMNS)
-    pname, pkeys, p = _read_table(predictions, "predictions", PREDICTION_COLUMNS)
+    # a submission with no rows (a header at most) detected nothing: it scores 0, where the official code fails
+    pname, pkeys, p = _read_table(predictions, "predictions", PREDICTION_COLUMNS, allow_empty=True)
     volume = {k: i for i, k in enumerate(lkeys)}
     if len(volume) != len(lkeys):
         raise ValueError(f"{lname}: duplicate (StudyUID, View) rows; it must list each volume once")
@@ -362,6 +365,9 @@ def dbtex_evaluate(labels, boxes, predictions, radius=100.0):
     radius=100 is the challenge rule at original resolution; DBT-DINO uses DBT_DINO_RADIUS at 518 px.
     """
     score, gt, positive, n_all, n_pos, n_boxes = _dbtex_match(labels, boxes, predictions, radius)
+    if len(score) == 0:  # nothing detected: sensitivity 0 at every FP rate
+        return dict.fromkeys(["sensitivity_at_2_fps_all"] + [f"sensitivity_at_{k}_fps_positive" for k in range(1, 5)]
+                             + ["mean_sensitivity_positive"], 0.0)
     fps, sens = _froc_points(score, gt, np.ones_like(positive), n_all, n_boxes, 2.0)
     result = {"sensitivity_at_2_fps_all": float(np.interp(2.0, fps, sens))}
     fps, sens = _froc_points(score, gt, positive, n_pos, n_boxes, 4.0)
@@ -490,8 +496,9 @@ def draw_curves(path, records, panels, baselines=None, title="", columns=3):
         x1, y1 = x0 + W - m - 15, y0 + H - m - 15
         steps, values = [p[0] for p in pts + ref], [p[1] for p in pts + ref]
         s_lo, s_hi, lo, hi = min(steps), max(steps), min(values), max(values)
-        if hi - lo < 1e-12:  # a flat line: centre it
-            lo, hi = lo - 0.5, hi + 0.5
+        if not hi - lo > 1e-12 * max(1.0, abs(lo), abs(hi)):  # a flat line: centre it (relative: 1e30 + 0.5 == 1e30)
+            pad = 0.5 * max(1.0, abs(hi))
+            lo, hi = lo - pad, hi + pad
         if s_hi == s_lo:  # one record: its point in the middle of the panel
             s_lo, s_hi = s_lo - 1, s_hi + 1
         if len(ref) == 1:  # one baseline value: a line across the panel
@@ -566,11 +573,14 @@ def check_run_folder(out, marker="ckpt.pt", overwrite=False, script=None, output
                 owner = json.load(fh).get("script") or "an unknown script"
         except (ValueError, AttributeError):
             owner = "an unknown script"
+    # the marker, or any output of a finished run whose marker was deleted (a ckpt.pt removed to save space)
+    present = [name for name in (marker, *outputs) if os.path.exists(os.path.join(out, name))]
     if owner != script:
         what = f"a run of {owner} (its args.json); use another --out"
-    else:
-        what = f"a run ({marker}); use --resume auto to continue it, another --out"
-    if owner != script or os.path.exists(os.path.join(out, marker)):
+    else:  # only pretrain.py and detect.py (marker ckpt.pt) can continue a run
+        what = f"a run ({present[0] if present else marker}); " + (
+            "use --resume auto to continue it, another --out" if marker == "ckpt.pt" else "use another --out")
+    if owner != script or present:
         if not overwrite:
             raise ValueError(f"{out}: already holds {what}, or --overwrite to replace it")
         return sorted(name for name in {*RUN_FILES, marker, *outputs} if os.path.exists(os.path.join(out, name)))

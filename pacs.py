@@ -98,7 +98,7 @@ def parse_url(source):
 
 def read_manifest(path):
     """Rows (dicts) of a manifest CSV; every row names one instance by its three UIDs, checked for syntax."""
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         rows = list(csv.DictReader(fh))
     missing = [c for c in UID_COLUMNS if not rows or c not in rows[0]]
     if missing:

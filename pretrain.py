@@ -22,7 +22,8 @@ Run from the repo root:
 when the shapes fit), DBT-DINO's dbt_dino.pth, or our ckpt.pt/backbone.pth.
 dbt-dino is the paper's recipe: ViT-B/14, 60k steps, batch 160 per GPU x 4 = 640, global crops 0.5-1.0 at 518,
 local 0.2-0.5 at 196. 160 per GPU does not fit an 80 GB H100 even with --grad-checkpoint (96 does): the same
-global batch is 8 GPUs x --batch-size 80, as above. --batch-size is per process; the LR is --lr x sqrt(global batch / 1024) as in DINOv2.
+global batch is 8 GPUs x --batch-size 80, as above. --batch-size is per process; the LR is
+--lr x sqrt(global batch / 1024) as in DINOv2.
 --out gets args.json, metrics.jsonl, ckpt.pt (everything to resume; torch.load(weights_only=True) works),
 backbone.pth (teacher backbone with hub keys: model.load_pretrained and the official DINOv2 code load it) and
 curves.png (the loss terms, lr and the density probe against the majority class, redrawn at every save).
@@ -88,7 +89,7 @@ def get_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that already holds a run")
     p.add_argument("--init", default="", help="start the backbone from this DINOv2/DBT-DINO/our checkpoint")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
-    p.add_argument("--seed", type=data.number(int, 0), default=0, help="base seed; rank r uses seed + r")
+    p.add_argument("--seed", type=data.number(int, 0, data.SEED_MAX), default=0, help="base seed; rank r uses seed + r")
     p.add_argument("--model", default=d["model"], choices=MODELS, help="model.build architecture")
     p.add_argument("--recipe", default=d["recipe"], choices=sorted(data.RECIPES),
                    help="crop recipe (scales, tissue-aware crops, adjacent slices): data.RECIPES")

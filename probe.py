@@ -71,7 +71,7 @@ def read_exams(source):
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no exam table (give a CSV, or a folder holding exams.csv)")
     try:
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.DictReader(fh))
     except (csv.Error, UnicodeDecodeError) as e:  # a binary file, or a cell over csv's field size limit
         raise ValueError(f"{path}: not a readable CSV ({e})") from None
@@ -130,6 +130,8 @@ class DenseNetFeatures(nn.Module):
         net = torchvision.models.densenet121(weights=None)
         if weights:
             state = model.read_checkpoint(weights)
+            if not isinstance(state, dict):
+                raise ValueError(f"{weights}: not a DenseNet-121 state dict (a {type(state).__name__})")
             # torchvision's released file names layers "norm.1"; the module calls them "norm1"
             state = {re.sub(r"\.(norm|relu|conv)\.([12])(?=\.)", r".\1\2", k): v for k, v in state.items()}
             try:
@@ -940,12 +942,14 @@ def load_run(folder):
     folder = Path(folder)
     try:
         report = json.loads((folder / "metrics.json").read_text())
-        with open(folder / "predictions.csv", newline="") as fh:
+        with open(folder / "predictions.csv", newline="", encoding="utf-8-sig") as fh:
             preds = {r["exam"]: r for r in csv.DictReader(fh)}
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{folder}: not a finished probe run ({Path(e.filename).name} missing)") from None
-    except (json.JSONDecodeError, KeyError):
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error, KeyError):
         raise ValueError(f"{folder}: metrics.json or predictions.csv is not a probe run's") from None
+    if not isinstance(report, dict) or "task" not in report:
+        raise ValueError(f"{folder}: metrics.json is not a probe run's (no task)")
     return report, preds
 
 
@@ -1129,7 +1133,8 @@ def get_args(argv=None):
     p.add_argument("--rule", default="mirai", choices=metrics.RISK_RULES, help="per-year AUROC rule reported "
                    "first and used by compare (both are always in metrics.json)")
     p.add_argument("--n-boot", type=data.number(int, 10), default=1000, help="bootstrap resamples (by patient)")
-    p.add_argument("--seed", type=data.number(int, 0), default=0, help="splits, subsets, LR search, head init")
+    p.add_argument("--seed", type=data.number(int, 0, data.SEED_MAX), default=0,
+                   help="splits, subsets, LR search, head init")
     p.add_argument("--out", default="", help="run folder ('' = runs/<task or command>-<date-time>)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--image", default="", help="show: a DICOM volume")
@@ -1142,6 +1147,10 @@ def get_args(argv=None):
     if args.compile and args.backbone == "densenet121":
         p.error("argument --compile: compiles a ViT's blocks (model.compile_blocks); the DenseNet-121 baseline runs "
                 "eager, so leave --compile off")
+    if args.size and args.backbone != "densenet121" and args.size % 14:  # every ViT here has 14-px patches
+        p.error(f"argument --size: {args.size} is not a multiple of the ViT patch size 14")
+    if args.size and args.backbone == "densenet121" and args.size < 32:  # its five stride-2 stages need 32 px
+        p.error(f"argument --size: {args.size} is below DenseNet-121's 32 px")
     args.subgroups = [c for c in args.subgroups.split(",") if c]
     what = args.task if args.command == "probe" else args.command
     args.out = args.out or f"runs/{what}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -452,3 +452,26 @@ def test_separable_blur_equals_torchvision():
     x = torch.rand(1, 57, 40, generator=torch.Generator().manual_seed(0))
     for sigma in (0.1, 0.7, 2.0):
         assert torch.allclose(data.gaussian_blur(x, sigma), tvf.gaussian_blur(x, 9, sigma), atol=1e-6)
+
+
+def test_scan_refuses_an_empty_source_and_reads_a_spreadsheet_manifest(tmp_path, volumes):
+    """--data "" (an unset variable) once trained on the current folder; a manifest saved by a spreadsheet (BOM,
+    CRLF) once lost its `path` column to the byte-order mark."""
+    with pytest.raises(ValueError, match="--data is empty"):
+        data.scan("")
+    paths, _ = volumes
+    (tmp_path / "m.csv").write_bytes(b"\xef\xbb\xbfpath,note\r\n" + str(paths["native"]).encode() + b",x\r\n")
+    assert data.scan(tmp_path / "m.csv") == [str(paths["native"])]
+    (tmp_path / "bin.csv").write_bytes(b"\x87\x00\xff" * 10)
+    with pytest.raises(ValueError, match="bin.csv: not a readable CSV"):
+        data.scan(tmp_path / "bin.csv")
+
+
+def test_seeds_past_32_bits_are_hashed_not_refused_or_wrapped():
+    """pretrain reseeds with seed + 65536 x step: past step 65,535 that exceeds numpy's 32-bit seeds."""
+    data.seed_everything(2**32 + 5)
+    a = np.random.rand()
+    data.seed_everything(5)
+    assert np.random.rand() != a  # not wrapped onto the seed of step 0
+    data.seed_everything(2**32 + 5)
+    assert np.random.rand() == a

@@ -189,10 +189,15 @@ def test_dbtex_bad_input_names_file_and_column_or_row(tmp_path, which, edit, mes
 
 
 def test_dbtex_empty_file(tmp_path):
-    labels, boxes, _ = toy_files(tmp_path)
+    labels, boxes, preds = toy_files(tmp_path)
     (tmp_path / "empty.csv").write_text(",".join(metrics.PREDICTION_COLUMNS) + "\n")
     with pytest.raises(ValueError, match="empty.csv: no data rows"):
-        metrics.dbtex_evaluate(labels, boxes, str(tmp_path / "empty.csv"))
+        metrics.dbtex_evaluate(labels, str(tmp_path / "empty.csv"), str(tmp_path / "empty.csv"))  # boxes: header only
+    result = metrics.dbtex_evaluate(labels, boxes, str(tmp_path / "empty.csv"))  # a submission that found nothing
+    assert len(result) == 6 and set(result.values()) == {0.0}
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + open(preds, "rb").read().replace(b"\n", b"\r\n"))
+    assert metrics.dbtex_evaluate(labels, boxes, str(tmp_path / "bom.csv")) == metrics.dbtex_evaluate(labels, boxes,
+                                                                                                        preds)
     (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00StudyUID")  # e.g. a spreadsheet saved as UTF-16
     (tmp_path / "huge.csv").write_text("StudyUID\n" + "x" * 200_000 + "\n")  # over csv's field size limit
     for name in ("binary.csv", "huge.csv"):
@@ -384,6 +389,12 @@ def test_check_run_folder_refuses_another_scripts_run_and_overwrite_clears_it(tm
     (out / "notes.txt").write_text("the user's own file")
     with pytest.raises(ValueError, match=r"a run \(ckpt.pt\); use --resume auto to continue it"):
         metrics.check_run_folder(out, "ckpt.pt", script="pretrain.py")
+    with pytest.raises(ValueError, match=r"a run \(metrics.json\); use another --out, or --overwrite"):
+        metrics.check_run_folder(out, "metrics.json", script="pretrain.py")  # probe's marker: no --resume to offer
+    (out / "ckpt.pt").rename(out / "ckpt.bak")  # deleted to save space: the run's outputs still mark the folder
+    with pytest.raises(ValueError, match=r"a run \(metrics.json\)"):
+        metrics.check_run_folder(out, "ckpt.pt", script="pretrain.py", outputs=("metrics.json",))
+    (out / "ckpt.bak").rename(out / "ckpt.pt")
     stale = metrics.check_run_folder(out, "ckpt.pt", overwrite=True, script="detect.py", outputs=("metrics.json",))
     assert stale == ["args.json", "ckpt.pt", "metrics.json", "metrics.jsonl"] and (out / "ckpt.pt").exists()
     metrics.write_args(out, argparse.Namespace(seed=1), "detect.py", clear=stale)  # the inputs were good
@@ -444,3 +455,10 @@ def test_roc_curve_matches_sklearn_with_ties():
     ref_fpr, ref_tpr, _ = sk_roc_curve(y, s, drop_intermediate=False)
     assert np.allclose(fpr, ref_fpr) and np.allclose(tpr, ref_tpr)
     assert np.trapezoid(tpr, fpr) == pytest.approx(metrics.auroc(y, s), abs=1e-12)
+
+
+def test_draw_curves_survives_a_flat_huge_series(tmp_path):
+    """--lr 1e30 logs a flat 1e30 line: padding it by 0.5 changes nothing in float, which divided by zero."""
+    records = [{"step": s, "split": "train", "lr": 1e30} for s in range(1, 4)]
+    box = metrics.draw_curves(tmp_path / "c.png", records, [("train", "lr")])["lr"]
+    assert box[6] < 1e30 < box[7] and (tmp_path / "c.png").exists()

@@ -412,9 +412,11 @@ def test_truncated_and_missing_views_are_skipped_and_counted(archive, tmp_path, 
 
 # ----------------------------------------------------------------------------- command line, end to end
 def test_bad_input_one_line_and_nonzero_exit(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        probe.get_args(["--trials", "0"])
-    assert e.value.code == 2 and "--trials" in capsys.readouterr().err
+    for argv, flag in [(["--trials", "0"], "--trials"), (["--size", "30"], "--size: 30 is not a multiple of"),
+                       (["--backbone", "densenet121", "--size", "28"], "--size: 28 is below DenseNet-121's 32")]:
+        with pytest.raises(SystemExit) as e:
+            probe.get_args(argv)
+        assert e.value.code == 2 and flag in capsys.readouterr().err
     r = subprocess.run([sys.executable, str(ROOT / "probe.py"), "--data", str(tmp_path / "none.csv")],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "none.csv: no exam table" in r.stderr
@@ -425,6 +427,14 @@ def test_bad_input_one_line_and_nonzero_exit(tmp_path, capsys):
     assert net.embed_dim == 384 and "RANDOMLY INITIALISED vits14" in what
     with pytest.raises(ValueError, match="unknown model 'bogus'"):
         probe.load_backbone("random", arch="bogus")
+    torch.save([1, 2], tmp_path / "list.pt")  # a checkpoint that is not a state dict
+    with pytest.raises(ValueError, match="list.pt: not a DenseNet-121 state dict"):
+        probe.DenseNetFeatures(tmp_path / "list.pt")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text("[1, 2]")
+    (tmp_path / "run" / "predictions.csv").write_text("exam\n1\n")
+    with pytest.raises(ValueError, match="run: metrics.json is not a probe run's"):
+        probe.load_run(tmp_path / "run")
 
 
 @pytest.fixture(scope="module")

@@ -165,6 +165,8 @@ def test_resume_from_elsewhere_and_overwrite_with_bad_data_leave_a_run_whole(fin
     (["--model", "vitz14"], "argument --model: invalid choice: 'vitz14'"),
     (["--global-size", "100"], "argument --global-size: 100 is not a multiple of the patch size 14"),
     (["--batch-size", "1"], "argument --batch-size: KoLeo needs at least 2 images per process"),
+    (["--seed", str(2**31)], f"argument --seed: {2**31} is outside [0, {2**31 - 1}]"),
+    (["--seed", "9" * 400], f"is outside [0, {2**31 - 1}]"),  # a 400-digit integer: no OverflowError traceback
     (["--cache-bytes", "inf"], "argument --cache-bytes: 'inf' is not a size such as 50G"),
     (["--cache-bytes", "1e400G"], "argument --cache-bytes: '1e400G' is not a size such as 50G"),
     (["--cache-bytes", "512K"], "argument --cache-bytes: 512K is below 1M"),
