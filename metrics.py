@@ -566,6 +566,8 @@ def check_run_folder(out, marker="ckpt.pt", overwrite=False, script=None, output
     folder would otherwise erase that run's metrics.jsonl. With overwrite it returns the old run's files (RUN_FILES,
     marker, outputs) for write_args to remove once the inputs are checked: the two runs never mix, a later
     --resume auto cannot pick up the old ckpt.pt, and a start that fails on a bad input leaves the old run whole."""
+    if os.path.exists(out) and not os.path.isdir(out):  # found now, not after the run's work
+        raise ValueError(f"{out}: --out names a file, not a folder")
     owner = script
     if script and os.path.exists(os.path.join(out, "args.json")):
         try:

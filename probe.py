@@ -1147,6 +1147,8 @@ def get_args(argv=None):
     if args.compile and args.backbone == "densenet121":
         p.error("argument --compile: compiles a ViT's blocks (model.compile_blocks); the DenseNet-121 baseline runs "
                 "eager, so leave --compile off")
+    if args.command == "embed" and args.out:  # embed fills the cache only: an --out would be silently ignored
+        p.error("argument --out: embed writes only the embedding cache (--cache); it takes no --out")
     if args.size and args.backbone != "densenet121" and args.size % 14:  # every ViT here has 14-px patches
         p.error(f"argument --size: {args.size} is not a multiple of the ViT patch size 14")
     if args.size and args.backbone == "densenet121" and args.size < 32:  # its five stride-2 stages need 32 px

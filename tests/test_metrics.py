@@ -379,6 +379,9 @@ def test_jsonl_writer_parses_line_by_line(tmp_path):
 def test_check_run_folder_refuses_another_scripts_run_and_overwrite_clears_it(tmp_path):
     out = tmp_path / "run"
     metrics.check_run_folder(out, "ckpt.pt", script="detect.py")  # no folder yet: nothing to refuse
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="file: --out names a file, not a folder"):
+        metrics.check_run_folder(tmp_path / "file", "ckpt.pt")
     metrics.write_args(out, argparse.Namespace(seed=0), "pretrain.py")
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
     metrics.check_run_folder(out, "ckpt.pt", script="pretrain.py")  # its own run, interrupted before a checkpoint

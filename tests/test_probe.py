@@ -413,6 +413,7 @@ def test_truncated_and_missing_views_are_skipped_and_counted(archive, tmp_path, 
 # ----------------------------------------------------------------------------- command line, end to end
 def test_bad_input_one_line_and_nonzero_exit(tmp_path, capsys):
     for argv, flag in [(["--trials", "0"], "--trials"), (["--size", "30"], "--size: 30 is not a multiple of"),
+                       (["embed", "--out", "x"], "--out: embed writes only the embedding cache"),
                        (["--backbone", "densenet121", "--size", "28"], "--size: 28 is below DenseNet-121's 32")]:
         with pytest.raises(SystemExit) as e:
             probe.get_args(argv)
