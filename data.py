@@ -1167,9 +1167,15 @@ def synth_command(args):
     out = Path(args.out)
     if (out / "exams.csv").exists():
         with open(out / "exams.csv", newline="", encoding="utf-8-sig") as fh:
-            n = sum(1 for _ in csv.DictReader(fh))
-        asked = "" if n == args.patients else f"; {args.patients} were asked for: remove the folder to rewrite it"
-        return f"reused {out}: {4 * n} volumes of {n} patients{asked}"
+            rows = list(csv.DictReader(fh))
+        if not rows or "LCC" not in rows[0]:
+            raise ValueError(f"{out / 'exams.csv'}: no exams; remove the folder to rewrite it")
+        head = _header(out / rows[0]["LCC"])  # every volume has one shape
+        has = (len(rows), int(head.get("NumberOfFrames") or 1), int(head.Rows), int(head.Columns))
+        want = (args.patients, args.slices, args.height, args.width)
+        asked = "" if has == want else ("; {} patients of {}x{}x{} were asked for: remove the folder to rewrite "
+                                        "it").format(*want)
+        return "reused {}: {} volumes of {} patients, {}x{}x{}{}".format(out, 4 * has[0], *has, asked)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out}: exists and is not an archive written by data.py synth; choose another --out")
     root = synthetic_archive(out, args.patients, args.seed, (args.slices, args.height, args.width), args.lesion_rate)

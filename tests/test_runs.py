@@ -221,10 +221,12 @@ def test_synth_reuses_refuses_and_validates(tmp_path):
     out = tmp_path / "arch"
     run = cli("data.py", "synth", "--out", out, "--patients", "1", "--slices", "2", "--height", "64", "--width", "48")
     assert run.returncode == 0 and run.stdout.strip() == f"wrote {out}: 4 volumes of 1 patients"
-    run = cli("data.py", "synth", "--out", out, "--patients", "8")
+    run = cli("data.py", "synth", "--out", out, "--patients", "1", "--slices", "2", "--height", "64", "--width", "48")
+    assert run.returncode == 0 and run.stdout.strip() == f"reused {out}: 4 volumes of 1 patients, 2x64x48"
+    run = cli("data.py", "synth", "--out", out, "--patients", "1", "--slices", "5")  # another shape: said, not hidden
     assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == (f"reused {out}: 4 volumes of 1 patients; 8 were asked for: remove the folder to "
-                                  "rewrite it")
+    assert run.stdout.strip() == (f"reused {out}: 4 volumes of 1 patients, 2x64x48; 1 patients of 5x256x192 were "
+                                  "asked for: remove the folder to rewrite it")
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
