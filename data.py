@@ -603,6 +603,16 @@ def write_archive(root, patients=8, seed=0, shape=(24, 256, 192), lesion_rate=0.
     return root
 
 
+def read_csv(path):
+    """The rows (dicts) of a CSV file, read as utf-8-sig: a spreadsheet's CSV starts with a byte-order mark. A
+    binary file or a cell over csv's field size limit is one ValueError naming the file."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            return list(csv.DictReader(fh))
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable CSV ({e})") from None
+
+
 def cache_base():
     return Path(os.environ.get("DBT_DINO_CACHE", "cache"))
 
@@ -638,11 +648,7 @@ def scan(source, manifest=None):
         raise ValueError("--data is empty; give a folder, a .csv manifest or `synthetic`")
     source = Path(source)
     if source.suffix.lower() == ".csv":
-        try:  # utf-8-sig: a spreadsheet's CSV starts with a byte-order mark
-            with open(source, newline="", encoding="utf-8-sig") as fh:
-                rows = list(csv.DictReader(fh))
-        except (csv.Error, UnicodeDecodeError) as e:
-            raise ValueError(f"{source}: not a readable CSV ({e})") from None
+        rows = read_csv(source)
         if not rows or "path" not in rows[0]:
             raise ValueError(f"{source}: manifest needs a `path` column and at least one row")
         return [str(source.parent / r["path"]) for r in rows]
@@ -1129,8 +1135,7 @@ def density_eval_set(root, size=112, max_exams=None):
     """Central slice of every view of the first `max_exams` exams in exams.csv, canonical orientation, resized
     -> images, density 0..3, patient groups."""
     root = Path(root)
-    with open(root / "exams.csv", newline="", encoding="utf-8-sig") as fh:
-        exams = list(csv.DictReader(fh))[:max_exams]
+    exams = read_csv(root / "exams.csv")[:max_exams]
     images, labels = [], []
     groups, patients = [], {}  # patient index per image; patient id -> index
     for e in exams:
@@ -1166,8 +1171,7 @@ def synth_command(args):
     """`data.py synth`: write an archive, or reuse the one already there and say how large it really is."""
     out = Path(args.out)
     if (out / "exams.csv").exists():
-        with open(out / "exams.csv", newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.DictReader(fh))
+        rows = read_csv(out / "exams.csv")
         if not rows or "LCC" not in rows[0]:
             raise ValueError(f"{out / 'exams.csv'}: no exams; remove the folder to rewrite it")
         head = _header(out / rows[0]["LCC"])  # every volume has one shape

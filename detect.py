@@ -21,7 +21,6 @@ Shapes: B images, A anchors, G ground-truth boxes, D backbone width, C neck chan
 import argparse
 import copy
 import itertools
-import csv
 import json
 import math
 import os
@@ -329,11 +328,7 @@ def _csvs(root, kind):
 
 
 def _rows(path, columns):
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-    except (csv.Error, UnicodeDecodeError) as e:  # a binary file, or a cell over csv's field size limit
-        raise ValueError(f"{path}: not a readable CSV ({e})") from None
+    rows = data.read_csv(path)
     missing = [c for c in columns if rows and c not in rows[0]]
     if missing:
         raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
@@ -872,8 +867,7 @@ def evaluate(det, anchors, split, cache, args, device, timing, chosen=None):
     cands = [aggregate(d, v, **setting) for d, v in zip(dets, held)]
     rows = [r for v, c in zip(held, cands) for r in submission_rows(v, c)]
     cols = ["PatientID", "StudyUID", "View", "X", "Width", "Y", "Height", "Z", "Depth", "Score"]
-    metrics.atomic_write(os.path.join(args.out, "predictions.csv"), ",".join(cols) + "\n" + "".join(
-        ",".join(str(r[c]) for c in cols) + "\n" for r in rows))
+    metrics.atomic_write(os.path.join(args.out, "predictions.csv"), metrics.csv_text(rows, cols))
     result = dict(split=name, volumes=len(held), thresholds=dict(setting, val_mean_sensitivity=val_score),
                   seconds_per_slice_inference=per_slice, **timing)
     if not split["test"]:  # --test-fraction 0, or official CSVs without a test file
@@ -934,10 +928,7 @@ def load_resume(path, args):
     if not need <= have:
         raise ValueError(f"{path}: not a detect.py ckpt.pt (it lacks {sorted(need - have)}); --resume auto continues "
                          "a detect.py run, --overwrite starts afresh")
-    diffs = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} in the checkpoint, {v} now"
-             for k, v in vars(args).items() if k not in RESUME_FREE and ckpt["args"].get(k) != v]
-    if diffs:
-        raise ValueError(f"{path}: does not fit the flags: " + "; ".join(diffs))
+    metrics.check_resume_flags(path, ckpt["args"], args, [k for k in vars(args) if k not in RESUME_FREE])
     return ckpt
 
 

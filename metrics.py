@@ -18,6 +18,7 @@ Array functions raise ValueError naming the argument; table readers name the fil
 
 import argparse
 import csv
+import io
 import json
 import os
 import subprocess
@@ -443,31 +444,28 @@ class JsonlWriter:
         A torn last line from a crash mid-write is dropped too."""
         if not os.path.exists(self.path):
             return 0
-        with open(self.path) as f:
-            lines = f.read().splitlines()
-        keep = []
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("step", 0) <= step:
-                keep.append(line)
+        parsed, n_lines = self._parsed()
+        keep = [line for line, record in parsed if record.get("step", 0) <= step]
         atomic_write(self.path, "".join(k + "\n" for k in keep))
-        return len(lines) - len(keep)
+        return n_lines - len(keep)
 
     def read(self) -> list:
         """The records written so far (a torn last line from a crash is left out)."""
+        return [record for _, record in self._parsed()[0]]
+
+    def _parsed(self):
+        """([(line, record)] of the whole lines, number of lines); a torn last line from a crash is left out."""
         if not os.path.exists(self.path):
-            return []
-        records = []
+            return [], 0
         with open(self.path) as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-        return records
+            lines = f.read().splitlines()
+        parsed = []
+        for line in lines:
+            try:
+                parsed.append((line, json.loads(line)))
+            except json.JSONDecodeError:
+                continue
+        return parsed, len(lines)
 
 
 CURVE_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
@@ -540,6 +538,17 @@ def atomic_write(path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def csv_text(rows, columns=None):
+    """Row dicts as CSV text (header first), quoted where a value needs it: an exam or patient ID may hold a
+    comma. columns: the header and its order (default: the first row's keys)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    columns = list(columns or rows[0])
+    w.writerow(columns)
+    w.writerows([r[c] for c in columns] for r in rows)
+    return buf.getvalue()
+
+
 def save_png(img, path) -> None:
     """A Pillow image to `path`, write-then-rename like atomic_write: a crash leaves the old picture or the new one."""
     tmp = f"{path}.tmp.{os.getpid()}.png"
@@ -587,6 +596,15 @@ def check_run_folder(out, marker="ckpt.pt", overwrite=False, script=None, output
             raise ValueError(f"{out}: already holds {what}, or --overwrite to replace it")
         return sorted(name for name in {*RUN_FILES, marker, *outputs} if os.path.exists(os.path.join(out, name)))
     return []
+
+
+def check_resume_flags(path, saved, args, keys):
+    """A resume must be given the run's own flags: one error naming each of `keys` whose value in the
+    checkpoint's args (`saved`) differs from `args`."""
+    diffs = [f"--{k.replace('_', '-')} {saved.get(k)} in the checkpoint, {getattr(args, k)} now"
+             for k in keys if saved.get(k) != getattr(args, k)]
+    if diffs:
+        raise ValueError(f"{path}: does not fit the flags: " + "; ".join(diffs))
 
 
 def write_args(out, args, script=None, clear=(), **extra):

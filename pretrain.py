@@ -453,10 +453,7 @@ def load_resume(path, args, device):
                 "global_size", "local_size", "samples_per_volume", "batch_size", "steps", "save_every", "lr",
                 "warmup", "wd", "wd_end", "momentum", "teacher_temp_warmup", "freeze_last_layer", "layer_decay",
                 "drop_path", "centering", "koleo_weight", "ibot_weight", "adjacent_weight")
-    diffs = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} in the checkpoint, {getattr(args, k)} now"
-             for k in settings if ckpt["args"].get(k) != getattr(args, k)]
-    if diffs:
-        raise ValueError(f"{path}: does not fit the flags: " + "; ".join(diffs))
+    metrics.check_resume_flags(path, ckpt["args"], args, settings)
     return ckpt
 
 

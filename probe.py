@@ -27,7 +27,6 @@ import argparse
 import copy
 import csv
 import hashlib
-import io
 import json
 import math
 import os
@@ -70,11 +69,7 @@ def read_exams(source):
     path = path / "exams.csv" if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no exam table (give a CSV, or a folder holding exams.csv)")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.DictReader(fh))
-    except (csv.Error, UnicodeDecodeError) as e:  # a binary file, or a cell over csv's field size limit
-        raise ValueError(f"{path}: not a readable CSV ({e})") from None
+    rows = data.read_csv(path)
     if not rows:
         raise ValueError(f"{path}: no exams")
     missing = [c for c in ("patient", "exam") + VIEWS if c not in rows[0]]
@@ -912,21 +907,12 @@ def run_probe(args, device):
                   lr=best["lr"], best_epoch=best["epoch"] + 1, val_loss=best["val_loss"], backbone=info["backbone"],
                   exams_left_out=info["skipped"])
     out = Path(args.out)
-    metrics.atomic_write(out / "predictions.csv", predictions_csv(preds))
+    metrics.atomic_write(out / "predictions.csv", metrics.csv_text(preds))
     model.save_checkpoint(out / "head.pt", {"task": args.task, "features": args.features, "head": head.state_dict(),
                                             "feature_mean": mu, "feature_std": sd, "lr": best["lr"]})
     metrics.atomic_write(out / "metrics.json", json.dumps(_finite(report), indent=1) + "\n")  # last: the marker
     data.log(f"wrote {out}/metrics.json, predictions.csv, head.pt")
     return report
-
-
-def predictions_csv(preds):
-    """The rows (dicts with the same keys) as CSV text, quoted where needed: an exam ID may hold a comma."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(preds[0])
-    w.writerows(p.values() for p in preds)
-    return buf.getvalue()
 
 
 def run_embed(args, device):
@@ -1109,7 +1095,7 @@ def get_args(argv=None):
     p.add_argument("--height", type=data.number(int, 16), default=256, help="synthetic archive: rows per slice")
     p.add_argument("--width", type=data.number(int, 16), default=192, help="synthetic archive: columns per slice")
     p.add_argument("--backbone", default="", help="a model.load_pretrained file, densenet121, random (an untrained "
-                   "tiny ViT), or '' for the newest runs/*/backbone.pth, else a random tiny ViT")
+                   "ViT of --arch, tiny for auto), or '' for the newest runs/*/backbone.pth, else a random tiny ViT")
     p.add_argument("--arch", default="auto", help="model.build name of --backbone (auto: from its width)")
     p.add_argument("--weights", default="", help="DenseNet-121 state dict (torchvision's file); '' = random")
     p.add_argument("--size", type=data.number(int, 0), default=0, help="input side; 0 = the backbone's own "

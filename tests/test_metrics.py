@@ -2,6 +2,7 @@
 
 import argparse
 import csv
+import io
 import json
 import math
 import subprocess
@@ -465,3 +466,12 @@ def test_draw_curves_survives_a_flat_huge_series(tmp_path):
     records = [{"step": s, "split": "train", "lr": 1e30} for s in range(1, 4)]
     box = metrics.draw_curves(tmp_path / "c.png", records, [("train", "lr")])["lr"]
     assert box[6] < 1e30 < box[7] and (tmp_path / "c.png").exists()
+
+
+def test_csv_text_quotes_an_id_holding_a_comma():
+    """probe's and detect's predictions.csv: an exam or patient ID may hold a comma or quotes."""
+    preds = [dict(patient="P1", exam='CC, "left" 2019', density="a", pred="b", p_a="0.100000"),
+             dict(patient="P2", exam="E2", density="c", pred="c", p_a="0.700000")]
+    assert [dict(r) for r in csv.DictReader(io.StringIO(metrics.csv_text(preds)))] == preds
+    assert metrics.csv_text(preds, ["exam", "patient"]).splitlines() == ["exam,patient", '"CC, ""left"" 2019",P1',
+                                                                       "E2,P2"]

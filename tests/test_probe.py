@@ -2,7 +2,6 @@
 bad input, the two default tasks end to end, compare and the explicit attention. CPU, tiny archives."""
 import argparse
 import csv
-import io
 import json
 import shutil
 import subprocess
@@ -287,11 +286,6 @@ def test_risk_ci_resamples_patients():
                                (probs, ytc, yfu), patients, 100, 4)
     assert block["auroc_ci"][3] == pytest.approx(year3, abs=1e-12)
 
-
-def test_predictions_csv_quotes_an_exam_id_holding_a_comma():
-    preds = [dict(patient="P1", exam='CC, "left" 2019', density="a", pred="b", p_a="0.100000"),
-             dict(patient="P2", exam="E2", density="c", pred="c", p_a="0.700000")]
-    assert [dict(r) for r in csv.DictReader(io.StringIO(probe.predictions_csv(preds)))] == preds
 
 
 # ----------------------------------------------------------------------------- embedding path
