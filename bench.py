@@ -42,6 +42,7 @@ import gc
 import http.client
 import itertools
 import json
+import math
 import os
 import shutil
 import socket
@@ -58,14 +59,17 @@ import torch
 import data
 import model
 import pacs
+import phantoms
+import retinanet
+import utils
 
 ARCHS = {"vits14": ("vit_small", "vit_small_patch14_dinov2"), "vitb14": ("vit_base", "vit_base_patch14_dinov2")}
 
 
 def get_args(argv=None):
-    p = data.one_line_errors(argparse.ArgumentParser(description=__doc__,
+    p = utils.one_line_errors(argparse.ArgumentParser(description=__doc__,
                                                      formatter_class=argparse.RawDescriptionHelpFormatter))
-    count = data.number(int, 1)
+    count = utils.number(int, 1)
     p.add_argument("what", nargs="?", default="all", choices=["all", "backbone", "embed", "precision", "pretrain",
                                                               "losses", "read", "stream", "detect"],
                    help="which benchmark to run; `all` is every one but stream, which needs Orthanc (default: all)")
@@ -78,13 +82,13 @@ def get_args(argv=None):
                    "row and of each pretraining row that fits")
     for flag, kind, default, text in [  # range-checked numbers
             ("--repeats", count, 5, "timed runs per figure, median reported"),
-            ("--warmup", data.number(int, 0), 1, "untimed runs before timing"),
-            ("--chunk", data.number(int, 0), 0, "slices per forward; 0 = DBT-DINO's extraction chunk (75) on CUDA, "
+            ("--warmup", utils.number(int, 0), 1, "untimed runs before timing"),
+            ("--chunk", utils.number(int, 0), 0, "slices per forward; 0 = DBT-DINO's extraction chunk (75) on CUDA, "
              "2 on CPU"),
-            ("--size", data.number(int, 14), 518, "input side for the backbone, embed and precision benchmarks"),
+            ("--size", utils.number(int, 14), 518, "input side for the backbone, embed and precision benchmarks"),
             ("--volumes", count, 24, "volume reads in the embed benchmark"),
-            ("--workers", data.number(int, 0), 0, "embed loader workers; 0 = all cores but two"),
-            ("--patients", data.number(int, 8), 32, "phantom patients in the precision benchmark's density probe")]:
+            ("--workers", utils.number(int, 0), 0, "embed loader workers; 0 = all cores but two"),
+            ("--patients", utils.number(int, 8), 32, "phantom patients in the precision benchmark's density probe")]:
         p.add_argument(flag, type=kind, default=default, help=f"{text} (default: {default})")
     for flag, choices, text in [  # fixed sets; the first is the default
             ("--compile-mode", ["default", "max-autotune-no-cudagraphs", "max-autotune"],
@@ -274,15 +278,14 @@ def full_size_volume(args, encoding="native"):
     os.makedirs(args.cache, exist_ok=True)
     path = os.path.join(args.cache, f"phantom_{encoding}_{'x'.join(map(str, shape))}.dcm")
     if not os.path.exists(path):  # written once (about 15 s each at full size), then reused
-        data.write_phantom_dicom(path + ".tmp", shape=shape, encoding=encoding)
+        phantoms.write_phantom_dicom(path + ".tmp", shape=shape, encoding=encoding)
         os.replace(path + ".tmp", path)
     return path, shape
 
 
 def loader_only(paths, workers, pin):
     """The embed loader alone (decode on workers, hand-over, pinning): the ceiling the device side cannot pass."""
-    import probe
-    loader = torch.utils.data.DataLoader(probe.VolumeReader(paths), batch_size=None, num_workers=workers,
+    loader = torch.utils.data.DataLoader(data.VolumeReader(paths), batch_size=None, num_workers=workers,
                                          pin_memory=pin)
     t0, slices = time.perf_counter(), 0
     for _, item in loader:
@@ -342,7 +345,7 @@ def bench_precision(args, device):
     import metrics
     cuda = device.type == "cuda" and not args.quick
     arch, size = ("vitb14", args.size) if cuda else ("tiny", 112) if args.quick else ("vits14", 224)
-    archive = data.synthetic_archive(patients=args.patients if cuda else 8, seed=7 if cuda else 0)
+    archive = phantoms.synthetic_archive(patients=args.patients if cuda else 8, seed=7 if cuda else 0)
     ev = data.density_eval_set(archive, size=size)  # central slice of every view: (M, 3, size, size)
     fp32 = model.build(arch).eval().to(device)
     nets = {"fp32": fp32, "autocast": fp32, "bf16-weights": copy.deepcopy(fp32).to(torch.bfloat16)}
@@ -370,11 +373,12 @@ def bench_precision(args, device):
 # A child process measures one read, so its peak resident memory belongs to that read alone.
 READ_CHILD = """
 import sys, time
-import bench, data
+import bench
+import dicom
 path, which = sys.argv[1], sys.argv[2]
 base = bench.rss_peak_mib(reset=True)  # right after a reset the peak is the current size: imports do not count
 t0 = time.perf_counter()
-vol, _ = data.read_dbt(path, frames=None if which == "all" else [int(which)])
+vol, _ = dicom.read_dbt(path, frames=None if which == "all" else [int(which)])
 secs = time.perf_counter() - t0
 print(secs, bench.rss_peak_mib() - base, vol.nbytes / 2**20)
 """
@@ -443,7 +447,7 @@ PRETRAIN_BATCHES = {False: (40, 32, 24, 16), True: (128, 112, 96, 80, 64)}
 def pretrain_samples(p, n, workers):
     """n uncollated pretraining samples of the synthetic archive (loader workers make the big batches fast)."""
     recipe = dict(data.RECIPES[p.recipe], global_size=p.global_size, local_size=p.local_size)
-    stream = data.PretrainStream(data.synthetic_archive(), patch_size=14, seed=0, **recipe)
+    stream = data.PretrainStream(phantoms.synthetic_archive(), patch_size=14, seed=0, **recipe)
     if workers == 0:
         it = iter(stream)
         return [next(it) for _ in range(n)]
@@ -629,7 +633,7 @@ def upload_phantoms(root, url, auth, shape, n):
     """n native phantom volumes written once and stored through Orthanc's REST API -> their manifest rows."""
     rows = []
     for i in range(n):
-        path = data.write_phantom_dicom(root / f"{i}.dcm", shape, "native", seed=i)
+        path = phantoms.write_phantom_dicom(root / f"{i}.dcm", shape, "native", seed=i)
         conn = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=60)
         conn.request("POST", "/instances", body=path.read_bytes(), headers={"Authorization": auth})
         if conn.getresponse().status != 200:
@@ -700,13 +704,12 @@ def bench_detect(args, device):
     """Slices/s of detect.py's volume inference: frozen ViT + pyramid + RetinaNet head + score threshold, chunks of
     --chunk slices (bf16 autocast on CUDA), median of --repeats runs after --warmup (NMS left out: an untrained
     head passes ~1e4 boxes a slice, which would time NMS, not the network)."""
-    import detect
     arch, size, channels = ("tiny", 112, 32) if args.quick else ("vitb14", args.size, 256)
     chunk = args.chunk or (64 if device.type == "cuda" else 4)
     n = chunk * (2 if args.quick else (16 if device.type == "cuda" else 2))
     for _ in range(args.warmup):
-        detect.time_inference(device, size, chunk, arch, channels, chunk)
-    runs = sorted((detect.time_inference(device, size, n, arch, channels, chunk) for _ in range(args.repeats)),
+        time_inference(device, size, chunk, arch, channels, chunk)
+    runs = sorted((time_inference(device, size, n, arch, channels, chunk) for _ in range(args.repeats)),
                   key=lambda r: r["slices_per_s"])
     r = runs[len(runs) // 2]
     return [dict(bench="detect", arch=arch, precision=r["dtype"], size=size, chunk=chunk, slices=r["slices"],
@@ -741,6 +744,34 @@ def main(args):
         json.dump(dict(env, rows=rows), f, indent=1)
     os.replace(args.out + ".tmp", args.out)
     return rows
+
+
+# ----- moved in (issue 20)
+@torch.no_grad()
+def time_inference(device, image_size=518, n_slices=64, name="vitb14", channels=256, chunk=16):
+    """Volume inference throughput on random slices, for bench.py: backbone + neck + head + score threshold.
+    NMS is left out of the figure on purpose: an untrained head scores every anchor near its 0.05 prior, so NMS
+    would sort ~10^4 boxes per slice, a cost a trained detector (a few boxes above threshold) never pays."""
+    import detect  # bench may time the scripts' own steps
+    device = torch.device(device)
+    det = retinanet.Detector(model.build(name), channels, 0.0).to(device).eval()
+    anchors = retinanet.make_anchors(image_size, retinanet.grid_sizes(image_size)).to(device)
+    x = torch.rand(chunk, 3, image_size, image_size, device=device)
+    with detect._autocast(device):
+        det(x[:2])  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(math.ceil(n_slices / chunk)):
+        with detect._autocast(device):
+            logits, deltas = det(x)
+        retinanet.postprocess(logits.float(), deltas.float(), anchors, image_size, 0.5, 0.2)  # 0.5: no untrained box passes
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    n = math.ceil(n_slices / chunk) * chunk
+    return dict(model=name, image_size=image_size, slices=n, seconds=seconds, slices_per_s=n / seconds,
+                dtype="bf16" if device.type == "cuda" else "fp32")
 
 
 if __name__ == "__main__":

@@ -26,24 +26,24 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes, sigmoid_focal_loss
+from PIL import Image
+from PIL import ImageDraw
+from torchvision.ops import box_iou
+from torchvision.ops import clip_boxes_to_image
 
+import cohorts
 import data
+import dicom
 import metrics
 import model
+import phantoms
+import retinanet
+import utils
 
-ANCHOR_SIZES = (16, 32, 64, 128)  # base size per level P3-P6 at 518 px (DBT-DINO); scaled with --image-size
-ANCHOR_RATIOS = (0.5, 1.0, 2.0)  # h / w
-ANCHOR_SCALES = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))  # 1, 1.26, 1.587
-BOX_CLAMP = math.log(1000 / 16)  # torchvision's clamp on decoded dw, dh
-REF = 518  # DBT-DINO's image side: anchor sizes, box size limits and augmentation sizes are given at it
 SIZE_LIMITS = (15, 206, 9, 182)  # DBT-DINO: candidate / zoomed box w in [15, 206], h in [9, 182] at 518 px
 SEARCH_SPACE = {  # paper §6.2.3 (Optuna there, seeded random search here): flag -> (kind, low, high | choices)
     "lr": ("log", 1e-5, 1e-2), "weight_decay": ("log", 1e-6, 1e-3), "label_smoothing": ("uniform", 0.0, 0.1),
@@ -53,17 +53,17 @@ SEARCH_SPACE = {  # paper §6.2.3 (Optuna there, seeded random search here): fla
 
 
 def get_args(argv=None):
-    p = data.one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = utils.one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter))
-    count, fraction, rate = data.number(int, 1), data.number(float, 0, 1), data.number(float, 0, lo_open=True)
+    count, fraction, rate = utils.number(int, 1), utils.number(float, 0, 1), utils.number(float, 0, lo_open=True)
     p.add_argument("--data", default="synthetic", help="BCS-DBT folder (CSVs + DICOM tree) or 'synthetic' (phantoms "
                    "from data.py under $DBT_DINO_CACHE, sized by --synthetic-*)")
     p.add_argument("--synthetic-patients", type=count, default=24, help="phantom patients (4 views each)")
     p.add_argument("--synthetic-size", type=count, nargs=3, default=[16, 768, 576], metavar=("S", "H", "W"),
                    help="phantom slices, rows, columns: realistic sizes keep the 100 px hit radius small")
-    p.add_argument("--synthetic-lesions", type=data.number(float, 0, 10), default=2.0,
+    p.add_argument("--synthetic-lesions", type=utils.number(float, 0, 10), default=2.0,
                    help="mean extra masses per phantom view (data.write_archive's lesion_rate)")
-    p.add_argument("--synthetic-seed", type=data.number(int, 0), default=1, help="phantom archive seed")
+    p.add_argument("--synthetic-seed", type=utils.number(int, 0), default=1, help="phantom archive seed")
     p.add_argument("--out", default=time.strftime("runs/detect-%Y%m%d-%H%M%S"), help="run folder")
     p.add_argument("--resume", default="", choices=["", "auto"], help="auto: continue <out>/ckpt.pt if present")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that already holds a run")
@@ -71,25 +71,25 @@ def get_args(argv=None):
                    "ours); random: an untrained ViT; empty: the newest runs/*/backbone.pth, else random")
     p.add_argument("--model", default="tiny", choices=sorted(model.PRESETS) + [k + "_reg" for k in model.PRESETS
                    if k != "tiny"], help="architecture of --backbone")
-    p.add_argument("--image-size", type=data.number(int, 0), default=0, help="slice side in px, a multiple of the "
+    p.add_argument("--image-size", type=utils.number(int, 0), default=0, help="slice side in px, a multiple of the "
                    "patch size; 0: 518 (DBT-DINO) for hub ViTs, 336 for tiny on a CPU (why: at main())")
-    p.add_argument("--channels", type=data.number(int, 0), default=0,
+    p.add_argument("--channels", type=utils.number(int, 0), default=0,
                    help="neck/head width, a multiple of 32; 0: 256 (DBT-DINO) for hub ViTs, 64 for tiny on a CPU")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (ignored on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the frozen ViT's blocks "
                    "(model.compile_blocks; the same features to 1e-5)")
-    p.add_argument("--seed", type=data.number(int, 0, data.SEED_MAX), default=0,
+    p.add_argument("--seed", type=utils.number(int, 0, utils.SEED_MAX), default=0,
                    help="split, sampling, augmentation seed")
     p.add_argument("--val-fraction", type=fraction, default=0.2, help="patients for validation (no official split)")
     p.add_argument("--test-fraction", type=fraction, default=0.25, help="patients held out for the final score")
     p.add_argument("--steps", type=count, default=400, help="training iterations (epochs are derived and logged)")
     p.add_argument("--batch-size", type=count, default=8, help="slices per step")
     p.add_argument("--lr", type=rate, default=8e-3, help="AdamW LR per 64 images (linear scaling)")
-    p.add_argument("--weight-decay", type=data.number(float, 0), default=1e-4, help="AdamW weight decay")
-    p.add_argument("--dropout", type=data.number(float, 0, 0.9), default=0.05, help="dropout in the head towers")
-    p.add_argument("--alpha", type=data.number(float, -1, 1), default=0.9, help="focal alpha (-1: no weighting)")
-    p.add_argument("--gamma", type=data.number(float, 0), default=1.5, help="focal gamma")
+    p.add_argument("--weight-decay", type=utils.number(float, 0), default=1e-4, help="AdamW weight decay")
+    p.add_argument("--dropout", type=utils.number(float, 0, 0.9), default=0.05, help="dropout in the head towers")
+    p.add_argument("--alpha", type=utils.number(float, -1, 1), default=0.9, help="focal alpha (-1: no weighting)")
+    p.add_argument("--gamma", type=utils.number(float, 0), default=1.5, help="focal gamma")
     p.add_argument("--label-smoothing", type=fraction, default=0.05, help="targets y(1 - e) + e/2")
     p.add_argument("--pos-weight", type=rate, default=2.0, help="weight of positive anchors in the focal loss")
     p.add_argument("--cls-weight", type=rate, default=1.0, help="total = this x focal + smooth-L1")
@@ -115,7 +115,7 @@ def get_args(argv=None):
     p.add_argument("--log-every", type=count, default=10, help="progress line + metrics.jsonl every N steps")
     p.add_argument("--n-boot", type=count, default=1000, help="bootstrap resamples (patients) for the CI")
     p.add_argument("--baseline-draws", type=count, default=20, help="random-box baselines averaged")
-    p.add_argument("--trials", type=data.number(int, 0), default=0, help="seeded random search over SEARCH_SPACE "
+    p.add_argument("--trials", type=utils.number(int, 0), default=0, help="seeded random search over SEARCH_SPACE "
                    "(each trial a run in <out>/trial-k); 0: one run with the flags given")
     args = p.parse_args(argv)
     if args.bg_iou > args.fg_iou:
@@ -132,295 +132,23 @@ def get_args(argv=None):
 # -----------------------------------------------------------------------------------------------------------
 # anchors and box coding
 
-def grid_sizes(image_size, patch=14):
-    """P3-P6 side lengths: x2 upsampling, the patch grid, 2x2 max-pool (floor), stride-2 3x3 conv (ceil)."""
-    g = image_size // patch
-    return 2 * g, g, g // 2, (g // 2 + 1) // 2
-
-
-def make_anchors(image_size, grid_sizes):
-    """(A, 4) xyxy anchors, level by level, row-major (y, x), 9 per location ratio-major then scale.
-
-    DBT-DINO's float stride image_size/grid with centres at (i + 0.5) stride (torchvision floors the stride and
-    starts at 0, which puts P6's last centres 0.56 stride off the image's centre line)."""
-    levels = []
-    for g, base in zip(grid_sizes, ANCHOR_SIZES):
-        size = base * image_size / REF
-        wh = torch.tensor([(size * s / math.sqrt(r), size * s * math.sqrt(r))  # area size^2 s^2, h/w = r
-                           for r in ANCHOR_RATIOS for s in ANCHOR_SCALES], dtype=torch.float64)  # (9, 2)
-        cell = torch.cat([-wh / 2, wh / 2], dim=1)  # (9, 4)
-        c = (torch.arange(g, dtype=torch.float64) + 0.5) * (image_size / g)
-        cy, cx = torch.meshgrid(c, c, indexing="ij")  # (g, g)
-        centre = torch.stack([cx, cy, cx, cy], dim=-1).reshape(-1, 1, 4)  # (g*g, 1, 4)
-        levels.append((centre + cell).reshape(-1, 4))  # (g*g*9, 4)
-    return torch.cat(levels).float()
-
-
-def _centre_size(b):
-    w, h = b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]
-    return b[..., 0] + 0.5 * w, b[..., 1] + 0.5 * h, w, h
-
-
-def encode(anchors, boxes):
-    """Regression targets (dx, dy, dw, dh) of xyxy boxes against anchors, torchvision's BoxCoder with weights 1."""
-    ax, ay, aw, ah = _centre_size(anchors)
-    gx, gy, gw, gh = _centre_size(boxes)
-    return torch.stack([(gx - ax) / aw, (gy - ay) / ah, torch.log(gw / aw), torch.log(gh / ah)], dim=-1)
-
-
-def decode(anchors, deltas):
-    """Inverse of encode; dw, dh clamped at log(1000/16) as torchvision, so a wild logit cannot overflow exp."""
-    ax, ay, aw, ah = _centre_size(anchors)
-    cx, cy = ax + deltas[..., 0] * aw, ay + deltas[..., 1] * ah
-    w = aw * deltas[..., 2].clamp(max=BOX_CLAMP).exp()
-    h = ah * deltas[..., 3].clamp(max=BOX_CLAMP).exp()
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
-
 
 # -----------------------------------------------------------------------------------------------------------
 # the model: frozen ViT -> neck (P3-P6) -> shared RetinaNet head
-
-class Neck(nn.Module):
-    """DBT-DINO's pyramid from the last ViT map: 1x1 projection, then P3 (bilinear x2), P4, P5 (max-pool), each a
-    3x3 conv, and P6 a stride-2 3x3 conv on P5. No norms or activations, as the released code."""
-
-    def __init__(self, in_dim, dim):
-        super().__init__()
-        self.lateral = nn.Conv2d(in_dim, dim, 1)
-        self.p3, self.p4, self.p5 = (nn.Conv2d(dim, dim, 3, padding=1) for _ in range(3))
-        self.p6 = nn.Conv2d(dim, dim, 3, stride=2, padding=1)
-
-    def forward(self, x):  # x (B, D, g, g)
-        x = self.lateral(x)  # (B, C, g, g)
-        p3 = self.p3(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))  # (B, C, 2g, 2g)
-        p5 = self.p5(F.max_pool2d(x, 2))  # (B, C, g//2, g//2)
-        return [p3, self.p4(x), p5, self.p6(p5)]
-
-
-class Head(nn.Module):
-    """RetinaNet head shared by all levels: two towers of 4 x (3x3 conv, GroupNorm(32), ReLU, dropout)."""
-
-    def __init__(self, dim, dropout, prior=0.05, n_anchors=9):
-        super().__init__()
-
-        def tower():
-            return nn.Sequential(*[m for _ in range(4) for m in (nn.Conv2d(dim, dim, 3, padding=1, bias=False),
-                                   nn.GroupNorm(32, dim), nn.ReLU(inplace=True), nn.Dropout(dropout))])
-        self.cls_tower, self.box_tower = tower(), tower()
-        self.cls = nn.Conv2d(dim, n_anchors, 3, padding=1)
-        self.box = nn.Conv2d(dim, 4 * n_anchors, 3, padding=1)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):  # DBT-DINO's std 0.001 (torchvision: 0.01)
-                nn.init.normal_(m.weight, std=0.001)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        # the prior: every anchor starts at P(lesion) = prior, so the first focal losses are not swamped by
-        # the ~10^5 easy negatives (Lin et al. 2017)
-        nn.init.constant_(self.cls.bias, -math.log((1 - prior) / prior))
-
-    def forward(self, feats):
-        logits, deltas = [], []
-        for f in feats:
-            B = f.shape[0]  # (B, K, h, w) -> (B, h*w*9, K): the anchors' (y, x, anchor) order
-            logits.append(self.cls(self.cls_tower(f)).permute(0, 2, 3, 1).reshape(B, -1))  # (B, h*w*9)
-            deltas.append(self.box(self.box_tower(f)).permute(0, 2, 3, 1).reshape(B, -1, 4))  # (B, h*w*9, 4)
-        return torch.cat(logits, 1), torch.cat(deltas, 1)  # (B, A), (B, A, 4)
-
-
-class Detector(nn.Module):
-    """Frozen backbone (kept in eval mode, no gradients) + trainable neck and head."""
-
-    def __init__(self, backbone, dim, dropout):
-        super().__init__()
-        self.backbone = backbone.requires_grad_(False).eval()
-        self.neck, self.head = Neck(backbone.embed_dim, dim), Head(dim, dropout)
-
-    def train(self, mode=True):
-        super().train(mode)
-        self.backbone.eval()
-        return self
-
-    def trainable_state(self):
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
-
-    def forward(self, x):  # x (B, 3, S, S) in [0, 1], grey replicated, no ImageNet normalisation (DBT-DINO)
-        with torch.no_grad():
-            f = self.backbone.get_intermediate_layers(x, 1, reshape=True)[0]  # (B, D, g, g)
-        return self.head(self.neck(f.float()))
 
 
 # -----------------------------------------------------------------------------------------------------------
 # matching and losses
 
-def match(anchors, boxes, fg_iou, bg_iou, low_quality=False):
-    """(A,) index of each anchor's box: >= 0 positive (IoU > fg_iou), -1 negative (IoU < bg_iou), -2 ignored."""
-    if len(boxes) == 0:
-        return torch.full((len(anchors),), -1, dtype=torch.long, device=anchors.device)
-    iou = box_iou(boxes, anchors)  # (G, A)
-    best, idx = iou.max(0)
-    matched = idx.clone()
-    matched[best <= fg_iou] = -2
-    matched[best < bg_iou] = -1
-    if low_quality:  # torchvision's rescue of each box's best anchors, except when that best IoU is 0 (its quirk)
-        top = iou.max(1, keepdim=True).values  # (G, 1)
-        rescue = ((iou == top) & (top > 0)).any(0)
-        matched[rescue] = idx[rescue]
-    return matched
-
-
-def focal_terms(logits, targets, alpha, gamma, smoothing=0.0):
-    """Per-element sigmoid focal loss (torchvision) on label-smoothed targets y(1 - e) + e/2."""
-    return sigmoid_focal_loss(logits, targets * (1 - smoothing) + smoothing / 2, alpha=alpha, gamma=gamma,
-                              reduction="none")
-
-
-def detection_loss(logits, deltas, anchors, targets, args, generator=None):
-    """DBT-DINO's loss: focal on the positives (x pos_weight) and neg_ratio x as many sampled negatives (2000 when
-    an image has no positive), smooth-L1 on the positives' deltas, each normalised by max(1, positives) per image
-    and averaged over images. logits (B, A), deltas (B, A, 4), targets: B tensors (G_i, 4) -> named losses."""
-    cls_terms, box_terms = [], []
-    for b, boxes in enumerate(targets):
-        m = match(anchors, boxes, args.fg_iou, args.bg_iou, args.low_quality_matches)
-        pos, neg = torch.nonzero(m >= 0).squeeze(1), torch.nonzero(m == -1).squeeze(1)
-        n_neg = min(len(neg), args.neg_ratio * len(pos) if len(pos) else 2000)
-        neg = neg[torch.randperm(len(neg), generator=generator)[:n_neg]]
-        y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).to(logits.device)
-        focal = focal_terms(logits[b, torch.cat([pos, neg])], y, args.alpha, args.gamma, args.label_smoothing)
-        n = max(1, len(pos))
-        cls_terms.append((focal[:len(pos)].sum() * args.pos_weight + focal[len(pos):].sum()) / n)
-        target = encode(anchors[pos], boxes[m[pos]])  # (P, 4)
-        # beta 1/9: Detectron's RetinaNet value; deltas are small, so torch's beta 1 would be nearly all L2
-        box_terms.append(F.smooth_l1_loss(deltas[b, pos], target, beta=1 / 9, reduction="sum") / n)
-    cls, box = torch.stack(cls_terms).mean(), torch.stack(box_terms).mean()
-    return {"cls": cls, "box": box, "loss": args.cls_weight * cls + box}
-
-
-def postprocess(logits, deltas, anchors, image_size, score_thresh, nms_iou, max_det=100):
-    """Per image of a chunk: sigmoid scores > score_thresh, decoded, clipped, one NMS over all levels (batched by
-    image) -> list of (boxes (n, 4) xyxy, scores (n,)) in input pixels."""
-    scores = logits.sigmoid()  # (B, A)
-    img, a = torch.nonzero(scores > score_thresh, as_tuple=True)
-    boxes = clip_boxes_to_image(decode(anchors[a], deltas[img, a]), (image_size, image_size))
-    score = scores[img, a]
-    keep = remove_small_boxes(boxes, 1.0)
-    img, boxes, score = img[keep], boxes[keep], score[keep]
-    keep = batched_nms(boxes, score, img, nms_iou)  # sorted by score
-    img, boxes, score = img[keep], boxes[keep], score[keep]
-    return [(boxes[img == i][:max_det], score[img == i][:max_det]) for i in range(len(logits))]
-
 
 # -----------------------------------------------------------------------------------------------------------
 # data: the BCS-DBT CSVs read as published, slices through data.read_dbt in the official orientation
-
-SPLIT_NAMES = {"train": "train", "validation": "val", "val": "val", "test": "test"}
-BOX_FIELDS = ("X", "Y", "Width", "Height", "Slice", "VolumeSlices")
-
-
-def _csvs(root, kind):
-    """{split or None: path} of the CSVs in root whose name contains kind (the last name wins: -v2 over -v1)."""
-    found = {}
-    for p in sorted(Path(root).glob("*.csv")):
-        name = p.name.lower()
-        if kind in name:
-            rest = name.replace(kind, "")
-            found[next((v for k, v in SPLIT_NAMES.items() if k in rest), None)] = p
-    return found
-
-
-def _rows(path, columns):
-    rows = data.read_csv(path)
-    missing = [c for c in columns if rows and c not in rows[0]]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
-    return rows
-
-
-def _key(r):
-    return r["PatientID"], r["StudyUID"], r["View"]
-
-
-def _boxes_by_volume(files):
-    """(PatientID, StudyUID, View) -> box rows, numeric fields parsed (a bad number is an error naming the row)."""
-    out = {}
-    for path in files:
-        for i, r in enumerate(_rows(path, ("PatientID", "StudyUID", "View") + BOX_FIELDS)):
-            try:
-                num = {k: float(r[k]) for k in BOX_FIELDS}
-            except (TypeError, ValueError):
-                raise ValueError(f"{path}: row {i + 1}: a box field of {BOX_FIELDS} is not a number") from None
-            out.setdefault(_key(r), []).append(dict(r, **num))
-    return out
-
-
-def load_volumes(root):
-    """One dict per labels row: key, patient, path, view, split, header sizes, boxes (raw rows and clipped xyxy).
-    Rows whose file is missing or unreadable are reported once each and skipped; returns (volumes, skipped)."""
-    paths, labels = _csvs(root, "file-paths"), _csvs(root, "labels")
-    if not paths or not labels:
-        raise FileNotFoundError(f"{root}: no *file-paths*.csv and *labels*.csv (the BCS-DBT layout)")
-    where = {}
-    for split, p in paths.items():
-        for r in _rows(p, ("PatientID", "StudyUID", "View", "descriptive_path")):
-            rel = r["descriptive_path"]
-            if not (rel and (Path(root) / rel).exists()) and r.get("classic_path"):
-                rel = r["classic_path"]  # a tree downloaded in TCIA's classic layout
-            where[_key(r)] = (rel, split)
-    boxes = _boxes_by_volume(_csvs(root, "boxes").values())
-    volumes, skipped, dropped = [], 0, 0
-    for split, p in labels.items():
-        for r in _rows(p, ("PatientID", "StudyUID", "View")):
-            rel, path_split = where.get(_key(r), ("", None))
-            try:
-                if not rel:
-                    raise ValueError(f"{p}: volume {_key(r)} has no file-paths row")
-                meta = data.index_volume(Path(root) / rel)
-            except (ValueError, OSError) as e:
-                data.log(f"skipped: {e}")
-                skipped += 1
-                continue
-            vol = dict(key=_key(r), patient=r["PatientID"], path=str(Path(root) / rel), view=r["View"],
-                       split=split or path_split, rows=meta["rows"], cols=meta["cols"], n_slices=meta["n_frames"],
-                       raw_boxes=boxes.get(_key(r), []))
-            vol["boxes"] = _clip_boxes(vol)
-            dropped += len(vol["raw_boxes"]) - len(vol["boxes"])
-            volumes.append(vol)
-    if not volumes:
-        raise ValueError(f"{root}: none of the listed volumes could be read ({skipped} skipped)")
-    if skipped or dropped:
-        data.log(f"{skipped} volume(s) skipped (missing or unreadable file), {dropped} zero-size box(es) dropped")
-    return volumes, skipped
-
-
-def _clip_boxes(vol):
-    """Boxes as [x0, y0, x1, y1, slice, class] clipped to the image; zero-size or out-of-volume boxes dropped."""
-    out = []
-    for b in vol["raw_boxes"]:
-        x0, y0 = max(b["X"], 0.0), max(b["Y"], 0.0)
-        x1, y1 = min(b["X"] + b["Width"], vol["cols"]), min(b["Y"] + b["Height"], vol["rows"])
-        if x1 > x0 and y1 > y0 and 0 <= b["Slice"] < vol["n_slices"]:
-            out.append([x0, y0, x1, y1, int(b["Slice"]), b.get("Class", "")])
-    return out
-
-
-def split_volumes(volumes, val_fraction, test_fraction, seed):
-    """{train, val, test}: the CSVs' split when they name one, else whole patients, seeded and stratified by
-    whether a patient has any box (lesions are rare; an unlucky split could leave validation without any)."""
-    if all(v["split"] for v in volumes) and {"train", "val"} <= {v["split"] for v in volumes}:
-        return {s: [v for v in volumes if v["split"] == s] for s in ("train", "val", "test")}
-    rng, part = np.random.default_rng(seed), {}
-    positive = {v["patient"] for v in volumes if v["boxes"]}
-    for group in (sorted(positive), sorted({v["patient"] for v in volumes} - positive)):
-        group = [group[i] for i in rng.permutation(len(group))]
-        n_test, n_val = round(len(group) * test_fraction), round(len(group) * val_fraction)
-        part.update({p: "test" if i < n_test else "val" if i < n_test + n_val else "train"
-                     for i, p in enumerate(group)})
-    return {s: [v for v in volumes if part[v["patient"]] == s] for s in ("train", "val", "test")}
 
 
 def read_resized(vol, frames, size):
     """Slices `frames` of a volume in the official BCS-DBT orientation, resized (aspect not kept, as DBT-DINO)
     -> (n, 1, size, size) float32 in [0, 1]."""
-    x, _ = data.read_dbt(vol["path"], frames=frames, view=vol["view"])  # (n, H, W)
+    x, _ = dicom.read_dbt(vol["path"], frames=frames, view=vol["view"])  # (n, H, W)
     return F.interpolate(torch.from_numpy(x)[:, None], size=(size, size), mode="bilinear", align_corners=False,
                          antialias=True)
 
@@ -480,7 +208,7 @@ def zoom(img, boxes, f, rng):
     n = max(1, round(S * f))
     b = boxes * (n / S)
     w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
-    lo_w, hi_w, lo_h, hi_h = (v * S / REF for v in SIZE_LIMITS)
+    lo_w, hi_w, lo_h, hi_h = (v * S / retinanet.REF for v in SIZE_LIMITS)
     if ((w < lo_w) | (w > hi_w) | (h < lo_h) | (h > hi_h)).any():
         return img, boxes
     big = F.interpolate(img[None], size=(n, n), mode="bilinear", align_corners=False, antialias=n < S)[0]
@@ -506,7 +234,7 @@ def _crop_offset(rng, room, lo, hi, S):
 
 def coarse_dropout(img, boxes, rng):
     """15-20 black rectangles of 20-40 px (at 518) that never cover a lesion."""
-    S, k = img.shape[-1], img.shape[-1] / REF
+    S, k = img.shape[-1], img.shape[-1] / retinanet.REF
     img = img.clone()
     for _ in range(rng.integers(15, 21)):
         w, h = (int(v) for v in rng.integers(round(20 * k), round(40 * k) + 1, 2))
@@ -573,7 +301,7 @@ def predict_volume(det, anchors, vol, args, device, cache):
             image = x[mid - start, 0]  # (S, S), the central slice, for the mask
         with _autocast(device, args.amp):
             logits, deltas = det(x.to(device).expand(-1, 3, -1, -1))
-        dets = postprocess(logits.float(), deltas.float(), anchors, args.image_size, args.score_thresh, args.nms_iou)
+        dets = retinanet.postprocess(logits.float(), deltas.float(), anchors, args.image_size, args.score_thresh, args.nms_iou)
         for f, (b, s) in zip(frames, dets):
             slices.append(torch.full((len(s),), f))
             boxes.append(to_original(vol, b.cpu(), args.image_size))
@@ -597,7 +325,7 @@ def aggregate(dets, vol, s, t, max_keep=8, min_slices=2):
     sl, bx, sc = dets["slices"].numpy()[order], dets["boxes"].numpy()[order], sc[order]
     area = (bx[:, 2] - bx[:, 0]) * (bx[:, 3] - bx[:, 1])  # (n,)
     window, free, cands = vol["n_slices"] / 4, np.ones(len(sc), dtype=bool), []
-    ref = np.array([REF / vol["cols"], REF / vol["rows"]])  # the size limits are at 518 px
+    ref = np.array([retinanet.REF / vol["cols"], retinanet.REF / vol["rows"]])  # the size limits are at 518 px
     for i in range(len(sc)):
         if not free[i]:
             continue
@@ -649,7 +377,7 @@ def paper_variant(volumes, cands):
     pos = [(v, c) for v, c in zip(volumes, cands) if v["raw_boxes"]]
     if not pos:
         return {}
-    scaled = lambda v, r, keys: {k: r[k] * REF / (v["cols"] if k in ("X", "Width") else v["rows"]) for k in keys}
+    scaled = lambda v, r, keys: {k: r[k] * retinanet.REF / (v["cols"] if k in ("X", "Width") else v["rows"]) for k in keys}
     boxes = [dict(b, **scaled(v, b, ("X", "Width", "Y", "Height"))) for v, _ in pos for b in v["raw_boxes"]]
     preds = [dict(r, Z=c["median"], Depth=1, **scaled(v, r, ("X", "Width", "Y", "Height")))
              for v, cs in pos for r, c in zip(submission_rows(v, cs), cs)]
@@ -732,7 +460,7 @@ def draw_froc(path, curves, max_fps=6.0):
         pts = [px(min(f, max_fps), s) for f, s in zip(fps, sens)] + [px(max_fps, sens[-1])]
         d.line([px(0, 0)] + pts, fill=colour, width=2)
         d.text((W - 250, 20 + 16 * i), label, fill=colour)
-    metrics.save_png(img, path)
+    utils.save_png(img, path)
 
 
 def draw_examples(path, volumes, cands, cache, size, n=4):
@@ -760,7 +488,7 @@ def draw_examples(path, volumes, cands, cache, size, n=4):
         sheet = Image.new("RGB", (size * len(tiles), size))
         for i, t in enumerate(tiles):
             sheet.paste(t, (i * size, 0))
-        metrics.save_png(sheet, path)
+        utils.save_png(sheet, path)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -798,20 +526,20 @@ def train(det, anchors, split, cache, args, device, ckpt=None):
     lr_at = lambda step: 1e-6 + (lr - 1e-6) * 0.5 * (1 + math.cos(math.pi * step / args.steps))  # eta_min 1e-6
     ckpt_path, start = os.path.join(args.out, "ckpt.pt"), 0
     state = dict(best=None, best_score=-1.0, best_step=0, bad_evals=0)
-    writer = metrics.JsonlWriter(os.path.join(args.out, "metrics.jsonl"))
+    writer = utils.JsonlWriter(os.path.join(args.out, "metrics.jsonl"))
     if ckpt:  # checked by load_resume; the heads are in det already (main)
         opt.load_state_dict(ckpt["optimizer"])
         start, state = ckpt["step"], ckpt["early_stop"]
         writer.truncate_after(start)
-        data.log(f"resumed from {ckpt_path} at step {start}")
-    data.log(f"{len(samples)} annotated + {len(negatives)} negative training slices, {len(split['val'])} validation "
+        utils.log(f"resumed from {ckpt_path} at step {start}")
+    utils.log(f"{len(samples)} annotated + {len(negatives)} negative training slices, {len(split['val'])} validation "
              f"volumes; lr {lr:.2e} (= {args.lr:g} x {args.batch_size}/64)")
-    progress, window, t_train = metrics.Progress(args.steps, start), [], 0.0
+    progress, window, t_train = utils.Progress(args.steps, start), [], 0.0
     done = start  # the last step run: early stopping may end before args.steps
     for step in range(start, args.steps):
         if state["bad_evals"] >= args.patience:
             break
-        data.seed_everything(args.seed + 65536 * step)  # dropout, noise and anchor sampling from (seed, step)
+        utils.seed_everything(args.seed + 65536 * step)  # dropout, noise and anchor sampling from (seed, step)
         t0 = time.perf_counter()
         images, targets = make_batch(samples, negatives, split["train"], cache, step, args)
         t1 = time.perf_counter()
@@ -819,7 +547,7 @@ def train(det, anchors, split, cache, args, device, ckpt=None):
             g["lr"] = lr_at(step)
         with _autocast(device, args.amp):
             logits, deltas = det(images.to(device))
-        losses = detection_loss(logits.float(), deltas.float(), anchors, [b.to(device) for b in targets], args)
+        losses = retinanet.detection_loss(logits.float(), deltas.float(), anchors, [b.to(device) for b in targets], args)
         if not torch.isfinite(losses["loss"]):
             terms = ", ".join(f"{k} {float(v)}" for k, v in losses.items())
             sys.exit(f"error: non-finite loss at step {step}: {terms}")
@@ -832,7 +560,7 @@ def train(det, anchors, split, cache, args, device, ckpt=None):
         if done % args.log_every == 0 or done == args.steps:
             values = {k: float(v.detach()) for k, v in losses.items()}
             ms, data_ms = (1e3 * float(np.median([w[i] for w in window])) for i in (0, 1))
-            data.log(progress.line(done, dict(values, lr=lr_at(step)), args.batch_size / (ms / 1e3), ms, data_ms))
+            utils.log(progress.line(done, dict(values, lr=lr_at(step)), args.batch_size / (ms / 1e3), ms, data_ms))
             writer.write(dict(step=done, split="train", time=time.time(), epoch=done * args.batch_size / len(samples),
                               **values, lr=lr_at(step)))
             window = []
@@ -843,12 +571,12 @@ def train(det, anchors, split, cache, args, device, ckpt=None):
                 state.update(best=best, best_score=score, best_step=done, bad_evals=0, best_setting=setting)
             else:
                 state["bad_evals"] += 1
-            data.log(f"step {done}: val mean sensitivity {score:.4f} ({setting}); best {state['best_score']:.4f} "
+            utils.log(f"step {done}: val mean sensitivity {score:.4f} ({setting}); best {state['best_score']:.4f} "
                      f"at step {state['best_step']}")
             writer.write(dict(step=done, split="val", time=time.time(), mean_sensitivity=score, **setting))
-            model.save_checkpoint(ckpt_path, dict(version=1, step=done, args=vars(args), heads=det.trainable_state(),
+            utils.save_checkpoint(ckpt_path, dict(version=1, step=done, args=vars(args), heads=det.trainable_state(),
                                                   optimizer=opt.state_dict(), early_stop=state))
-            metrics.draw_curves(os.path.join(args.out, "curves.png"), writer.read(), CURVES, title=f"detect.py: "
+            utils.draw_curves(os.path.join(args.out, "curves.png"), writer.read(), CURVES, title=f"detect.py: "
                                 f"{args.out}, step {done}/{args.steps}, validation mean sensitivity (official rules)")
     epochs, run_epochs = (n * args.batch_size / len(samples) for n in (done, done - start))  # t_train: this run's
     return state, dict(train_s=t_train, epochs=epochs, s_per_epoch=t_train / run_epochs if run_epochs else None)
@@ -867,15 +595,15 @@ def evaluate(det, anchors, split, cache, args, device, timing, chosen=None):
     cands = [aggregate(d, v, **setting) for d, v in zip(dets, held)]
     rows = [r for v, c in zip(held, cands) for r in submission_rows(v, c)]
     cols = ["PatientID", "StudyUID", "View", "X", "Width", "Y", "Height", "Z", "Depth", "Score"]
-    metrics.atomic_write(os.path.join(args.out, "predictions.csv"), metrics.csv_text(rows, cols))
+    utils.atomic_write(os.path.join(args.out, "predictions.csv"), utils.csv_text(rows, cols))
     result = dict(split=name, volumes=len(held), thresholds=dict(setting, val_mean_sensitivity=val_score),
                   seconds_per_slice_inference=per_slice, **timing)
     if not split["test"]:  # --test-fraction 0, or official CSVs without a test file
         result["warning"] = ("no test split: the score is on the validation split that chose the early-stopping "
                              "step and the thresholds, so it is optimistic")
-        data.log(f"WARNING: {result['warning']}")
+        utils.log(f"WARNING: {result['warning']}")
     if not any(v["raw_boxes"] for v in held):
-        data.log(f"{name}: no ground-truth boxes; wrote predictions.csv only")
+        utils.log(f"{name}: no ground-truth boxes; wrote predictions.csv only")
         return result
     labels, boxes = truth_rows(held)
     result["official"] = official_score(held, rows)
@@ -902,7 +630,7 @@ def evaluate(det, anchors, split, cache, args, device, timing, chosen=None):
 
 def load_backbone(args):
     """The frozen ViT and a line saying where it came from; no --backbone: newest runs/*/backbone.pth, else random."""
-    path, how = model.backbone_file(args.backbone)
+    path, how = utils.backbone_file(args.backbone)
     torch.manual_seed(args.seed)  # a random backbone is the same in every run of this seed (resume relies on it)
     vit = model.build(args.model)
     source = f"backbone: RANDOM {args.model} ViT ({how}): untrained features, a plumbing check, not DBT-DINO"
@@ -910,7 +638,7 @@ def load_backbone(args):
         model.load_pretrained(vit, path)
         source = f"backbone: {args.model} from {path} (frozen, {how})"
     if args.compile:  # after the weights are in: the compiled blocks run whatever the module holds
-        model.compile_blocks(vit, log=data.log)
+        model.compile_blocks(vit, log=utils.log)
     return vit, source
 
 
@@ -922,13 +650,13 @@ RESUME_FREE = ("out", "resume", "overwrite", "device", "amp", "compile", "chunk"
 def load_resume(path, args):
     """ckpt.pt -> dict, checked as pretrain.py's: a file that is not a detect.py checkpoint, or one whose run flags
     (data, split, model, training, validation grid) differ from these, is one error naming the file and the flags."""
-    ckpt = model.read_checkpoint(path)  # a corrupt file is one line naming it
+    ckpt = utils.read_checkpoint(path)  # a corrupt file is one line naming it
     need = {"heads", "optimizer", "step", "early_stop", "args"}
     have = set(ckpt) if isinstance(ckpt, dict) else set()
     if not need <= have:
         raise ValueError(f"{path}: not a detect.py ckpt.pt (it lacks {sorted(need - have)}); --resume auto continues "
                          "a detect.py run, --overwrite starts afresh")
-    metrics.check_resume_flags(path, ckpt["args"], args, [k for k in vars(args) if k not in RESUME_FREE])
+    utils.check_resume_flags(path, ckpt["args"], args, [k for k in vars(args) if k not in RESUME_FREE])
     return ckpt
 
 
@@ -940,14 +668,14 @@ def main(args):
     # tiny on a CPU: 336 px (a 24 x 24 patch grid) shrinks a 768-px phantom 2.3x, so its smallest lesions (~36 px)
     # stay ~16 px, the size of the smallest P3 anchors (16 x 336/518 x 1-1.6); at 224 they would fall below them,
     # and 518 costs 2.4x the head compute of 336 per slice
-    args.image_size = args.image_size or (REF if hub else 336)
+    args.image_size = args.image_size or (retinanet.REF if hub else 336)
     args.channels = args.channels or (256 if hub else 64)
     backbone, source = load_backbone(args)  # checked before the (slow, once) phantom archive is built
-    args.backbone = model.backbone_file(args.backbone)[0] or "random"  # the file used: a resume checks it
+    args.backbone = utils.backbone_file(args.backbone)[0] or "random"  # the file used: a resume checks it
     if args.data == "synthetic":
         S, H, W = args.synthetic_size
         name = f"detect-p{args.synthetic_patients}-s{args.synthetic_seed}-{S}x{H}x{W}-l{args.synthetic_lesions:g}"
-        root = data.synthetic_archive(data.cache_base() / name, args.synthetic_patients, args.synthetic_seed,
+        root = phantoms.synthetic_archive(utils.cache_base() / name, args.synthetic_patients, args.synthetic_seed,
                                       (S, H, W), args.synthetic_lesions)
     elif not os.path.isdir(args.data):
         raise FileNotFoundError(f"{args.data}: no such folder")
@@ -955,26 +683,26 @@ def main(args):
         root = args.data
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     ckpt = load_resume(ckpt_path, args) if args.resume == "auto" and os.path.exists(ckpt_path) else None
-    stale = [] if ckpt else metrics.check_run_folder(args.out, "ckpt.pt", args.overwrite, "detect.py", (
+    stale = [] if ckpt else utils.check_run_folder(args.out, "ckpt.pt", args.overwrite, "detect.py", (
         "metrics.json", "predictions.csv", "froc.png", "examples.png", "curves.png"))
-    volumes, skipped = load_volumes(root)
-    split = split_volumes(volumes, args.val_fraction, args.test_fraction, args.seed)
+    volumes, skipped = cohorts.load_volumes(root)
+    split = cohorts.split_volumes(volumes, args.val_fraction, args.test_fraction, args.seed)
     if not split["val"]:
         raise ValueError(f"{root}: no validation volumes; raise --val-fraction")
-    det = Detector(backbone, args.channels, args.dropout).to(device)
+    det = retinanet.Detector(backbone, args.channels, args.dropout).to(device)
     if ckpt:
         try:
             det.load_state_dict(ckpt["heads"], strict=False)
         except RuntimeError as e:  # the flags fit but the weights do not: a hand-edited or foreign file
             why = " ".join(str(e).split())[:200]
             raise ValueError(f"{ckpt_path}: its heads do not fit the model ({why})") from None
-    data.log(f"*** {source} ***")
+    utils.log(f"*** {source} ***")
     # only now: a refused start leaves the run's args.json (and with --overwrite the old run's files) alone
-    metrics.write_args(args.out, args, "detect.py", stale, backbone_source=source, torch=torch.__version__,
+    utils.write_args(args.out, args, "detect.py", stale, backbone_source=source, torch=torch.__version__,
                        skipped_volumes=skipped)
-    data.log(f"{root}: " + ", ".join(f"{k} {len(v)} volumes ({sum(len(x['boxes']) for x in v)} boxes)"
+    utils.log(f"{root}: " + ", ".join(f"{k} {len(v)} volumes ({sum(len(x['boxes']) for x in v)} boxes)"
                                      for k, v in split.items()) + f"; {args.image_size} px on {device}")
-    anchors = make_anchors(args.image_size, grid_sizes(args.image_size, backbone.patch_size)).to(device)
+    anchors = retinanet.make_anchors(args.image_size, retinanet.grid_sizes(args.image_size, backbone.patch_size)).to(device)
     cache = SliceCache(args.image_size)
     state, timing = train(det, anchors, split, cache, args, device, ckpt)
     if state["best"] is not None:
@@ -982,7 +710,7 @@ def main(args):
     chosen = (state["best_setting"], state["best_score"]) if state.get("best_setting") else None
     result = evaluate(det, anchors, split, cache, args, device, dict(timing, best_step=state["best_step"]), chosen)
     result["backbone"] = source
-    metrics.atomic_write(os.path.join(args.out, "metrics.json"), json.dumps(result, indent=1) + "\n")
+    utils.atomic_write(os.path.join(args.out, "metrics.json"), json.dumps(result, indent=1) + "\n")
     _report(result, args.out)
     return result
 
@@ -991,14 +719,14 @@ def _report(r, out):
     if "official" not in r:
         return
     o, ci, b = r["official"], r["mean_sensitivity_ci95"], r["random_baseline"]
-    data.log(f"{r['split']} ({r['volumes']} volumes), official DBTex: mean sensitivity "
+    utils.log(f"{r['split']} ({r['volumes']} volumes), official DBTex: mean sensitivity "
              f"{o['mean_sensitivity_positive']:.3f}"
              f" (95% CI {ci[0]:.3f}-{ci[1]:.3f}, patients resampled), sens@2FP all {o['sensitivity_at_2_fps_all']:.3f};"
              f" random boxes {b['mean_sensitivity_mean']:.3f} +- {b['sd']:.3f}")
-    data.log(f"paper variant (NOT official): {r['paper_variant_NOT_official']}; by class @4FP: "
+    utils.log(f"paper variant (NOT official): {r['paper_variant_NOT_official']}; by class @4FP: "
              f"{r['sensitivity_at_4_fps_by_class']}; written to {out}")
     if "warning" in r:  # repeated under the score it qualifies
-        data.log(f"WARNING: {r['warning']}")
+        utils.log(f"WARNING: {r['warning']}")
 
 
 def _sample(rng, kind, a, b=None):
@@ -1024,35 +752,9 @@ def search(args):
         r = json.load(open(done)) if os.path.exists(done) else main(trial)
         results.append(dict(trial=k, val_mean_sensitivity=r["thresholds"]["val_mean_sensitivity"], **drawn))
         results.sort(key=lambda x: -x["val_mean_sensitivity"])
-        metrics.atomic_write(os.path.join(args.out, "trials.json"), json.dumps(results, indent=1) + "\n")
-    data.log(f"best trial: {results[0]} -> {args.out}/trial-{results[0]['trial']}")
+        utils.atomic_write(os.path.join(args.out, "trials.json"), json.dumps(results, indent=1) + "\n")
+    utils.log(f"best trial: {results[0]} -> {args.out}/trial-{results[0]['trial']}")
     return results
-
-
-@torch.no_grad()
-def time_inference(device, image_size=518, n_slices=64, name="vitb14", channels=256, chunk=16):
-    """Volume inference throughput on random slices, for bench.py: backbone + neck + head + score threshold.
-    NMS is left out of the figure on purpose: an untrained head scores every anchor near its 0.05 prior, so NMS
-    would sort ~10^4 boxes per slice, a cost a trained detector (a few boxes above threshold) never pays."""
-    device = torch.device(device)
-    det = Detector(model.build(name), channels, 0.0).to(device).eval()
-    anchors = make_anchors(image_size, grid_sizes(image_size)).to(device)
-    x = torch.rand(chunk, 3, image_size, image_size, device=device)
-    with _autocast(device):
-        det(x[:2])  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(math.ceil(n_slices / chunk)):
-        with _autocast(device):
-            logits, deltas = det(x)
-        postprocess(logits.float(), deltas.float(), anchors, image_size, 0.5, 0.2)  # 0.5: no untrained box passes
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    n = math.ceil(n_slices / chunk) * chunk
-    return dict(model=name, image_size=image_size, slices=n, seconds=seconds, slices_per_s=n / seconds,
-                dtype="bf16" if device.type == "cuda" else "fp32")
 
 
 if __name__ == "__main__":

@@ -18,16 +18,16 @@ Array functions raise ValueError naming the argument; table readers name the fil
 
 import argparse
 import csv
-import io
 import json
 import os
-import subprocess
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 from scipy import stats
+
+import utils
 
 # -----------------------------------------------------------------------------
 # classification metrics
@@ -400,223 +400,81 @@ def density_probe_cv(feats, labels, groups, folds=5, ridge=10.0):
 # logging helpers
 
 
-class Progress:
-    """One progress line: step/total, each loss/term, lr, img/s, ms/step (median over window), data ms, ETA, GPU mem.
-
-    `values` holds the loss terms (printed in the given order) and optionally "lr"; `step_ms` is the median
-    ms/step of the caller's log window. ETA extrapolates the wall time per step since construction.
-    """
-
-    def __init__(self, total_steps: int, start_step: int = 0):
-        self.total, self.start, self.t0 = total_steps, start_step, time.monotonic()
-
-    def line(self, step: int, values: dict, images_per_s: float, step_ms: float, data_ms: float,
-             mem_gb: float | None = None) -> str:
-        values = dict(values)
-        lr = values.pop("lr", None)
-        done = max(step - self.start, 1)  # resumed runs: only steps run in this process count towards the rate
-        eta_min = int((time.monotonic() - self.t0) / done * max(self.total - step, 0) / 60)
-        parts = [f"step {step}/{self.total}", " ".join(f"{k} {float(v):.4g}" for k, v in values.items())]
-        if lr is not None:
-            parts.append(f"lr {float(lr):.1e}")
-        parts += [f"{images_per_s:.0f} img/s", f"{step_ms:.0f} ms/step", f"data {data_ms:.0f} ms",
-                  f"eta {eta_min // 60}h{eta_min % 60:02d}m"]
-        if mem_gb is not None:
-            parts.append(f"mem {mem_gb:.1f}G")
-        return " | ".join(parts)
-
-
-class JsonlWriter:
-    """Append-only JSON-lines metrics file: one object per call, flushed at once so a crash loses nothing."""
-
-    def __init__(self, path):
-        self.path = str(path)
-        if os.path.dirname(self.path):
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-
-    def write(self, record: dict) -> None:
-        # default=float turns numpy/torch scalars (not JSON-serialisable themselves) into plain floats
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
-
-    def truncate_after(self, step: int) -> int:
-        """Drop the records logged after `step` (a resumed run redoes those steps), atomically; returns how many.
-        A torn last line from a crash mid-write is dropped too."""
-        if not os.path.exists(self.path):
-            return 0
-        parsed, n_lines = self._parsed()
-        keep = [line for line, record in parsed if record.get("step", 0) <= step]
-        atomic_write(self.path, "".join(k + "\n" for k in keep))
-        return n_lines - len(keep)
-
-    def read(self) -> list:
-        """The records written so far (a torn last line from a crash is left out)."""
-        return [record for _, record in self._parsed()[0]]
-
-    def _parsed(self):
-        """([(line, record)] of the whole lines, number of lines); a torn last line from a crash is left out."""
-        if not os.path.exists(self.path):
-            return [], 0
-        with open(self.path) as f:
-            lines = f.read().splitlines()
-        parsed = []
-        for line in lines:
-            try:
-                parsed.append((line, json.loads(line)))
-            except json.JSONDecodeError:
-                continue
-        return parsed, len(lines)
-
-
-CURVE_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-
-
-def draw_curves(path, records, panels, baselines=None, title="", columns=3):
-    """curves.png from metrics.jsonl records, written atomically: one panel per (split, key) in `panels` that the
-    records hold, the key against step with the panel's own y range, and baselines[key] (another key of the same
-    records, e.g. the majority-class rate) dashed grey. Returns {key: (x0, y0, x1, y1, step_lo, step_hi, lo, hi)}:
-    each panel's plot box in pixels and the data ranges mapped onto it (y up)."""
-    baselines, W, H, m = baselines or {}, 300, 170, 56  # panel size and its left margin (y labels), px
-    series = []
-    for split, key in panels:
-        pts = [(r["step"], float(r[key])) for r in records if r.get("split") == split and _number(r.get(key))]
-        ref = [(r["step"], float(r[baselines[key]])) for r in records
-               if key in baselines and r.get("split") == split and _number(r.get(baselines[key]))]
-        if pts:
-            series.append((key, pts, ref))
-    rows = max(1, -(-len(series) // columns))
-    img = Image.new("RGB", (columns * W, rows * H + 30), "white")
-    d = ImageDraw.Draw(img)
-    d.text((10, 8), title, fill="black")
-    boxes = {}
-    for n, (key, pts, ref) in enumerate(series):
-        x0, y0 = (n % columns) * W + m, 30 + (n // columns) * H + 20
-        x1, y1 = x0 + W - m - 15, y0 + H - m - 15
-        steps, values = [p[0] for p in pts + ref], [p[1] for p in pts + ref]
-        s_lo, s_hi, lo, hi = min(steps), max(steps), min(values), max(values)
-        if not hi - lo > 1e-12 * max(1.0, abs(lo), abs(hi)):  # a flat line: centre it (relative: 1e30 + 0.5 == 1e30)
-            pad = 0.5 * max(1.0, abs(hi))
-            lo, hi = lo - pad, hi + pad
-        if s_hi == s_lo:  # one record: its point in the middle of the panel
-            s_lo, s_hi = s_lo - 1, s_hi + 1
-        if len(ref) == 1:  # one baseline value: a line across the panel
-            ref = [(s_lo, ref[0][1]), (s_hi, ref[0][1])]
-        px = lambda s, v: (x0 + (s - s_lo) / (s_hi - s_lo) * (x1 - x0), y1 - (v - lo) / (hi - lo) * (y1 - y0))
-        d.rectangle((x0 - 4, y0 - 6, x1 + 4, y1 + 6), outline="grey")  # a little outside: lines on the edge show
-        d.text((x0, y0 - 20), key + (f" (dashed: {baselines[key]})" if ref else ""), fill="black")
-        d.text((x0 - m + 4, y0 - 4), f"{hi:.3g}", fill="black")
-        d.text((x0 - m + 4, y1 - 8), f"{lo:.3g}", fill="black")
-        d.text((x0, y1 + 8), str(int(s_lo)), fill="black")
-        d.text((x1 - 30, y1 + 8), str(int(s_hi)), fill="black")
-        for (sa, va), (sb, vb) in zip(ref, ref[1:]):  # dashed: every other tenth of each segment
-            for k in range(0, 10, 2):
-                a, b = k / 10, (k + 1) / 10
-                d.line([px(sa + a * (sb - sa), va + a * (vb - va)), px(sa + b * (sb - sa), va + b * (vb - va))],
-                       fill=(150, 150, 150))
-        colour = CURVE_COLOURS[n % len(CURVE_COLOURS)]
-        if len(pts) == 1:
-            cx, cy = px(*pts[0])
-            d.ellipse((cx - 3, cy - 3, cx + 3, cy + 3), fill=colour)
-        d.line([px(s, v) for s, v in pts], fill=colour, width=2)
-        boxes[key] = (x0, y0, x1, y1, s_lo, s_hi, lo, hi)
-    save_png(img, path)
-    return boxes
-
-
-def _number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
-
-
 # -----------------------------------------------------------------------------
 # run folders: shared by every script, so a run is never silently overwritten and never half-written
 
-def atomic_write(path, text: str) -> None:
-    """Write-then-rename: a crash leaves the old file or the new one, never a mixture."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+
+# -----------------------------------------------------------------------------
+# compare: paired tests between probe runs
+
+YEARS = 5  # the risk horizon of probe.py's heads: one AUROC per year 1..5
 
 
-def csv_text(rows, columns=None):
-    """Row dicts as CSV text (header first), quoted where a value needs it: an exam or patient ID may hold a
-    comma. columns: the header and its order (default: the first row's keys)."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    columns = list(columns or rows[0])
-    w.writerow(columns)
-    w.writerows([r[c] for c in columns] for r in rows)
-    return buf.getvalue()
-
-
-def save_png(img, path) -> None:
-    """A Pillow image to `path`, write-then-rename like atomic_write: a crash leaves the old picture or the new one."""
-    tmp = f"{path}.tmp.{os.getpid()}.png"
-    img.save(tmp)
-    os.replace(tmp, path)
-
-
-def git_sha():
-    """HEAD of the checkout this file lives in, whatever the working directory; None outside a checkout."""
-    here = os.path.dirname(os.path.abspath(__file__))
+def load_run(folder):
+    folder = Path(folder)
     try:
-        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
+        report = json.loads((folder / "metrics.json").read_text())
+        with open(folder / "predictions.csv", newline="", encoding="utf-8-sig") as fh:
+            preds = {r["exam"]: r for r in csv.DictReader(fh)}
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{folder}: not a finished probe run ({Path(e.filename).name} missing)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error, KeyError):
+        raise ValueError(f"{folder}: metrics.json or predictions.csv is not a probe run's") from None
+    if not isinstance(report, dict) or "task" not in report:
+        raise ValueError(f"{folder}: metrics.json is not a probe run's (no task)")
+    return report, preds
 
 
-RUN_FILES = ("ckpt.pt", "metrics.jsonl", "args.json")  # what every run folder holds and a new run would mix with
+def pair_tests(task, preds, names, exams, rule):
+    """Every pair of runs on the common exams: McNemar on correctness (density), DeLong per year (risk)."""
+    pairs = [(a, b) for a in range(len(names)) for b in range(a + 1, len(names))]
+    if task == "density":
+        correct = [np.array([p[e]["pred"] == p[e]["density"] for e in exams]) for p in preds]
+        return [dict(a=names[a], b=names[b], metric="accuracy", value_a=float(correct[a].mean()),
+                     value_b=float(correct[b].mean()), p=mcnemar(correct[a], correct[b])) for a, b in pairs]
+    tests = []
+    first = preds[0]
+    ytc = np.array([float(first[e]["years_to_cancer"] or "inf") for e in exams])
+    yfu = np.array([float(first[e]["years_of_followup"]) for e in exams])
+    scores = [np.array([[float(p[e][f"p{k}"]) for k in range(1, YEARS + 1)] for e in exams]) for p in preds]
+    for k in range(1, YEARS + 1):
+        keep, label = risk_year_cases(ytc, yfu, k, YEARS, rule)
+        if label[keep].sum() < 2 or (~label[keep]).sum() < 2:
+            utils.log(f"compare: year {k} has too few positives or negatives for DeLong; left out")
+            continue
+        for a, b in pairs:
+            auc_a, auc_b, p = delong_test(label[keep], scores[a][keep, k - 1], scores[b][keep, k - 1])
+            tests.append(dict(a=names[a], b=names[b], metric=f"auroc_year{k}", value_a=auc_a, value_b=auc_b, p=p))
+    return tests
 
 
-def check_run_folder(out, marker="ckpt.pt", overwrite=False, script=None, outputs=()):
-    """A fresh run refuses, with one line that says what to do, a folder holding `marker` (a finished or interrupted
-    run) or, given `script`, an args.json another script wrote: probe.py pointed at its backbone's pretraining
-    folder would otherwise erase that run's metrics.jsonl. With overwrite it returns the old run's files (RUN_FILES,
-    marker, outputs) for write_args to remove once the inputs are checked: the two runs never mix, a later
-    --resume auto cannot pick up the old ckpt.pt, and a start that fails on a bad input leaves the old run whole."""
-    if os.path.exists(out) and not os.path.isdir(out):  # found now, not after the run's work
-        raise ValueError(f"{out}: --out names a file, not a folder")
-    owner = script
-    if script and os.path.exists(os.path.join(out, "args.json")):
-        try:
-            with open(os.path.join(out, "args.json")) as fh:
-                owner = json.load(fh).get("script") or "an unknown script"
-        except (ValueError, AttributeError):
-            owner = "an unknown script"
-    # the marker, or any output of a finished run whose marker was deleted (a ckpt.pt removed to save space)
-    present = [name for name in (marker, *outputs) if os.path.exists(os.path.join(out, name))]
-    if owner != script:
-        what = f"a run of {owner} (its args.json); use another --out"
-    else:  # only pretrain.py and detect.py (marker ckpt.pt) can continue a run
-        what = f"a run ({present[0] if present else marker}); " + (
-            "use --resume auto to continue it, another --out" if marker == "ckpt.pt" else "use another --out")
-    if owner != script or present:
-        if not overwrite:
-            raise ValueError(f"{out}: already holds {what}, or --overwrite to replace it")
-        return sorted(name for name in {*RUN_FILES, marker, *outputs} if os.path.exists(os.path.join(out, name)))
-    return []
-
-
-def check_resume_flags(path, saved, args, keys):
-    """A resume must be given the run's own flags: one error naming each of `keys` whose value in the
-    checkpoint's args (`saved`) differs from `args`."""
-    diffs = [f"--{k.replace('_', '-')} {saved.get(k)} in the checkpoint, {getattr(args, k)} now"
-             for k in keys if saved.get(k) != getattr(args, k)]
-    if diffs:
-        raise ValueError(f"{path}: does not fit the flags: " + "; ".join(diffs))
-
-
-def write_args(out, args, script=None, clear=(), **extra):
-    """args.json (atomic): the flags, the script that wrote it, the code version and anything the caller adds
-    (world size, ...). First removes `clear` (what check_run_folder returned for --overwrite). Call it only after
-    the inputs were validated, so a failed start leaves an existing run's files alone."""
-    os.makedirs(out, exist_ok=True)
-    for name in clear:
-        if os.path.exists(os.path.join(out, name)):
-            os.remove(os.path.join(out, name))
-    record = dict(vars(args), script=script, git_sha=git_sha(), **extra)
-    atomic_write(os.path.join(out, "args.json"), json.dumps(record, indent=1, default=str) + "\n")
+def run_compare(args):
+    runs = [load_run(r) for r in args.runs]
+    tasks = {rep.get("task") for rep, _ in runs}
+    if len(tasks) != 1:
+        raise ValueError(f"compare: the runs are of different tasks ({', '.join(map(str, sorted(map(str, tasks))))})")
+    names = [Path(r).name or str(r) for r in args.runs]  # folder names read best in the table, when distinct
+    task, names = tasks.pop(), names if len(set(names)) == len(names) else [str(r) for r in args.runs]
+    exams = sorted(set.intersection(*(set(p) for _, p in runs)))
+    if not exams:
+        raise ValueError("compare: the runs share no test exams")
+    tests = pair_tests(task, [p for _, p in runs], names, exams, args.rule)
+    if not tests:
+        raise ValueError("compare: no comparison is defined on the common exams")
+    for t, q in zip(tests, benjamini_hochberg([t["p"] for t in tests])):
+        t["p_bh"] = float(q)
+    lines = [f"{task}: {len(exams)} common test exams" + (f", {args.rule} rule" if task == "risk" else ""),
+             f"{'metric':<13} {'A':<28} {'B':<28} {'A':>7} {'B':>7} {'p':>8} {'p (BH)':>8}"]
+    lines += [f"{t['metric']:<13} {t['a'][-28:]:<28} {t['b'][-28:]:<28} {t['value_a']:7.3f} {t['value_b']:7.3f} "
+              f"{t['p']:8.4f} {t['p_bh']:8.4f}" for t in tests]
+    print("\n".join(lines))
+    utils.check_run_folder(args.out, "compare.json", args.overwrite)
+    os.makedirs(args.out, exist_ok=True)
+    result = dict(task=task, runs=[str(r) for r in args.runs], n_common=len(exams),
+                  rule=args.rule if task == "risk" else None, test="mcnemar" if task == "density" else "delong",
+                  correction="benjamini-hochberg", tests=tests)
+    utils.atomic_write(Path(args.out) / "compare.json", json.dumps(utils.finite(result), indent=1) + "\n")
+    return result
 
 
 # -----------------------------------------------------------------------------
@@ -624,31 +482,47 @@ def write_args(out, args, script=None, clear=(), **extra):
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("dbtex", help="score detections with the official DBTex protocol",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("dbtex", help="score detections with the official DBTex protocol", formatter_class=fmt)
     p.add_argument("--labels", required=True, help="BCS-DBT labels CSV (one row per volume)")
     p.add_argument("--boxes", required=True, help="BCS-DBT boxes CSV (ground truth)")
     p.add_argument("--predictions", required=True, help="submission CSV: StudyUID, View, X, Width, Y, Height, "
                    "Z, Depth, Score")
     p.add_argument("--radius", type=float, default=100.0, help="minimum hit radius in px (DBT-DINO's variant: "
                    f"{DBT_DINO_RADIUS:g} in 518-px coordinates)")
+    c = sub.add_parser("compare", help="McNemar (density) or DeLong (risk) between probe.py runs, "
+                       "Benjamini-Hochberg corrected", formatter_class=fmt)
+    c.add_argument("runs", nargs="+", help="probe.py run folders holding metrics.json and predictions.csv")
+    c.add_argument("--rule", default="mirai", choices=RISK_RULES, help="risk runs: the per-year AUROC rule")
+    c.add_argument("--out", default="", help="folder for compare.json ('' = runs/compare-<date-time>)")
+    c.add_argument("--overwrite", action="store_true", help="replace a finished compare.json in --out")
     # one line naming the flag, not argparse's whole usage block
     parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")
-    p.error = parser.error
+    p.error = c.error = parser.error
     args = parser.parse_args(argv)
-    if not args.radius > 0:
+    if args.command == "dbtex" and not args.radius > 0:
         parser.error(f"argument --radius: {args.radius} is not a positive number of pixels")
+    if args.command == "compare":
+        if len(args.runs) < 2:
+            parser.error("compare needs at least two run folders")
+        args.out = args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}"
     return args
 
 
-if __name__ == "__main__":
-    args = get_args()
-    try:
-        result = dbtex_evaluate(args.labels, args.boxes, args.predictions, radius=args.radius)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+def main(argv=None):
+    args = get_args(argv)
+    if args.command == "compare":
+        return run_compare(args)
+    result = dbtex_evaluate(args.labels, args.boxes, args.predictions, radius=args.radius)
     for key, value in result.items():
         print(f"{key:<30} {value:.10f}")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")

@@ -21,16 +21,16 @@ Token layout through the network:
       -> final LayerNorm -> x_norm_clstoken (B, D), x_norm_regtokens (B, R, D), x_norm_patchtokens (B, N, D)
 """
 import math
-import os
 import re
 import time
 import types
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+import utils
 
 # Named architectures. The hub ones are the official dinov2_* entry points (spec dinov2.md §1a);
 # "tiny" is ours, for tests and one-minute CPU runs. A "_reg" suffix adds the 4 registers variant.
@@ -400,20 +400,6 @@ def vit_tiny(weights=None, **kwargs): return build("tiny", weights, **kwargs)
 # ---------------------------------------------------------------------------------------------------
 # Checkpoints
 
-def save_checkpoint(path, state):
-    """Write-then-rename, so a preempted save never leaves a half-written file behind."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-@torch.no_grad()
-def ema_update(teacher, student, m):
-    """teacher = m * teacher + (1 - m) * student, parameter by parameter (buffers are not averaged)."""
-    t, s = list(teacher.parameters()), list(student.parameters())
-    torch._foreach_mul_(t, m)
-    torch._foreach_add_(t, s, alpha=1.0 - m)
-
 
 def backbone_state_dict(ckpt, name="<state dict>"):
     """Reduce any supported checkpoint to hub-format backbone keys.
@@ -451,36 +437,13 @@ def resample_pos_embed(pos_embed, grid, antialias):
     return torch.cat([pos_embed[:, :1].float(), patch], dim=1).to(pos_embed.dtype)
 
 
-def read_checkpoint(path, map_location="cpu"):
-    """torch.load(weights_only=True) with one-line errors naming the file: FileNotFoundError when it is missing,
-    ValueError when it is not a readable PyTorch checkpoint (a text file, a truncated zip, a pickled object)."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such checkpoint file") from None
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
-
-
-def backbone_file(spec):
-    """probe.py's and detect.py's --backbone -> (file, or '' for an untrained ViT; how it was chosen). 'random' asks
-    for the untrained ViT; '' takes the newest runs/*/backbone.pth in the working directory (a pretrain.py run)."""
-    if spec == "random":
-        return "", "--backbone random"
-    if spec:
-        return spec, "--backbone"
-    runs = sorted(Path("runs").glob("*/backbone.pth"), key=lambda p: p.stat().st_mtime)
-    return (str(runs[-1]), "newest runs/*/backbone.pth") if runs else ("", "no --backbone, no runs/*/backbone.pth")
-
-
 def load_pretrained(model, path_or_state_dict):
     """Load DINOv2 / DBT-DINO / our weights into `model`; any key or shape mismatch is an error listing them."""
     name = "<state dict>"
     ckpt = path_or_state_dict
     if not isinstance(ckpt, dict):
         name = str(path_or_state_dict)
-        ckpt = read_checkpoint(name)
+        ckpt = utils.read_checkpoint(name)
     state = backbone_state_dict(ckpt, name)
     own = model.state_dict()
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
@@ -495,3 +458,73 @@ def load_pretrained(model, path_or_state_dict):
                          f"wrong shape {shapes}")
     model.load_state_dict(state, strict=True)
     return model
+
+
+# ----- moved in (issue 20)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+ARCH_BY_WIDTH = {96: "tiny", 384: "vits14", 768: "vitb14", 1024: "vitl14", 1536: "vitg14"}
+
+
+class DenseNetFeatures(nn.Module):
+    """The paper's CNN baseline: torchvision DenseNet-121 (ImageNet normalisation inside), the pooled 1024-d vector
+    per slice. It is returned as the CLS token and as the only patch token, so aggregate() gives the paper's mean
+    and std over slices for both."""
+
+    def __init__(self, weights=None):
+        super().__init__()
+        import torchvision  # only this baseline needs it
+        net = torchvision.models.densenet121(weights=None)
+        if weights:
+            state = utils.read_checkpoint(weights)
+            if not isinstance(state, dict):
+                raise ValueError(f"{weights}: not a DenseNet-121 state dict (a {type(state).__name__})")
+            # torchvision's released file names layers "norm.1"; the module calls them "norm1"
+            state = {re.sub(r"\.(norm|relu|conv)\.([12])(?=\.)", r".\1\2", k): v for k, v in state.items()}
+            try:
+                net.load_state_dict(state)
+            except RuntimeError as e:
+                raise ValueError(f"{weights}: not a DenseNet-121 state dict ({str(e).splitlines()[0]})") from None
+        self.features = net.features
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.config = {"img_size": 224}
+
+    def forward_features(self, x):
+        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        pooled = F.adaptive_avg_pool2d(F.relu(self.features(x)), 1).flatten(1)  # (B, 1024)
+        return {"x_norm_clstoken": pooled, "x_norm_patchtokens": pooled[:, None]}  # (B, D), (B, 1, D)
+
+
+def load_backbone(spec="", arch="auto", weights="", seed=0):
+    """-> (frozen backbone with forward_features, one-line description).
+
+    spec: a model.load_pretrained file (--arch names the architecture; auto reads it from the width), the word
+    densenet121, the word random, or '' for the newest runs/*/backbone.pth, else a randomly initialised tiny ViT
+    (seeded)."""
+    if spec == "densenet121":
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)  # random weights are reproducible, so their cache entries are reused
+            net = DenseNetFeatures(weights or None)
+        return net.eval(), f"DenseNet-121, {weights or f'RANDOM weights (seed {seed})'}, ImageNet normalisation"
+    if weights:
+        raise ValueError("--weights is only for --backbone densenet121; give a ViT file as --backbone PATH")
+    spec, how = utils.backbone_file(spec)
+    if not spec:  # --arch picks the random ViT (a random ViT-B baseline); a bad name is one line, not ignored
+        name = "tiny" if arch == "auto" else arch
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            net = build(name)
+        return net.eval(), f"RANDOMLY INITIALISED {name} ViT (seed {seed}; {how})"
+    state = backbone_state_dict(utils.read_checkpoint(spec), spec)
+    if "pos_embed" not in state or "patch_embed.proj.weight" not in state:
+        raise ValueError(f"{spec}: not a ViT backbone (no pos_embed / patch_embed)")
+    width = state["pos_embed"].shape[-1]
+    if arch == "auto":
+        if width not in ARCH_BY_WIDTH:
+            raise ValueError(f"{spec}: width {width} matches no architecture; name one with --arch")
+        arch = ARCH_BY_WIDTH[width] + ("_reg" if "register_tokens" in state else "")
+    grid, patch = math.isqrt(state["pos_embed"].shape[1] - 1), state["patch_embed.proj.weight"].shape[-1]
+    net = load_pretrained(build(arch, img_size=grid * patch, patch_size=patch), state)
+    return net.eval(), f"{spec} ({arch}, {grid * patch} px, {how})"

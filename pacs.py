@@ -25,8 +25,23 @@ Cache       <root>/dicomweb/ab/<sha256>.dcm, written under a temporary name and 
             and temporary files name their pid, so those of a crashed process are cleaned up: the cache survives
             restarts. The folder must be node-local (flock and pids mean nothing across NFS clients).
 """
-import base64, contextlib, csv, email.utils, fcntl, hashlib, http.client, os, random, re, shutil, socket, ssl, sys
-import threading, time, uuid
+import base64
+import contextlib
+import csv
+import email.utils
+import fcntl
+import hashlib
+import http.client
+import os
+import random
+import re
+import shutil
+import socket
+import ssl
+import sys
+import threading
+import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit

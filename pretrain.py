@@ -46,6 +46,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import metrics
 import model
+import phantoms
+import utils
 
 STUDENT_TEMP, CENTER_MOMENTUM = 0.1, 0.9  # DINOv2 defaults for both DINO and iBOT
 MIN_LR, CLIP_GRAD, PATCH_EMBED_LR_MULT = 1e-6, 3.0, 0.2
@@ -69,18 +71,18 @@ MODELS = sorted(list(model.PRESETS) + [m + "_reg" for m in model.PRESETS if m !=
 
 def get_args(argv=None):
     # the preset decides the defaults of the flags below, so read it first: --help then shows the real values
-    pre = data.one_line_errors(argparse.ArgumentParser(add_help=False))
+    pre = utils.one_line_errors(argparse.ArgumentParser(add_help=False))
     pre.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     d = PRESETS[pre.parse_known_args(argv)[0].preset]
-    p = data.one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = utils.one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter))
-    count, positive, weight = data.number(int, 1), data.number(float, 0, lo_open=True), data.number(float, 0)
-    steps = data.number(int, 0)  # iterations of a schedule phase; 0 = none
+    count, positive, weight = utils.number(int, 1), utils.number(float, 0, lo_open=True), utils.number(float, 0)
+    steps = utils.number(int, 0)  # iterations of a schedule phase; 0 = none
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model + data recipe + schedule: "
                    "sets the defaults shown below (e.g. --preset dbt-dino --help)")
     p.add_argument("--data", default="synthetic", help="DICOM archive root, a .csv manifest, 'synthetic' "
                    "(phantoms from data.py, under $DBT_DINO_CACHE) or dicomweb+https://host/prefix (with --manifest)")
-    data.add_dicomweb_flags(p, "dicomweb sources: CSV of StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, the "
+    utils.add_dicomweb_flags(p, "dicomweb sources: CSV of StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, the "
                             "only instances ever requested")
     p.add_argument("--samples-per-volume", type=count, default=4,
                    help="samples drawn from each volume (local or fetched) before the stream moves on")
@@ -89,7 +91,7 @@ def get_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that already holds a run")
     p.add_argument("--init", default="", help="start the backbone from this DINOv2/DBT-DINO/our checkpoint")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
-    p.add_argument("--seed", type=data.number(int, 0, data.SEED_MAX), default=0, help="base seed; rank r uses seed + r")
+    p.add_argument("--seed", type=utils.number(int, 0, utils.SEED_MAX), default=0, help="base seed; rank r uses seed + r")
     p.add_argument("--model", default=d["model"], choices=MODELS, help="model.build architecture")
     p.add_argument("--recipe", default=d["recipe"], choices=sorted(data.RECIPES),
                    help="crop recipe (scales, tissue-aware crops, adjacent slices): data.RECIPES")
@@ -102,15 +104,15 @@ def get_args(argv=None):
     p.add_argument("--warmup", type=steps, default=d["warmup"], help="linear LR warmup iterations")
     p.add_argument("--wd", type=weight, default=0.04, help="weight decay at step 0 (cosine to --wd-end)")
     p.add_argument("--wd-end", type=weight, default=0.2, help="final weight decay")
-    p.add_argument("--momentum", type=data.number(float, 0, 1), default=0.992,
+    p.add_argument("--momentum", type=utils.number(float, 0, 1), default=0.992,
                    help="teacher EMA momentum at step 0 (cosine to 1)")
     p.add_argument("--teacher-temp-warmup", type=steps, default=d["teacher_temp_warmup"],
                    help="iterations of linear teacher temp 0.04 -> 0.07")
     p.add_argument("--freeze-last-layer", type=steps, default=d["freeze_last_layer"],
                    help="iterations with the prototype layer frozen")
-    p.add_argument("--layer-decay", type=data.number(float, 0, 1, lo_open=True), default=0.9,
+    p.add_argument("--layer-decay", type=utils.number(float, 0, 1, lo_open=True), default=0.9,
                    help="layer-wise LR decay (1 = none)")
-    p.add_argument("--drop-path", type=data.number(float, 0, 0.99), default=d["drop_path"],
+    p.add_argument("--drop-path", type=utils.number(float, 0, 0.99), default=d["drop_path"],
                    help="student stochastic depth rate (teacher has none)")
     p.add_argument("--prototypes", type=count, default=d["prototypes"], help="K, DINO/iBOT head output size")
     p.add_argument("--head-hidden", type=count, default=d["head_hidden"], help="head MLP hidden width")
@@ -129,8 +131,8 @@ def get_args(argv=None):
     p.add_argument("--eval-exams", type=count, default=100, help="exams (4 views each) in the quick density probe")
     p.add_argument("--save-every", type=count, default=d["save_every"],
                    help="ckpt.pt every N steps (also the data stream reseed point)")
-    p.add_argument("--workers", type=data.number(int, 0), default=d["workers"], help="data loader processes per rank")
-    p.add_argument("--max-skip-fraction", type=data.number(float, 0, 1), default=0.5,
+    p.add_argument("--workers", type=utils.number(int, 0), default=d["workers"], help="data loader processes per rank")
+    p.add_argument("--max-skip-fraction", type=utils.number(float, 0, 1), default=0.5,
                    help="stop when more than this fraction of the volumes is unreadable")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (ignored on CPU)")
     p.add_argument("--compile", action="store_true",
@@ -235,10 +237,10 @@ def sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=3):
     share of the global batch. Sums over samples are all-reduced, so ranks behave as one big batch."""
     Q = torch.exp(teacher_logits.float() / teacher_temp).t()  # (K, rows); logits are bounded (normed head)
     K = Q.shape[0]
-    B = data.all_reduce(torch.tensor(float(Q.shape[1]), device=Q.device))  # global sample count
-    Q /= data.all_reduce(Q.sum())
+    B = utils.all_reduce(torch.tensor(float(Q.shape[1]), device=Q.device))  # global sample count
+    Q /= utils.all_reduce(Q.sum())
     for _ in range(n_iterations):
-        Q /= data.all_reduce(Q.sum(dim=1, keepdim=True))  # each prototype gets total mass 1/K ...
+        Q /= utils.all_reduce(Q.sum(dim=1, keepdim=True))  # each prototype gets total mass 1/K ...
         Q /= K
         Q /= Q.sum(dim=0, keepdim=True)  # ... and each sample 1/B (columns are local to the rank)
         Q /= B
@@ -258,7 +260,7 @@ def update_center(center, teacher_logits, momentum=CENTER_MOMENTUM):
     # the row count in fp32 whatever the logits' dtype: bf16 (--amp) rounds 65,713 masked patches to 65,536
     count = torch.full((1,), float(len(teacher_logits)), device=teacher_logits.device)
     stats = torch.cat([teacher_logits.float().sum(0), count])
-    stats = data.all_reduce(stats.float())  # (K + 1,): logit sums and the row count
+    stats = utils.all_reduce(stats.float())  # (K + 1,): logit sums and the row count
     if stats[-1] == 0:  # no masked patch anywhere this step
         return center
     return center * momentum + stats[:-1].unsqueeze(0) / stats[-1] * (1 - momentum)
@@ -396,9 +398,9 @@ def train_step(student, teacher, batch, centers, optimizer, sched, args):
     values["loss"] = total.detach().float()
     # the step's one host sync: all ranks learn whether any rank's loss is non-finite, and stop together before
     # this step touches any weight or file (the terms are synced for logging only every --log-every steps)
-    bad = data.all_reduce((~torch.isfinite(values["loss"])).float())
+    bad = utils.all_reduce((~torch.isfinite(values["loss"])).float())
     if bad.item():
-        if data.is_main():
+        if utils.is_main():
             print(f"error: non-finite loss on {int(bad.item())} rank(s) at this step, stopping without saving (rank 0: "
                   + " ".join(f"{k}={float(v):.4g}" for k, v in values.items()) + ")", file=sys.stderr, flush=True)
         sys.exit(1)
@@ -408,7 +410,7 @@ def train_step(student, teacher, batch, centers, optimizer, sched, args):
         if part is not None:
             nn.utils.clip_grad_norm_(part.parameters(), CLIP_GRAD)
     optimizer.step()
-    model.ema_update(teacher, raw, sched["momentum"])  # teacher = m * teacher + (1 - m) * student
+    ema_update(teacher, raw, sched["momentum"])  # teacher = m * teacher + (1 - m) * student
     return values
 
 
@@ -425,7 +427,7 @@ def build_models(args, device):
     if args.init:
         model.load_pretrained(student.backbone, args.init)
         # a DINOv2 teacher_checkpoint.pth (or our ckpt.pt) also holds heads: reuse them when they fit
-        ckpt = model.read_checkpoint(args.init)
+        ckpt = utils.read_checkpoint(args.init)
         heads = {k: v for k, v in (ckpt.get("teacher") or {}).items() if k.startswith(("dino_head.", "ibot_head."))}
         own = student.state_dict()
         if heads and all(k in own and own[k].shape == v.shape for k, v in heads.items()):
@@ -441,7 +443,7 @@ def build_models(args, device):
 def load_resume(path, args, device):
     """ckpt.pt -> dict, checked like --init: a missing, unreadable or wrong kind of file, or a model/head that does
     not fit the flags, is one error naming the file and what is wrong."""
-    ckpt = model.read_checkpoint(path, device)
+    ckpt = utils.read_checkpoint(path, device)
     need = {"student", "teacher", "optimizer", "loss_state", "step", "args"}
     if not isinstance(ckpt, dict) or not need <= set(ckpt):
         raise ValueError(f"{path}: not a pretrain.py ckpt.pt (it lacks {sorted(need - set(ckpt or {}))}); --resume "
@@ -453,7 +455,7 @@ def load_resume(path, args, device):
                 "global_size", "local_size", "samples_per_volume", "batch_size", "steps", "save_every", "lr",
                 "warmup", "wd", "wd_end", "momentum", "teacher_temp_warmup", "freeze_last_layer", "layer_decay",
                 "drop_path", "centering", "koleo_weight", "ibot_weight", "adjacent_weight")
-    metrics.check_resume_flags(path, ckpt["args"], args, settings)
+    utils.check_resume_flags(path, ckpt["args"], args, settings)
     return ckpt
 
 
@@ -461,7 +463,7 @@ def quick_probe(step, teacher, eval_set, device, writer):
     """DBT-DINO's checkpoint check on rank 0: the density probe on the teacher's frozen patch statistics."""
     feats = model.patch_mean_std(teacher.backbone, eval_set["images"], device)  # (M, 2D)
     result = metrics.density_probe_cv(feats.numpy(), eval_set["labels"].numpy(), eval_set["groups"].numpy())
-    data.log(f"step {step}: density_acc {result['density_acc']:.4f} (majority class "
+    utils.log(f"step {step}: density_acc {result['density_acc']:.4f} (majority class "
              f"{result['density_majority']:.4f}, {result['density_n']} images, 5-fold by patient)")
     writer.write(dict(step=step, split="val", time=time.time(), **result))
 
@@ -473,16 +475,16 @@ CURVES.append(("val", "density_acc"))
 
 def save_run(args, step, student, teacher, optimizer, centers, writer):
     """ckpt.pt (everything to resume), backbone.pth and curves.png, each written atomically (rank 0)."""
-    model.save_checkpoint(os.path.join(args.out, "ckpt.pt"), dict(
+    utils.save_checkpoint(os.path.join(args.out, "ckpt.pt"), dict(
         version=1, step=step, config=student.backbone.config, args=vars(args),
         heads=dict(prototypes=args.prototypes, hidden=args.head_hidden, bottleneck=args.head_bottleneck,
                    separate_ibot_head=args.separate_ibot_head),
         student=student.state_dict(), teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
         loss_state=centers))
     # the teacher backbone alone, hub keys: what probe.py, detect.py and DINOv2's code load
-    model.save_checkpoint(os.path.join(args.out, "backbone.pth"), teacher.backbone.state_dict())
+    utils.save_checkpoint(os.path.join(args.out, "backbone.pth"), teacher.backbone.state_dict())
     # from metrics.jsonl, which holds the steps before a resume too; density_acc against the majority class
-    metrics.draw_curves(os.path.join(args.out, "curves.png"), writer.read(), CURVES,
+    utils.draw_curves(os.path.join(args.out, "curves.png"), writer.read(), CURVES,
                         {"density_acc": "density_majority"}, title=f"pretrain.py --preset {args.preset} "
                         f"--model {args.model}: {args.out}, step {step}/{args.steps}")
 
@@ -491,7 +493,7 @@ def save_run(args, step, student, teacher, optimizer, centers, writer):
 
 def train(args):
     # ---------------- distributed, inputs, output folder ----------------
-    rank, local_rank, world, device = data.setup_distributed()
+    rank, local_rank, world, device = utils.setup_distributed()
     if args.device != "auto":
         device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else args.device)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
@@ -500,7 +502,7 @@ def train(args):
     ckpt = load_resume(resume, args, device) if resume else None
     stale = []  # a fresh run, or a --resume from another folder, never lands silently on top of another run
     if ckpt is None or os.path.dirname(os.path.abspath(resume)) != os.path.abspath(args.out):
-        stale = metrics.check_run_folder(args.out, "ckpt.pt", args.overwrite, "pretrain.py",
+        stale = utils.check_run_folder(args.out, "ckpt.pt", args.overwrite, "pretrain.py",
                                          ("backbone.pth", "curves.png"))
 
     # ---------------- student, teacher, optimizer, loss state ----------------
@@ -520,7 +522,7 @@ def train(args):
 
     # ---------------- data ----------------
     recipe = dict(data.RECIPES[args.recipe], global_size=args.global_size, local_size=args.local_size)
-    source = data.synthetic_archive() if args.data == "synthetic" else args.data
+    source = phantoms.synthetic_archive() if args.data == "synthetic" else args.data
     remote = dict(manifest=args.manifest, cache_bytes=args.cache_bytes, credentials=args.dicomweb_credentials or None,
                   ca_bundle=args.dicomweb_ca_bundle or None)
     stream = data.PretrainStream(source, patch_size=student.backbone.patch_size, seed=args.seed, **recipe,
@@ -531,27 +533,27 @@ def train(args):
     # rank 0 alone reads the probe's images while the others wait in the first gradient all-reduce: the cap
     # keeps that wait (and the images' memory at --global-size) well inside the collective timeout
     eval_set = (data.density_eval_set(source, args.global_size, args.eval_exams)
-                if args.eval_every and has_labels and data.is_main() else None)
+                if args.eval_every and has_labels and utils.is_main() else None)
 
     if start >= args.steps:  # a relaunched finished job, its inputs still valid: leave its folder as it is
-        data.log(f"{resume}: this run already finished (step {start} of {args.steps}); nothing to do")
+        utils.log(f"{resume}: this run already finished (step {start} of {args.steps}); nothing to do")
         if world > 1:
             dist.destroy_process_group()
         return
 
     # ---------------- the inputs are valid: only now touch the run folder ----------------
-    if data.is_main():
-        metrics.write_args(args.out, args, "pretrain.py", stale, torch=torch.__version__, world_size=world)
-        writer = metrics.JsonlWriter(os.path.join(args.out, "metrics.jsonl"))
+    if utils.is_main():
+        utils.write_args(args.out, args, "pretrain.py", stale, torch=torch.__version__, world_size=world)
+        writer = utils.JsonlWriter(os.path.join(args.out, "metrics.jsonl"))
         dropped = writer.truncate_after(start)  # steps after the checkpoint are redone: each appears once
         if ckpt is not None:
-            data.log(f"resumed from {resume} at step {start} ({dropped} later metrics.jsonl records dropped)")
-    data.log(f"{args.model}: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M student parameters, "
+            utils.log(f"resumed from {resume} at step {start} ({dropped} later metrics.jsonl records dropped)")
+    utils.log(f"{args.model}: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M student parameters, "
              f"world {world} x batch {args.batch_size}, peak lr {schedules['lr'].max():.2e} on {device}")
     if args.eval_every and not has_labels:
-        data.log(f"no exams.csv under {source}: the density probe is off")
+        utils.log(f"no exams.csv under {source}: the density probe is off")
     run_loop(args, ddp, student, teacher, optimizer, centers, schedules, stream, collate, eval_set,
-             writer if data.is_main() else None, start, device)
+             writer if utils.is_main() else None, start, device)
     if world > 1:
         dist.destroy_process_group()
 
@@ -559,15 +561,15 @@ def train(args):
 def run_loop(args, ddp, student, teacher, optimizer, centers, schedules, stream, collate, eval_set, writer,
              start, device):
     """The training iterations from `start`: step, log every --log-every, probe, checkpoint."""
-    rank, world = data.rank_world()
-    progress, window, skips = metrics.Progress(args.steps, start), [], data.SkipCounter(stream)
+    rank, world = utils.rank_world()
+    progress, window, skips = utils.Progress(args.steps, start), [], data.SkipCounter(stream)
     if eval_set is not None and start == 0:  # the starting backbone (random or --init): what training must beat
         quick_probe(0, teacher, eval_set, device, writer)
     for it in range(start, args.steps):
         if it == start or it % args.save_every == 0:
             # every checkpoint step restarts the data and RNG streams from (seed, step, rank), so a run
             # resumed from ckpt.pt sees exactly the batches, masks and drop-path draws of an unbroken run
-            data.seed_everything(args.seed + 65536 * it, rank)
+            utils.seed_everything(args.seed + 65536 * it, rank)
             stream.set_epoch(it)
             batches = iter(data.make_loader(stream, args.batch_size, args.workers, collate, args.seed + it + rank))
         t0 = time.perf_counter()
@@ -584,11 +586,11 @@ def run_loop(args, ddp, student, teacher, optimizer, centers, schedules, stream,
         window.append((time.perf_counter() - t0, t1 - t0))
         step = it + 1
         if args.compile and it == start:  # reported once; the median ms/step of the progress line leaves it out
-            data.log(f"torch.compile: the first step took {window[-1][0]:.1f} s (compiling the blocks and the loss "
+            utils.log(f"torch.compile: the first step took {window[-1][0]:.1f} s (compiling the blocks and the loss "
                      "terms; the iBOT rows vary, so the second step recompiles them once with a dynamic row count)")
 
         if step % args.log_every == 0 or step == args.steps:  # rank-averaged terms, for logging only
-            avg = data.all_reduce(torch.stack(list(values.values()))) / world
+            avg = utils.all_reduce(torch.stack(list(values.values()))) / world
             values = dict(zip(values, avg.tolist()), lr=schedules["lr"][it])
             n_skipped = skips.update()  # unreadable volumes over all workers and ranks
             if n_skipped:
@@ -596,21 +598,30 @@ def run_loop(args, ddp, student, teacher, optimizer, centers, schedules, stream,
             values.update(stream.cache_report())  # DICOMweb: hit rate, GB fetched, bytes per sample (all ranks)
             step_s, data_s = np.median([w[0] for w in window]), np.median([w[1] for w in window])
             mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-            data.log(progress.line(step, values, args.batch_size * world / step_s, 1e3 * step_s, 1e3 * data_s, mem))
+            utils.log(progress.line(step, values, args.batch_size * world / step_s, 1e3 * step_s, 1e3 * data_s, mem))
             if writer:
                 writer.write(dict(step=step, split="train", time=time.time(), **values))
             window = []
             skips.check(args.max_skip_fraction)
         if eval_set is not None and (step % args.eval_every == 0 or step == args.steps):
             quick_probe(step, teacher, eval_set, device, writer)
-        if data.is_main() and (step % args.save_every == 0 or step == args.steps):
+        if utils.is_main() and (step % args.save_every == 0 or step == args.steps):
             save_run(args, step, student, teacher, optimizer, centers, writer)
     n_skipped = skips.update()  # a collective: every rank asks
     if writer:
         writer.write(dict(step=args.steps, split="data", time=time.time(), skipped=n_skipped,
                           volumes=len(stream.paths)))
-    data.log(skips.summary())
-    data.log(f"done: {args.out}/backbone.pth")
+    utils.log(skips.summary())
+    utils.log(f"done: {args.out}/backbone.pth")
+
+
+# ----- moved in (issue 20)
+@torch.no_grad()
+def ema_update(teacher, student, m):
+    """teacher = m * teacher + (1 - m) * student, parameter by parameter (buffers are not averaged)."""
+    t, s = list(teacher.parameters()), list(student.parameters())
+    torch._foreach_mul_(t, m)
+    torch._foreach_add_(t, s, alpha=1.0 - m)
 
 
 if __name__ == "__main__":
@@ -619,6 +630,6 @@ if __name__ == "__main__":
     except (ValueError, OSError) as e:  # bad input: one line naming the file, not a traceback
         # setup errors are the same on every rank, so rank 0 says them once; an error met in the loop by one rank
         # (its data shard) is said by that rank. A loader worker's error carries its traceback: keep the last line.
-        if data.is_main() or getattr(e, "rank_specific", False):
+        if utils.is_main() or getattr(e, "rank_specific", False):
             print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -8,6 +8,9 @@ import pytest
 import torch
 
 import data
+import dicom
+import phantoms
+import utils
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 SHAPE = (8, 64, 48)
@@ -15,35 +18,35 @@ SHAPE = (8, 64, 48)
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    return data.synthetic_archive(tmp_path_factory.mktemp("syn") / "arch", patients=2, seed=0, shape=(12, 96, 72))
+    return phantoms.synthetic_archive(tmp_path_factory.mktemp("syn") / "arch", patients=2, seed=0, shape=(12, 96, 72))
 
 
 @pytest.fixture(scope="module")
 def volumes(tmp_path_factory):
     """The same phantom written native, RLE and JPEG 2000, plus its expected display values."""
     root = tmp_path_factory.mktemp("vol")
-    paths = {enc: data.write_phantom_dicom(root / f"{enc}.dcm", SHAPE, enc, seed=3) for enc in ("native", "rle", "j2k")}
-    vol, _ = data.make_phantom(SHAPE, seed=3)
-    return paths, data.quantize(vol, 10) / 1023.0
+    paths = {enc: phantoms.write_phantom_dicom(root / f"{enc}.dcm", SHAPE, enc, seed=3) for enc in ("native", "rle", "j2k")}
+    vol, _ = phantoms.make_phantom(SHAPE, seed=3)
+    return paths, phantoms.quantize(vol, 10) / 1023.0
 
 
 def test_phantom_roundtrip_and_meta(volumes):
     paths, expected = volumes
-    vol, meta = data.read_dbt(paths["native"])
+    vol, meta = dicom.read_dbt(paths["native"])
     assert vol.dtype == np.float32 and vol.shape == SHAPE
     # LINEAR with c = 2^(b-1), w = 2^b is exactly x / (2^b - 1): the phantom comes back unchanged (chest wall left)
     np.testing.assert_allclose(vol, expected, atol=1e-6)
     assert (meta["laterality"], meta["view"], meta["n_frames"]) == ("L", "CC", 8)
-    assert meta["sop_class"] == data.BTO and meta["transfer_syntax"] == "1.2.840.10008.1.2.1"
+    assert meta["sop_class"] == dicom.BTO and meta["transfer_syntax"] == "1.2.840.10008.1.2.1"
     assert meta["pixel_spacing"] == [0.1, 0.1] and meta["slice_order"] == "stored" and not meta["mirrored"]
     assert pydicom.dcmread(paths["native"]).pixel_array.shape == SHAPE
 
 
 def test_encodings_identical(volumes):
     paths, _ = volumes
-    ref, _ = data.read_dbt(paths["native"])
+    ref, _ = dicom.read_dbt(paths["native"])
     for enc in ("rle", "j2k"):
-        vol, meta = data.read_dbt(paths[enc])
+        vol, meta = dicom.read_dbt(paths[enc])
         np.testing.assert_array_equal(vol, ref)
     assert meta["transfer_syntax"] == "1.2.840.10008.1.2.4.90"
 
@@ -51,36 +54,36 @@ def test_encodings_identical(volumes):
 def test_frames_match_full_read(volumes):
     paths, _ = volumes
     for enc in ("native", "j2k"):
-        full, _ = data.read_dbt(paths[enc])
-        part, _ = data.read_dbt(paths[enc], frames=[5, 2])
+        full, _ = dicom.read_dbt(paths[enc])
+        part, _ = dicom.read_dbt(paths[enc], frames=[5, 2])
         np.testing.assert_array_equal(part, full[[5, 2]])
 
 
 def test_voi_hand_calculations():
     x = np.array([0, 75, 75.5, 100, 124, 124.5, 200], np.float32)
     # LINEAR (PS3.3 C.11.2.1.2): c' = 99.5, w' = 49 -> 0 at or below 75, 1 above 124
-    lin = data.apply_voi(x, 1, 0, 100, 50, "LINEAR")
+    lin = dicom.apply_voi(x, 1, 0, 100, 50, "LINEAR")
     np.testing.assert_allclose(lin, [0, 0, 0.5 / 49, 0.5 + 0.5 / 49, 0.5 + 24.5 / 49, 1, 1], atol=1e-6)
-    exact = data.apply_voi(x, 1, 0, 100, 50, "LINEAR_EXACT")
+    exact = dicom.apply_voi(x, 1, 0, 100, 50, "LINEAR_EXACT")
     np.testing.assert_allclose(exact, np.clip((x - 100) / 50 + 0.5, 0, 1), atol=1e-6)
-    sig = data.apply_voi(x, 2, -10, 100, 50, "SIGMOID")  # rescale first: 2x - 10
+    sig = dicom.apply_voi(x, 2, -10, 100, 50, "SIGMOID")  # rescale first: 2x - 10
     np.testing.assert_allclose(sig, 1 / (1 + np.exp(-4 * (2 * x - 10 - 100) / 50)), rtol=1e-5)
-    nominal = data.apply_voi(np.array([0, 1023]), 1, 0, None, None, "LINEAR", bits_stored=10)
+    nominal = dicom.apply_voi(np.array([0, 1023]), 1, 0, None, None, "LINEAR", bits_stored=10)
     np.testing.assert_allclose(nominal, [0, 1])
 
 
 def test_monochrome1_sigmoid_file(tmp_path):
-    path = data.write_phantom_dicom(tmp_path / "m1.dcm", SHAPE, "native", seed=1, monochrome1=True,
+    path = phantoms.write_phantom_dicom(tmp_path / "m1.dcm", SHAPE, "native", seed=1, monochrome1=True,
                                     voi_function="SIGMOID", laterality="L")
     stored = pydicom.dcmread(path).pixel_array.astype(np.float64)
     c, w = 0.4 * 1024, 0.5 * 1024  # what write_bto puts in the Shared FrameVOILUT for SIGMOID
-    vol, meta = data.read_dbt(path)
+    vol, meta = dicom.read_dbt(path)
     assert meta["invert"]
     np.testing.assert_allclose(vol, 1 - 1 / (1 + np.exp(-4 * (stored - c) / w)), atol=1e-5)
 
 
 def test_pydicom_shipped_files():
-    read = lambda name: data.read_dbt(TEST_FILES / name)[0]  # noqa: E731
+    read = lambda name: dicom.read_dbt(TEST_FILES / name)[0]  # noqa: E731
     ref = read("MR_small.dcm")
     np.testing.assert_array_equal(read("MR_small_RLE.dcm"), ref)
     np.testing.assert_array_equal(read("MR_small_jp2klossless.dcm"), ref)
@@ -90,7 +93,7 @@ def test_pydicom_shipped_files():
     ds = pydicom.dcmread(cr)
     x = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     lin = np.clip((x - (1600 - 0.5)) / (2800 - 1) + 0.5, 0, 1)  # header window 1600/2800, then MONOCHROME1
-    np.testing.assert_allclose(data.read_dbt(cr)[0][0], 1 - lin, atol=1e-5)
+    np.testing.assert_allclose(dicom.read_dbt(cr)[0][0], 1 - lin, atol=1e-5)
     for name, pkg in [("MR_small_jpeg_ls_lossless.dcm", "pyjpegls"), ("JPEGLSNearLossless_16.dcm", "pyjpegls"),
                       ("SC_rgb_jpeg_gdcm.dcm", "pylibjpeg-libjpeg"), ("JPGExtended.dcm", "pylibjpeg-libjpeg")]:
         with pytest.raises(ValueError, match=rf"{name}: transfer syntax .*install {pkg}"):
@@ -111,14 +114,14 @@ def test_legacy_folder_sorted_by_z(tmp_path, volumes):
         ds.WindowCenter, ds.WindowWidth, ds.RescaleSlope, ds.RescaleIntercept = 512, 1024, 1, 0
         ds.PixelData = src.pixel_array[i].astype("<u2").tobytes()
         ds.save_as(series / f"{(i * 7) % SHAPE[0]:03d}.dcm")
-    vol, meta = data.read_dbt(series)
+    vol, meta = dicom.read_dbt(series)
     assert meta["slice_order"] == "z" and meta["n_frames"] == SHAPE[0]
     np.testing.assert_allclose(vol, expected, atol=1e-6)
     # a folder scan sees the series as one volume, beside an ordinary multi-frame file; stray files are ignored
     (series / ".DS_Store").write_bytes(b"\0\1")
     (series / "notes.txt").write_text("exported by PACS\n")
     (tmp_path / "bto.dcm").write_bytes(paths["native"].read_bytes())
-    assert data.scan(tmp_path) == sorted([str(series), str(tmp_path / "bto.dcm")])
+    assert dicom.scan(tmp_path) == sorted([str(series), str(tmp_path / "bto.dcm")])
     stream = data.PretrainStream(tmp_path, global_size=28, local_size=14, adjacent_k=1, cache_dir=tmp_path / "c")
     item = next(iter(stream))
     assert stream.n_skipped == 0 and abs(int(item["slice_index"][0] - item["slice_index"][1])) == 1
@@ -145,20 +148,20 @@ def test_scan_uid_names_mammograms_and_a_bad_slice(tmp_path, volumes):
     (tmp_path / "export").mkdir()
     uid_named = tmp_path / "export" / "1.2.840.113619.2.55.3.9465"  # storescp's naming: the "suffix" is .9465
     uid_named.write_bytes(paths["native"].read_bytes())
-    assert data.scan(tmp_path / "export") == [str(uid_named)]
+    assert dicom.scan(tmp_path / "export") == [str(uid_named)]
     mg = tmp_path / "mg"  # four 2-D views of one series, no ImagePositionPatient: four volumes, not one
     mg.mkdir()
     for i, lat in enumerate("LLRR"):
         _slice_file(mg / f"{i}.dcm", pixels[i], None, laterality=lat)
-    assert data.scan(mg) == [str(mg / f"{i}.dcm") for i in range(4)]
+    assert dicom.scan(mg) == [str(mg / f"{i}.dcm") for i in range(4)]
     with pytest.raises(ValueError, match="without ImagePositionPatient"):
-        data.read_dbt(mg)  # named as a folder volume (a manifest may), it is refused instead of stacked
+        dicom.read_dbt(mg)  # named as a folder volume (a manifest may), it is refused instead of stacked
     series = tmp_path / "export" / "0-series"  # sorts first, so the stream's start-up probe reads it
     series.mkdir()
     for i in range(6):
         _slice_file(series / f"{i}.dcm", pixels[i], i)
     (series / "3.dcm").write_bytes(b"not a dicom")  # one broken slice
-    assert data.scan(tmp_path / "export") == [str(series), str(uid_named)]  # one series, not five 1-slice volumes
+    assert dicom.scan(tmp_path / "export") == [str(series), str(uid_named)]  # one series, not five 1-slice volumes
     stream = data.PretrainStream(tmp_path / "export", global_size=28, local_size=14, cache_dir=tmp_path / "c")
     assert stream.n_skipped == 1 and "3.dcm: not a readable DICOM" in stream.skipped[str(series)]
 
@@ -166,14 +169,14 @@ def test_scan_uid_names_mammograms_and_a_bad_slice(tmp_path, volumes):
 def test_orientation_rules(archive):
     row = next(csv.DictReader(open(archive / "exams.csv")))
     rcc = archive / row["RCC"]
-    vol, meta = data.read_dbt(rcc, view="rcc")  # stored chest wall right = official R guess: no rotation
-    raw, _ = data.read_dbt(rcc, view="rcc", frames=[0])
-    assert not meta["rotated"] and data.edge_side(vol[0]) == "R"
-    wrong, meta = data.read_dbt(rcc, view="lcc", frames=[0])  # header/view disagreement -> 180 deg rotation
+    vol, meta = dicom.read_dbt(rcc, view="rcc")  # stored chest wall right = official R guess: no rotation
+    raw, _ = dicom.read_dbt(rcc, view="rcc", frames=[0])
+    assert not meta["rotated"] and dicom.edge_side(vol[0]) == "R"
+    wrong, meta = dicom.read_dbt(rcc, view="lcc", frames=[0])  # header/view disagreement -> 180 deg rotation
     assert meta["rotated"]
     np.testing.assert_array_equal(wrong[0], raw[0][::-1, ::-1])
-    canon, meta = data.read_dbt(rcc)  # canonical: mirrored so the chest wall is on the left
-    assert meta["mirrored"] and data.edge_side(canon[0]) == "L"
+    canon, meta = dicom.read_dbt(rcc)  # canonical: mirrored so the chest wall is on the left
+    assert meta["mirrored"] and dicom.edge_side(canon[0]) == "L"
     np.testing.assert_array_equal(canon, vol[:, :, ::-1])
 
 
@@ -191,7 +194,7 @@ def test_bad_files_errors_and_stream_skips(tmp_path, volumes):
     for name, msg in [("empty", "not a readable DICOM"), ("text", "not a readable DICOM"),
                       ("trunc", "cannot decode frame"), ("noimage", "no image")]:
         with pytest.raises(ValueError, match=rf"{name}\.dcm.*{msg}"):
-            data.read_dbt(tmp_path / f"{name}.dcm")
+            dicom.read_dbt(tmp_path / f"{name}.dcm")
     ds = data.PretrainStream(tmp_path, cache_dir=tmp_path / "cache", global_size=28, local_size=14, n_local=2,
                              shuffle_buffer=0)
     items = [item for item, _ in zip(ds, range(20))]  # two epochs over the 5 files: the stream keeps going
@@ -207,9 +210,9 @@ def test_bad_files_errors_and_stream_skips(tmp_path, volumes):
 def test_synthetic_archive_name_holds_its_shape(tmp_path, monkeypatch):
     """Other shape flags once got the archive of an earlier run (its name held only patients and seed)."""
     monkeypatch.setenv("DBT_DINO_CACHE", str(tmp_path))
-    small, other = (data.synthetic_archive(patients=1, seed=0, shape=shape) for shape in [(4, 64, 48), (3, 32, 40)])
-    assert small != other and small == data.synthetic_archive(patients=1, seed=0, shape=(4, 64, 48))
-    vol, _ = data.read_dbt(next(other.rglob("*.dcm")))
+    small, other = (phantoms.synthetic_archive(patients=1, seed=0, shape=shape) for shape in [(4, 64, 48), (3, 32, 40)])
+    assert small != other and small == phantoms.synthetic_archive(patients=1, seed=0, shape=(4, 64, 48))
+    vol, _ = dicom.read_dbt(next(other.rglob("*.dcm")))
     assert vol.shape == (3, 32, 40)
 
 
@@ -221,7 +224,7 @@ def test_a_shard_of_only_unreadable_volumes_moves_on(tmp_path, volumes, monkeypa
     (tmp_path / "a" / "good.dcm").write_bytes(paths["native"].read_bytes())
     (tmp_path / "a" / "empty.dcm").write_bytes(b"")
     for rank in (0, 1):  # 2 ranks, 1 volume each per epoch: one of them starts on empty.dcm
-        monkeypatch.setattr(data, "rank_world", lambda: (rank, 2))
+        monkeypatch.setattr(utils, "rank_world", lambda: (rank, 2))
         ds = data.PretrainStream(tmp_path / "a", cache_dir=tmp_path / "c", global_size=28, local_size=14, n_local=1,
                                  shuffle_buffer=0)
         shards = [ds.paths[ds.shard(e, rank, 2)[0]] for e in range(2)]
@@ -233,11 +236,11 @@ def test_a_shard_of_only_unreadable_volumes_moves_on(tmp_path, volumes, monkeypa
 
 
 def test_memory_one_slice_vs_full(tmp_path):
-    path = data.write_phantom_dicom(tmp_path / "big.dcm", (60, 256, 192), "native")
+    path = phantoms.write_phantom_dicom(tmp_path / "big.dcm", (60, 256, 192), "native")
     peaks = []
     for frames in ([30], None):
         tracemalloc.start()
-        data.read_dbt(path, frames=frames)
+        dicom.read_dbt(path, frames=frames)
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     assert peaks[0] < 0.1 * peaks[1], peaks
@@ -245,7 +248,7 @@ def test_memory_one_slice_vs_full(tmp_path):
 
 def test_clahe_matches_skimage():
     from skimage.exposure import equalize_adapthist
-    vol, _ = data.make_phantom((3, 160, 120), glandular=0.5, mlo=True, seed=2)
+    vol, _ = phantoms.make_phantom((3, 160, 120), glandular=0.5, mlo=True, seed=2)
     rng = np.random.default_rng(0)
     for img, kw in [(vol[1], {}), (rng.random((97, 131)), dict(clip_limit=0.02, kernel_size=16)),
                     (vol[1], dict(clip_limit=0)), (np.linspace(0, 1, 64 * 80).reshape(64, 80), {})]:
@@ -256,7 +259,7 @@ def test_clahe_matches_skimage():
 
 def test_otsu_matches_skimage():
     from skimage.filters import threshold_otsu
-    vol, _ = data.make_phantom((3, 128, 96), seed=4)
+    vol, _ = phantoms.make_phantom((3, 128, 96), seed=4)
     rng = np.random.default_rng(1)
     for img in [vol[1], np.concatenate([rng.normal(0.2, 0.05, 500), rng.normal(0.7, 0.1, 300)])]:
         width = (img.max() - img.min()) / 256
@@ -265,7 +268,7 @@ def test_otsu_matches_skimage():
 
 
 def test_tissue_mask_matches_phantom():
-    vol, _ = data.make_phantom((5, 128, 96), seed=5)
+    vol, _ = phantoms.make_phantom((5, 128, 96), seed=5)
     mask = data.tissue_mask(vol[2])
     truth = vol[2] > 0
     assert (mask & truth).sum() / (mask | truth).sum() > 0.95  # IoU with the phantom's breast outline
@@ -299,7 +302,7 @@ def test_adjacent_pairs_in_thin_volumes(tmp_path):
     with itself, and collate marks it so the adjacent-slice term leaves it out (data.md 4.2)."""
     (tmp_path / "v").mkdir()
     for n in (1, 2):
-        data.write_phantom_dicom(tmp_path / "v" / f"s{n}.dcm", (n, 64, 48), seed=n)
+        phantoms.write_phantom_dicom(tmp_path / "v" / f"s{n}.dcm", (n, 64, 48), seed=n)
     ds = data.PretrainStream(tmp_path / "v", cache_dir=tmp_path / "c", global_size=28, local_size=14, n_local=1,
                              adjacent_k=2)
     items = [i for i, _ in zip(ds, range(40))]
@@ -369,23 +372,23 @@ def test_synth_archive_and_cli(tmp_path, archive):
     assert len(rows) == 8 and {r["View"] for r in rows} == {"lcc", "rcc", "lmlo", "rmlo"}
     for r in rows:  # every file opens with plain pydicom
         ds = pydicom.dcmread(archive / r["classic_path"])
-        assert ds.pixel_array.shape == (12, 96, 72) and ds.SOPClassUID == data.BTO
+        assert ds.pixel_array.shape == (12, 96, 72) and ds.SOPClassUID == dicom.BTO
     for b in csv.DictReader(open(archive / "boxes.csv")):
         assert 0 <= int(b["X"]) and int(b["X"]) + int(b["Width"]) <= 72 and 0 <= int(b["Slice"]) < 12
     d = data.density_eval_set(archive, size=32)
     assert d["images"].shape == (8, 3, 32, 32) and d["groups"].tolist() == [0] * 4 + [1] * 4
     out = tmp_path / "cli"
     env = dict(os.environ, PYTHONPATH=str(Path(data.__file__).parent))
-    subprocess.run([sys.executable, data.__file__, "synth", "--out", str(out), "--patients", "1", "--slices", "4",
+    subprocess.run([sys.executable, phantoms.__file__, "--out", str(out), "--patients", "1", "--slices", "4",
                     "--height", "32", "--width", "24"], check=True, env=env, capture_output=True)
     assert len(list(out.rglob("*.dcm"))) == 4 and (out / "exams.csv").exists()
-    assert data.get_args(["synth"]).patients == 8
+    assert phantoms.get_args([]).patients == 8
 
 
 def test_detection_archive_adds_masses_and_leaves_the_rest(tmp_path):
     """lesion_rate draws its masses from a stream of its own: the base archive's exams, files and lesions stay."""
-    base = data.write_archive(tmp_path / "base", patients=3, seed=4, shape=(4, 64, 48))
-    rich = data.write_archive(tmp_path / "rich", patients=3, seed=4, shape=(4, 64, 48), lesion_rate=2.0)
+    base = phantoms.write_archive(tmp_path / "base", patients=3, seed=4, shape=(4, 64, 48))
+    rich = phantoms.write_archive(tmp_path / "rich", patients=3, seed=4, shape=(4, 64, 48), lesion_rate=2.0)
     read = lambda root, name: list(csv.DictReader(open(root / name)))
     for name in ("exams.csv", "file-paths.csv"):
         assert read(base, name) == read(rich, name)
@@ -409,14 +412,14 @@ def test_bcs_dbt_side_uses_stored_pixels(tmp_path):
     stored[0, :4, 0] = 1000  # left column sum 4000
     stored[0, :, -1] = 100  # right column sum 3200
     path = tmp_path / "clip.dcm"
-    data.write_bto(path, stored, bits_stored=10)
+    phantoms.write_bto(path, stored, bits_stored=10)
     ds = pydicom.dcmread(path)
     voi = ds.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0]
     voi.WindowCenter, voi.WindowWidth = 100, 200  # displayed: left 4 x 1.0 < right 32 x 0.5
     ds.save_as(path)
-    vol, meta = data.read_dbt(path, view="lcc")
-    assert data.edge_side(vol[0]) == "R" and meta["rotated"] is False  # displayed sums alone would rotate it
-    vol, meta = data.read_dbt(path, view="rcc")
+    vol, meta = dicom.read_dbt(path, view="lcc")
+    assert dicom.edge_side(vol[0]) == "R" and meta["rotated"] is False  # displayed sums alone would rotate it
+    vol, meta = dicom.read_dbt(path, view="rcc")
     assert meta["rotated"] is True and vol[0, -1, -1] == 1.0  # rotated 180 degrees: the bright pixels move
 
 
@@ -458,20 +461,20 @@ def test_scan_refuses_an_empty_source_and_reads_a_spreadsheet_manifest(tmp_path,
     """--data "" (an unset variable) once trained on the current folder; a manifest saved by a spreadsheet (BOM,
     CRLF) once lost its `path` column to the byte-order mark."""
     with pytest.raises(ValueError, match="--data is empty"):
-        data.scan("")
+        dicom.scan("")
     paths, _ = volumes
     (tmp_path / "m.csv").write_bytes(b"\xef\xbb\xbfpath,note\r\n" + str(paths["native"]).encode() + b",x\r\n")
-    assert data.scan(tmp_path / "m.csv") == [str(paths["native"])]
+    assert dicom.scan(tmp_path / "m.csv") == [str(paths["native"])]
     (tmp_path / "bin.csv").write_bytes(b"\x87\x00\xff" * 10)
     with pytest.raises(ValueError, match="bin.csv: not a readable CSV"):
-        data.scan(tmp_path / "bin.csv")
+        dicom.scan(tmp_path / "bin.csv")
 
 
 def test_seeds_past_32_bits_are_hashed_not_refused_or_wrapped():
     """pretrain reseeds with seed + 65536 x step: past step 65,535 that exceeds numpy's 32-bit seeds."""
-    data.seed_everything(2**32 + 5)
+    utils.seed_everything(2**32 + 5)
     a = np.random.rand()
-    data.seed_everything(5)
+    utils.seed_everything(5)
     assert np.random.rand() != a  # not wrapped onto the seed of step 0
-    data.seed_everything(2**32 + 5)
+    utils.seed_everything(2**32 + 5)
     assert np.random.rand() == a

@@ -12,10 +12,14 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.detection._utils import BoxCoder
 
+import cohorts
 import data
 import detect
 import metrics
 import model
+import phantoms
+import retinanet
+import utils
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,13 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
     # seed 2: four benign lesions, two of them in right-breast (rcc) volumes, which the official reader rotates
-    return data.write_archive(tmp_path_factory.mktemp("det") / "arch", patients=6, seed=2, shape=(12, 128, 96))
+    return phantoms.write_archive(tmp_path_factory.mktemp("det") / "arch", patients=6, seed=2, shape=(12, 128, 96))
 
 
 def test_anchors_at_518_match_the_spec():
-    grids = detect.grid_sizes(518)
+    grids = retinanet.grid_sizes(518)
     assert grids == (74, 37, 18, 9)
-    anchors = detect.make_anchors(518, grids).double()
+    anchors = retinanet.make_anchors(518, grids).double()
     assert anchors.shape == (9 * (74**2 + 37**2 + 18**2 + 9**2), 4) == (65250, 4)
     start = 0
     for g, base in zip(grids, (16, 32, 64, 128)):  # independent: spec downstream.md §4, written out in numpy
@@ -45,7 +49,7 @@ def test_anchors_at_518_match_the_spec():
                                    rtol=2e-3)  # the spec rounds 2^(1/3) to 1.26
         start += 9 * g * g
     # the neck's real map sizes agree with grid_sizes (P5 floor, P6 ceil)
-    det = detect.Detector(model.build("tiny"), 32, 0.0).eval()
+    det = retinanet.Detector(model.build("tiny"), 32, 0.0).eval()
     with torch.no_grad():
         feats = det.neck(det.backbone.get_intermediate_layers(torch.rand(1, 3, 518, 518), 1, reshape=True)[0])
     assert tuple(f.shape[-1] for f in feats) == grids
@@ -58,39 +62,39 @@ def test_box_coding_round_trip_and_torchvision():
     xy = torch.rand(200, 2, generator=g) * 400
     boxes = torch.cat([xy, xy + 2 + torch.rand(200, 2, generator=g) * 150], 1)
     coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
-    deltas = detect.encode(anchors, boxes)
+    deltas = retinanet.encode(anchors, boxes)
     torch.testing.assert_close(deltas, coder.encode_single(boxes, anchors))
-    torch.testing.assert_close(detect.decode(anchors, deltas), boxes, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(retinanet.decode(anchors, deltas), boxes, rtol=1e-5, atol=1e-3)
     wild = torch.randn(200, 4, generator=g) * 6  # beyond log(1000/16): both clamp
-    torch.testing.assert_close(detect.decode(anchors, wild), coder.decode_single(wild, anchors))
+    torch.testing.assert_close(retinanet.decode(anchors, wild), coder.decode_single(wild, anchors))
 
 
 def test_focal_at_gamma0_alpha_minus1_is_bce():
     logits, y = torch.randn(500), (torch.rand(500) > 0.8).float()
-    torch.testing.assert_close(detect.focal_terms(logits, y, alpha=-1, gamma=0),
+    torch.testing.assert_close(retinanet.focal_terms(logits, y, alpha=-1, gamma=0),
                                F.binary_cross_entropy_with_logits(logits, y, reduction="none"))
     smooth = y * 0.9 + 0.05  # smoothing 0.1 moves targets towards 1/2
-    torch.testing.assert_close(detect.focal_terms(logits, y, alpha=-1, gamma=0, smoothing=0.1),
+    torch.testing.assert_close(retinanet.focal_terms(logits, y, alpha=-1, gamma=0, smoothing=0.1),
                                F.binary_cross_entropy_with_logits(logits, smooth, reduction="none"))
 
 
 def test_loss_is_finite_without_boxes_and_matching_flags():
     args = detect.get_args([])
     torch.manual_seed(0)
-    det = detect.Detector(model.build("tiny"), 32, 0.1)
-    anchors = detect.make_anchors(112, detect.grid_sizes(112))
+    det = retinanet.Detector(model.build("tiny"), 32, 0.1)
+    anchors = retinanet.make_anchors(112, retinanet.grid_sizes(112))
     logits, deltas = det(torch.rand(2, 3, 112, 112))
     targets = [torch.zeros(0, 4), torch.tensor([[30.0, 40.0, 52.0, 60.0]])]
-    losses = detect.detection_loss(logits, deltas, anchors, targets, args)
+    losses = retinanet.detection_loss(logits, deltas, anchors, targets, args)
     assert set(losses) == {"cls", "box", "loss"} and all(torch.isfinite(v) for v in losses.values())
     losses["loss"].backward()
     assert all(torch.isfinite(p.grad).all() for p in det.parameters() if p.grad is not None)
-    none = detect.detection_loss(logits[:1], deltas[:1], anchors, targets[:1], args)
+    none = retinanet.detection_loss(logits[:1], deltas[:1], anchors, targets[:1], args)
     assert none["box"] == 0 and none["cls"] > 0  # 2000 sampled negatives, no regression
     # a 40 x 2 sliver overlaps no anchor by IoU > 0.5: only the low-quality flag gives it positives (torchvision)
     tiny_box = torch.tensor([[50.0, 50.0, 90.0, 52.0]])
-    assert (detect.match(anchors, tiny_box, 0.5, 0.4) >= 0).sum() == 0
-    assert (detect.match(anchors, tiny_box, 0.5, 0.4, low_quality=True) >= 0).sum() >= 1
+    assert (retinanet.match(anchors, tiny_box, 0.5, 0.4) >= 0).sum() == 0
+    assert (retinanet.match(anchors, tiny_box, 0.5, 0.4, low_quality=True) >= 0).sum() >= 1
 
 
 @pytest.mark.parametrize("view", ["lcc", "rcc"])
@@ -100,7 +104,7 @@ def test_mapped_back_boxes_land_on_the_lesion_in_the_official_orientation(tmp_pa
     stored[:, :, :30] = 300  # bright chest wall on the stored LEFT: the official reader rotates an R view 180 deg
     stored[1, 10:20, 40:52] = 1000  # the lesion, on slice 1, stored rows 10-19, columns 40-51
     path = tmp_path / f"{view}.dcm"
-    data.write_bto(path, stored, laterality=view[0].upper(), view="CC")
+    phantoms.write_bto(path, stored, laterality=view[0].upper(), view="CC")
     x, y, w, h = (40, 10, 12, 10) if view == "lcc" else (W - 52, H - 20, 12, 10)  # BCS-DBT box, official frame
     vol = dict(path=str(path), view=view, rows=H, cols=W, n_slices=S)
     size = 56
@@ -123,7 +127,7 @@ class _LesionFinder(torch.nn.Module):
             lo, hi = (yx.amin(0), yx.amax(0) + 1) if len(yx) else (torch.zeros(2), torch.ones(2))
             boxes.append(torch.stack([lo[1], lo[0], hi[1], hi[0]]).float())
             logits.append(10.0 if len(yx) else -10.0)
-        deltas = detect.encode(torch.tensor([[0.0, 0.0, S, S]]), torch.stack(boxes))  # (B, 4)
+        deltas = retinanet.encode(torch.tensor([[0.0, 0.0, S, S]]), torch.stack(boxes))  # (B, 4)
         return torch.tensor(logits)[:, None], deltas[:, None]  # (B, 1), (B, 1, 4)
 
 
@@ -135,7 +139,7 @@ def test_predict_volume_gives_boxes_in_original_pixels_and_official_orientation(
         stored[z, :, :20 + 4 * z] = 300
     stored[3, 10:20, 40:52] = 1000  # the lesion, on slice 3 (the second chunk of 2), stored rows 10-19, cols 40-51
     path = tmp_path / f"{view}.dcm"
-    data.write_bto(path, stored, laterality=view[0].upper(), view="CC")
+    phantoms.write_bto(path, stored, laterality=view[0].upper(), view="CC")
     x, y, w, h = (40, 10, 12, 10) if view == "lcc" else (W - 52, H - 20, 12, 10)  # BCS-DBT box, official frame
     vol = dict(path=str(path), view=view, rows=H, cols=W, n_slices=S)
     args = detect.get_args([])
@@ -190,12 +194,12 @@ def test_classic_path_is_used_when_the_descriptive_file_is_missing(archive, tmp_
         w.writerows(rows)
     for name in ("labels", "boxes"):
         (root / f"{name}.csv").write_text((archive / f"{name}.csv").read_text())
-    volumes, skipped = detect.load_volumes(root)
+    volumes, skipped = cohorts.load_volumes(root)
     assert skipped == 0 and len(volumes) == len(rows) and all("/tcia/" in v["path"] for v in volumes)
 
 
 def test_submission_from_ground_truth_scores_one(archive):
-    volumes, skipped = detect.load_volumes(archive)
+    volumes, skipped = cohorts.load_volumes(archive)
     assert skipped == 0 and any(v["view"] == "rcc" and v["boxes"] for v in volumes)
     rows = []
     for v in volumes:  # per-slice "detections" on the GT boxes, on slices z-1..z+2 peaking at z, grouped in 3-D
@@ -298,16 +302,16 @@ def test_resume_auto_continues_exactly(archive, tmp_path, monkeypatch):
                                 "--log-every", "1", "--batch-size", "2", "--image-size", "112", "--channels", "32",
                                 "--n-boot", "10", "--baseline-draws", "1", "--device", "cpu", "--resume", "auto"])
     whole = detect.main(flags(tmp_path / "whole"))
-    save = model.save_checkpoint
+    save = utils.save_checkpoint
 
     def crash_after_first_save(path, state):
         save(path, state)
         raise KeyboardInterrupt  # preempted right after the step-2 checkpoint
 
-    monkeypatch.setattr(model, "save_checkpoint", crash_after_first_save)
+    monkeypatch.setattr(utils, "save_checkpoint", crash_after_first_save)
     with pytest.raises(KeyboardInterrupt):
         detect.main(flags(tmp_path / "cut"))
-    monkeypatch.setattr(model, "save_checkpoint", save)
+    monkeypatch.setattr(utils, "save_checkpoint", save)
     resumed = detect.main(flags(tmp_path / "cut"))
     losses = [[r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
                if r["split"] == "train"] for run in ("whole", "cut")]
@@ -326,7 +330,7 @@ def test_early_stop_epochs_no_test_split_warning_and_resume_checks(archive, tmp_
              "--batch-size", "2", "--image-size", "112", "--channels", "32", "--n-boot", "10", "--baseline-draws",
              "1", "--device", "cpu", "--backbone", "random", "--test-fraction", "0", "--resume", "auto"]
     result = detect.main(detect.get_args(flags))
-    split = detect.split_volumes(detect.load_volumes(archive)[0], 0.2, 0.0, 0)
+    split = cohorts.split_volumes(cohorts.load_volumes(archive)[0], 0.2, 0.0, 0)
     epochs = 2 * 2 / len(detect.training_slices(split["train"])[0])  # 2 steps x 2 slices / annotated slices
     assert result["best_step"] == 1 and result["epochs"] == pytest.approx(epochs)
     assert result["s_per_epoch"] == pytest.approx(result["train_s"] / epochs)
@@ -377,7 +381,7 @@ def test_compile_flag_compiles_the_frozen_backbone_with_the_same_features(torch_
 def test_an_unreadable_csv_is_one_line_naming_it(tmp_path):
     (tmp_path / "labels.csv").write_bytes("PatientID,StudyUID,View\n".encode("utf-16"))  # "Unicode text" export
     with pytest.raises(ValueError, match="labels.csv: not a readable CSV"):
-        detect._rows(tmp_path / "labels.csv", ("PatientID",))
+        cohorts._rows(tmp_path / "labels.csv", ("PatientID",))
 
 
 def test_split_volumes_keeps_patients_whole_and_lesions_in_validation():
@@ -386,10 +390,10 @@ def test_split_volumes_keeps_patients_whole_and_lesions_in_validation():
     volumes = [dict(patient=f"P{p:02d}", split="", boxes=[[1, 2, 3, 4, 5]] if p % 8 == 0 and v == 0 else [],
                     view=view) for p in range(40) for v, view in enumerate(("lcc", "rcc", "lmlo", "rmlo"))]
     for seed in range(10):  # 5 patients with a lesion: unstratified, 4 of these 10 seeds left validation with none
-        split = detect.split_volumes(volumes, 0.2, 0.2, seed)
+        split = cohorts.split_volumes(volumes, 0.2, 0.2, seed)
         owners = {s: {v["patient"] for v in vols} for s, vols in split.items()}
         assert not (owners["train"] & owners["val"] or owners["train"] & owners["test"]
                     or owners["val"] & owners["test"])
         assert [len(owners[s]) for s in ("train", "val", "test")] == [24, 8, 8]
         assert [sum(bool(v["boxes"]) for v in split[s]) for s in ("train", "val", "test")] == [3, 1, 1]
-    assert split == detect.split_volumes(volumes, 0.2, 0.2, 9) != detect.split_volumes(volumes, 0.2, 0.2, 4)
+    assert split == cohorts.split_volumes(volumes, 0.2, 0.2, 9) != cohorts.split_volumes(volumes, 0.2, 0.2, 4)

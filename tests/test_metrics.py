@@ -19,6 +19,7 @@ from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 from statsmodels.stats.multitest import multipletests
 
 import metrics
+import utils
 
 # -----------------------------------------------------------------------------
 # DBTex toy case, spec §1.3.7
@@ -357,7 +358,7 @@ def test_bootstrap_keeps_groups_whole():
 
 
 def test_progress_line_and_eta():
-    p = metrics.Progress(1000, start_step=100)
+    p = utils.Progress(1000, start_step=100)
     p.t0 = time.monotonic() - 60  # 100 steps in 60 s -> 800 remaining steps take 8 min
     line = p.line(200, {"loss": 9.8123, "dino": 7.1, "koleo": -0.31, "lr": 3.2e-4}, 412.3, 38.2, 2.1, 21.3)
     assert line == ("step 200/1000 | loss 9.812 dino 7.1 koleo -0.31 | lr 3.2e-04 | 412 img/s | 38 ms/step | "
@@ -366,7 +367,7 @@ def test_progress_line_and_eta():
 
 
 def test_jsonl_writer_parses_line_by_line(tmp_path):
-    w = metrics.JsonlWriter(tmp_path / "run" / "metrics.jsonl")
+    w = utils.JsonlWriter(tmp_path / "run" / "metrics.jsonl")
     w.write({"step": 1, "loss": np.float32(0.5), "n": np.int64(3)})
     w.write({"step": 2, "split": "val", "auc": 0.75})
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -379,29 +380,29 @@ def test_jsonl_writer_parses_line_by_line(tmp_path):
 
 def test_check_run_folder_refuses_another_scripts_run_and_overwrite_clears_it(tmp_path):
     out = tmp_path / "run"
-    metrics.check_run_folder(out, "ckpt.pt", script="detect.py")  # no folder yet: nothing to refuse
+    utils.check_run_folder(out, "ckpt.pt", script="detect.py")  # no folder yet: nothing to refuse
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="file: --out names a file, not a folder"):
-        metrics.check_run_folder(tmp_path / "file", "ckpt.pt")
-    metrics.write_args(out, argparse.Namespace(seed=0), "pretrain.py")
+        utils.check_run_folder(tmp_path / "file", "ckpt.pt")
+    utils.write_args(out, argparse.Namespace(seed=0), "pretrain.py")
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
-    metrics.check_run_folder(out, "ckpt.pt", script="pretrain.py")  # its own run, interrupted before a checkpoint
+    utils.check_run_folder(out, "ckpt.pt", script="pretrain.py")  # its own run, interrupted before a checkpoint
     with pytest.raises(ValueError, match=r"already holds a run of pretrain.py \(its args.json\); use another --out"):
-        metrics.check_run_folder(out, "metrics.json", script="probe.py")  # no marker, but another script's folder
+        utils.check_run_folder(out, "metrics.json", script="probe.py")  # no marker, but another script's folder
     (out / "ckpt.pt").write_bytes(b"old weights")
     (out / "metrics.json").write_text("{}")
     (out / "notes.txt").write_text("the user's own file")
     with pytest.raises(ValueError, match=r"a run \(ckpt.pt\); use --resume auto to continue it"):
-        metrics.check_run_folder(out, "ckpt.pt", script="pretrain.py")
+        utils.check_run_folder(out, "ckpt.pt", script="pretrain.py")
     with pytest.raises(ValueError, match=r"a run \(metrics.json\); use another --out, or --overwrite"):
-        metrics.check_run_folder(out, "metrics.json", script="pretrain.py")  # probe's marker: no --resume to offer
+        utils.check_run_folder(out, "metrics.json", script="pretrain.py")  # probe's marker: no --resume to offer
     (out / "ckpt.pt").rename(out / "ckpt.bak")  # deleted to save space: the run's outputs still mark the folder
     with pytest.raises(ValueError, match=r"a run \(metrics.json\)"):
-        metrics.check_run_folder(out, "ckpt.pt", script="pretrain.py", outputs=("metrics.json",))
+        utils.check_run_folder(out, "ckpt.pt", script="pretrain.py", outputs=("metrics.json",))
     (out / "ckpt.bak").rename(out / "ckpt.pt")
-    stale = metrics.check_run_folder(out, "ckpt.pt", overwrite=True, script="detect.py", outputs=("metrics.json",))
+    stale = utils.check_run_folder(out, "ckpt.pt", overwrite=True, script="detect.py", outputs=("metrics.json",))
     assert stale == ["args.json", "ckpt.pt", "metrics.json", "metrics.jsonl"] and (out / "ckpt.pt").exists()
-    metrics.write_args(out, argparse.Namespace(seed=1), "detect.py", clear=stale)  # the inputs were good
+    utils.write_args(out, argparse.Namespace(seed=1), "detect.py", clear=stale)  # the inputs were good
     assert sorted(p.name for p in out.iterdir()) == ["args.json", "notes.txt"]  # no old ckpt.pt for --resume auto
     assert json.loads((out / "args.json").read_text())["script"] == "detect.py"
 
@@ -415,7 +416,7 @@ def test_draw_curves_puts_each_point_where_its_values_say(tmp_path):
                 {"step": 10, "split": "val", "density_acc": 0.6, "density_majority": 0.5}]
     panels = [("train", "loss"), ("train", "ibot"), ("train", "koleo"), ("val", "density_acc")]
     path = tmp_path / "curves.png"
-    boxes = metrics.draw_curves(path, records, panels, {"density_acc": "density_majority"}, title="t")
+    boxes = utils.draw_curves(path, records, panels, {"density_acc": "density_majority"}, title="t")
     assert list(boxes) == ["loss", "koleo", "density_acc"]  # no ibot records: no empty panel
     assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
     img, white = Image.open(path).convert("RGB"), (255, 255, 255)
@@ -464,7 +465,7 @@ def test_roc_curve_matches_sklearn_with_ties():
 def test_draw_curves_survives_a_flat_huge_series(tmp_path):
     """--lr 1e30 logs a flat 1e30 line: padding it by 0.5 changes nothing in float, which divided by zero."""
     records = [{"step": s, "split": "train", "lr": 1e30} for s in range(1, 4)]
-    box = metrics.draw_curves(tmp_path / "c.png", records, [("train", "lr")])["lr"]
+    box = utils.draw_curves(tmp_path / "c.png", records, [("train", "lr")])["lr"]
     assert box[6] < 1e30 < box[7] and (tmp_path / "c.png").exists()
 
 
@@ -472,6 +473,6 @@ def test_csv_text_quotes_an_id_holding_a_comma():
     """probe's and detect's predictions.csv: an exam or patient ID may hold a comma or quotes."""
     preds = [dict(patient="P1", exam='CC, "left" 2019', density="a", pred="b", p_a="0.100000"),
              dict(patient="P2", exam="E2", density="c", pred="c", p_a="0.700000")]
-    assert [dict(r) for r in csv.DictReader(io.StringIO(metrics.csv_text(preds)))] == preds
-    assert metrics.csv_text(preds, ["exam", "patient"]).splitlines() == ["exam,patient", '"CC, ""left"" 2019",P1',
+    assert [dict(r) for r in csv.DictReader(io.StringIO(utils.csv_text(preds)))] == preds
+    assert utils.csv_text(preds, ["exam", "patient"]).splitlines() == ["exam,patient", '"CC, ""left"" 2019",P1',
                                                                        "E2,P2"]

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import model
+import pretrain
 
 # (builder, D, depth, ffn, registers) from spec §1a
 ARCHS = [
@@ -161,11 +162,11 @@ def test_get_intermediate_layers_order_and_shapes():
 def test_ema_update():
     t, s = model.vit_tiny(), randomize(model.vit_tiny(), seed=1)
     t0 = {k: v.clone() for k, v in t.state_dict().items()}
-    model.ema_update(t, s, 1.0)
+    pretrain.ema_update(t, s, 1.0)
     assert all(torch.equal(v, t0[k]) for k, v in t.state_dict().items())
-    model.ema_update(t, s, 0.25)
+    pretrain.ema_update(t, s, 0.25)
     assert torch.allclose(t.pos_embed, 0.25 * t0["pos_embed"] + 0.75 * s.pos_embed)
-    model.ema_update(t, s, 0.0)
+    pretrain.ema_update(t, s, 0.0)
     assert all(torch.equal(v, s.state_dict()[k]) for k, v in t.state_dict().items())
 
 

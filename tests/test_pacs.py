@@ -14,9 +14,12 @@ import pytest
 import torch
 
 import data
+import dicom
 import model
 import pacs
+import phantoms
 import probe
+import utils
 
 ROOT = Path(__file__).resolve().parents[1]
 USER, PASSWORD, TOKEN = "radiology", "pw-Zq81-never-logged", "tok-Hh27-never-logged"
@@ -215,7 +218,7 @@ def studies(orthanc, tmp_path_factory):
     root = tmp_path_factory.mktemp("phantoms")
     rows, files = [], {}
     for i, enc in enumerate(["j2k", "j2k"] + ["native"] * 13):
-        path = data.write_phantom_dicom(root / f"{i}.dcm", SHAPE, encoding=enc, seed=i)
+        path = phantoms.write_phantom_dicom(root / f"{i}.dcm", SHAPE, encoding=enc, seed=i)
         status, answer = _request(orthanc + "/instances", "POST", path.read_bytes())
         assert status == 200, answer
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -348,8 +351,8 @@ def test_streamed_slices_equal_local_reads_and_nothing_outside_the_manifest(stud
         path, token = client.fetch(row)
         original = files[row["SOPInstanceUID"]]
         assert path.read_bytes() == original.read_bytes()  # stored transfer syntax, no transcoding
-        remote, meta = data.read_dbt(path)
-        local, _ = data.read_dbt(original)
+        remote, meta = dicom.read_dbt(path)
+        local, _ = dicom.read_dbt(original)
         assert remote.dtype == np.float32 and np.array_equal(remote, local)  # bit for bit
         assert meta["transfer_syntax"] == ("1.2.840.10008.1.2.4.90" if row["encoding"] == "j2k" else
                                            "1.2.840.10008.1.2.1")
@@ -621,7 +624,7 @@ def exam_tables(orthanc, tmp_path_factory):
     Returns (archive folder, the same exam table naming UIDs with splits, plus a fifth exam whose instances the
     server does not hold, the backbone file, that fifth exam's view cells)."""
     root = tmp_path_factory.mktemp("exams")
-    archive = data.synthetic_archive(root / "archive", patients=4, seed=11, shape=(4, 64, 48))
+    archive = phantoms.synthetic_archive(root / "archive", patients=4, seed=11, shape=(4, 64, 48))
     with open(archive / "exams.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     for r, split in zip(rows, ("train", "train", "val", "test")):
@@ -642,7 +645,7 @@ def exam_tables(orthanc, tmp_path_factory):
         w.writerows(rows)
     torch.manual_seed(0)
     backbone = root / "backbone.pth"
-    model.save_checkpoint(backbone, model.build("tiny").state_dict())
+    utils.save_checkpoint(backbone, model.build("tiny").state_dict())
     return archive, table, backbone, absent
 
 
@@ -743,8 +746,8 @@ def test_remote_volume_reader_reads_what_the_local_one_reads_and_pins_only_while
     ghost = dict(rows[0], SOPInstanceUID="1.2.826.0.1.3680043.10.99.7")  # in the table, not on the server: 404
     client = _client(proxy, rows + [ghost], tmp_path)
     chosen = [rows[0], rows[4]]  # JPEG 2000 and native
-    reader = probe.RemoteVolumeReader(client, chosen + [ghost])
-    local = probe.VolumeReader([files[r["SOPInstanceUID"]] for r in chosen])
+    reader = data.RemoteVolumeReader(client, chosen + [ghost])
+    local = data.VolumeReader([files[r["SOPInstanceUID"]] for r in chosen])
     for i in range(2):
         (_, got), (_, want) = reader[i], local[i]
         assert torch.equal(got["stored"], want["stored"]) and torch.equal(got["rows"], want["rows"])
@@ -754,7 +757,7 @@ def test_remote_volume_reader_reads_what_the_local_one_reads_and_pins_only_while
     assert not client.cache.usage()[2]  # nothing left pinned once read
     wrong = pacs.load_credentials(environ={"DICOMWEB_USER": USER, "DICOMWEB_PASSWORD": "wrong-" + PASSWORD})
     refused = _client(proxy, rows, tmp_path / "refused", credentials=wrong)
-    assert isinstance(probe.RemoteVolumeReader(refused, rows[:1])[0][1], pacs.AuthError)
+    assert isinstance(data.RemoteVolumeReader(refused, rows[:1])[0][1], pacs.AuthError)
     with pytest.raises(pacs.AuthError, match="HTTP 401"):  # embed_volumes stops on it, it does not skip it
         probe.embed_volumes(model.build("tiny"), rows[:2], "cpu", size=28, workers=0, client=refused)
     # the cache must hold one volume per loader worker at once

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 import metrics
 import model
+import phantoms
 import pretrain
+import utils
 
 
 def ce(t, s, temp=0.1):
@@ -326,7 +328,7 @@ def test_density_probe_cross_validates_by_patient():
 def test_mammodino_preset_end_to_end(tmp_path):
     """The mammodino recipe (tissue-aware crops, tissue-weighted masks, adjacent slices) through train() on DICOM."""
     import data
-    root = data.synthetic_archive(tmp_path / "syn", patients=2, seed=1, shape=(6, 96, 72))
+    root = phantoms.synthetic_archive(tmp_path / "syn", patients=2, seed=1, shape=(6, 96, 72))
     out = tmp_path / "run"
     pretrain.train(pretrain.get_args([
         "--preset", "mammodino", "--model", "tiny", "--data", str(root), "--out", str(out), "--global-size", "56",

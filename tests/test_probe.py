@@ -16,10 +16,15 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
+import cohorts
 import data
+import dicom
 import metrics
 import model
+import phantoms
 import probe
+import show
+import utils
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--slices", "4", "--height", "64", "--width", "48", "--size", "28", "--workers", "0"]
@@ -37,7 +42,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
     """10 patients, 4 slices of 64 x 48: every encoding and display variant of data.write_archive."""
-    return data.synthetic_archive(tmp_path_factory.mktemp("probe") / "arch", patients=10, seed=5, shape=(4, 64, 48))
+    return phantoms.synthetic_archive(tmp_path_factory.mktemp("probe") / "arch", patients=10, seed=5, shape=(4, 64, 48))
 
 
 @pytest.fixture(scope="module")
@@ -155,18 +160,18 @@ def test_auroc_rules_hand_worked_where_they_differ():
 
 def test_stratified_subset_keeps_class_shares():
     labels = np.array([0] * 40 + [1] * 30 + [2] * 3)
-    keep = probe.stratified_subset(labels, 0.25, seed=0)
+    keep = cohorts.stratified_subset(labels, 0.25, seed=0)
     assert np.bincount(labels[keep]).tolist() == [10, 8, 1]  # rounded (7.5 -> 8), and never an empty class
     assert len(set(keep)) == len(keep)
 
 
 def test_risk_targets_refuse_nan_and_negative_years_naming_the_exam():
     ok = dict(exam="E0", years_to_cancer="", years_of_followup="4")
-    assert [a.tolist() for a in probe.risk_targets([ok])] == [[np.inf], [4.0]]
+    assert [a.tolist() for a in cohorts.risk_targets([ok])] == [[np.inf], [4.0]]
     for column, value in [("years_of_followup", "nan"), ("years_of_followup", "-1"), ("years_to_cancer", "NaN"),
                           ("years_to_cancer", "-0.5")]:
         with pytest.raises(ValueError) as e:
-            probe.risk_targets([ok, dict(ok, exam="E7", **{column: value})])
+            cohorts.risk_targets([ok, dict(ok, exam="E7", **{column: value})])
         msg = str(e.value)
         assert "\n" not in msg and f"exam E7: {column} {value!r}" in msg, msg
 
@@ -212,7 +217,7 @@ def test_fallback_split_keeps_every_patients_exams_together():
     rows = _multi_exam_rows()
     for seed in range(3):
         splits = {}
-        for r, s in zip(rows, probe.assign_splits(rows, seed)):
+        for r, s in zip(rows, cohorts.assign_splits(rows, seed)):
             splits.setdefault(r["patient"], set()).add(s)
         assert all(len(s) == 1 for s in splits.values()), seed
         shares = sorted(s for (s,) in splits.values())
@@ -222,13 +227,13 @@ def test_fallback_split_keeps_every_patients_exams_together():
 def test_split_column_refuses_a_patient_in_two_splits_before_embedding(tmp_path):
     rows = [dict(r, split=s) for r, s in zip(_multi_exam_rows(4), ["train", "val", "val", "test", "test", "train",
                                                                      "train"])]
-    assert probe.assign_splits(rows[:3], 0) == ["train", "val", "val"]  # P00 | P01, P01: no patient in two
+    assert cohorts.assign_splits(rows[:3], 0) == ["train", "val", "val"]  # P00 | P01, P01: no patient in two
     with pytest.raises(ValueError) as e:
-        probe.assign_splits(rows, 0)  # P02's three exams: test, test, train
+        cohorts.assign_splits(rows, 0)  # P02's three exams: test, test, train
     assert "\n" not in str(e.value) and "patient 'P02'" in str(e.value)
     table = tmp_path / "leaky.csv"
     for r in rows:
-        r.update({v: f"{v}.dcm" for v in probe.VIEWS}, density="a")
+        r.update({v: f"{v}.dcm" for v in cohorts.VIEWS}, density="a")
     with open(table, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
@@ -291,12 +296,12 @@ def test_risk_ci_resamples_patients():
 # ----------------------------------------------------------------------------- embedding path
 def test_device_display_equals_read_dbt_for_every_variant(archive):
     paths = sorted(archive.rglob("*.dcm"))[:8]  # 8 consecutive views cover all 8 encoding/VOI/MONOCHROME variants
-    reader = probe.VolumeReader(paths)
+    reader = data.VolumeReader(paths)
     kinds = set()
     for i, path in enumerate(paths):
         _, item = reader[i]
         ours = torch.cat(list(probe.display_chunks(item, torch.device("cpu"), 3))).numpy()
-        ref, meta = data.read_dbt(path)
+        ref, meta = dicom.read_dbt(path)
         assert np.abs(ours - ref).max() < 1e-5, path
         kinds.add((meta["voi"][0][4], meta["invert"], meta.get("mirrored")))
     assert {k[0] for k in kinds} == {"LINEAR", "SIGMOID", "LINEAR_EXACT"} and {k[1] for k in kinds} == {0, 1}
@@ -305,7 +310,7 @@ def test_device_display_equals_read_dbt_for_every_variant(archive):
 def test_embed_volumes_equals_direct_forward_and_precisions(archive):
     net, path = random_tiny(), sorted(archive.rglob("*.dcm"))[1]
     feats, stats = probe.embed_volumes(net, [path], "cpu", size=28, chunk=3, workers=1, precision="autocast")
-    vol = torch.from_numpy(data.read_dbt(path)[0])  # (S, H, W)
+    vol = torch.from_numpy(dicom.read_dbt(path)[0])  # (S, H, W)
     x = F.interpolate(vol[:, None], size=(28, 28), mode="bilinear", antialias=True).clamp(0, 1)
     with torch.no_grad():
         out = net.forward_features(x.expand(-1, 3, -1, -1))
@@ -319,12 +324,12 @@ def test_embed_volumes_equals_direct_forward_and_precisions(archive):
 
 def test_densenet_baseline_is_torchvisions_pooled_feature():
     torch.manual_seed(0)
-    net = probe.DenseNetFeatures().eval()
+    net = model.DenseNetFeatures().eval()
     ref = torchvision.models.densenet121(weights=None)
     ref.features.load_state_dict(net.features.state_dict())
     ref.classifier = torch.nn.Identity()  # torchvision's forward up to the classifier: the pooled 1024-d vector
     x = torch.rand(2, 3, 64, 64)
-    norm = (x - torch.tensor(probe.IMAGENET_MEAN)[:, None, None]) / torch.tensor(probe.IMAGENET_STD)[:, None, None]
+    norm = (x - torch.tensor(model.IMAGENET_MEAN)[:, None, None]) / torch.tensor(model.IMAGENET_STD)[:, None, None]
     with torch.no_grad():
         out, expected = net.forward_features(x), ref.eval()(norm)
     assert out["x_norm_clstoken"].shape == (2, 1024) and torch.allclose(out["x_norm_clstoken"], expected, atol=1e-5)
@@ -337,7 +342,7 @@ def _embed(rows, root, folder):
 
 
 def test_cache_resume_reembeds_nothing_then_exactly_one(archive, tmp_path):
-    rows, root = probe.read_exams(archive)
+    rows, root = cohorts.read_exams(archive)
     first, counts = _embed(rows, root, tmp_path)
     assert counts == dict(reused=0, embedded=10, skipped=0)
     second, counts = _embed(rows, root, tmp_path)
@@ -354,7 +359,7 @@ def test_cache_misses_a_replaced_view_and_another_cohort_at_the_same_relative_pa
     for name in ("a", "b"):
         shutil.copytree(archive, tmp_path / name)  # copy2: the same sizes and modification times in both
     monkeypatch.chdir(tmp_path / "a")
-    rows, root = probe.read_exams("exams.csv")
+    rows, root = cohorts.read_exams("exams.csv")
     assert not root.is_absolute()  # the view paths as the table names them: RCC/... under "."
     first, _ = _embed(rows, root, tmp_path / "cache")
     shutil.copyfile(root / rows[1]["RCC"], root / rows[0]["RCC"])  # exam 1's RCC file over exam 0's
@@ -363,7 +368,7 @@ def test_cache_misses_a_replaced_view_and_another_cohort_at_the_same_relative_pa
     assert torch.allclose(again[0]["RCC"]["patch_mean"], first[1]["RCC"]["patch_mean"], atol=1e-6)
     assert not torch.allclose(again[0]["RCC"]["patch_mean"], first[0]["RCC"]["patch_mean"], atol=1e-3)
     monkeypatch.chdir(tmp_path / "b")
-    rows, root = probe.read_exams("exams.csv")
+    rows, root = cohorts.read_exams("exams.csv")
     _, counts = _embed(rows, root, tmp_path / "cache")
     assert counts == dict(reused=0, embedded=10, skipped=0)
 
@@ -372,7 +377,7 @@ def test_compile_flag_embeds_through_compiled_blocks_with_the_same_features(arch
                                                                              torch_compile):
     """probe.py --compile: the ViT's blocks run compiled (model.compile_blocks, tested in test_model), the features
     equal eager ones to 1e-5 and land under the same cache key; the DenseNet baseline is a bad flag, in one line."""
-    rows, root = probe.read_exams(archive)
+    rows, root = cohorts.read_exams(archive)
     rows = rows[:2]
     got = {}
     for flag in ([], ["--compile"]):
@@ -394,7 +399,7 @@ def test_compile_flag_embeds_through_compiled_blocks_with_the_same_features(arch
 def test_truncated_and_missing_views_are_skipped_and_counted(archive, tmp_path, capsys):
     copy = tmp_path / "arch"
     shutil.copytree(archive, copy)
-    rows, root = probe.read_exams(copy)
+    rows, root = cohorts.read_exams(copy)
     truncated, missing = root / rows[2]["LMLO"], root / rows[5]["RCC"]
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     missing.unlink()
@@ -417,19 +422,19 @@ def test_bad_input_one_line_and_nonzero_exit(tmp_path, capsys):
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "none.csv: no exam table" in r.stderr
     (tmp_path / "utf16.csv").write_bytes("patient,exam\n".encode("utf-16"))  # a spreadsheet's "Unicode text"
     with pytest.raises(ValueError, match="utf16.csv: not a readable CSV"):
-        probe.read_exams(tmp_path / "utf16.csv")
-    net, what = probe.load_backbone("random", arch="vits14")  # --arch picks the random ViT instead of being ignored
+        cohorts.read_exams(tmp_path / "utf16.csv")
+    net, what = model.load_backbone("random", arch="vits14")  # --arch picks the random ViT instead of being ignored
     assert net.embed_dim == 384 and "RANDOMLY INITIALISED vits14" in what
     with pytest.raises(ValueError, match="unknown model 'bogus'"):
-        probe.load_backbone("random", arch="bogus")
+        model.load_backbone("random", arch="bogus")
     torch.save([1, 2], tmp_path / "list.pt")  # a checkpoint that is not a state dict
     with pytest.raises(ValueError, match="list.pt: not a DenseNet-121 state dict"):
-        probe.DenseNetFeatures(tmp_path / "list.pt")
+        model.DenseNetFeatures(tmp_path / "list.pt")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.json").write_text("[1, 2]")
     (tmp_path / "run" / "predictions.csv").write_text("exam\n1\n")
     with pytest.raises(ValueError, match="run: metrics.json is not a probe run's"):
-        probe.load_run(tmp_path / "run")
+        metrics.load_run(tmp_path / "run")
 
 
 @pytest.fixture(scope="module")
@@ -472,7 +477,7 @@ def test_default_runs_write_promised_outputs(runs, table):
 
 def test_compare_pvalues_equal_metrics(runs, capsys):
     out, _ = runs
-    result = probe.main(["compare", str(out / "density"), str(out / "density_cls"), "--out", str(out / "cmp_d")])
+    result = metrics.main(["compare", str(out / "density"), str(out / "density_cls"), "--out", str(out / "cmp_d")])
     preds = [{r["exam"]: r for r in csv.DictReader(open(out / run / "predictions.csv"))}
              for run in ("density", "density_cls")]
     exams = sorted(preds[0])
@@ -480,7 +485,7 @@ def test_compare_pvalues_equal_metrics(runs, capsys):
     assert result["tests"][0]["p"] == metrics.mcnemar(correct[0], correct[1])
     assert json.loads((out / "cmp_d" / "compare.json").read_text())["test"] == "mcnemar"
 
-    result = probe.main(["compare", str(out / "risk"), str(out / "risk_b"), "--out", str(out / "cmp_r")])
+    result = metrics.main(["compare", str(out / "risk"), str(out / "risk_b"), "--out", str(out / "cmp_r")])
     preds = [{r["exam"]: r for r in csv.DictReader(open(out / run / "predictions.csv"))} for run in ("risk", "risk_b")]
     # test exams: cancers at 1.5 y and 0.5 y, healthy with 8 y and 5.5 y: years 2-5 have 2 + 2 cases
     y = np.array([1, 1, 0, 0])
@@ -504,22 +509,22 @@ def test_explicit_attention_equals_sdpa_and_excludes_registers():
     vit.blocks[-1].attn.register_forward_hook(lambda m, inp, out: seen.update(inp=inp[0], out=out))
     with torch.no_grad():
         vit.forward_features(x)
-        att = probe.last_block_attention(vit, x)
+        att = show.last_block_attention(vit, x)
     assert att["attn"].shape == (2, 3, 1 + 4 + 16, 1 + 4 + 16)
     assert torch.allclose(att["block_input"], seen["inp"], atol=1e-6)  # the same q, k, v as the real pass
     sdpa = F.scaled_dot_product_attention(att["q"], att["k"], att["v"])
     assert torch.allclose(att["attn"] @ att["v"], sdpa, atol=1e-6)
     merged = (att["attn"] @ att["v"]).transpose(1, 2).reshape(2, 21, -1)
     assert torch.allclose(vit.blocks[-1].attn.proj(merged), seen["out"], atol=1e-6)
-    img = probe.attention_figure(vit, x[:1], "test", panel=60)
+    img = show.attention_figure(vit, x[:1], "test", panel=60)
     assert img.size == (3 * 60 + 40, 60 + 50)
 
 
 def test_show_writes_attention_png_for_a_saved_backbone(archive, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the default backbone is the newest runs/*/backbone.pth under the working folder
     (tmp_path / "runs" / "demo").mkdir(parents=True)
-    model.save_checkpoint(tmp_path / "runs" / "demo" / "backbone.pth", random_tiny().state_dict())
-    probe.main(["show", "--image", str(sorted(archive.rglob("*.dcm"))[0]), "--size", "56", "--out", "fig"])
+    utils.save_checkpoint(tmp_path / "runs" / "demo" / "backbone.pth", random_tiny().state_dict())
+    show.run_show(show.get_args(["--image", str(sorted(archive.rglob("*.dcm"))[0]), "--size", "56", "--out", "fig"]))
     assert "runs/demo/backbone.pth (tiny, 112 px, newest runs/*/backbone.pth)" in capsys.readouterr().out
     assert Image.open(tmp_path / "fig" / "attention.png").size == (3 * 336 + 40, 336 + 50)
 
@@ -533,15 +538,15 @@ def test_compare_density_mcnemar_exact_on_known_discordant_pairs(tmp_path):
         (tmp_path / name / "metrics.json").write_text(json.dumps({"task": "density"}))
         rows = "".join(f"P{i},E{i},{t},{p}\n" for i, (t, p) in enumerate(zip(truth, pred)))
         (tmp_path / name / "predictions.csv").write_text("patient,exam,density,pred\n" + rows)
-    result = probe.main(["compare", str(tmp_path / "A"), str(tmp_path / "B"), "--out", str(tmp_path / "cmp")])
+    result = metrics.main(["compare", str(tmp_path / "A"), str(tmp_path / "B"), "--out", str(tmp_path / "cmp")])
     (test,) = result["tests"]
     assert (test["value_a"], test["value_b"]) == (10 / 12, 4 / 12)
     assert test["p"] == pytest.approx(binomtest(0, 6, 0.5).pvalue, abs=1e-12) and test["p_bh"] == test["p"]
 
 
 def test_backbone_random_ignores_saved_runs(saved_run):
-    net, line = probe.load_backbone("")
+    net, line = model.load_backbone("")
     assert "runs/b/backbone.pth" in line and torch.equal(net.pos_embed, saved_run.pos_embed)
-    net, line = probe.load_backbone("random", seed=3)
+    net, line = model.load_backbone("random", seed=3)
     torch.manual_seed(3)
     assert "--backbone random" in line and torch.equal(net.pos_embed, model.build("tiny").pos_embed)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import data
 import model
+import phantoms
 import pretrain
 
 B, N_LOCAL = 4, 8  # images per batch, local crops per image
@@ -175,7 +176,7 @@ def test_gradients_are_clipped_per_part_at_3():
 def stream(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipe")
     (root / "arch").mkdir()
-    data.write_phantom_dicom(root / "arch" / "a.dcm", shape=(2, 64, 48))
+    phantoms.write_phantom_dicom(root / "arch" / "a.dcm", shape=(2, 64, 48))
     s = data.PretrainStream(root / "arch", cache_dir=root / "index", global_size=G, local_size=L, n_local=N_LOCAL)
     meta, _ = s._index(s.paths[0])
     return s, meta

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
-import metrics
+import phantoms
 import pretrain
+import utils
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--global-size", "28", "--local-size", "14", "--prototypes", "64", "--head-hidden", "32",
@@ -40,7 +40,7 @@ def one_line(run, code, *fragments):
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    return data.synthetic_archive(tmp_path_factory.mktemp("syn") / "a", patients=1, seed=3, shape=(4, 64, 48))
+    return phantoms.synthetic_archive(tmp_path_factory.mktemp("syn") / "a", patients=1, seed=3, shape=(4, 64, 48))
 
 
 @pytest.fixture(scope="module")
@@ -219,23 +219,23 @@ def test_unreadable_volumes_are_counted_over_workers_and_can_stop_the_run(archiv
 
 def test_synth_reuses_refuses_and_validates(tmp_path):
     out = tmp_path / "arch"
-    run = cli("data.py", "synth", "--out", out, "--patients", "1", "--slices", "2", "--height", "64", "--width", "48")
+    run = cli("phantoms.py", "--out", out, "--patients", "1", "--slices", "2", "--height", "64", "--width", "48")
     assert run.returncode == 0 and run.stdout.strip() == f"wrote {out}: 4 volumes of 1 patients"
-    run = cli("data.py", "synth", "--out", out, "--patients", "1", "--slices", "2", "--height", "64", "--width", "48")
+    run = cli("phantoms.py", "--out", out, "--patients", "1", "--slices", "2", "--height", "64", "--width", "48")
     assert run.returncode == 0 and run.stdout.strip() == f"reused {out}: 4 volumes of 1 patients, 2x64x48"
-    run = cli("data.py", "synth", "--out", out, "--patients", "1", "--slices", "5")  # another shape: said, not hidden
+    run = cli("phantoms.py", "--out", out, "--patients", "1", "--slices", "5")  # another shape: said, not hidden
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == (f"reused {out}: 4 volumes of 1 patients, 2x64x48; 1 patients of 5x256x192 were "
                                   "asked for: remove the folder to rewrite it")
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    one_line(cli("data.py", "synth", "--out", other), 1,
-             f"error: {other}: exists and is not an archive written by data.py synth")
+    one_line(cli("phantoms.py", "--out", other), 1,
+             f"error: {other}: exists and is not an archive written by phantoms.py")
     for bad in ("0", "-1"):
-        one_line(cli("data.py", "synth", "--out", tmp_path / "x", "--patients", bad), 2,
+        one_line(cli("phantoms.py", "--out", tmp_path / "x", "--patients", bad), 2,
                  f"argument --patients: {bad} is outside [1, 100000]")
-    one_line(cli("data.py", "synth", "--out", tmp_path / "x", "--height", "8"), 2, "argument --height: 8 is outside")
+    one_line(cli("phantoms.py", "--out", tmp_path / "x", "--height", "8"), 2, "argument --height: 8 is outside")
 
 
 # 8. the cache folder and the code version ------------------------------------------------------------------
@@ -243,7 +243,7 @@ def test_synth_reuses_refuses_and_validates(tmp_path):
 def test_git_sha_is_the_repos_own_from_any_folder(tmp_path, monkeypatch):
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     monkeypatch.chdir(tmp_path)
-    assert metrics.git_sha() == head.strip() and len(head.strip()) == 40
+    assert utils.git_sha() == head.strip() and len(head.strip()) == 40
     readme = (ROOT / "README.md").read_text()
     assert "DBT_DINO_CACHE" in readme and "cache/" in readme
 

@@ -1,0 +1,195 @@
+"""cohorts: TODO docstring."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+import dicom
+import utils
+
+
+SPLIT_NAMES = {"train": "train", "validation": "val", "val": "val", "test": "test"}
+
+
+BOX_FIELDS = ("X", "Y", "Width", "Height", "Slice", "VolumeSlices")
+
+
+def _csvs(root, kind):
+    """{split or None: path} of the CSVs in root whose name contains kind (the last name wins: -v2 over -v1)."""
+    found = {}
+    for p in sorted(Path(root).glob("*.csv")):
+        name = p.name.lower()
+        if kind in name:
+            rest = name.replace(kind, "")
+            found[next((v for k, v in SPLIT_NAMES.items() if k in rest), None)] = p
+    return found
+
+
+def _rows(path, columns):
+    rows = utils.read_csv(path)
+    missing = [c for c in columns if rows and c not in rows[0]]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
+    return rows
+
+
+def _key(r):
+    return r["PatientID"], r["StudyUID"], r["View"]
+
+
+def _boxes_by_volume(files):
+    """(PatientID, StudyUID, View) -> box rows, numeric fields parsed (a bad number is an error naming the row)."""
+    out = {}
+    for path in files:
+        for i, r in enumerate(_rows(path, ("PatientID", "StudyUID", "View") + BOX_FIELDS)):
+            try:
+                num = {k: float(r[k]) for k in BOX_FIELDS}
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: row {i + 1}: a box field of {BOX_FIELDS} is not a number") from None
+            out.setdefault(_key(r), []).append(dict(r, **num))
+    return out
+
+
+def load_volumes(root):
+    """One dict per labels row: key, patient, path, view, split, header sizes, boxes (raw rows and clipped xyxy).
+    Rows whose file is missing or unreadable are reported once each and skipped; returns (volumes, skipped)."""
+    paths, labels = _csvs(root, "file-paths"), _csvs(root, "labels")
+    if not paths or not labels:
+        raise FileNotFoundError(f"{root}: no *file-paths*.csv and *labels*.csv (the BCS-DBT layout)")
+    where = {}
+    for split, p in paths.items():
+        for r in _rows(p, ("PatientID", "StudyUID", "View", "descriptive_path")):
+            rel = r["descriptive_path"]
+            if not (rel and (Path(root) / rel).exists()) and r.get("classic_path"):
+                rel = r["classic_path"]  # a tree downloaded in TCIA's classic layout
+            where[_key(r)] = (rel, split)
+    boxes = _boxes_by_volume(_csvs(root, "boxes").values())
+    volumes, skipped, dropped = [], 0, 0
+    for split, p in labels.items():
+        for r in _rows(p, ("PatientID", "StudyUID", "View")):
+            rel, path_split = where.get(_key(r), ("", None))
+            try:
+                if not rel:
+                    raise ValueError(f"{p}: volume {_key(r)} has no file-paths row")
+                meta = dicom.index_volume(Path(root) / rel)
+            except (ValueError, OSError) as e:
+                utils.log(f"skipped: {e}")
+                skipped += 1
+                continue
+            vol = dict(key=_key(r), patient=r["PatientID"], path=str(Path(root) / rel), view=r["View"],
+                       split=split or path_split, rows=meta["rows"], cols=meta["cols"], n_slices=meta["n_frames"],
+                       raw_boxes=boxes.get(_key(r), []))
+            vol["boxes"] = _clip_boxes(vol)
+            dropped += len(vol["raw_boxes"]) - len(vol["boxes"])
+            volumes.append(vol)
+    if not volumes:
+        raise ValueError(f"{root}: none of the listed volumes could be read ({skipped} skipped)")
+    if skipped or dropped:
+        utils.log(f"{skipped} volume(s) skipped (missing or unreadable file), {dropped} zero-size box(es) dropped")
+    return volumes, skipped
+
+
+def _clip_boxes(vol):
+    """Boxes as [x0, y0, x1, y1, slice, class] clipped to the image; zero-size or out-of-volume boxes dropped."""
+    out = []
+    for b in vol["raw_boxes"]:
+        x0, y0 = max(b["X"], 0.0), max(b["Y"], 0.0)
+        x1, y1 = min(b["X"] + b["Width"], vol["cols"]), min(b["Y"] + b["Height"], vol["rows"])
+        if x1 > x0 and y1 > y0 and 0 <= b["Slice"] < vol["n_slices"]:
+            out.append([x0, y0, x1, y1, int(b["Slice"]), b.get("Class", "")])
+    return out
+
+
+def split_volumes(volumes, val_fraction, test_fraction, seed):
+    """{train, val, test}: the CSVs' split when they name one, else whole patients, seeded and stratified by
+    whether a patient has any box (lesions are rare; an unlucky split could leave validation without any)."""
+    if all(v["split"] for v in volumes) and {"train", "val"} <= {v["split"] for v in volumes}:
+        return {s: [v for v in volumes if v["split"] == s] for s in ("train", "val", "test")}
+    rng, part = np.random.default_rng(seed), {}
+    positive = {v["patient"] for v in volumes if v["boxes"]}
+    for group in (sorted(positive), sorted({v["patient"] for v in volumes} - positive)):
+        group = [group[i] for i in rng.permutation(len(group))]
+        n_test, n_val = round(len(group) * test_fraction), round(len(group) * val_fraction)
+        part.update({p: "test" if i < n_test else "val" if i < n_test + n_val else "train"
+                     for i, p in enumerate(group)})
+    return {s: [v for v in volumes if part[v["patient"]] == s] for s in ("train", "val", "test")}
+
+
+VIEWS = ("RCC", "LCC", "RMLO", "LMLO")  # DBT-DINO's concatenation order
+
+
+def read_exams(source):
+    """--data (a CSV, or a folder holding exams.csv) -> (rows as dicts, the folder view paths are relative to)."""
+    path = Path(source)
+    path = path / "exams.csv" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no exam table (give a CSV, or a folder holding exams.csv)")
+    rows = utils.read_csv(path)
+    if not rows:
+        raise ValueError(f"{path}: no exams")
+    missing = [c for c in ("patient", "exam") + VIEWS if c not in rows[0]]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
+    seen = set()
+    for i, r in enumerate(rows):
+        if r["exam"] in seen:
+            raise ValueError(f"{path}: row {i + 1}: exam {r['exam']!r} appears twice")
+        seen.add(r["exam"])
+    return rows, path.parent
+
+
+def assign_splits(rows, seed):
+    """The table's `split` column, else 60/20/20 by patient, seeded: all exams of one patient share a split."""
+    if "split" in rows[0]:
+        bad = next((i for i, r in enumerate(rows) if r["split"] not in ("train", "val", "test")), None)
+        if bad is not None:
+            raise ValueError(f"exam table row {bad + 1}: split {rows[bad]['split']!r} is not train, val or test")
+        first = {}
+        for r in rows:  # a patient in two splits leaks their other exams' features into the evaluation
+            s = first.setdefault(r["patient"], r["split"])
+            if s != r["split"]:
+                raise ValueError(f"exam table: patient {r['patient']!r} has exams in both the {s} and the "
+                                 f"{r['split']} split; all of a patient's exams must share one split")
+        return [r["split"] for r in rows]
+    patients = sorted({r["patient"] for r in rows})
+    order = np.random.default_rng(seed).permutation(len(patients))
+    n_train, n_val = round(0.6 * len(patients)), round(0.2 * len(patients))
+    split_of = {patients[i]: "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+                for rank, i in enumerate(order)}
+    return [split_of[r["patient"]] for r in rows]
+
+
+def stratified_subset(labels, fraction, seed):
+    """Sorted indices of a class-stratified `fraction` of the cases (at least one per class), seeded."""
+    rng, keep = np.random.default_rng(seed), []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        keep += rng.choice(idx, max(1, round(fraction * len(idx))), replace=False).tolist()
+    return np.sort(keep)
+
+
+def density_targets(rows):
+    y = []
+    for r in rows:
+        d = (r.get("density") or "").strip().lower()
+        if len(d) != 1 or d not in "abcd":
+            raise ValueError(f"exam {r['exam']}: density {r.get('density')!r} is not one of a, b, c, d")
+        y.append("abcd".index(d))
+    return np.array(y)
+
+
+def risk_targets(rows):
+    ytc, yfu = [], []
+    for r in rows:
+        try:
+            ytc.append(float(r["years_to_cancer"]) if (r.get("years_to_cancer") or "").strip() else math.inf)
+            yfu.append(float(r["years_of_followup"]))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"exam {r['exam']}: years_to_cancer {r.get('years_to_cancer')!r} / years_of_followup "
+                             f"{r.get('years_of_followup')!r} are not numbers (years_to_cancer empty = none)") from None
+        for name, value in (("years_to_cancer", ytc[-1]), ("years_of_followup", yfu[-1])):
+            if math.isnan(value) or value < 0:  # NaN would only fail after training, far from its exam
+                raise ValueError(f"exam {r['exam']}: {name} {r.get(name)!r} is NaN or negative (years_to_cancer "
+                                 "empty = none)")
+    return np.array(ytc), np.array(yfu)

@@ -1,0 +1,130 @@
+"""show: TODO docstring."""
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from PIL import ImageDraw
+
+import dicom
+import model
+import utils
+
+
+def last_block_attention(vit, x):
+    """The last block's attention, computed explicitly from the same q, k, v its SDPA call uses.
+
+    x (B, 3, H, W) -> dict: attn (B, nh, T, T) = softmax(q k^T / sqrt(hd)) with T = 1 + R + N (CLS, registers,
+    patches), q/k/v (B, nh, T, hd) and block_input, the normed tokens the attention module receives."""
+    tokens = vit.prepare_tokens_with_masks(x)  # (B, T, D)
+    for blk in vit.blocks[:-1]:
+        tokens = blk(tokens)
+    blk = vit.blocks[-1]
+    h = blk.norm1(tokens)
+    B, T, D = h.shape
+    nh = blk.attn.num_heads
+    q, k, v = blk.attn.qkv(h).reshape(B, T, 3, nh, D // nh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, T, hd)
+    attn = torch.softmax(q @ k.transpose(-2, -1) * (D // nh) ** -0.5, dim=-1)  # (B, nh, T, T)
+    return {"attn": attn, "q": q, "k": k, "v": v, "block_input": h}
+
+
+def _heat(grey, a):
+    """Blend a grey image (P, P) in [0, 1] with a red-yellow heat map of a (P, P) in [0, 1] -> uint8 RGB."""
+    colour = np.stack([np.ones_like(a), a, np.zeros_like(a)], -1)  # red -> yellow
+    rgb = grey[..., None] * (1 - 0.6 * a[..., None]) + colour * 0.6 * a[..., None]
+    return (255 * rgb.clip(0, 1)).astype(np.uint8)
+
+
+def _resize(a, p, mode):
+    t = torch.as_tensor(a, dtype=torch.float32)
+    t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]
+    return F.interpolate(t, size=(p, p), mode=mode)[0].permute(1, 2, 0).squeeze(-1).numpy()
+
+
+def attention_figure(vit, x, title, panel=336):
+    """Three panels: the input slice; the last block's CLS attention per head (registers excluded) over it, as
+    DINO shows it; the first three PCA components of the patch features as RGB, as DINOv2 shows it."""
+    grid = x.shape[-1] // vit.patch_size
+    with torch.inference_mode():
+        attn = last_block_attention(vit, x)["attn"][0]  # (nh, T, T)
+        patches = vit.forward_features(x)["x_norm_patchtokens"][0].float()  # (N, D)
+    cls = attn[:, 0, 1 + vit.num_register_tokens:].reshape(-1, grid, grid)  # (nh, g, g): patches only
+    cls = (cls / cls.amax((1, 2), keepdim=True)).numpy()
+    centred = patches - patches.mean(0)
+    pcs = centred @ torch.linalg.svd(centred, full_matrices=False).Vh[:3].T  # (N, 3)
+    pcs = ((pcs - pcs.amin(0)) / (pcs.amax(0) - pcs.amin(0) + 1e-12)).reshape(grid, grid, 3).numpy()
+    grey = _resize(x[0, 0].numpy(), panel, "bilinear")
+    cols = math.ceil(math.sqrt(len(cls)))
+    cell = panel // cols
+    heads = np.full((panel, panel, 3), 255, np.uint8)
+    for i, a in enumerate(cls):
+        r, c = divmod(i, cols)
+        heads[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = _heat(_resize(grey, cell, "bilinear"),
+                                                                         _resize(a, cell, "bilinear"))
+    img = Image.new("RGB", (3 * panel + 40, panel + 50), "white")
+    img.paste(Image.fromarray((255 * grey.clip(0, 1)).astype(np.uint8)).convert("RGB"), (10, 40))
+    img.paste(Image.fromarray(heads), (panel + 20, 40))
+    img.paste(Image.fromarray((255 * _resize(pcs, panel, "nearest")).astype(np.uint8)), (2 * panel + 30, 40))
+    d = ImageDraw.Draw(img)
+    d.text((10, 5), title, fill="black")
+    for i, text in enumerate(("slice (model input)", f"last-block CLS attention, {len(cls)} heads",
+                              "patch features, PCA 1-3 as RGB")):
+        d.text((10 + i * (panel + 10), 24), text, fill="black")
+    return img
+
+
+def run_show(args):
+    net, desc = model.load_backbone(args.backbone, args.arch, args.weights)
+    print(f"*** backbone: {desc} ***", flush=True)
+    if not isinstance(net, model.ViT):
+        raise ValueError("show needs a ViT backbone (DenseNet-121 has no attention)")
+    n = dicom.index_volume(args.image)["n_frames"]
+    s = n // 2 if args.slice < 0 else args.slice
+    if s >= n:
+        raise ValueError(f"--slice {s}: {args.image} has {n} slices")
+    img, _ = dicom.read_dbt(args.image, frames=[s])
+    size = args.size or net.config["img_size"]
+    x = F.interpolate(torch.from_numpy(img)[None], size=(size, size), mode="bilinear", antialias=True)
+    x = x.clamp(0, 1).expand(-1, 3, -1, -1)  # (1, 3, size, size)
+    utils.check_run_folder(args.out, "attention.png", args.overwrite)
+    os.makedirs(args.out, exist_ok=True)
+    title = f"{Path(args.image).name}, slice {s}/{n}: {desc}"
+    utils.save_png(attention_figure(net.float(), x, title), Path(args.out) / "attention.png")
+    utils.log(f"wrote {args.out}/attention.png")
+
+
+def get_args(argv=None):
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = utils.one_line_errors(argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=fmt))
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", default="", help="a model.load_pretrained file, random (an untrained ViT of "
+                   "--arch), or '' for the newest runs/*/backbone.pth")
+    g.add_argument("--arch", default="auto", help="model.build name of --backbone (auto: from its width)")
+    g.add_argument("--size", type=utils.number(int, 0), default=0, help="input side, a multiple of 14; 0 = the "
+                   "backbone's own (tiny 112, hub ViT 518)")
+    g = p.add_argument_group("data")
+    g.add_argument("--image", required=True, help="a DICOM volume or 2-D image")
+    g.add_argument("--slice", type=utils.number(int, -1), default=-1, help="slice index (-1 = central)")
+    g = p.add_argument_group("run folder")
+    g.add_argument("--out", default="", help="folder for attention.png ('' = runs/show-<date-time>)")
+    g.add_argument("--overwrite", action="store_true", help="replace attention.png in --out")
+    args = p.parse_args(argv)
+    if args.size % 14:
+        p.error(f"argument --size: {args.size} is not a multiple of the ViT patch size 14")
+    args.weights = ""  # model.load_backbone's DenseNet weights: show draws ViT attention only
+    args.out = args.out or f"runs/show-{time.strftime('%Y%m%d-%H%M%S')}"
+    return args
+
+
+if __name__ == "__main__":
+    try:
+        run_show(get_args())
+    except (ValueError, FileNotFoundError, OSError) as e:
+        sys.exit(f"error: {e}")
