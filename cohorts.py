@@ -1,4 +1,17 @@
-"""cohorts: TODO docstring."""
+"""Label tables read as published, into rows of volume or exam, patient, labels and split.
+
+BCS-DBT (Duke's Breast-Cancer-Screening-DBT on TCIA, Buda et al. 2021): three kinds of CSV joined on
+(PatientID, StudyUID, View), each one file or one per split named by train, validation (val) or test
+(the last in sort order wins: -v2 over -v1). *file-paths*: descriptive_path (or TCIA's
+classic_path); *labels*: a row per volume; *boxes*: Slice, X, Y, Width, Height (top-left, pixels of
+the official orientation), Class (benign or cancer), VolumeSlices. Unless the names give train and
+val, split_volumes splits whole patients, seeded, stratified by any box.
+
+Our exam table (exams.csv), a row per exam: patient, exam, the four views of DBT-DINO §2.4 (RCC,
+LCC, RMLO, LMLO: paths relative to the table, or Study/Series/SOPInstanceUID on a PACS), and as
+needed density (a-d), years_to_cancer (empty: none), years_of_followup, split (train, val or test,
+one per patient; without it assign_splits draws 60/20/20 % of the patients, seeded).
+"""
 
 import math
 from pathlib import Path
@@ -8,15 +21,13 @@ import numpy as np
 import dicom
 import utils
 
-
 SPLIT_NAMES = {"train": "train", "validation": "val", "val": "val", "test": "test"}
-
-
 BOX_FIELDS = ("X", "Y", "Width", "Height", "Slice", "VolumeSlices")
+VIEWS = ("RCC", "LCC", "RMLO", "LMLO")  # DBT-DINO's concatenation order
 
 
 def _csvs(root, kind):
-    """{split or None: path} of the CSVs in root whose name contains kind (the last name wins: -v2 over -v1)."""
+    """{split or None: path} of the CSVs in root whose name holds kind (the last name wins)."""
     found = {}
     for p in sorted(Path(root).glob("*.csv")):
         name = p.name.lower()
@@ -39,24 +50,25 @@ def _key(r):
 
 
 def _boxes_by_volume(files):
-    """(PatientID, StudyUID, View) -> box rows, numeric fields parsed (a bad number is an error naming the row)."""
+    """(PatientID, StudyUID, View) -> box rows, numeric fields parsed (a bad one names its row)."""
     out = {}
     for path in files:
         for i, r in enumerate(_rows(path, ("PatientID", "StudyUID", "View") + BOX_FIELDS)):
             try:
                 num = {k: float(r[k]) for k in BOX_FIELDS}
             except (TypeError, ValueError):
-                raise ValueError(f"{path}: row {i + 1}: a box field of {BOX_FIELDS} is not a number") from None
+                raise ValueError(f"{path}: row {i + 1}: a box field of {BOX_FIELDS} is not a "
+                                 "number") from None
             out.setdefault(_key(r), []).append(dict(r, **num))
     return out
 
 
 def load_volumes(root):
-    """One dict per labels row: key, patient, path, view, split, header sizes, boxes (raw rows and clipped xyxy).
-    Rows whose file is missing or unreadable are reported once each and skipped; returns (volumes, skipped)."""
+    """-> (volumes, skipped): a dict per labels row (key, patient, path, view, split, header sizes,
+    raw and clipped boxes); a row whose file is missing or unreadable is logged and skipped."""
     paths, labels = _csvs(root, "file-paths"), _csvs(root, "labels")
     if not paths or not labels:
-        raise FileNotFoundError(f"{root}: no *file-paths*.csv and *labels*.csv (the BCS-DBT layout)")
+        raise FileNotFoundError(f"{root}: no *file-paths*.csv and *labels*.csv (BCS-DBT layout)")
     where = {}
     for split, p in paths.items():
         for r in _rows(p, ("PatientID", "StudyUID", "View", "descriptive_path")):
@@ -65,33 +77,36 @@ def load_volumes(root):
                 rel = r["classic_path"]  # a tree downloaded in TCIA's classic layout
             where[_key(r)] = (rel, split)
     boxes = _boxes_by_volume(_csvs(root, "boxes").values())
-    volumes, skipped, dropped = [], 0, 0
+    volumes = []
+    skipped = dropped = 0  # unreadable volumes, zero-size boxes
     for split, p in labels.items():
         for r in _rows(p, ("PatientID", "StudyUID", "View")):
-            rel, path_split = where.get(_key(r), ("", None))
+            key = _key(r)
+            rel, path_split = where.get(key, ("", None))
             try:
                 if not rel:
-                    raise ValueError(f"{p}: volume {_key(r)} has no file-paths row")
+                    raise ValueError(f"{p}: volume {key} has no file-paths row")
                 meta = dicom.index_volume(Path(root) / rel)
             except (ValueError, OSError) as e:
                 utils.log(f"skipped: {e}")
                 skipped += 1
                 continue
-            vol = dict(key=_key(r), patient=r["PatientID"], path=str(Path(root) / rel), view=r["View"],
-                       split=split or path_split, rows=meta["rows"], cols=meta["cols"], n_slices=meta["n_frames"],
-                       raw_boxes=boxes.get(_key(r), []))
+            vol = dict(key=key, patient=r["PatientID"], view=r["View"], split=split or path_split,
+                       path=str(Path(root) / rel), rows=meta["rows"], cols=meta["cols"],
+                       n_slices=meta["n_frames"], raw_boxes=boxes.get(key, []))
             vol["boxes"] = _clip_boxes(vol)
             dropped += len(vol["raw_boxes"]) - len(vol["boxes"])
             volumes.append(vol)
     if not volumes:
         raise ValueError(f"{root}: none of the listed volumes could be read ({skipped} skipped)")
     if skipped or dropped:
-        utils.log(f"{skipped} volume(s) skipped (missing or unreadable file), {dropped} zero-size box(es) dropped")
+        utils.log(f"{skipped} volume(s) skipped (missing or unreadable file), {dropped} zero-size "
+                  "box(es) dropped")
     return volumes, skipped
 
 
 def _clip_boxes(vol):
-    """Boxes as [x0, y0, x1, y1, slice, class] clipped to the image; zero-size or out-of-volume boxes dropped."""
+    """Boxes as [x0, y0, x1, y1, slice, class] clipped to the image; empty or off-volume ones go."""
     out = []
     for b in vol["raw_boxes"]:
         x0, y0 = max(b["X"], 0.0), max(b["Y"], 0.0)
@@ -102,12 +117,11 @@ def _clip_boxes(vol):
 
 
 def split_volumes(volumes, val_fraction, test_fraction, seed):
-    """{train, val, test}: the CSVs' split when they name one, else whole patients, seeded and stratified by
-    whether a patient has any box (lesions are rare; an unlucky split could leave validation without any)."""
+    """{train, val, test}: the CSVs' split, else whole patients, seeded, stratified by any box."""
     if all(v["split"] for v in volumes) and {"train", "val"} <= {v["split"] for v in volumes}:
         return {s: [v for v in volumes if v["split"] == s] for s in ("train", "val", "test")}
     rng, part = np.random.default_rng(seed), {}
-    positive = {v["patient"] for v in volumes if v["boxes"]}
+    positive = {v["patient"] for v in volumes if v["boxes"]}  # rare: val could get none by chance
     for group in (sorted(positive), sorted({v["patient"] for v in volumes} - positive)):
         group = [group[i] for i in rng.permutation(len(group))]
         n_test, n_val = round(len(group) * test_fraction), round(len(group) * val_fraction)
@@ -116,21 +130,15 @@ def split_volumes(volumes, val_fraction, test_fraction, seed):
     return {s: [v for v in volumes if part[v["patient"]] == s] for s in ("train", "val", "test")}
 
 
-VIEWS = ("RCC", "LCC", "RMLO", "LMLO")  # DBT-DINO's concatenation order
-
-
 def read_exams(source):
-    """--data (a CSV, or a folder holding exams.csv) -> (rows as dicts, the folder view paths are relative to)."""
+    """--data (a CSV, or a folder holding exams.csv) -> (rows, the folder view paths start from)."""
     path = Path(source)
     path = path / "exams.csv" if path.is_dir() else path
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no exam table (give a CSV, or a folder holding exams.csv)")
-    rows = utils.read_csv(path)
+        raise FileNotFoundError(f"{path}: no exam table (give a CSV, or a folder with exams.csv)")
+    rows = _rows(path, ("patient", "exam") + VIEWS)
     if not rows:
         raise ValueError(f"{path}: no exams")
-    missing = [c for c in ("patient", "exam") + VIEWS if c not in rows[0]]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
     seen = set()
     for i, r in enumerate(rows):
         if r["exam"] in seen:
@@ -140,28 +148,30 @@ def read_exams(source):
 
 
 def assign_splits(rows, seed):
-    """The table's `split` column, else 60/20/20 by patient, seeded: all exams of one patient share a split."""
+    """The table's `split` column, else 60/20/20 by patient, seeded; a patient's exams share one."""
     if "split" in rows[0]:
-        bad = next((i for i, r in enumerate(rows) if r["split"] not in ("train", "val", "test")), None)
-        if bad is not None:
-            raise ValueError(f"exam table row {bad + 1}: split {rows[bad]['split']!r} is not train, val or test")
+        bad = [i for i, r in enumerate(rows) if r["split"] not in ("train", "val", "test")]
+        if bad:
+            raise ValueError(f"exam table row {bad[0] + 1}: split {rows[bad[0]]['split']!r} is not "
+                             "train, val or test")
         first = {}
-        for r in rows:  # a patient in two splits leaks their other exams' features into the evaluation
+        for r in rows:  # a patient in two splits leaks their other exams' features into evaluation
             s = first.setdefault(r["patient"], r["split"])
             if s != r["split"]:
-                raise ValueError(f"exam table: patient {r['patient']!r} has exams in both the {s} and the "
-                                 f"{r['split']} split; all of a patient's exams must share one split")
+                raise ValueError(f"exam table: patient {r['patient']!r} has exams in both the {s} "
+                                 f"and the {r['split']} split; all of a patient's exams must share "
+                                 "one split")
         return [r["split"] for r in rows]
     patients = sorted({r["patient"] for r in rows})
     order = np.random.default_rng(seed).permutation(len(patients))
     n_train, n_val = round(0.6 * len(patients)), round(0.2 * len(patients))
-    split_of = {patients[i]: "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
-                for rank, i in enumerate(order)}
+    split_of = {patients[i]: "train" if rank < n_train else "val" if rank < n_train + n_val
+                else "test" for rank, i in enumerate(order)}
     return [split_of[r["patient"]] for r in rows]
 
 
 def stratified_subset(labels, fraction, seed):
-    """Sorted indices of a class-stratified `fraction` of the cases (at least one per class), seeded."""
+    """Sorted indices of a seeded, class-stratified `fraction` of cases (at least one per class)."""
     rng, keep = np.random.default_rng(seed), []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
@@ -170,26 +180,31 @@ def stratified_subset(labels, fraction, seed):
 
 
 def density_targets(rows):
+    """The density column as classes 0-3 (a-d), (N,); a bad value names its exam."""
     y = []
     for r in rows:
         d = (r.get("density") or "").strip().lower()
         if len(d) != 1 or d not in "abcd":
-            raise ValueError(f"exam {r['exam']}: density {r.get('density')!r} is not one of a, b, c, d")
+            raise ValueError(f"exam {r['exam']}: density {r.get('density')!r} is not one of a, b, "
+                             "c, d")
         y.append("abcd".index(d))
     return np.array(y)
 
 
 def risk_targets(rows):
+    """(years_to_cancer or inf, years_of_followup) as (N,) floats; a bad value names its exam."""
     ytc, yfu = [], []
     for r in rows:
         try:
-            ytc.append(float(r["years_to_cancer"]) if (r.get("years_to_cancer") or "").strip() else math.inf)
+            t = (r.get("years_to_cancer") or "").strip()
+            ytc.append(float(t) if t else math.inf)
             yfu.append(float(r["years_of_followup"]))
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"exam {r['exam']}: years_to_cancer {r.get('years_to_cancer')!r} / years_of_followup "
-                             f"{r.get('years_of_followup')!r} are not numbers (years_to_cancer empty = none)") from None
+            raise ValueError(f"exam {r['exam']}: years_to_cancer {r.get('years_to_cancer')!r} / "
+                             f"years_of_followup {r.get('years_of_followup')!r} are not numbers "
+                             "(years_to_cancer empty = none)") from None
         for name, value in (("years_to_cancer", ytc[-1]), ("years_of_followup", yfu[-1])):
-            if math.isnan(value) or value < 0:  # NaN would only fail after training, far from its exam
-                raise ValueError(f"exam {r['exam']}: {name} {r.get(name)!r} is NaN or negative (years_to_cancer "
-                                 "empty = none)")
+            if math.isnan(value) or value < 0:  # a NaN would fail only after training
+                raise ValueError(f"exam {r['exam']}: {name} {r.get(name)!r} is NaN or negative "
+                                 "(years_to_cancer empty = none)")
     return np.array(ytc), np.array(yfu)

@@ -1,28 +1,15 @@
-"""Data for DBT-DINO / MammoDINO: DBT DICOM reading, synthetic phantoms, tissue-aware pretraining stream.
+"""Images into training samples: tissue mask, CLAHE, multi-crop, iBOT masks, the pretraining stream.
 
-Layouts accepted under `--data`:
-  DIR/**/*.dcm            any tree of DICOM files; each file is one volume (BTO multi-frame, MG 2D, multi-frame
-                          SC/CT), except a folder holding only the single-frame slices of one series at distinct
-                          ImagePositionPatient z (legacy layout), which is one volume. Files named *.dcm, *.dicom,
-                          *.ima, by their UID (1.2.840...) or without a suffix.
-  manifest.csv            a CSV with a `path` column (relative to the CSV); a path may also be a folder holding the
-                          single-frame legacy slices of ONE series (sorted by ImagePositionPatient z, then
-                          InstanceNumber).
-  dicomweb+https://host/prefix  with a manifest (StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID): instances
-                          streamed from a PACS over WADO-RS into a rotating cache (pacs.py), then read as files
-  synthetic               `synthetic_archive()`: phantoms written as real DICOM in the BCS-DBT layout:
-      Breast-Cancer-Screening-DBT/<PatientID>/<exam>/<view>/1-1.dcm
-      file-paths.csv  PatientID,StudyUID,View,descriptive_path,classic_path   (View: lcc, rcc, lmlo, rmlo)
-      labels.csv      PatientID,StudyUID,View,Normal,Actionable,Benign,Cancer
-      boxes.csv       PatientID,StudyUID,View,Subject,Slice,X,Y,Width,Height,Class,AD,VolumeSlices
-      exams.csv       patient,exam,LCC,RCC,LMLO,RMLO,density,years_to_cancer,years_of_followup
-Boxes follow the official BCS-DBT convention: (X, Y) top-left, 0-based Slice, in the frame of
-`read_dbt(path, view=...)`.
-Intensities: stored -> rescale -> VOI (LINEAR, LINEAR_EXACT, SIGMOID) -> MONOCHROME1/INVERSE fix, in [0, 1].
-Orientation: with `view` the official BCS-DBT rule (180 deg rotation when the edge-sum side disagrees with the view);
-without it our canonical one: mirrored so the chest wall (the brighter edge) is on the image LEFT.
-Per-volume index (frames, windows, flip, tissue mask) is cached under $DBT_DINO_CACHE (default ./cache)/index.
+clahe, otsu_threshold and tissue_mask follow scikit-image's equalize_adapthist and threshold_otsu;
+volume_index caches a volume's headers and tissue mask under $DBT_DINO_CACHE/index (default
+./cache/index). MultiCrop is DINOv2's multi-crop augmentation of one slice, with MammoDINO's
+tissue-aware crops and adjacent-slice pair as options (RECIPES: its crop scales). PretrainStream
+draws one random slice per sample, sharded by volume over ranks and loader workers, keeps DICOMweb
+volumes pinned while in use and counts unreadable ones (SkipCounter). collate_pretrain stacks a
+batch with its iBOT masks; density_eval_set and VolumeReader serve the probes. Sources (`--data`)
+are listed by dicom.scan, and slices arrive in [0, 1] with the chest wall on the image left.
 """
+import functools
 import hashlib
 import json
 import math
@@ -41,39 +28,40 @@ import pacs
 import utils
 
 INDEX_VERSION = 3  # bump when the cached per-volume index changes meaning
-# Crop recipes: PretrainStream(src, global_size=..., local_size=..., **RECIPES[name]). Crop sizes are not here:
-# they live with the model and schedule in pretrain.PRESETS. MammoDINO's numbers are our proposal (data.md 4.2).
+# Crop recipes: MultiCrop(global_size=..., local_size=..., **RECIPES[name]), or the same keywords to
+# PretrainStream. Crop sizes live with the model and schedule in pretrain.PRESETS. dbt-dino's scales
+# are DBT-DINO §6.1's. MammoDINO publishes no numbers: DINOv2's scales, our tissue fractions and k.
 RECIPES = {
     "dinov2": dict(global_scale=(0.32, 1.0), local_scale=(0.05, 0.32)),
     "dbt-dino": dict(global_scale=(0.5, 1.0), local_scale=(0.2, 0.5)),
 }
-RECIPES["mammodino"] = dict(RECIPES["dinov2"], tissue_aware=True, min_tissue_global=0.5, min_tissue_local=0.3,
-                            adjacent_k=2)
+RECIPES["mammodino"] = dict(RECIPES["dinov2"], tissue_aware=True, min_tissue_global=0.5,
+                            min_tissue_local=0.3, adjacent_k=2)
 
 
-# ----------------------------------------------------------------------------- distributed + seeding
-
-
-# ----------------------------------------------------------------------------- DICOM reading
-
-
-# ----------------------------------------------------------------------------- CLAHE, Otsu, tissue mask
+# ------------------------------------------------------------------------ CLAHE, Otsu, tissue mask
 def clahe(image, clip_limit=0.01, kernel_size=None, nbins=256):
-    """2D CLAHE with skimage.exposure.equalize_adapthist semantics (spec data.md 5.2) -> float in [0, 1]."""
+    """2D CLAHE with skimage.exposure.equalize_adapthist's semantics -> float in [0, 1].
+
+    As skimage does: 14-bit grey levels, tiles of 1/8 of each side (kernel_size), reflect padding,
+    histograms clipped at clip_limit x tile pixels with the excess handed back, each pixel mapped
+    bilinearly between its four nearest tiles' equalisation maps."""
     img = np.asarray(image, np.float64)
     lo, hi = img.min(), img.max()
     if hi <= lo:
         return np.zeros(img.shape, np.float32)
-    q = np.round((img - lo) / (hi - lo) * 16383).astype(np.int64)  # skimage works on 14-bit grey levels
-    ks = [max(s // 8, 1) for s in q.shape] if kernel_size is None else list(np.broadcast_to(kernel_size, 2))
+    q = np.round((img - lo) / (hi - lo) * 16383).astype(np.int64)  # skimage's 14-bit grey levels
+    ks = ([max(s // 8, 1) for s in q.shape] if kernel_size is None
+          else list(np.broadcast_to(kernel_size, 2)))  # tile sides
     pads = [(k // 2, (k - s % k) % k + math.ceil(k / 2)) for k, s in zip(ks, q.shape)]
-    b = np.pad(q, pads, mode="reflect") // (1 + 16384 // nbins)  # bin_size quirk: ~253 of 256 bins used
+    b = np.pad(q, pads, mode="reflect") // (1 + 16384 // nbins)  # bin_size quirk: ~253 bins used
     (k0, k1), (P0, P1) = ks, b.shape
     h0, h1 = P0 // k0 - 1, P1 // k1 - 1  # histogram tiles, offset by half a tile
     tiles = b[k0 // 2: k0 // 2 + h0 * k0, k1 // 2: k1 // 2 + h1 * k1].reshape(h0, k0, h1, k1)
     tiles = tiles.transpose(0, 2, 1, 3).reshape(h0 * h1, -1)
-    hist = np.bincount((tiles + nbins * np.arange(h0 * h1)[:, None]).ravel(), minlength=h0 * h1 * nbins)
-    hist = _clip_hist(hist.reshape(h0 * h1, nbins), int(max(clip_limit * k0 * k1, 1)) if clip_limit > 0 else k0 * k1)
+    binned = (tiles + nbins * np.arange(h0 * h1)[:, None]).ravel()  # tile t's bins at t * nbins
+    hist = np.bincount(binned, minlength=h0 * h1 * nbins).reshape(h0 * h1, nbins)
+    hist = _clip_hist(hist, int(max(clip_limit * k0 * k1, 1)) if clip_limit > 0 else k0 * k1)
     maps = np.minimum(np.cumsum(hist, -1) * 16383.0 / (k0 * k1), 16383).astype(np.int64)
     maps = np.pad(maps.reshape(h0, h1, nbins), ((1, 1), (1, 1), (0, 0)), mode="edge")
     n0, n1 = P0 // k0, P1 // k1
@@ -85,17 +73,19 @@ def clahe(image, clip_limit=0.01, kernel_size=None, nbins=256):
         for e1 in (0, 1):
             mapped = np.take_along_axis(maps[e0:e0 + n0, e1:e1 + n1], blocks, -1)
             out += mapped * ((w0 if e0 else 1 - w0) * (w1 if e1 else 1 - w1)).astype(np.float32)
-    out = out.astype(np.int64).reshape(n0, n1, k0, k1).transpose(0, 2, 1, 3).reshape(P0, P1)  # skimage truncates
+    out = out.astype(np.int64)  # skimage truncates
+    out = out.reshape(n0, n1, k0, k1).transpose(0, 2, 1, 3).reshape(P0, P1)
     out = out[pads[0][0]:P0 - pads[0][1], pads[1][0]:P1 - pads[1][1]].astype(np.float32)
     return (out - out.min()) / max(out.max() - out.min(), 1e-12)
 
 
 def _clip_hist(hist, clim):
-    """Clip each row at clim and hand the excess back: evenly, then one count per under-limit bin with a stride."""
+    """Clip each row at clim and hand the excess back: evenly, then one count per under-limit bin
+    with a stride, as skimage spreads the residual."""
     total = hist.sum(-1, keepdims=True)
     hist = np.minimum(hist, clim)
     hist = np.minimum(hist + (total - hist.sum(-1, keepdims=True)) // hist.shape[-1], clim)
-    for row, left in zip(hist, (total - hist.sum(-1, keepdims=True)).ravel()):  # residual, as skimage spreads it
+    for row, left in zip(hist, (total - hist.sum(-1, keepdims=True)).ravel()):
         for start in range(row.size):
             under = row < clim
             if left <= 0 or not under.any():
@@ -108,8 +98,8 @@ def _clip_hist(hist, clim):
 
 
 def otsu_threshold(image, nbins=256):
-    """Otsu with skimage.filters.threshold_otsu semantics for float images: the bin centre maximising the
-    between-class variance."""
+    """Otsu with skimage.filters.threshold_otsu semantics for float images: the bin centre
+    maximising the between-class variance."""
     x = np.asarray(image, np.float64).ravel()
     if x.min() == x.max():
         return float(x.min())
@@ -122,7 +112,8 @@ def otsu_threshold(image, nbins=256):
 
 
 def tissue_mask(image):
-    """Breast mask: Otsu, opening, largest connected component, holes filled (spec data.md 4.2 item 1)."""
+    """Breast mask of a slice: Otsu, opening, largest connected component, holes filled (our rule:
+    MammoDINO, Methodology, "Breast tissue-aware augmentation", publishes none)."""
     x = np.asarray(image, np.float32)
     m = ndimage.binary_opening(x > otsu_threshold(x), iterations=2)
     lab, n = ndimage.label(m)
@@ -131,24 +122,21 @@ def tissue_mask(image):
     return ndimage.binary_fill_holes(lab == np.argmax(np.bincount(lab.ravel())[1:]) + 1)
 
 
-# ----------------------------------------------------------------------------- synthetic phantoms as DICOM
-
-
-# ----------------------------------------------------------------------------- pretraining stream
-
-
+# ------------------------------------------------------------------------ per-volume index
 def volume_index(path, cache_dir):
-    """index_volume + the tissue mask of the (canonically flipped) central slice; cached on disk (atomic npz)."""
+    """(meta, mask): dicom.parse_headers and the tissue mask of the (canonically flipped) central
+    slice, subsampled by meta["mask_stride"]; cached on disk (an atomically written npz)."""
     st = os.stat(path)
-    key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{INDEX_VERSION}".encode()).hexdigest()
+    stamp = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{INDEX_VERSION}"
+    key = hashlib.sha1(stamp.encode()).hexdigest()
     file = Path(cache_dir) / key[:2] / f"{key}.npz"
     if file.exists():
         with np.load(file) as z:
             return json.loads(str(z["meta"])), z["mask"]
     meta = dicom.parse_headers(path)
-    mid = dicom.orient(meta)  # (H, W) displayed central slice; the breast outline barely changes with depth
+    mid = dicom.orient(meta)  # (H, W) central slice: the outline barely changes with depth
     mid = mid[:, ::-1] if meta["flip"] else mid
-    meta["mask_stride"] = max(1, math.ceil(max(mid.shape) / 256))  # a <= 256 px mask is plenty for crop decisions
+    meta["mask_stride"] = max(1, math.ceil(max(mid.shape) / 256))  # <= 256 px: enough for crops
     mask = tissue_mask(mid[::meta["mask_stride"], ::meta["mask_stride"]])
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = utils.tmp_name(file)
@@ -158,219 +146,84 @@ def volume_index(path, cache_dir):
     return meta, mask
 
 
-def remote_source(source, manifest=None, cache_bytes=50 * 2**30, credentials=None, ca_bundle=None, prefetch=2,
-                  floor_bytes=2**30):
-    """(manifest rows, pacs.Client, prefetch) for a dicomweb+http(s):// source: the manifest is the allow-list, the
-    rotating cache lives under $DBT_DINO_CACHE/dicomweb. Credentials: DICOMWEB_* variables or the `credentials` file."""
-    rows = dicom.scan(source, manifest)
-    cache = pacs.Cache(utils.cache_base(), cache_bytes, floor_bytes)
-    client = pacs.Client(source, rows, cache, pacs.load_credentials(credentials), ca_bundle)
-    return rows, client, prefetch
+def read_slice(meta, s):
+    """Slice s of an indexed volume as displayed, canonical orientation: (H, W) float tensor."""
+    x = dicom.read_slices(meta, [s])[0]  # (H, W)
+    return torch.from_numpy(np.ascontiguousarray(x[:, ::-1] if meta["flip"] else x))
 
 
-class PretrainStream(torch.utils.data.IterableDataset):
-    """Endless DINOv2 multi-crop samples, one random slice per draw, sharded by volume over (rank, worker).
+# ------------------------------------------------------------------------ multi-crop augmentation
+class MultiCrop:
+    """DINOv2's multi-crop augmentation of one grey slice, after DINO's DataAugmentationDINO.
 
-    Items: global_crops (2, 3, G, G), local_crops (n_local, 3, L, L), global_tissue (2, G/p, G/p) per-patch tissue
-    fraction, slice_index (2,) = [s, s'], volume (int), and adjacent (2, 3, G, G) when adjacent_k > 0."""
+    multicrop(image, mask, stride, rng, s, n_slices, read): image is slice s (H, W) in [0, 1] of a
+    volume of n_slices, mask its tissue mask subsampled by `stride`, rng a numpy Generator. Returns
+    global_crops (2, 3, G, G), local_crops (n_local, 3, L, L), global_tissue (2, G/p, G/p) (tissue
+    fraction per patch), slice_index [s, s'] and, for adjacent_k > 0, adjacent (2, 3, G, G): the
+    global crops' boxes and flips on slice s' = read(s').
 
-    def __init__(self, source, *, patch_size=14, global_size=112, local_size=56, n_local=8,
-                 global_scale=(0.32, 1.0), local_scale=(0.05, 0.32), tissue_aware=False, min_tissue_global=0.5,
-                 min_tissue_local=0.3, adjacent_k=0, seed=0, cache_dir=None, slices_per_volume=4, shuffle_buffer=16,
-                 dicomweb=None):
-        self.client, self.prefetch = None, 0
-        if pacs.is_dicomweb(source):  # self.paths: "study/series/instance" labels, for skips and logs
-            self.rows, self.client, self.prefetch = remote_source(source, **(dicomweb or {}))
-            self.paths = ["/".join(r[c] for c in pacs.UID_COLUMNS) for r in self.rows]
-            # hits, misses, bytes fetched, samples drawn: one row per process (0 = main, w + 1 = loader worker w),
-            # in shared memory so the main process can report its workers' figures
-            self.fetch_stats = torch.zeros(257, 4, dtype=torch.float64).share_memory_()
-            self._synced = torch.zeros(3, dtype=torch.float64)  # this process's counts already in its row
-        else:
-            self.paths = dicom.scan(source)
+    Geometry: torchvision's RandomResizedCrop (area fraction uniform in scale, aspect log-uniform in
+    [3/4, 4/3], 10 tries, then its centred fallback), bicubic antialiased resize, flip with p 0.5.
+    Photometry, DINOv2's as released (dinov2/data/augmentations.py): colour jitter with p 0.8
+    (brightness, contrast factors uniform in [0.6, 1.4], random order), Gaussian blur (9 taps, sigma
+    in [0.1, 2]), solarize. Its GaussianBlur(p) blurs with probability 1 - p: global crop 1 is never
+    blurred, global crop 2 with p 0.9 (and solarized with p 0.2), locals with p 0.5.
+
+    MammoDINO (Methodology: "Breast tissue-aware augmentation", "DBT adjacent slice loss") publishes
+    no rule; ours: with tissue_aware, a crop is centred on a uniformly drawn tissue pixel and kept
+    if at least min_tissue_global (locals: min_tissue_local) of it is tissue; after 10 misses, the
+    smallest crop centred on the tissue. s' = s + delta, delta uniform over the offsets in
+    +-1..+-adjacent_k inside the volume.
+
+    Draws, all from rng, in the order tests/fixtures/multicrop.pt pins: global boxes, flips, global
+    photometry; per local crop box, flip, photometry; s'; the adjacent pair's photometry."""
+
+    GLOBAL_PHOTO = ((0.0, 0.0), (0.9, 0.2))  # (blur p, solarize p) of global crops 1 and 2
+    LOCAL_PHOTO = (0.5, 0.0)
+
+    def __init__(self, *, patch_size=14, global_size=112, local_size=56, n_local=8,
+                 global_scale=(0.32, 1.0), local_scale=(0.05, 0.32), tissue_aware=False,
+                 min_tissue_global=0.5, min_tissue_local=0.3, adjacent_k=0):
         self.patch_size, self.n_local = patch_size, n_local
-        self.global_size, self.local_size = global_size, local_size
-        self.global_scale, self.local_scale = global_scale, local_scale
-        self.tissue_aware, self.adjacent_k = tissue_aware, adjacent_k
+        self.global_size, self.global_scale = global_size, global_scale
+        self.local_size, self.local_scale = local_size, local_scale
+        self.tissue_aware = tissue_aware
         self.min_tissue_global, self.min_tissue_local = min_tissue_global, min_tissue_local
-        self.seed, self.slices_per_volume = seed, slices_per_volume
-        self.shuffle_buffer = shuffle_buffer
-        self.cache_dir = Path(cache_dir) if cache_dir else utils.cache_base() / "index"
-        self.epoch = 0
-        self.skipped, self._reported = {}, set()  # skipped: path -> reason, each logged once
-        # stops at the first readable volume; a remote source tries its first 3 (each with all its retries)
-        first = self.paths if self.client is None else range(min(3, len(self.paths)))
-        if not any(self._probe(p) for p in first):
-            reasons = "; ".join(list(self.skipped.values())[:3])
-            raise ValueError(f"{pacs.redact(source)}: no readable DICOM among the first {len(first)} of "
-                             f"{len(self.paths)} volumes. {reasons}")
+        self.adjacent_k = adjacent_k
 
-    @property
-    def n_skipped(self):
-        return len(self.skipped)
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def _skip(self, path, reason):
-        if path not in self.skipped:
-            reason = str(reason) if str(path) in str(reason) else f"{path}: {reason}"  # a reason names its file
-            self.skipped[path] = reason
-            print(f"data: skipping {reason}", file=sys.stderr)
-
-    def _unreported(self):
-        """Skips this process has not yet passed on: they ride with the next item to the main process (SkipCounter),
-        since loader workers are separate processes."""
-        new = {p: r for p, r in self.skipped.items() if p not in self._reported}
-        self._reported.update(new)
-        return new
-
-    def _index(self, path, label=None):
-        try:
-            return volume_index(path, self.cache_dir)
-        except (ValueError, OSError) as e:
-            self._skip(label or path, e)
-
-    def _probe(self, p):
-        """Is this volume readable: a local path, or a remote volume's index (fetched once, then unpinned)."""
-        if self.client is None:
-            return self._index(p) is not None
-        try:
-            path, pin = self.client.fetch(self.rows[p])
-        except pacs.FetchError as e:
-            return self._skip(self.paths[p], e)
-        self._sync_fetch_stats(0)
-        try:  # unpinned only once read: another process's eviction could delete it in between
-            self.volume_bytes = path.stat().st_size  # for the cache-size check in __iter__
-            return self._index(path, self.paths[p]) is not None
-        finally:
-            self.client.cache.unpin(pin)
-
-    def _check_room(self, workers):
-        """Resident volumes are pinned, so the cache must hold all of them at once on this node (ranks x workers x
-        (the one in use + the prefetched)), or the stream would wait on itself until CacheFull."""
-        resident = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * workers * (self.prefetch + 1)
-        need = resident * self.volume_bytes
-        if need > self.client.cache.cap:
-            raise ValueError(f"--cache-bytes {self.client.cache.cap} cannot hold the {resident} volumes resident at "
-                             f"once on this node (ranks x loader workers x (1 + {self.prefetch} prefetched), about "
-                             f"{self.volume_bytes / 2**20:.0f} MiB each): use at least {need / 2**20:.0f}M")
-
-    def _resident(self, volumes, row):
-        """(v, local path or None, pin) per volume, in order. A remote instance is fetched `prefetch` volumes
-        ahead into the rotating cache and stays pinned (never evicted) until the caller retires it."""
-        if self.client is None:
-            yield from ((v, self.paths[v], None) for v in volumes)
-            return
-        todo = [v for v in volumes if self.paths[v] not in self.skipped]  # failed for good in this process
-        for v, (_, path, pin) in zip(todo, self.client.prefetch([self.rows[v] for v in todo], self.prefetch)):
-            if path is None:  # retried, then given up: pin is the FetchError, logged once with the UIDs
-                self._skip(self.paths[v], pin)
-                pin = None
-            self._sync_fetch_stats(row)
-            yield v, path, pin
-
-    def _sync_fetch_stats(self, row, samples=0):
-        """Add this process's fetch counts since the last call (and samples drawn) to its row of the shared table."""
-        now = torch.tensor([self.client.stats[k] for k in ("hits", "misses", "bytes")], dtype=torch.float64)
-        self.fetch_stats[row, :3] += now - self._synced
-        self.fetch_stats[row, 3] += samples
-        self._synced = now
-
-    def cache_report(self):
-        """Remote sources: cache hit rate, GB fetched and bytes fetched per sample drawn so far, over every worker
-        and rank (a collective: all ranks call it at the same steps). {} for local data."""
-        if self.client is None:
-            return {}
-        nccl = utils.rank_world()[1] > 1 and torch.distributed.get_backend() == "nccl"
-        totals = utils.all_reduce(self.fetch_stats.sum(0).to("cuda" if nccl else "cpu")).tolist()
-        hits, misses, fetched, samples = totals
-        return dict(cache_hit=hits / max(hits + misses, 1), fetched_gb=fetched / 1e9,
-                    bytes_per_sample=fetched / max(samples, 1))
-
-    def shard(self, epoch, rank=0, world=1, worker=0, workers=1):
-        """Volume indices for one (rank, worker): a strided slice of a (seed, epoch) permutation, wrapped so that
-        all get as many."""
-        n, total = len(self.paths), world * workers
-        perm = np.random.default_rng([self.seed, epoch]).permutation(n)  # identical on every rank: no communication
-        g = rank * workers + worker
-        return [int(perm[(g + j * total) % n]) for j in range(math.ceil(n / total))]
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        rank, world = utils.rank_world()
-        epoch, buffer = self.epoch, []
-        row = worker + 1 if info else 0  # this process's row of fetch_stats
-        if self.client is not None:  # a new worker starts from the counts it inherited, already reported
-            self._check_room(workers)
-            self._synced = torch.tensor([self.client.stats[k] for k in ("hits", "misses", "bytes")],
-                                        dtype=torch.float64)
-        while True:
-            rng = np.random.default_rng([self.seed, epoch, rank, worker])
-            produced = 0
-            for v, path, pin in self._resident(self.shard(epoch, rank, world, worker, workers), row):
-                # bad local files fail again (logged once): history-free
-                index = self._index(path, self.paths[v]) if path else None
-                try:
-                    for _ in range(self.slices_per_volume if index else 0):  # then the volume retires
-                        try:
-                            item = dict(self.sample(*index, rng), volume=v)
-                        except ValueError as e:  # e.g. a corrupt frame deep inside an otherwise fine file
-                            self._skip(self.paths[v], e)
-                            break
-                        produced += 1
-                        buffer.append(item)  # mixes slices of consecutive volumes so a batch is not one breast
-                        if self.client is not None:
-                            self._sync_fetch_stats(row, samples=1)
-                        if len(buffer) > self.shuffle_buffer:
-                            item = buffer.pop(int(rng.integers(len(buffer))))
-                            yield dict(item, skipped=self._unreported())  # skips so far travel with the next item
-                finally:  # unpinned: the LRU may evict it now
-                    if pin is not None:
-                        self.client.cache.unpin(pin)
-            # a shard of only unreadable volumes (likely when ranks x workers ~ volumes) moves on to the next
-            # epoch's shard; only when every volume has failed here is there nothing left to read
-            if not produced and all(p in self.skipped for p in self.paths):
-                raise ValueError(f"rank {rank} worker {worker}: no readable volume ({self.n_skipped} files skipped)")
-            epoch += 1
-
-    def sample(self, meta, mask, rng):
-        """One item from a random slice s of one volume (and s' = s +- delta for the adjacent-slice loss)."""
-        S, stride = meta["n_frames"], meta["mask_stride"]
-        s = int(rng.integers(S))
-        img = self._slice(meta, s)  # (H, W)
-        boxes = [self._box(rng, img.shape, self.global_scale, mask, stride, self.min_tissue_global) for _ in range(2)]
+    def __call__(self, image, mask, stride, rng, s=0, n_slices=1, read=None):
+        shape = image.shape  # (H, W)
+        boxes = [self._box(rng, shape, self.global_scale, mask, stride, self.min_tissue_global)
+                 for _ in range(2)]
         flips = [bool(f) for f in rng.random(2) < 0.5]
-
-        # DINOv2 as released: blur never on global 1, 0.9 on global 2 + solarize 0.2 (dinov2.md 1f)
-        def global_views(x):
-            return torch.stack([self._photo(self._crop(x, b, f, self.global_size), rng, *p)
-                                for b, f, p in zip(boxes, flips, [(0.0, 0.0), (0.9, 0.2)])])  # (2, 3, G, G)
-
-        out = {"global_crops": global_views(img)}
+        out = {"global_crops": self._global_views(image, boxes, flips, rng)}
         local = []
-        for _ in range(self.n_local):  # locals: blur 0.5, no solarize
-            b = self._box(rng, img.shape, self.local_scale, mask, stride, self.min_tissue_local)
-            local.append(self._photo(self._crop(img, b, rng.random() < 0.5, self.local_size), rng, 0.5, 0.0))
+        for _ in range(self.n_local):
+            box = self._box(rng, shape, self.local_scale, mask, stride, self.min_tissue_local)
+            crop = self._crop(image, box, rng.random() < 0.5, self.local_size)
+            local.append(self._photo(crop, rng, *self.LOCAL_PHOTO))
         out["local_crops"] = torch.stack(local)  # (n_local, 3, L, L)
-        out["global_tissue"] = torch.stack([self._tissue_grid(mask, stride, b, f) for b, f in zip(boxes, flips)])
-        s2 = s  # kept for a single-slice image (FFDM): collate marks it, and its adjacent-slice term is masked
+        grids = [self._tissue_grid(mask, stride, b, f) for b, f in zip(boxes, flips)]
+        out["global_tissue"] = torch.stack(grids)  # (2, G/p, G/p)
+        s2 = s  # kept for a single-slice image (FFDM): collate masks its adjacent-slice term
         if self.adjacent_k > 0:
-            # delta uniform over the offsets in +-1..+-k that stay inside the volume: s' != s whenever S > 1
-            # (clamping s + delta to the volume gave s' = s, e.g. s = 0, delta = -2 in a 2-slice volume)
-            inside = [d for d in range(-self.adjacent_k, self.adjacent_k + 1) if d and 0 <= s + d < S]
+            # only offsets inside the volume, so s' != s whenever S > 1 (clamping s + delta to the
+            # volume gave s' = s, e.g. for s = 0, delta = -2 in a 2-slice volume)
+            k = self.adjacent_k
+            inside = [d for d in range(-k, k + 1) if d and 0 <= s + d < n_slices]
             s2 = s + inside[int(rng.integers(len(inside)))] if inside else s
-            out["adjacent"] = global_views(self._slice(meta, s2))  # same geometry, own photometric augmentation
+            out["adjacent"] = self._global_views(read(s2), boxes, flips, rng)
         out["slice_index"] = torch.tensor([s, s2])
         return out
 
-    def _slice(self, meta, s):
-        x = dicom.read_slices(meta, [s])[0]  # (H, W)
-        return torch.from_numpy(np.ascontiguousarray(x[:, ::-1] if meta["flip"] else x))
+    def _global_views(self, image, boxes, flips, rng):
+        """The two global crops of one slice, each with its own photometry: (2, 3, G, G)."""
+        return torch.stack([self._photo(self._crop(image, b, f, self.global_size), rng, *photo)
+                            for b, f, photo in zip(boxes, flips, self.GLOBAL_PHOTO)])
 
     def _box(self, rng, shape, scale, mask, stride, min_tissue):
-        """RandomResizedCrop geometry (top, left, h, w); tissue-aware: centred on tissue and >= min_tissue of it."""
+        """RandomResizedCrop geometry (top, left, h, w); tissue-aware: centred on tissue and at
+        least min_tissue of it."""
         H, W = shape
         tissue = np.flatnonzero(mask) if self.tissue_aware and mask.any() else None
         for _ in range(10):  # torchvision's attempts before falling back
@@ -382,10 +235,11 @@ class PretrainStream(torch.utils.data.IterableDataset):
             if tissue is None:
                 return int(rng.integers(H - h + 1)), int(rng.integers(W - w + 1)), h, w
             cy, cx = np.unravel_index(tissue[rng.integers(len(tissue))], mask.shape)
-            box = (int(np.clip(cy * stride - h // 2, 0, H - h)), int(np.clip(cx * stride - w // 2, 0, W - w)), h, w)
-            if mask_crop(mask, stride, box).mean() >= min_tissue:
-                return box
-        if tissue is None:  # torchvision's fallback: the whole image cut to the 3/4-4/3 aspect range, centred
+            top = int(np.clip(cy * stride - h // 2, 0, H - h))
+            left = int(np.clip(cx * stride - w // 2, 0, W - w))
+            if mask_crop(mask, stride, (top, left, h, w)).mean() >= min_tissue:
+                return top, left, h, w
+        if tissue is None:  # torchvision's fallback: the image cut to aspect 3/4..4/3, centred
             h, w = min(H, round(W * 4 / 3)), min(W, round(H * 4 / 3))
             return (H - h) // 2, (W - w) // 2, h, w
         h = w = min(H, W, int(math.sqrt(H * W * scale[0])))
@@ -394,20 +248,24 @@ class PretrainStream(torch.utils.data.IterableDataset):
         return int(np.clip(cy - h // 2, 0, H - h)), int(np.clip(cx - w // 2, 0, W - w)), h, w
 
     def _crop(self, img, box, flip, size):
+        """img (H, W) cut to box (top, left, h, w), resized, flipped if `flip`: (1, size, size)."""
         t, l, h, w = box
         x = F.interpolate(img[None, None, t:t + h, l:l + w], size=(size, size), mode="bicubic",
                           align_corners=False, antialias=True)[0]  # (1, size, size)
         return (x.flip(-1) if flip else x).clamp(0, 1)
 
     def _tissue_grid(self, mask, stride, box, flip):
+        """Tissue fraction per patch of a global crop, flipped with it: (G/p, G/p)."""
         m = torch.from_numpy(mask_crop(mask, stride, box)).float()
-        grid = F.adaptive_avg_pool2d(m[None, None], self.global_size // self.patch_size)[0, 0]  # (G/p, G/p)
+        grid = F.adaptive_avg_pool2d(m[None, None], self.global_size // self.patch_size)[0, 0]
         return grid.flip(-1) if flip else grid
 
     def _photo(self, x, rng, blur_p, solarize_p):
-        """Grey version of DINOv2's colour augmentation; returns (3, h, w) with the grey channel replicated."""
-        if rng.random() < 0.8:  # ColorJitter(brightness .4, contrast .4): random order, clamped after each op;
-            b, c = rng.uniform(0.6, 1.4, 2)  # its saturation and hue (and RandomGrayscale) do nothing on grey
+        """Grey version of DINOv2's colour augmentation: (1, h, w) -> (3, h, w)."""
+        # ColorJitter(brightness .4, contrast .4) in random order, clamped after each; its
+        # saturation and hue (and RandomGrayscale) do nothing on grey
+        if rng.random() < 0.8:
+            b, c = rng.uniform(0.6, 1.4, 2)
             for op in rng.permutation(2):
                 x = (x * b if op == 0 else (x - x.mean()) * c + x.mean()).clamp(0, 1)
         if rng.random() < blur_p:
@@ -418,8 +276,9 @@ class PretrainStream(torch.utils.data.IterableDataset):
 
 
 def gaussian_blur(x, sigma, k=9):
-    """torchvision's GaussianBlur(k) on (C, h, w) with reflect padding, as two 1-D passes: the kernel is an outer
-    product, so this is the same filter at 2k instead of k^2 multiplies per pixel (blur was a third of a sample)."""
+    """torchvision's GaussianBlur(k) on (C, h, w) with reflect padding, as two 1-D passes: the
+    kernel is an outer product, so this is the same filter at 2k instead of k^2 multiplies per pixel
+    (blur was a third of a sample's time)."""
     r = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k, dtype=x.dtype)
     g = torch.exp(-0.5 * (r / sigma) ** 2)
     g = g / g.sum()  # (k,)
@@ -434,9 +293,202 @@ def mask_crop(mask, stride, box):
     return mask[t // stride:-(-(t + h) // stride), l // stride:-(-(l + w) // stride)]
 
 
-# ----------------------------------------------------------------------------- masking, collate, loader
+# ------------------------------------------------------------------------ pretraining stream
+def remote_source(source, manifest=None, cache_bytes=50 * 2**30, credentials=None, ca_bundle=None,
+                  prefetch=2, floor_bytes=2**30):
+    """(manifest rows, pacs.Client, prefetch) for a dicomweb+http(s):// source: the manifest is the
+    allow-list, the rotating cache lives under $DBT_DINO_CACHE/dicomweb. Credentials: DICOMWEB_*
+    variables or the `credentials` file."""
+    rows = dicom.scan(source, manifest)
+    cache = pacs.Cache(utils.cache_base(), cache_bytes, floor_bytes)
+    client = pacs.Client(source, rows, cache, pacs.load_credentials(credentials), ca_bundle)
+    return rows, client, prefetch
+
+
+class PretrainStream(torch.utils.data.IterableDataset):
+    """Endless multi-crop samples, one random slice per draw, sharded by volume over (rank, worker).
+
+    Items: MultiCrop's dict (global_crops, local_crops, global_tissue, slice_index, adjacent),
+    volume (int) and skipped (path -> reason, the skips not yet passed on). **crop: MultiCrop's
+    keywords (patch_size, global_size, ..., adjacent_k); dicomweb: remote_source's keywords."""
+
+    def __init__(self, source, *, seed=0, cache_dir=None, slices_per_volume=4, shuffle_buffer=16,
+                 dicomweb=None, **crop):
+        self.client, self.prefetch = None, 0
+        if pacs.is_dicomweb(source):  # self.paths: "study/series/instance" labels for skips, logs
+            self.rows, self.client, self.prefetch = remote_source(source, **(dicomweb or {}))
+            self.paths = ["/".join(r[c] for c in pacs.UID_COLUMNS) for r in self.rows]
+            # hits, misses, bytes fetched, samples drawn: one row per process (0 = main, w + 1 =
+            # loader worker w), in shared memory so the main process can report its workers' figures
+            self.fetch_stats = torch.zeros(257, 4, dtype=torch.float64).share_memory_()
+            self._synced = torch.zeros(3, dtype=torch.float64)  # this process's counts in its row
+        else:
+            self.paths = dicom.scan(source)
+        self.multicrop = MultiCrop(**crop)
+        self.seed = seed
+        self.slices_per_volume, self.shuffle_buffer = slices_per_volume, shuffle_buffer
+        self.cache_dir = Path(cache_dir) if cache_dir else utils.cache_base() / "index"
+        self.epoch = 0
+        self.skipped = {}  # path -> reason, each logged once
+        self._reported = set()  # paths whose skip already rode with an item
+        # stops at the first readable volume; a remote source tries its first 3 (with retries)
+        first = self.paths if self.client is None else range(min(3, len(self.paths)))
+        if not any(self._probe(p) for p in first):
+            reasons = "; ".join(list(self.skipped.values())[:3])
+            raise ValueError(f"{pacs.redact(source)}: no readable DICOM among the first "
+                             f"{len(first)} of {len(self.paths)} volumes. {reasons}")
+
+    @property
+    def n_skipped(self):
+        return len(self.skipped)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def _skip(self, path, reason):
+        if path not in self.skipped:  # a reason names its file
+            reason = str(reason) if str(path) in str(reason) else f"{path}: {reason}"
+            self.skipped[path] = reason
+            print(f"data: skipping {reason}", file=sys.stderr)
+
+    def _unreported(self):
+        """Skips this process has not yet passed on: they ride with the next item to the main
+        process (SkipCounter), since loader workers are separate processes."""
+        new = {p: r for p, r in self.skipped.items() if p not in self._reported}
+        self._reported.update(new)
+        return new
+
+    def _index(self, path, label=None):
+        try:
+            return volume_index(path, self.cache_dir)
+        except (ValueError, OSError) as e:
+            self._skip(label or path, e)
+
+    def _probe(self, p):
+        """Is this volume readable: a local path, or a remote one (fetched once, then unpinned)."""
+        if self.client is None:
+            return self._index(p) is not None
+        try:
+            path, pin = self.client.fetch(self.rows[p])
+        except pacs.FetchError as e:
+            return self._skip(self.paths[p], e)
+        self._sync_fetch_stats(0)
+        try:  # unpinned only once read: another process's eviction could delete it in between
+            self.volume_bytes = path.stat().st_size  # for the cache-size check in __iter__
+            return self._index(path, self.paths[p]) is not None
+        finally:
+            self.client.cache.unpin(pin)
+
+    def _check_room(self, workers):
+        """Resident volumes are pinned, so the cache must hold all of them at once on this node
+        (ranks x workers x (the one in use + the prefetched)), or the stream would wait on itself
+        until CacheFull."""
+        resident = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * workers * (self.prefetch + 1)
+        need = resident * self.volume_bytes
+        if need > self.client.cache.cap:
+            mib = self.volume_bytes / 2**20
+            raise ValueError(f"--cache-bytes {self.client.cache.cap} cannot hold the {resident} "
+                             f"volumes resident at once on this node (ranks x loader workers x "
+                             f"(1 + {self.prefetch} prefetched), about {mib:.0f} MiB each): use at "
+                             f"least {need / 2**20:.0f}M")
+
+    def _resident(self, volumes, row):
+        """(v, local path or None, pin) per volume, in order. A remote volume is fetched `prefetch`
+        ahead into the rotating cache and stays pinned (never evicted) until the caller retires
+        it."""
+        if self.client is None:
+            yield from ((v, self.paths[v], None) for v in volumes)
+            return
+        todo = [v for v in volumes if self.paths[v] not in self.skipped]  # failed for good here
+        fetched = self.client.prefetch([self.rows[v] for v in todo], self.prefetch)
+        for v, (_, path, pin) in zip(todo, fetched):
+            if path is None:  # retried, then given up: pin is the FetchError, logged once
+                self._skip(self.paths[v], pin)
+                pin = None
+            self._sync_fetch_stats(row)
+            yield v, path, pin
+
+    def _sync_fetch_stats(self, row, samples=0):
+        """Add this process's fetch counts since the last call, and samples drawn, to its row."""
+        now = torch.tensor([self.client.stats[k] for k in ("hits", "misses", "bytes")],
+                           dtype=torch.float64)
+        self.fetch_stats[row, :3] += now - self._synced
+        self.fetch_stats[row, 3] += samples
+        self._synced = now
+
+    def cache_report(self):
+        """Cache hit rate, GB fetched and bytes fetched per sample drawn so far, over every worker
+        and rank (a collective: all ranks call it at the same steps). {} for local data."""
+        if self.client is None:
+            return {}
+        nccl = utils.rank_world()[1] > 1 and torch.distributed.get_backend() == "nccl"
+        totals = utils.all_reduce(self.fetch_stats.sum(0).to("cuda" if nccl else "cpu")).tolist()
+        hits, misses, fetched, samples = totals
+        return dict(cache_hit=hits / max(hits + misses, 1), fetched_gb=fetched / 1e9,
+                    bytes_per_sample=fetched / max(samples, 1))
+
+    def shard(self, epoch, rank=0, world=1, worker=0, workers=1):
+        """Volume indices for one (rank, worker): a strided slice of a (seed, epoch) permutation,
+        wrapped so that all get as many."""
+        n, total = len(self.paths), world * workers
+        perm = np.random.default_rng([self.seed, epoch]).permutation(n)  # the same on every rank
+        g = rank * workers + worker
+        return [int(perm[(g + j * total) % n]) for j in range(math.ceil(n / total))]
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rank, world = utils.rank_world()
+        epoch, buffer = self.epoch, []
+        row = worker + 1 if info else 0  # this process's row of fetch_stats
+        if self.client is not None:  # a new worker starts from the counts it inherited, reported
+            self._check_room(workers)
+            self._synced = torch.tensor([self.client.stats[k] for k in ("hits", "misses", "bytes")],
+                                        dtype=torch.float64)
+        while True:
+            rng = np.random.default_rng([self.seed, epoch, rank, worker])
+            produced = 0
+            volumes = self.shard(epoch, rank, world, worker, workers)
+            for v, path, pin in self._resident(volumes, row):
+                # bad local files fail again (logged once): history-free
+                index = self._index(path, self.paths[v]) if path else None
+                try:
+                    for _ in range(self.slices_per_volume if index else 0):  # then it retires
+                        try:
+                            item = dict(self.sample(*index, rng), volume=v)
+                        except ValueError as e:  # e.g. a corrupt frame deep inside a fine file
+                            self._skip(self.paths[v], e)
+                            break
+                        produced += 1
+                        buffer.append(item)  # mixes consecutive volumes: a batch is not one breast
+                        if self.client is not None:
+                            self._sync_fetch_stats(row, samples=1)
+                        if len(buffer) > self.shuffle_buffer:
+                            item = buffer.pop(int(rng.integers(len(buffer))))
+                            # skips so far travel with the next item
+                            yield dict(item, skipped=self._unreported())
+                finally:  # unpinned: the LRU may evict it now
+                    if pin is not None:
+                        self.client.cache.unpin(pin)
+            # a shard of only unreadable volumes (likely when ranks x workers ~ volumes) moves on to
+            # the next epoch's shard; only when every volume has failed is there nothing to read
+            if not produced and all(p in self.skipped for p in self.paths):
+                raise ValueError(f"rank {rank} worker {worker}: no readable volume "
+                                 f"({self.n_skipped} files skipped)")
+            epoch += 1
+
+    def sample(self, meta, mask, rng):
+        """One item: a random slice s of a volume (volume_index's meta, mask) through MultiCrop."""
+        S = meta["n_frames"]
+        s = int(rng.integers(S))  # drawn before the crops' draws
+        read = functools.partial(read_slice, meta)
+        return self.multicrop(read(s), mask, meta["mask_stride"], rng, s, S, read)
+
+
+# ------------------------------------------------------------------------ iBOT masks and collate
 class MaskingGenerator:
-    """DINOv2/BEiT block masking on a (h, w) patch grid, drawn with python's `random` like the reference."""
+    """DINOv2/BEiT block masking on a (h, w) patch grid, drawn with python's `random` like the
+    reference (dinov2/data/masking.py): rectangles of random area and aspect until the count."""
 
     def __init__(self, input_size, max_num_patches, min_num_patches=4, min_aspect=0.3):
         self.height, self.width = input_size
@@ -449,7 +501,8 @@ class MaskingGenerator:
             aspect = math.exp(random.uniform(*self.log_aspect))
             h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
             if w < self.width and h < self.height:
-                top, left = random.randint(0, self.height - h), random.randint(0, self.width - w)
+                top = random.randint(0, self.height - h)
+                left = random.randint(0, self.width - w)
                 new = h * w - int(mask[top:top + h, left:left + w].sum())
                 if 0 < new <= max_patches:
                     mask[top:top + h, left:left + w] = True
@@ -468,8 +521,8 @@ class MaskingGenerator:
 
 
 def tissue_masks(tissue, counts, eps=0.05):
-    """Tissue-prioritised iBOT masks: per image, counts[i] patches without replacement, weight eps + p
-    (Gumbel top-k)."""
+    """Tissue-prioritised iBOT masks (MammoDINO's tissue-aware masking, our rule): per image,
+    counts[i] patches without replacement, weight eps + tissue fraction (Gumbel top-k)."""
     masks = torch.zeros(tissue.shape, dtype=torch.bool)  # (B, N)
     keys = (tissue + eps).log() - torch.log(-torch.log(torch.rand(tissue.shape).clamp_min(1e-20)))
     for i, k in enumerate(counts):
@@ -478,16 +531,19 @@ def tissue_masks(tissue, counts, eps=0.05):
     return masks
 
 
-def collate_pretrain(samples, *, patch_size=14, mask_probability=0.5, mask_ratio=(0.1, 0.5), tissue_masking=False):
-    """Stack crop-major ([crop1 of all B; crop2 of all B]) and draw iBOT masks with DINOv2's ratio schedule."""
+def collate_pretrain(samples, *, patch_size=14, mask_probability=0.5, mask_ratio=(0.1, 0.5),
+                     tissue_masking=False):
+    """Stack crop-major ([crop1 of all B; crop2 of all B]) and draw iBOT masks with DINOv2's ratio
+    schedule (dinov2/data/collate.py): mask_probability of the 2B global crops are masked, the i-th
+    with a ratio uniform in [probs[i], probs[i+1]) of linspace(mask_ratio), then shuffled."""
     def crop_major(key):
         return torch.stack([s[key][i] for i in range(len(samples[0][key])) for s in samples])
 
-    out = {"skipped": {p: r for s in samples for p, r in s.get("skipped", {}).items()},  # path -> reason
+    out = {"skipped": {p: r for s in samples for p, r in s.get("skipped", {}).items()},
            "global": crop_major("global_crops"),  # (2B, 3, G, G)
            "local": crop_major("local_crops"),  # (n_local*B, 3, L, L)
-           "adjacent": crop_major("adjacent") if "adjacent" in samples[0] else None}  # (2B, 3, G, G)
-    if out["adjacent"] is not None:  # (2B,) 0 where s' = s (a single-slice image): no neighbour, no adjacent term
+           "adjacent": crop_major("adjacent") if "adjacent" in samples[0] else None}  # as global
+    if out["adjacent"] is not None:  # (2B,) 0 where s' = s (a single-slice image): no adjacent term
         has_neighbour = [float(s["slice_index"][0] != s["slice_index"][1]) for s in samples]
         out["adjacent_valid"] = torch.tensor(has_neighbour).repeat(2)  # crop-major, like the crops
     B, G = len(samples), out["global"].shape[-1]
@@ -502,7 +558,7 @@ def collate_pretrain(samples, *, patch_size=14, mask_probability=0.5, mask_ratio
         counts = [size(i) for i in range(n_masked)] + [0] * (2 * B - n_masked)
         random.shuffle(counts)
         masks = tissue_masks(crop_major("global_tissue").flatten(1), counts)  # (2B, N)
-    else:  # each size drawn right before its blocks, so one seed gives the reference's masks exactly
+    else:  # each size drawn right before its blocks, so one seed gives the reference's masks
         # max_num_patches as the reference's float chain computes it
         gen = MaskingGenerator((n, n), max_num_patches=0.5 * G // patch_size * G // patch_size)
         masks = [torch.from_numpy(gen(size(i)).ravel()) for i in range(n_masked)]
@@ -511,12 +567,14 @@ def collate_pretrain(samples, *, patch_size=14, mask_probability=0.5, mask_ratio
         masks = torch.stack(masks)  # (2B, N)
     per_image = masks.sum(-1, keepdim=True).clamp_min(1)
     out.update(masks=masks, mask_indices=masks.flatten().nonzero().flatten(),
-               masks_weight=(1 / per_image).expand_as(masks)[masks].float(), n_masked=int(masks.sum()))
+               masks_weight=(1 / per_image).expand_as(masks)[masks].float(),
+               n_masked=int(masks.sum()))
     return out
 
 
+# ------------------------------------------------------------------------ loaders, skip accounting
 def _worker_init(_):
-    seed = torch.initial_seed() % 2 ** 32  # differs per worker and follows the loader's seeded generator
+    seed = torch.initial_seed() % 2 ** 32  # differs per worker, follows the loader's generator
     np.random.seed(seed)
     random.seed(seed)
 
@@ -524,25 +582,28 @@ def _worker_init(_):
 def make_loader(dataset, batch_size, workers, collate_fn, seed):
     generator = torch.Generator()
     generator.manual_seed(seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_fn,
-                                       generator=generator, worker_init_fn=_worker_init, drop_last=True,
-                                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_fn,
+        generator=generator, worker_init_fn=_worker_init, drop_last=True,
+        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
 
 
 class SkipCounter:
-    """Unreadable volumes over the main process, its loader workers (their skips arrive in batch["skipped"]) and all
-    ranks. update() gathers them (a collective: every rank calls it at the same steps); total, check and summary
-    then read that one gathered view."""
+    """Unreadable volumes over the main process, its loader workers (their skips arrive in
+    batch["skipped"]) and all ranks. update() gathers them (a collective: every rank calls it at the
+    same steps); total, check and summary then read that one gathered view."""
 
     def __init__(self, stream):
-        self.stream, self.local, self.skipped = stream, {}, {}
+        self.stream = stream
+        self.local = {}  # path -> reason, from this rank's batches
+        self.skipped = {}  # path -> reason, over all ranks at the last update()
 
     def add(self, skipped):
         self.local.update(skipped)
 
     def update(self):
-        """Gather path -> reason over all ranks; returns how many volumes proved unreadable so far."""
-        merged = dict(self.stream.skipped, **self.local)  # the main process's own skips (it indexes at start)
+        """Gather path -> reason over all ranks; returns how many volumes proved unreadable."""
+        merged = dict(self.stream.skipped, **self.local)  # with the main process's own skips
         if utils.rank_world()[1] > 1:
             parts = [None] * utils.rank_world()[1]
             torch.distributed.all_gather_object(parts, merged)
@@ -551,21 +612,25 @@ class SkipCounter:
         return len(merged)
 
     def summary(self, first=3):
-        lines = [f"data: {len(self.skipped)} of {len(self.stream.paths)} volumes skipped as unreadable"]
+        n = len(self.stream.paths)
+        lines = [f"data: {len(self.skipped)} of {n} volumes skipped as unreadable"]
         lines += [f"  {r}" for r in list(self.skipped.values())[:first]]
         return "\n".join(lines + (["  ..."] if len(self.skipped) > first else []))
 
     def check(self, max_fraction):
-        """Stop (one ValueError on every rank) when more than max_fraction of the volumes proved unreadable."""
+        """Stop (one ValueError on every rank) when over max_fraction of the volumes are bad."""
         n = len(self.stream.paths)
         if len(self.skipped) > max_fraction * n:
-            raise ValueError(f"{len(self.skipped)} of {n} volumes are unreadable, more than --max-skip-fraction "
-                             f"{max_fraction:g}; the first: {next(iter(self.skipped.values()))}")
+            raise ValueError(f"{len(self.skipped)} of {n} volumes are unreadable, more than "
+                             f"--max-skip-fraction {max_fraction:g}; the first: "
+                             f"{next(iter(self.skipped.values()))}")
 
 
+# ------------------------------------------------------------------------ images for the probes
 def density_eval_set(root, size=112, max_exams=None):
-    """Central slice of every view of the first `max_exams` exams in exams.csv, canonical orientation, resized
-    -> images, density 0..3, patient groups."""
+    """Central slice of every view of the first `max_exams` exams in exams.csv, canonical
+    orientation, resized -> images (n, 3, size, size), labels (density 0..3), groups (patient
+    index)."""
     root = Path(root)
     exams = utils.read_csv(root / "exams.csv")[:max_exams]
     images, labels = [], []
@@ -573,19 +638,21 @@ def density_eval_set(root, size=112, max_exams=None):
     for e in exams:
         for col in ("LCC", "RCC", "LMLO", "RMLO"):
             meta = dicom.parse_headers(root / e[col])  # one header parse per view
-            x = dicom.orient(meta)  # (H, W) the displayed central slice, decoded once for the decision and the image
-            x = np.ascontiguousarray(x[:, ::-1] if meta["flip"] else x)  # canonical: chest wall on the left
-            x = F.interpolate(torch.from_numpy(x)[None, None], size=(size, size), mode="bilinear", antialias=True)[0]
+            x = dicom.orient(meta)  # (H, W) the displayed central slice, decoded once for both uses
+            x = np.ascontiguousarray(x[:, ::-1] if meta["flip"] else x)  # chest wall left
+            x = F.interpolate(torch.from_numpy(x)[None, None], size=(size, size), mode="bilinear",
+                              antialias=True)[0]  # (1, size, size)
             images.append(x[0].clamp(0, 1).expand(3, -1, -1))  # (3, size, size)
             labels.append("abcd".index(e["density"]))
             groups.append(patients.setdefault(e["patient"], len(patients)))
-    return {"images": torch.stack(images), "labels": torch.tensor(labels), "groups": torch.tensor(groups)}
+    return dict(images=torch.stack(images), labels=torch.tensor(labels),
+                groups=torch.tensor(groups))
 
 
-# ----- moved in (issue 20)
 class VolumeReader(torch.utils.data.Dataset):
-    """One item per volume, decoded on a loader worker one slice at a time: (i, dict) with the stored integers
-    (S, H, W) and their display parameters, or (i, message) when the volume cannot be read."""
+    """One item per volume, decoded on a loader worker one slice at a time: (i, dict) with the
+    stored integers (S, H, W) and their display parameters, or (i, message) when it cannot be
+    read."""
 
     def __init__(self, paths):
         self.paths = [str(p) for p in paths]
@@ -600,11 +667,13 @@ class VolumeReader(torch.utils.data.Dataset):
         try:
             meta = dicom.index_volume(path)  # headers + the volume's one orientation decision
             first = dicom.decode_slice(meta, 0)  # (H, W): gives the stored dtype
-            stored = torch.empty((meta["n_frames"], *first.shape), dtype=torch.from_numpy(first[:0]).dtype)
+            dtype = torch.from_numpy(first[:0]).dtype
+            stored = torch.empty((meta["n_frames"], *first.shape), dtype=dtype)  # (S, H, W)
             if torch.utils.data.get_worker_info() is not None:
-                # decode straight into shared memory, so the hand-over to the main process moves a file descriptor
-                # instead of copying the volume: 50 -> 63 slices/s with 1 worker, 71 -> 95 with 2 (60 x 2457 x 1996,
-                # 2-core CPU, median of 4 alternated runs); the copy's cost is page faults on 590 MB of fresh memory
+                # decode into shared memory: the hand-over to the main process then moves a file
+                # descriptor, not the volume, whose copy costs page faults on 590 MB of fresh memory
+                # (50 -> 63 slices/s with 1 worker, 71 -> 95 with 2; 60 x 2457 x 1996, 2 cores,
+                # median of 4 alternated runs)
                 stored.share_memory_()
             out = stored.numpy()  # (S, H, W), the same memory
             out[0] = first
@@ -613,17 +682,19 @@ class VolumeReader(torch.utils.data.Dataset):
         except (ValueError, OSError) as e:
             return i, str(e)
         rows, sigmoid = dicom.voi_rows(meta)
-        return i, {"stored": stored, "rows": rows, "sigmoid": sigmoid, "invert": meta["invert"], "flip": meta["flip"]}
+        return i, {"stored": stored, "rows": rows, "sigmoid": sigmoid, "invert": meta["invert"],
+                   "flip": meta["flip"]}
 
 
 class RemoteVolumeReader(VolumeReader):
-    """VolumeReader for DICOMweb instances (uids: dicts of pacs.UID_COLUMNS): each worker fetches into the rotating
-    cache and reads the file through VolumeReader.read, pinned only while read (one volume per worker). A failed
-    fetch is an (i, message) skip; AuthError and CacheFull come back as the item, for embed_volumes to raise."""
+    """VolumeReader for DICOMweb instances (uids: dicts of pacs.UID_COLUMNS), fetched into the
+    rotating cache and pinned only while read. A failed fetch is an (i, message) skip; AuthError and
+    CacheFull come back as the item, for embed_volumes to raise."""
 
     def __init__(self, client, uids):
-        self.client, self.uids = client, list(uids)
-        self.paths = ["/".join(u[c] for c in pacs.UID_COLUMNS) for u in self.uids]  # labels for the logs
+        self.client = client
+        self.uids = list(uids)
+        self.paths = ["/".join(u[c] for c in pacs.UID_COLUMNS) for u in self.uids]  # log labels
 
     def __getitem__(self, i):
         try:
@@ -636,3 +707,4 @@ class RemoteVolumeReader(VolumeReader):
             return self.read(i, path)
         finally:
             self.client.cache.unpin(pin)
+

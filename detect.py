@@ -1,22 +1,27 @@
-"""Lesion detection on DBT: frozen DINOv2 ViT -> simple feature pyramid -> RetinaNet, 3-D volume candidates, and the
-official DBTex submission and score (DBT-DINO paper §3.5, §6.2.3; spec downstream.md §4-5).
+"""Lesion detection on DBT: a RetinaNet on a frozen ViT, 3-D candidates, the official DBTex score.
 
-    python detect.py                                   # 24 phantom patients (768 x 576), tiny ViT, CPU, ~4-6 min
-    python detect.py --data /bcs-dbt --backbone dbt_dino.pth --model vitb14 --amp --compile --out runs/det  # GPU
-    python detect.py --data /bcs-dbt --backbone dbt_dino.pth --model vitb14 --trials 20 --out runs/search
-    python detect.py --out runs/det --resume auto      # continue an interrupted run exactly
+    python detect.py      # 24 phantom patients (768 x 576), tiny ViT, CPU, ~4-6 min
+    python detect.py --data /bcs-dbt --backbone dbt_dino.pth --model vitb14 --amp --compile  # GPU
+    python detect.py --data /bcs-dbt --backbone dbt_dino.pth --model vitb14 --trials 20 --out runs/s
+    python detect.py --out runs/det --resume auto   # continue an interrupted run exactly
 
---data is a folder holding the BCS-DBT CSVs and the DICOM tree (the public layout; data.py's phantoms copy it):
-    *file-paths*.csv  PatientID,StudyUID,View,descriptive_path[,classic_path]   paths relative to the folder
-    *labels*.csv      PatientID,StudyUID,View,...                                one row per volume
-    *boxes*.csv       PatientID,StudyUID,View,Slice,X,Y,Width,Height,Class,VolumeSlices   (X, Y) top-left, 0-based
-                      Slice, original pixels in the orientation of data.read_dbt(path, view=View) (= dcmread_image)
-CSV names containing train / validation / test give the official split; otherwise patients are split, seeded.
-Outputs in --out: args.json, metrics.jsonl, ckpt.pt, predictions.csv (the official submission: X, Width, Y, Height,
-Z = first slice, Depth = span, so Z + Depth/2 is the centre the evaluator uses), metrics.json, froc.png, examples.png,
-curves.png (training loss terms, lr and validation mean sensitivity).
-LR: --lr is per 64 images (DBT-DINO's batch) and scales linearly with --batch-size; the effective LR is printed.
-Shapes: B images, A anchors, G ground-truth boxes, D backbone width, C neck channels, g patch grid.
+Official DBTex rules (metrics.dbtex_evaluate): a predicted box hits a ground-truth box when its
+centre is within max(GT diagonal / 2, 100 px) of the GT centre, in original pixels, and its centre
+slice Z + Depth/2 within VolumeSlices/4 of the GT's slice; the ranking figure is the mean
+sensitivity at 1, 2, 3 and 4 false positives per volume, over the volumes with boxes. DBT-DINO
+used its own rules (518-px coordinates, a 24-px minimum radius, Z = median slice with Depth 1,
+positive volumes only), not comparable with the leaderboard: reported here labelled NOT official.
+
+3-D candidates (aggregate; DBT-DINO §2.4, §6.2.3): retinanet.py's per-slice boxes scoring at least
+s, best first, each gather the free boxes within VolumeSlices/4 slices whose intersection over the
+smaller box is at least t; a group on min_slices slices or more becomes the union box, scored by
+the mean of its top 10 scores, if it fits DBT-DINO's size limits; the best are kept until their
+cumulative softmax reaches 0.95 or max_keep are kept. Validation chooses s, t, max_keep, min_slices.
+
+--data: a BCS-DBT folder in the public layout (CSVs + DICOM tree; cohorts.py reads it, phantoms.py
+writes one). In --out: args.json, metrics.jsonl, ckpt.pt, predictions.csv (the submission: X,
+Width, Y, Height, Z = first slice, Depth = span), metrics.json, froc.png, examples.png, curves.png.
+Shapes: B images, G ground-truth boxes, S model image side, n slices or detections.
 """
 import argparse
 import copy
@@ -44,79 +49,95 @@ import phantoms
 import retinanet
 import utils
 
-SIZE_LIMITS = (15, 206, 9, 182)  # DBT-DINO: candidate / zoomed box w in [15, 206], h in [9, 182] at 518 px
-SEARCH_SPACE = {  # paper §6.2.3 (Optuna there, seeded random search here): flag -> (kind, low, high | choices)
-    "lr": ("log", 1e-5, 1e-2), "weight_decay": ("log", 1e-6, 1e-3), "label_smoothing": ("uniform", 0.0, 0.1),
-    "dropout": ("choice", (0.0, 0.05, 0.1, 0.15)), "cls_weight": ("log", 0.1, 10.0), "alpha": ("uniform", 0.25, 0.95),
-    "gamma": ("uniform", 0.5, 2.0), "fg_iou": ("uniform", 0.4, 0.6), "bg_iou": ("uniform", 0.2, 0.5),
-    "neg_ratio": ("int", 1, 5), "nms_iou": ("uniform", 0.03, 0.3)}
+SIZE_LIMITS = (15, 206, 9, 182)  # DBT-DINO's box w in [15, 206], h in [9, 182] px at 518 px
+SEARCH_SPACE = {  # DBT-DINO §6.2.3 (Optuna there): flag -> (kind, low, high | choices)
+    "lr": ("log", 1e-5, 1e-2), "weight_decay": ("log", 1e-6, 1e-3),
+    "label_smoothing": ("uniform", 0.0, 0.1), "dropout": ("choice", (0.0, 0.05, 0.1, 0.15)),
+    "cls_weight": ("log", 0.1, 10.0), "alpha": ("uniform", 0.25, 0.95),
+    "gamma": ("uniform", 0.5, 2.0), "fg_iou": ("uniform", 0.4, 0.6),
+    "bg_iou": ("uniform", 0.2, 0.5), "neg_ratio": ("int", 1, 5), "nms_iou": ("uniform", 0.03, 0.3)}
 
 
 def get_args(argv=None):
-    p = utils.one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter))
-    count, fraction, rate = utils.number(int, 1), utils.number(float, 0, 1), utils.number(float, 0, lo_open=True)
-    p.add_argument("--data", default="synthetic", help="BCS-DBT folder (CSVs + DICOM tree) or 'synthetic' (phantoms "
-                   "from data.py under $DBT_DINO_CACHE, sized by --synthetic-*)")
-    p.add_argument("--synthetic-patients", type=count, default=24, help="phantom patients (4 views each)")
-    p.add_argument("--synthetic-size", type=count, nargs=3, default=[16, 768, 576], metavar=("S", "H", "W"),
-                   help="phantom slices, rows, columns: realistic sizes keep the 100 px hit radius small")
-    p.add_argument("--synthetic-lesions", type=utils.number(float, 0, 10), default=2.0,
-                   help="mean extra masses per phantom view (data.write_archive's lesion_rate)")
-    p.add_argument("--synthetic-seed", type=utils.number(int, 0), default=1, help="phantom archive seed")
-    p.add_argument("--out", default=time.strftime("runs/detect-%Y%m%d-%H%M%S"), help="run folder")
-    p.add_argument("--resume", default="", choices=["", "auto"], help="auto: continue <out>/ckpt.pt if present")
-    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that already holds a run")
-    p.add_argument("--backbone", default="", help="frozen ViT weights for model.load_pretrained (hub, DBT-DINO, "
-                   "ours); random: an untrained ViT; empty: the newest runs/*/backbone.pth, else random")
-    p.add_argument("--model", default="tiny", choices=sorted(model.PRESETS) + [k + "_reg" for k in model.PRESETS
-                   if k != "tiny"], help="architecture of --backbone")
-    p.add_argument("--image-size", type=utils.number(int, 0), default=0, help="slice side in px, a multiple of the "
-                   "patch size; 0: 518 (DBT-DINO) for hub ViTs, 336 for tiny on a CPU (why: at main())")
-    p.add_argument("--channels", type=utils.number(int, 0), default=0,
-                   help="neck/head width, a multiple of 32; 0: 256 (DBT-DINO) for hub ViTs, 64 for tiny on a CPU")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (ignored on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the frozen ViT's blocks "
+    p = utils.one_line_errors(argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    count, whole = utils.number(int, 1), utils.number(int, 0)
+    fraction, rate = utils.number(float, 0, 1), utils.number(float, 0, lo_open=True)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic", help="BCS-DBT folder (CSVs + DICOM tree) or "
+                   "'synthetic' (phantoms.py's, under $DBT_DINO_CACHE, sized by --synthetic-*)")
+    g.add_argument("--synthetic-patients", type=count, default=24, help="phantoms (4 views each)")
+    g.add_argument("--synthetic-size", type=count, nargs=3, default=[16, 768, 576],
+                   metavar=("S", "H", "W"), help="realistic sizes: the 100 px radius stays small")
+    g.add_argument("--synthetic-lesions", type=utils.number(float, 0, 10), default=2.0,
+                   help="mean extra masses per phantom view (phantoms.write_archive's lesion_rate)")
+    g.add_argument("--synthetic-seed", type=whole, default=1, help="phantom archive seed")
+    g = p.add_argument_group("run folder")
+    g.add_argument("--out", default=time.strftime("runs/detect-%Y%m%d-%H%M%S"), help="run folder")
+    g.add_argument("--resume", default="", choices=["", "auto"], help="auto: resume <out>/ckpt.pt")
+    g.add_argument("--overwrite", action="store_true", help="start afresh if --out holds a run")
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", default="", help="frozen ViT weights for model.load_pretrained "
+                   "(hub, DBT-DINO, ours); random: an untrained ViT; empty: the newest "
+                   "runs/*/backbone.pth, else random")
+    archs = sorted(model.PRESETS) + [k + "_reg" for k in model.PRESETS if k != "tiny"]
+    g.add_argument("--model", default="tiny", choices=archs, help="architecture of --backbone")
+    g.add_argument("--image-size", type=whole, default=0, help="slice side in px, a multiple of "
+                   "14; 0: 518 (DBT-DINO) for hub ViTs, 336 for tiny on a CPU (why: main())")
+    g.add_argument("--channels", type=whole, default=0, help="neck/head width, a multiple of 32; "
+                   "0: 256 (DBT-DINO) for hub ViTs, 64 for tiny on a CPU")
+    g = p.add_argument_group("speed")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: cuda if available")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (ignored on CPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the frozen ViT's blocks "
                    "(model.compile_blocks; the same features to 1e-5)")
-    p.add_argument("--seed", type=utils.number(int, 0, utils.SEED_MAX), default=0,
+    g = p.add_argument_group("split and schedule")
+    g.add_argument("--seed", type=utils.number(int, 0, utils.SEED_MAX), default=0,
                    help="split, sampling, augmentation seed")
-    p.add_argument("--val-fraction", type=fraction, default=0.2, help="patients for validation (no official split)")
-    p.add_argument("--test-fraction", type=fraction, default=0.25, help="patients held out for the final score")
-    p.add_argument("--steps", type=count, default=400, help="training iterations (epochs are derived and logged)")
-    p.add_argument("--batch-size", type=count, default=8, help="slices per step")
-    p.add_argument("--lr", type=rate, default=8e-3, help="AdamW LR per 64 images (linear scaling)")
-    p.add_argument("--weight-decay", type=utils.number(float, 0), default=1e-4, help="AdamW weight decay")
-    p.add_argument("--dropout", type=utils.number(float, 0, 0.9), default=0.05, help="dropout in the head towers")
-    p.add_argument("--alpha", type=utils.number(float, -1, 1), default=0.9, help="focal alpha (-1: no weighting)")
-    p.add_argument("--gamma", type=utils.number(float, 0), default=1.5, help="focal gamma")
-    p.add_argument("--label-smoothing", type=fraction, default=0.05, help="targets y(1 - e) + e/2")
-    p.add_argument("--pos-weight", type=rate, default=2.0, help="weight of positive anchors in the focal loss")
-    p.add_argument("--cls-weight", type=rate, default=1.0, help="total = this x focal + smooth-L1")
-    p.add_argument("--fg-iou", type=fraction, default=0.5, help="anchor positive if IoU > this")
-    p.add_argument("--bg-iou", type=fraction, default=0.4, help="anchor negative if IoU < this")
-    p.add_argument("--low-quality-matches", action="store_true", help="each box keeps its best anchors (torchvision)")
-    p.add_argument("--neg-ratio", type=count, default=3, help="negative anchors sampled per positive")
-    p.add_argument("--negatives", type=fraction, default=0.25, help="fraction of each batch drawn from slices of "
-                   "box-free volumes (DBT-DINO: 0)")
-    p.add_argument("--nms-iou", type=fraction, default=0.2, help="NMS IoU over all levels of one slice")
-    p.add_argument("--score-thresh", type=fraction, default=0.05, help="per-slice detections kept above this")
-    p.add_argument("--score-grid", type=fraction, nargs="+", default=[0.1, 0.2, 0.3, 0.5, 0.75, 0.85, 0.95],
-                   help="3-D grouping score thresholds tried on validation (DBT-DINO: 0.75 0.85 0.95)")
-    p.add_argument("--overlap-grid", type=fraction, nargs="+", default=[0.6, 0.7, 0.8],
-                   help="intersection-over-smaller thresholds tried on validation")
-    p.add_argument("--max-candidates", type=count, nargs="+", default=[2, 4, 8],
-                   help="most 3-D candidates kept per volume, tried on validation (DBT-DINO: 8)")
-    p.add_argument("--min-slices", type=count, nargs="+", default=[1, 2],
-                   help="slices a 3-D group needs, tried on validation (DBT-DINO: 2; calcifications show on 1-2)")
-    p.add_argument("--chunk", type=count, default=16, help="slices per forward pass at inference")
-    p.add_argument("--eval-every", type=count, default=100, help="validation mean sensitivity every N steps")
-    p.add_argument("--patience", type=count, default=10, help="stop after this many evals without improvement")
-    p.add_argument("--log-every", type=count, default=10, help="progress line + metrics.jsonl every N steps")
-    p.add_argument("--n-boot", type=count, default=1000, help="bootstrap resamples (patients) for the CI")
-    p.add_argument("--baseline-draws", type=count, default=20, help="random-box baselines averaged")
-    p.add_argument("--trials", type=utils.number(int, 0), default=0, help="seeded random search over SEARCH_SPACE "
-                   "(each trial a run in <out>/trial-k); 0: one run with the flags given")
+    g.add_argument("--val-fraction", type=fraction, default=0.2,
+                   help="patients for validation (no official split)")
+    g.add_argument("--test-fraction", type=fraction, default=0.25, help="held-out test patients")
+    g.add_argument("--steps", type=count, default=400, help="training iterations (epochs logged)")
+    g.add_argument("--batch-size", type=count, default=8, help="slices per step")
+    g.add_argument("--lr", type=rate, default=8e-3, help="AdamW LR per 64 images (linear scaling)")
+    g.add_argument("--weight-decay", type=utils.number(float, 0), default=1e-4, help="for AdamW")
+    g = p.add_argument_group("regularisation, losses, sampling")
+    g.add_argument("--dropout", type=utils.number(float, 0, 0.9), default=0.05,
+                   help="dropout in the head towers")
+    g.add_argument("--alpha", type=utils.number(float, -1, 1), default=0.9,
+                   help="focal alpha (-1: no weighting)")
+    g.add_argument("--gamma", type=utils.number(float, 0), default=1.5, help="focal gamma")
+    g.add_argument("--label-smoothing", type=fraction, default=0.05, help="targets y(1-e) + e/2")
+    g.add_argument("--pos-weight", type=rate, default=2.0, help="focal weight of positive anchors")
+    g.add_argument("--cls-weight", type=rate, default=1.0, help="total = this x focal + smooth-L1")
+    g.add_argument("--fg-iou", type=fraction, default=0.5, help="anchor positive if IoU > this")
+    g.add_argument("--bg-iou", type=fraction, default=0.4, help="anchor negative if IoU < this")
+    g.add_argument("--low-quality-matches", action="store_true",
+                   help="each box keeps its best anchors (torchvision)")
+    g.add_argument("--neg-ratio", type=count, default=3, help="negatives sampled per positive")
+    g.add_argument("--negatives", type=fraction, default=0.25, help="fraction of each batch from "
+                   "slices of box-free volumes (DBT-DINO: 0)")
+    g = p.add_argument_group("inference and 3-D candidates (grids: tried on validation)")
+    g.add_argument("--nms-iou", type=fraction, default=0.2, help="NMS IoU over a slice's levels")
+    g.add_argument("--score-thresh", type=fraction, default=0.05, help="per-slice boxes kept above")
+    g.add_argument("--score-grid", type=fraction, nargs="+", help="3-D grouping score thresholds "
+                   "(DBT-DINO: 0.75 0.85 0.95)", default=[0.1, 0.2, 0.3, 0.5, 0.75, 0.85, 0.95])
+    g.add_argument("--overlap-grid", type=fraction, nargs="+", default=[0.6, 0.7, 0.8],
+                   help="intersection-over-smaller thresholds")
+    g.add_argument("--max-candidates", type=count, nargs="+", default=[2, 4, 8],
+                   help="most 3-D candidates kept per volume (DBT-DINO: 8)")
+    g.add_argument("--min-slices", type=count, nargs="+", default=[1, 2], help="slices a 3-D "
+                   "group needs (DBT-DINO: 2; calcifications show on 1-2)")
+    g.add_argument("--chunk", type=count, default=16, help="slices per forward pass")
+    g = p.add_argument_group("validation, evaluation, search")
+    g.add_argument("--eval-every", type=count, default=100, help="validate every N steps")
+    g.add_argument("--patience", type=count, default=10, help="evals without gain before stopping")
+    g.add_argument("--log-every", type=count, default=10, help="log + metrics.jsonl every N steps")
+    g.add_argument("--n-boot", type=count, default=1000, help="patient resamples for the CI")
+    g.add_argument("--baseline-draws", type=count, default=20, help="random-box baselines averaged")
+    g.add_argument("--trials", type=whole, default=0, help="seeded random search over SEARCH_SPACE "
+                   "(each trial a run in <out>/trial-k); 0: one run, these flags")
     args = p.parse_args(argv)
     if args.bg_iou > args.fg_iou:
         p.error(f"argument --bg-iou: {args.bg_iou} is above --fg-iou {args.fg_iou}")
@@ -129,28 +150,13 @@ def get_args(argv=None):
     return args
 
 
-# -----------------------------------------------------------------------------------------------------------
-# anchors and box coding
-
-
-# -----------------------------------------------------------------------------------------------------------
-# the model: frozen ViT -> neck (P3-P6) -> shared RetinaNet head
-
-
-# -----------------------------------------------------------------------------------------------------------
-# matching and losses
-
-
-# -----------------------------------------------------------------------------------------------------------
-# data: the BCS-DBT CSVs read as published, slices through data.read_dbt in the official orientation
-
-
+# --- data: slices in the official BCS-DBT orientation, augmentation, batches --------------------
 def read_resized(vol, frames, size):
-    """Slices `frames` of a volume in the official BCS-DBT orientation, resized (aspect not kept, as DBT-DINO)
-    -> (n, 1, size, size) float32 in [0, 1]."""
+    """Slices `frames` of a volume in the official BCS-DBT orientation, resized (aspect not kept, as
+    DBT-DINO) -> (n, 1, size, size) float32 in [0, 1]."""
     x, _ = dicom.read_dbt(vol["path"], frames=frames, view=vol["view"])  # (n, H, W)
-    return F.interpolate(torch.from_numpy(x)[:, None], size=(size, size), mode="bilinear", align_corners=False,
-                         antialias=True)
+    return F.interpolate(torch.from_numpy(x)[:, None], size=(size, size), mode="bilinear",
+                         align_corners=False, antialias=True)
 
 
 def to_model(vol, boxes, size):
@@ -159,7 +165,7 @@ def to_model(vol, boxes, size):
 
 
 def to_original(vol, boxes, size):
-    """xyxy boxes in model input pixels -> original pixels (the orientation is the official one in both)."""
+    """xyxy boxes in model input pixels -> original pixels (both in the official orientation)."""
     return boxes / _scale(vol, size).to(boxes.device)
 
 
@@ -168,9 +174,10 @@ def _scale(vol, size):
 
 
 def training_slices(volumes, n_negative=2, seed=0):
-    """DBT-DINO's training slices: per volume, boxes whose slices lie within VolumeSlices/4 of the group's first
-    share one slice (the group's median); plus n_negative central slices of every box-free volume, seeded."""
-    rng, positives, negatives = np.random.default_rng(seed), [], []
+    """DBT-DINO's training slices: per volume, boxes within VolumeSlices/4 slices of a group's first
+    share the group's median slice; plus n_negative central slices of each box-free volume."""
+    rng = np.random.default_rng(seed)
+    positives, negatives = [], []
     for vi, v in enumerate(volumes):
         boxes = sorted(v["boxes"], key=lambda b: b[4])
         while boxes:
@@ -179,17 +186,20 @@ def training_slices(volumes, n_negative=2, seed=0):
             positives.append((vi, int(np.median([b[4] for b in group])), [b[:4] for b in group]))
         if not v["boxes"]:  # lesions (and the phantoms') sit in the central half of the volume
             n = v["n_slices"]
-            negatives += [(vi, int(s), []) for s in rng.integers(n // 4, max(n // 4 + 1, 3 * n // 4), n_negative)]
+            picks = rng.integers(n // 4, max(n // 4 + 1, 3 * n // 4), n_negative)
+            negatives += [(vi, int(s), []) for s in picks]
     return positives, negatives
 
 
 def augment(img, boxes, rng):
-    """Paper §6.2.3 on a (1, S, S) image and its (G, 4) boxes together; sizes are given at 518 px and scaled."""
+    """DBT-DINO §6.2.3 augmentation of a (1, S, S) image and its (G, 4) boxes; sizes at 518 px."""
     S = img.shape[-1]
     if rng.random() < 0.5:  # horizontal flip
-        img, boxes = img.flip(-1), torch.stack([S - boxes[:, 2], boxes[:, 1], S - boxes[:, 0], boxes[:, 3]], 1)
+        img = img.flip(-1)
+        boxes = torch.stack([S - boxes[:, 2], boxes[:, 1], S - boxes[:, 0], boxes[:, 3]], 1)
     if rng.random() < 0.5:  # vertical flip
-        img, boxes = img.flip(-2), torch.stack([boxes[:, 0], S - boxes[:, 3], boxes[:, 2], S - boxes[:, 1]], 1)
+        img = img.flip(-2)
+        boxes = torch.stack([boxes[:, 0], S - boxes[:, 3], boxes[:, 2], S - boxes[:, 1]], 1)
     if rng.random() < 0.5:
         img, boxes = zoom(img, boxes, rng.uniform(0.8, 1.5), rng)
     if rng.random() < 0.3:
@@ -202,8 +212,8 @@ def augment(img, boxes, rng):
 
 
 def zoom(img, boxes, f, rng):
-    """Rescale by f: crop (f > 1) or pad (f < 1) back to S x S. Skipped when a zoomed box would leave DBT-DINO's
-    size limits; a crop keeps every box inside when the boxes fit in one window."""
+    """Rescale by f, then crop (f > 1) or pad (f < 1) to S x S; skipped if a zoomed box would leave
+    DBT-DINO's size limits. A crop keeps every box inside when the boxes fit in one window."""
     S = img.shape[-1]
     n = max(1, round(S * f))
     b = boxes * (n / S)
@@ -211,7 +221,8 @@ def zoom(img, boxes, f, rng):
     lo_w, hi_w, lo_h, hi_h = (v * S / retinanet.REF for v in SIZE_LIMITS)
     if ((w < lo_w) | (w > hi_w) | (h < lo_h) | (h > hi_h)).any():
         return img, boxes
-    big = F.interpolate(img[None], size=(n, n), mode="bilinear", align_corners=False, antialias=n < S)[0]
+    big = F.interpolate(img[None], size=(n, n), mode="bilinear", align_corners=False,
+                        antialias=n < S)[0]  # (1, n, n)
     if n >= S:
         ox, oy = (_crop_offset(rng, n - S, b[:, i], b[:, i + 2], S) for i in (0, 1))
         img, b = big[:, oy:oy + S, ox:ox + S], b - torch.tensor([ox, oy, ox, oy])
@@ -247,12 +258,11 @@ def coarse_dropout(img, boxes, rng):
 
 
 class SliceCache:
-    """Resized slices (fp16), kept in memory when asked (keep=True): training revisits its few slices every epoch.
-    Inference reads every slice of every volume, tens of GB on BCS-DBT, so those are read, rounded the same way,
-    and dropped."""
+    """Resized slices (fp16). Training keeps its few slices in memory (keep=True); inference reads
+    every slice of every volume, tens of GB on BCS-DBT, so those are rounded alike and dropped."""
 
     def __init__(self, size):
-        self.size, self.store = size, {}
+        self.size, self.store = size, {}  # store: (path, frame) -> (1, S, S) fp16
 
     def get(self, vol, frames, keep=True):
         got = {f: self.store[vol["path"], f] for f in frames if (vol["path"], f) in self.store}
@@ -265,8 +275,7 @@ class SliceCache:
 
 
 def make_batch(samples, negatives, volumes, cache, step, args):
-    """Step `step`'s images (B, 3, S, S) and boxes [(G_i, 4)], drawn and augmented from (seed, step) alone, so a
-    resumed run sees the same batches."""
+    """Step `step`'s images (B, 3, S, S) and boxes [(G_i, 4)], from (seed, step) alone (resume)."""
     rng = np.random.default_rng([args.seed, step])
     n_neg = round(args.negatives * args.batch_size) if negatives else 0
     picks = ([samples[i] for i in rng.integers(len(samples), size=args.batch_size - n_neg)]
@@ -280,20 +289,19 @@ def make_batch(samples, negatives, volumes, cache, step, args):
     return torch.stack(images).expand(-1, 3, -1, -1), targets
 
 
-# -----------------------------------------------------------------------------------------------------------
-# volume inference and 3-D candidates
-
+# --- volume inference, 3-D candidates, the submission ---------------------------------------------
 def _autocast(device, amp=True):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
 
 
 @torch.no_grad()
 def predict_volume(det, anchors, vol, args, device, cache):
-    """Every slice, in chunks -> per-slice detections in original pixels: slices (n,), boxes (n, 4), scores (n,),
-    plus the breast mask of the central slice at model size (for the random baseline)."""
+    """Every slice, in chunks -> per-slice detections in original pixels: slices (n,), boxes (n, 4),
+    scores (n,); and the central slice's breast mask at model size (for the random baseline)."""
     was_training = det.training
     det.eval()
-    slices, boxes, scores, mid = [], [], [], vol["n_slices"] // 2
+    slices, boxes, scores = [], [], []
+    mid = vol["n_slices"] // 2
     for start in range(0, vol["n_slices"], args.chunk):
         frames = list(range(start, min(start + args.chunk, vol["n_slices"])))
         x = cache.get(vol, frames, keep=False)  # (n, 1, S, S)
@@ -301,7 +309,8 @@ def predict_volume(det, anchors, vol, args, device, cache):
             image = x[mid - start, 0]  # (S, S), the central slice, for the mask
         with _autocast(device, args.amp):
             logits, deltas = det(x.to(device).expand(-1, 3, -1, -1))
-        dets = retinanet.postprocess(logits.float(), deltas.float(), anchors, args.image_size, args.score_thresh, args.nms_iou)
+        dets = retinanet.postprocess(logits.float(), deltas.float(), anchors, args.image_size,
+                                     args.score_thresh, args.nms_iou)
         for f, (b, s) in zip(frames, dets):
             slices.append(torch.full((len(s),), f))
             boxes.append(to_original(vol, b.cpu(), args.image_size))
@@ -312,24 +321,24 @@ def predict_volume(det, anchors, vol, args, device, cache):
 
 
 def aggregate(dets, vol, s, t, max_keep=8, min_slices=2):
-    """DBT-DINO's 3-D grouping (downstream.md §4) -> candidates, best first: dict(box xyxy original px, z0, z1,
-    median slice, score). Greedy from the best box: the free boxes near its slice (below) and with intersection
-    over the smaller box >= t join it; one-slice groups are dropped; a group is the union box, scored by the mean
-    of its top 10 scores; then the size filter and the cumulative-softmax cut.
-    "Near": DBT-DINO's "within half the span of the kept slices" splits a lesion seen on 6 slices in two
-    (measured on phantoms); we take the evaluator's slice tolerance, VolumeSlices/4 of the best box's slice.
-    In numpy: validation runs this for every volume at each of its grid's settings."""
+    """DBT-DINO's 3-D grouping (module docstring) -> candidates, best first: dict(box xyxy original
+    px, z0, z1, median slice, score). Near: DBT-DINO's "within half the span of the kept slices"
+    split a 6-slice lesion in two on phantoms, so we take the evaluator's VolumeSlices/4 around the
+    best box's slice. In numpy: validation runs this per volume and setting of its grid."""
+
     sc = dets["scores"].numpy()
     order = np.argsort(-sc, kind="stable")
     order = order[sc[order] >= s]
     sl, bx, sc = dets["slices"].numpy()[order], dets["boxes"].numpy()[order], sc[order]
     area = (bx[:, 2] - bx[:, 0]) * (bx[:, 3] - bx[:, 1])  # (n,)
-    window, free, cands = vol["n_slices"] / 4, np.ones(len(sc), dtype=bool), []
-    ref = np.array([retinanet.REF / vol["cols"], retinanet.REF / vol["rows"]])  # the size limits are at 518 px
+    window = vol["n_slices"] / 4
+    free, cands = np.ones(len(sc), dtype=bool), []
+    ref = np.array([retinanet.REF / vol["cols"], retinanet.REF / vol["rows"]])  # limits at 518 px
     for i in range(len(sc)):
         if not free[i]:
             continue
-        wh = (np.minimum(bx[i, 2:], bx[:, 2:]) - np.maximum(bx[i, :2], bx[:, :2])).clip(min=0)  # (n, 2)
+        lo, hi = np.maximum(bx[i, :2], bx[:, :2]), np.minimum(bx[i, 2:], bx[:, 2:])
+        wh = (hi - lo).clip(min=0)  # (n, 2) intersections with box i
         ios = wh[:, 0] * wh[:, 1] / np.maximum(np.minimum(area[i], area), 1e-6)
         members = free & (np.abs(sl - sl[i]) <= window) & (ios >= t)
         free &= ~members
@@ -340,8 +349,8 @@ def aggregate(dets, vol, s, t, max_keep=8, min_slices=2):
         w, h = (box[2:] - box[:2]) * ref
         if not (SIZE_LIMITS[0] <= w <= SIZE_LIMITS[1] and SIZE_LIMITS[2] <= h <= SIZE_LIMITS[3]):
             continue
-        cands.append(dict(box=box.tolist(), z0=int(z[0]), z1=int(z[-1]), median=int(z[(len(z) - 1) // 2]),
-                          score=float(sc[members][:10].mean())))
+        cands.append(dict(box=box.tolist(), z0=int(z[0]), z1=int(z[-1]),
+                          median=int(z[(len(z) - 1) // 2]), score=float(sc[members][:10].mean())))
     cands.sort(key=lambda c: -c["score"])
     mass = torch.softmax(torch.tensor([c["score"] for c in cands] or [0.0]), 0).cumsum(0)
     n = int((mass < 0.95).sum()) + 1  # candidates until the cumulative softmax reaches 0.95
@@ -349,10 +358,11 @@ def aggregate(dets, vol, s, t, max_keep=8, min_slices=2):
 
 
 def submission_rows(vol, cands):
-    """Official submission rows: integer X, Width, Y, Height (original pixels), Z = first slice, Depth = span."""
+    """Official rows: integer X, Width, Y, Height (original px), Z = first slice, Depth = span."""
     pid, study, view = vol["key"]
-    return [dict(PatientID=pid, StudyUID=study, View=view, X=round(c["box"][0]), Width=round(c["box"][2] - c["box"][0]),
-                 Y=round(c["box"][1]), Height=round(c["box"][3] - c["box"][1]), Z=c["z0"], Depth=c["z1"] - c["z0"],
+    return [dict(PatientID=pid, StudyUID=study, View=view, X=round(c["box"][0]),
+                 Width=round(c["box"][2] - c["box"][0]), Y=round(c["box"][1]),
+                 Height=round(c["box"][3] - c["box"][1]), Z=c["z0"], Depth=c["z1"] - c["z0"],
                  Score=round(c["score"], 6)) for c in cands]
 
 
@@ -368,28 +378,29 @@ def official_score(volumes, preds):
     return metrics.dbtex_evaluate(labels, boxes, preds)
 
 
-# -----------------------------------------------------------------------------------------------------------
-# evaluation: official score, DBT-DINO's variant, CI over patients, class split, random baseline, figures
-
+# --- evaluation: DBT-DINO's variant, CI over patients, classes, random baseline, figures ---------
 def paper_variant(volumes, cands):
-    """DBT-DINO's own evaluator (NOT the official DBTex metric): boxes and predictions in 518-px space, a 24-px
-    minimum radius, positive volumes only, Z = median slice with Depth = 1."""
+    """DBT-DINO's evaluator, NOT official: 518 px, 24-px radius, positives, Z = median, Depth 1."""
     pos = [(v, c) for v, c in zip(volumes, cands) if v["raw_boxes"]]
     if not pos:
         return {}
-    scaled = lambda v, r, keys: {k: r[k] * retinanet.REF / (v["cols"] if k in ("X", "Width") else v["rows"]) for k in keys}
-    boxes = [dict(b, **scaled(v, b, ("X", "Width", "Y", "Height"))) for v, _ in pos for b in v["raw_boxes"]]
-    preds = [dict(r, Z=c["median"], Depth=1, **scaled(v, r, ("X", "Width", "Y", "Height")))
+    def scaled(v, r):  # in 518-px space: X and Width scale with the columns, Y and Height the rows
+        return {k: r[k] * retinanet.REF / v["cols" if k in ("X", "Width") else "rows"]
+                for k in ("X", "Width", "Y", "Height")}
+    boxes = [dict(b, **scaled(v, b)) for v, _ in pos for b in v["raw_boxes"]]
+    preds = [dict(r, Z=c["median"], Depth=1, **scaled(v, r))
              for v, cs in pos for r, c in zip(submission_rows(v, cs), cs)]
     if not preds:
         return {"mean_sensitivity": 0.0}
-    res = metrics.dbtex_evaluate(truth_rows([v for v, _ in pos])[0], boxes, preds, radius=metrics.DBT_DINO_RADIUS)
+    labels = truth_rows([v for v, _ in pos])[0]
+    res = metrics.dbtex_evaluate(labels, boxes, preds, radius=metrics.DBT_DINO_RADIUS)
     return {k.replace("_positive", ""): x for k, x in res.items() if k.endswith("_positive")}
 
 
 def _renamed(volumes, cands, idx):
-    """The tables of a bootstrap resample: a volume drawn twice becomes two volumes (StudyUID suffixed)."""
-    labels, boxes, preds, seen = [], [], [], {}
+    """A bootstrap resample's tables: a volume drawn twice is two volumes (StudyUID suffixed)."""
+    labels, boxes, preds = [], [], []
+    seen = {}  # volume index -> times drawn so far
     for i in idx:
         seen[i] = seen.get(i, 0) + 1
         v, tag = volumes[i], f"#{seen[i]}"
@@ -400,12 +411,14 @@ def _renamed(volumes, cands, idx):
 
 
 def mean_sensitivity_ci(volumes, cands, n_boot, seed):
-    """Official mean sensitivity with a percentile CI from resampling whole patients (metrics.bootstrap_ci)."""
+    """Official mean sensitivity, with a percentile CI over resampled patients (bootstrap_ci)."""
     def stat(idx):
         labels, boxes, preds = _renamed(volumes, cands, idx)
         if not boxes:
             raise ValueError("no boxes in this resample")  # bootstrap_ci skips it
-        return metrics.dbtex_evaluate(labels, boxes, preds)["mean_sensitivity_positive"] if preds else 0.0
+        if not preds:
+            return 0.0
+        return metrics.dbtex_evaluate(labels, boxes, preds)["mean_sensitivity_positive"]
     return metrics.bootstrap_ci(stat, np.arange(len(volumes)), n_boot=n_boot, seed=seed,
                                 groups=np.array([v["patient"] for v in volumes]))
 
@@ -420,8 +433,8 @@ def by_class(volumes, preds):
 
 
 def random_rows(volumes, cands, masks, seed):
-    """The random-box baseline: per volume as many boxes as the model's candidates, with their sizes and depths,
-    centred on uniform breast pixels, at uniform slices, with uniform scores."""
+    """The random-box baseline: per volume as many boxes as the model's candidates, with their sizes
+    and depths, centred on uniform breast pixels, at uniform slices, with uniform scores."""
     rng, rows = np.random.default_rng(seed), []
     for v, cs, mask in zip(volumes, cands, masks):
         ys, xs = np.nonzero(mask)
@@ -434,17 +447,19 @@ def random_rows(volumes, cands, masks, seed):
             cy = (ys[k] + rng.random()) * v["rows"] / mask.shape[0]
             w, h, d = c["box"][2] - c["box"][0], c["box"][3] - c["box"][1], c["z1"] - c["z0"]
             z0 = int(rng.integers(0, max(1, v["n_slices"] - d)))
-            out.append(dict(box=[cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], z0=z0, z1=z0 + d, score=rng.random()))
+            out.append(dict(box=[cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], z0=z0, z1=z0 + d,
+                            score=rng.random()))
         rows += submission_rows(v, out)
     return rows
 
 
 def draw_froc(path, curves, max_fps=6.0):
-    """froc.png with Pillow: sensitivity against FP per positive volume, the ranking range 1-4 FP shaded."""
+    """froc.png with Pillow: sensitivity against FP per positive volume, the range 1-4 FP shaded."""
     W, H, m = 640, 440, 60
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    px = lambda f, s: (m + f / max_fps * (W - 2 * m), H - m - s * (H - 2 * m))
+    def px(f, s):  # (FP, sensitivity) -> pixel
+        return m + f / max_fps * (W - 2 * m), H - m - s * (H - 2 * m)
     d.rectangle([px(1, 1), px(4, 0)], fill=(225, 235, 250))
     d.text(px(1.05, 0.98), "1-4 FP: DBTex ranking range", fill=(60, 80, 140))
     for k in range(int(max_fps) + 1):
@@ -464,19 +479,20 @@ def draw_froc(path, curves, max_fps=6.0):
 
 
 def draw_examples(path, volumes, cands, cache, size, n=4):
-    """examples.png: up to n positive volumes at a ground-truth slice; GT green (thin: a lesion centred on another
-    slice within the evaluator's VolumeSlices/4, which a lesion seen on several slices shows here), candidates
-    spanning the slice red + score."""
+    """examples.png: up to n positive volumes at a GT slice; GT boxes green (thin: a lesion centred
+    on a slice within VolumeSlices/4, seen here too), candidates spanning the slice red + score."""
     tiles = []
     for v, cs in zip(volumes, cands):
         if not v["boxes"] or len(tiles) == n:
             continue
         z = v["boxes"][0][4]
-        img = Image.fromarray((cache.get(v, [z], keep=False)[0, 0].numpy() * 255).astype(np.uint8)).convert("RGB")
+        grey = cache.get(v, [z], keep=False)[0, 0].numpy()  # (S, S) in [0, 1]
+        img = Image.fromarray((grey * 255).astype(np.uint8)).convert("RGB")
         d = ImageDraw.Draw(img)
         for b in v["boxes"]:
             if abs(b[4] - z) <= v["n_slices"] / 4:
-                d.rectangle(to_model(v, [b[:4]], size)[0].tolist(), outline=(0, 220, 0), width=2 if b[4] == z else 1)
+                d.rectangle(to_model(v, [b[:4]], size)[0].tolist(), outline=(0, 220, 0),
+                            width=2 if b[4] == z else 1)
         for c in cs:
             if c["z0"] <= z <= c["z1"]:
                 b = to_model(v, c["box"], size)[0].tolist()
@@ -491,17 +507,17 @@ def draw_examples(path, volumes, cands, cache, size, n=4):
         utils.save_png(sheet, path)
 
 
-# -----------------------------------------------------------------------------------------------------------
-# training
-
+# --- training -------------------------------------------------------------------------------------
 def validate(det, anchors, volumes, cache, args, device):
-    """Predict every validation slice -> (setting, mean sensitivity): the best validation mean sensitivity on the
-    grid of score threshold s, overlap t, candidates kept per volume and slices per group."""
+    """Predict every validation slice -> (setting, score): the best validation mean sensitivity on
+    the grid of score threshold s, overlap t, candidates kept per volume and slices per group."""
     dets = [predict_volume(det, anchors, v, args, device, cache) for v in volumes]
-    best, grouped = None, {}  # (s, t, n) -> candidates at the largest max_keep; a smaller one is a prefix
-    for s, t, keep, n in itertools.product(args.score_grid, args.overlap_grid, args.max_candidates, args.min_slices):
+    best, grouped = None, {}  # (s, t, n) -> candidates at the largest max_keep (others: prefixes)
+    grid = (args.score_grid, args.overlap_grid, args.max_candidates, args.min_slices)
+    for s, t, keep, n in itertools.product(*grid):
         if (s, t, n) not in grouped:
-            grouped[s, t, n] = [aggregate(d, v, s, t, max(args.max_candidates), n) for v, d in zip(volumes, dets)]
+            grouped[s, t, n] = [aggregate(d, v, s, t, max(args.max_candidates), n)
+                                for v, d in zip(volumes, dets)]
         cands = [c[:keep] for c in grouped[s, t, n]]
         rows = [r for v, c in zip(volumes, cands) for r in submission_rows(v, c)]
         score = official_score(volumes, rows)["mean_sensitivity_positive"]
@@ -510,20 +526,20 @@ def validate(det, anchors, volumes, cache, args, device):
     return best
 
 
-CURVES = [("train", "loss"), ("train", "cls"), ("train", "box"), ("train", "lr"), ("val", "mean_sensitivity")]
+CURVES = [("train", k) for k in ("loss", "cls", "box", "lr")] + [("val", "mean_sensitivity")]
 
 
 def train(det, anchors, split, cache, args, device, ckpt=None):
-    """AdamW + cosine, early stopping on validation mean sensitivity -> the best neck/head state; ckpt: a checked
-    ckpt.pt (load_resume) to continue from."""
+    """AdamW + cosine, early stop on val mean sensitivity -> best head state; ckpt: resume it."""
     samples, negatives = training_slices(split["train"], seed=args.seed)
     if not samples:
-        raise ValueError(f"{args.data}: no annotated training slices (no boxes in the training split)")
+        raise ValueError(f"{args.data}: no annotated training slices (no boxes in the train split)")
     negatives = negatives if args.negatives > 0 else []
     params = [p for p in det.parameters() if p.requires_grad]
     lr = args.lr * args.batch_size / 64
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
-    lr_at = lambda step: 1e-6 + (lr - 1e-6) * 0.5 * (1 + math.cos(math.pi * step / args.steps))  # eta_min 1e-6
+    def lr_at(step):  # cosine from lr down to eta_min 1e-6
+        return 1e-6 + (lr - 1e-6) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
     ckpt_path, start = os.path.join(args.out, "ckpt.pt"), 0
     state = dict(best=None, best_score=-1.0, best_step=0, bad_evals=0)
     writer = utils.JsonlWriter(os.path.join(args.out, "metrics.jsonl"))
@@ -532,14 +548,15 @@ def train(det, anchors, split, cache, args, device, ckpt=None):
         start, state = ckpt["step"], ckpt["early_stop"]
         writer.truncate_after(start)
         utils.log(f"resumed from {ckpt_path} at step {start}")
-    utils.log(f"{len(samples)} annotated + {len(negatives)} negative training slices, {len(split['val'])} validation "
-             f"volumes; lr {lr:.2e} (= {args.lr:g} x {args.batch_size}/64)")
-    progress, window, t_train = utils.Progress(args.steps, start), [], 0.0
+    utils.log(f"{len(samples)} annotated + {len(negatives)} negative training slices, "
+              f"{len(split['val'])} validation volumes; lr {lr:.2e} (= {args.lr:g} x {args.batch_size}/64)")
+    progress = utils.Progress(args.steps, start)
+    window, t_train = [], 0.0  # (step s, data s) since the last log line; training seconds
     done = start  # the last step run: early stopping may end before args.steps
     for step in range(start, args.steps):
         if state["bad_evals"] >= args.patience:
             break
-        utils.seed_everything(args.seed + 65536 * step)  # dropout, noise and anchor sampling from (seed, step)
+        utils.seed_everything(args.seed + 65536 * step)  # dropout, noise, anchors: (seed, step)
         t0 = time.perf_counter()
         images, targets = make_batch(samples, negatives, split["train"], cache, step, args)
         t1 = time.perf_counter()
@@ -547,7 +564,8 @@ def train(det, anchors, split, cache, args, device, ckpt=None):
             g["lr"] = lr_at(step)
         with _autocast(device, args.amp):
             logits, deltas = det(images.to(device))
-        losses = retinanet.detection_loss(logits.float(), deltas.float(), anchors, [b.to(device) for b in targets], args)
+        targets = [b.to(device) for b in targets]
+        losses = retinanet.detection_loss(logits.float(), deltas.float(), anchors, targets, args)
         if not torch.isfinite(losses["loss"]):
             terms = ", ".join(f"{k} {float(v)}" for k, v in losses.items())
             sys.exit(f"error: non-finite loss at step {step}: {terms}")
@@ -561,34 +579,37 @@ def train(det, anchors, split, cache, args, device, ckpt=None):
             values = {k: float(v.detach()) for k, v in losses.items()}
             ms, data_ms = (1e3 * float(np.median([w[i] for w in window])) for i in (0, 1))
             utils.log(progress.line(done, dict(values, lr=lr_at(step)), args.batch_size / (ms / 1e3), ms, data_ms))
-            writer.write(dict(step=done, split="train", time=time.time(), epoch=done * args.batch_size / len(samples),
-                              **values, lr=lr_at(step)))
+            epoch = done * args.batch_size / len(samples)
+            writer.write(dict(step=done, split="train", time=time.time(), epoch=epoch, **values, lr=lr_at(step)))
             window = []
         if done % args.eval_every == 0 or done == args.steps:
             setting, score = validate(det, anchors, split["val"], cache, args, device)
-            if score > state["best_score"]:
-                best = {k: v.detach().cpu().clone() for k, v in det.trainable_state().items()}  # a copy, not a view
+            if score > state["best_score"]:  # a copy of the weights, not a view
+                best = {k: v.detach().cpu().clone() for k, v in det.trainable_state().items()}
                 state.update(best=best, best_score=score, best_step=done, bad_evals=0, best_setting=setting)
             else:
                 state["bad_evals"] += 1
-            utils.log(f"step {done}: val mean sensitivity {score:.4f} ({setting}); best {state['best_score']:.4f} "
-                     f"at step {state['best_step']}")
+            utils.log(f"step {done}: val mean sensitivity {score:.4f} ({setting}); best "
+                      f"{state['best_score']:.4f} at step {state['best_step']}")
             writer.write(dict(step=done, split="val", time=time.time(), mean_sensitivity=score, **setting))
-            utils.save_checkpoint(ckpt_path, dict(version=1, step=done, args=vars(args), heads=det.trainable_state(),
+            utils.save_checkpoint(ckpt_path, dict(version=1, step=done, args=vars(args),
+                                                  heads=det.trainable_state(),
                                                   optimizer=opt.state_dict(), early_stop=state))
-            utils.draw_curves(os.path.join(args.out, "curves.png"), writer.read(), CURVES, title=f"detect.py: "
-                                f"{args.out}, step {done}/{args.steps}, validation mean sensitivity (official rules)")
-    epochs, run_epochs = (n * args.batch_size / len(samples) for n in (done, done - start))  # t_train: this run's
-    return state, dict(train_s=t_train, epochs=epochs, s_per_epoch=t_train / run_epochs if run_epochs else None)
+            utils.draw_curves(os.path.join(args.out, "curves.png"), writer.read(), CURVES, title=(
+                f"detect.py: {args.out}, step {done}/{args.steps}, validation mean sensitivity "
+                "(official rules)"))
+    epochs, run_epochs = (n * args.batch_size / len(samples) for n in (done, done - start))
+    s_per_epoch = t_train / run_epochs if run_epochs else None  # t_train: this run's (a resume's)
+    return state, dict(train_s=t_train, epochs=epochs, s_per_epoch=s_per_epoch)
 
 
 def evaluate(det, anchors, split, cache, args, device, timing, chosen=None):
-    """Thresholds on validation (chosen: the (setting, score) training found for these weights); then the held-out
-    split: official metrics, DBT-DINO's variant, FROC points, per-class sensitivity, patient bootstrap CI, random
-    baseline, predictions.csv and figures."""
+    """Thresholds from validation (or `chosen` by training), then on the held-out split: official
+    metrics and CI, DBT-DINO's variant, FROC, classes, random baseline, predictions.csv, figures."""
+
     setting, val_score = chosen or validate(det, anchors, split["val"], cache, args, device)
-    held = split["test"] or split["val"]
-    name = "test" if split["test"] else "val"
+    held, name = (split["test"], "test") if split["test"] else (split["val"], "val")
+
     t0 = time.perf_counter()
     dets = [predict_volume(det, anchors, v, args, device, cache) for v in held]
     per_slice = (time.perf_counter() - t0) / max(1, sum(v["n_slices"] for v in held))
@@ -599,8 +620,8 @@ def evaluate(det, anchors, split, cache, args, device, timing, chosen=None):
     result = dict(split=name, volumes=len(held), thresholds=dict(setting, val_mean_sensitivity=val_score),
                   seconds_per_slice_inference=per_slice, **timing)
     if not split["test"]:  # --test-fraction 0, or official CSVs without a test file
-        result["warning"] = ("no test split: the score is on the validation split that chose the early-stopping "
-                             "step and the thresholds, so it is optimistic")
+        result["warning"] = ("no test split: the score is on the validation split that chose the "
+                             "early-stopping step and the thresholds, so it is optimistic")
         utils.log(f"WARNING: {result['warning']}")
     if not any(v["raw_boxes"] for v in held):
         utils.log(f"{name}: no ground-truth boxes; wrote predictions.csv only")
@@ -611,27 +632,27 @@ def evaluate(det, anchors, split, cache, args, device, timing, chosen=None):
     result["paper_variant_NOT_official"] = paper_variant(held, cands)
     result["sensitivity_at_4_fps_by_class"] = by_class(held, rows)
     curve = metrics.dbtex_froc(labels, boxes, rows, max_fps=6.0) if rows else (np.zeros(1), np.zeros(1))
+
     result["froc_points"] = dict(fps=curve[0].tolist(), sensitivity=curve[1].tolist())
     masks = [d["mask"] for d in dets]
     draws = [random_rows(held, cands, masks, [args.seed, k]) for k in range(args.baseline_draws)]
     base = [official_score(held, r)["mean_sensitivity_positive"] for r in draws]
-    result["random_baseline"] = dict(mean_sensitivity_mean=float(np.mean(base)), sd=float(np.std(base)),
-                                     draws=len(base), boxes=len(rows))
+    result["random_baseline"] = dict(mean_sensitivity_mean=float(np.mean(base)),
+                                     sd=float(np.std(base)), draws=len(base), boxes=len(rows))
     random_curve = metrics.dbtex_froc(labels, boxes, draws[0], max_fps=6.0) if rows else curve
-    draw_froc(os.path.join(args.out, "froc.png"), [
-        (f"model: mean sens {result['official']['mean_sensitivity_positive']:.3f}", curve, (30, 80, 200)),
-        (f"random boxes: {np.mean(base):.3f} (mean of {len(base)})", random_curve, (150, 150, 150))])
+    model_label = f"model: mean sens {result['official']['mean_sensitivity_positive']:.3f}"
+    random_label = f"random boxes: {np.mean(base):.3f} (mean of {len(base)})"
+    draw_froc(os.path.join(args.out, "froc.png"), [(model_label, curve, (30, 80, 200)),
+                                                   (random_label, random_curve, (150, 150, 150))])
     draw_examples(os.path.join(args.out, "examples.png"), held, cands, cache, args.image_size)
     return result
 
 
-# -----------------------------------------------------------------------------------------------------------
-# main flow, random search, the bench hook
-
+# --- main flow, resume, random search -------------------------------------------------------------
 def load_backbone(args):
-    """The frozen ViT and a line saying where it came from; no --backbone: newest runs/*/backbone.pth, else random."""
+    """-> (frozen ViT, its source); no --backbone: the newest runs/*/backbone.pth, else random."""
     path, how = utils.backbone_file(args.backbone)
-    torch.manual_seed(args.seed)  # a random backbone is the same in every run of this seed (resume relies on it)
+    torch.manual_seed(args.seed)  # a random backbone is the same in every run of this seed (resume)
     vit = model.build(args.model)
     source = f"backbone: RANDOM {args.model} ViT ({how}): untrained features, a plumbing check, not DBT-DINO"
     if path:
@@ -642,20 +663,19 @@ def load_backbone(args):
     return vit, source
 
 
-# flags that neither change the trained weights nor the choices made on validation: a resume may change them
-RESUME_FREE = ("out", "resume", "overwrite", "device", "amp", "compile", "chunk", "log_every", "n_boot",
-               "baseline_draws", "trials")
+RESUME_FREE = ("out", "resume", "overwrite", "device", "amp", "compile", "chunk", "log_every",
+               "n_boot", "baseline_draws", "trials")  # changing neither weights nor choices
 
 
 def load_resume(path, args):
-    """ckpt.pt -> dict, checked as pretrain.py's: a file that is not a detect.py checkpoint, or one whose run flags
-    (data, split, model, training, validation grid) differ from these, is one error naming the file and the flags."""
+    """ckpt.pt -> dict, checked as pretrain.py's: a file that is no detect.py checkpoint, or whose
+    run flags (data, split, model, training, validation grid) differ, is one error naming both."""
     ckpt = utils.read_checkpoint(path)  # a corrupt file is one line naming it
     need = {"heads", "optimizer", "step", "early_stop", "args"}
     have = set(ckpt) if isinstance(ckpt, dict) else set()
     if not need <= have:
-        raise ValueError(f"{path}: not a detect.py ckpt.pt (it lacks {sorted(need - have)}); --resume auto continues "
-                         "a detect.py run, --overwrite starts afresh")
+        raise ValueError(f"{path}: not a detect.py ckpt.pt (it lacks {sorted(need - have)}); "
+                         "--resume auto continues a detect.py run, --overwrite starts afresh")
     utils.check_resume_flags(path, ckpt["args"], args, [k for k in vars(args) if k not in RESUME_FREE])
     return ckpt
 
@@ -663,28 +683,29 @@ def load_resume(path, args):
 def main(args):
     if args.trials:
         return search(args)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
     hub = args.model != "tiny"
-    # tiny on a CPU: 336 px (a 24 x 24 patch grid) shrinks a 768-px phantom 2.3x, so its smallest lesions (~36 px)
-    # stay ~16 px, the size of the smallest P3 anchors (16 x 336/518 x 1-1.6); at 224 they would fall below them,
-    # and 518 costs 2.4x the head compute of 336 per slice
+    # tiny on a CPU: 336 px (a 24 x 24 patch grid) shrinks a 768-px phantom 2.3x, so its smallest
+    # lesions (~36 px) stay ~16 px, the size of the smallest P3 anchors (16 x 336/518 x 1-1.6); at
+    # 224 they would fall below them, and 518 costs 2.4x the head compute of 336 per slice
     args.image_size = args.image_size or (retinanet.REF if hub else 336)
     args.channels = args.channels or (256 if hub else 64)
-    backbone, source = load_backbone(args)  # checked before the (slow, once) phantom archive is built
-    args.backbone = utils.backbone_file(args.backbone)[0] or "random"  # the file used: a resume checks it
+    backbone, source = load_backbone(args)  # checked before the slow, one-off phantom archive
+    args.backbone = utils.backbone_file(args.backbone)[0] or "random"  # resume checks the file
     if args.data == "synthetic":
         S, H, W = args.synthetic_size
         name = f"detect-p{args.synthetic_patients}-s{args.synthetic_seed}-{S}x{H}x{W}-l{args.synthetic_lesions:g}"
-        root = phantoms.synthetic_archive(utils.cache_base() / name, args.synthetic_patients, args.synthetic_seed,
-                                      (S, H, W), args.synthetic_lesions)
+        root = phantoms.synthetic_archive(utils.cache_base() / name, args.synthetic_patients,
+                                          args.synthetic_seed, (S, H, W), args.synthetic_lesions)
     elif not os.path.isdir(args.data):
         raise FileNotFoundError(f"{args.data}: no such folder")
     else:
         root = args.data
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     ckpt = load_resume(ckpt_path, args) if args.resume == "auto" and os.path.exists(ckpt_path) else None
-    stale = [] if ckpt else utils.check_run_folder(args.out, "ckpt.pt", args.overwrite, "detect.py", (
-        "metrics.json", "predictions.csv", "froc.png", "examples.png", "curves.png"))
+    outputs = ("metrics.json", "predictions.csv", "froc.png", "examples.png", "curves.png")
+    stale = [] if ckpt else utils.check_run_folder(args.out, "ckpt.pt", args.overwrite, "detect.py", outputs)
     volumes, skipped = cohorts.load_volumes(root)
     split = cohorts.split_volumes(volumes, args.val_fraction, args.test_fraction, args.seed)
     if not split["val"]:
@@ -693,16 +714,18 @@ def main(args):
     if ckpt:
         try:
             det.load_state_dict(ckpt["heads"], strict=False)
-        except RuntimeError as e:  # the flags fit but the weights do not: a hand-edited or foreign file
+        except RuntimeError as e:  # flags fit, weights do not: a hand-edited or foreign file
             why = " ".join(str(e).split())[:200]
             raise ValueError(f"{ckpt_path}: its heads do not fit the model ({why})") from None
     utils.log(f"*** {source} ***")
-    # only now: a refused start leaves the run's args.json (and with --overwrite the old run's files) alone
-    utils.write_args(args.out, args, "detect.py", stale, backbone_source=source, torch=torch.__version__,
-                       skipped_volumes=skipped)
-    utils.log(f"{root}: " + ", ".join(f"{k} {len(v)} volumes ({sum(len(x['boxes']) for x in v)} boxes)"
-                                     for k, v in split.items()) + f"; {args.image_size} px on {device}")
-    anchors = retinanet.make_anchors(args.image_size, retinanet.grid_sizes(args.image_size, backbone.patch_size)).to(device)
+    # only now, so a refused start leaves args.json (and, with --overwrite, the old run's files)
+    utils.write_args(args.out, args, "detect.py", stale, backbone_source=source,
+                     torch=torch.__version__, skipped_volumes=skipped)
+    sizes = ", ".join(f"{k} {len(v)} volumes ({sum(len(x['boxes']) for x in v)} boxes)"
+                      for k, v in split.items())
+    utils.log(f"{root}: {sizes}; {args.image_size} px on {device}")
+    grids = retinanet.grid_sizes(args.image_size, backbone.patch_size)
+    anchors = retinanet.make_anchors(args.image_size, grids).to(device)
     cache = SliceCache(args.image_size)
     state, timing = train(det, anchors, split, cache, args, device, ckpt)
     if state["best"] is not None:
@@ -720,11 +743,11 @@ def _report(r, out):
         return
     o, ci, b = r["official"], r["mean_sensitivity_ci95"], r["random_baseline"]
     utils.log(f"{r['split']} ({r['volumes']} volumes), official DBTex: mean sensitivity "
-             f"{o['mean_sensitivity_positive']:.3f}"
-             f" (95% CI {ci[0]:.3f}-{ci[1]:.3f}, patients resampled), sens@2FP all {o['sensitivity_at_2_fps_all']:.3f};"
-             f" random boxes {b['mean_sensitivity_mean']:.3f} +- {b['sd']:.3f}")
+              f"{o['mean_sensitivity_positive']:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}, patients "
+              f"resampled), sens@2FP all {o['sensitivity_at_2_fps_all']:.3f}; random boxes "
+              f"{b['mean_sensitivity_mean']:.3f} +- {b['sd']:.3f}")
     utils.log(f"paper variant (NOT official): {r['paper_variant_NOT_official']}; by class @4FP: "
-             f"{r['sensitivity_at_4_fps_by_class']}; written to {out}")
+              f"{r['sensitivity_at_4_fps_by_class']}; written to {out}")
     if "warning" in r:  # repeated under the score it qualifies
         utils.log(f"WARNING: {r['warning']}")
 
@@ -739,13 +762,15 @@ def _sample(rng, kind, a, b=None):
 
 
 def search(args):
-    """--trials N: N runs with flags drawn from SEARCH_SPACE (seeded), ranked by validation mean sensitivity."""
+    """--trials N: N runs of flags drawn from SEARCH_SPACE (seeded), best validation score first."""
+
     rng, results = np.random.default_rng(args.seed), []
     os.makedirs(args.out, exist_ok=True)
     for k in range(args.trials):
         trial = copy.copy(args)
         trial.trials, trial.out = 0, os.path.join(args.out, f"trial-{k}")
-        drawn = {name: _sample(rng, *spec) for name, spec in SEARCH_SPACE.items()}  # every draw, every trial
+        # every flag is drawn in every trial, so trial k's draws do not depend on the others
+        drawn = {name: _sample(rng, *spec) for name, spec in SEARCH_SPACE.items()}
         drawn["bg_iou"] = min(drawn["bg_iou"], drawn["fg_iou"])
         vars(trial).update(drawn)
         done = os.path.join(trial.out, "metrics.json")
@@ -760,5 +785,6 @@ def search(args):
 if __name__ == "__main__":
     try:
         main(get_args())
-    except (ValueError, FileNotFoundError, OSError) as e:  # bad input: one line naming it, not a traceback
+    except (ValueError, FileNotFoundError, OSError) as e:  # bad input: one line, not a traceback
+
         sys.exit(f"error: {e}")

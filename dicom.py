@@ -1,4 +1,24 @@
-"""dicom: TODO docstring."""
+"""Read DBT and mammography DICOM as displayed float32 slices in [0, 1], one frame at a time.
+
+Read: Breast Tomosynthesis Image (BTO) objects, one multi-frame file per volume in stored slice
+order (BCS-DBT's box `Slice` uses it), per-frame values from the Shared and Per-frame Functional
+Groups (pydicom's VOI helpers never look there); legacy series folders (one file per slice, sorted
+by z); 2-D images (MG, DX, CR) as one-slice volumes. DECODABLE transfer syntaxes need only pydicom +
+Pillow (native, deflated, RLE, JPEG baseline, JPEG 2000); errors name the package for the others.
+
+Display (PS3.3 C.11.2.1 with output y in [0, 1]): rescale x = slope * stored + intercept, then
+  LINEAR         c' = c - 0.5, w' = w - 1, y = clip((x - c') / w' + 0.5, 0, 1)
+  LINEAR_EXACT   the same with c' = c, w' = w
+  SIGMOID        y = 1 / (1 + exp(-4 (x - c) / w)), not clipped.
+No window: the nominal stored range (BitsStored, signedness, rescaled) maps LINEAR_EXACT to [0, 1].
+MONOCHROME1 (or Presentation LUT Shape INVERSE) shows the minimum as white: y -> 1 - y after VOI.
+_voi_row folds these conventions into four numbers once; `display` applies them to torch tensors on
+any device (probe.py's GPU path), apply_voi to numpy arrays (the CPU reader), operation by operation.
+
+Orientation, once per volume from its central slice (orient): `side` by the official BCS-DBT rule
+(duke-dbt-data: the chest wall is on the edge whose column sums higher; read_dbt(view=...) rotates
+180 deg when the view disagrees), `flip` by our mirror (view=None: every chest wall ends left).
+"""
 
 from pathlib import Path
 
@@ -12,21 +32,20 @@ from pydicom.uid import UID
 import pacs
 import utils
 
-
 BTO = "1.2.840.10008.5.1.4.1.1.13.1.3"
 
+# transfer syntaxes pydicom + Pillow decode alone; the rest need the named package (else gdcm)
+DECODABLE = {"1.2.840.10008.1.2" + s
+             for s in ("", ".1", ".1.99", ".2", ".5", ".4.50", ".4.90", ".4.91")}
 
-# transfer syntaxes pydicom + Pillow decode alone (spec data.md 1.5); the rest need the named package (else gdcm)
-DECODABLE = {"1.2.840.10008.1.2" + s for s in ("", ".1", ".1.99", ".2", ".5", ".4.50", ".4.90", ".4.91")}
+OPTIONAL_DECODER = {f"1.2.840.10008.1.2.4.{n}": pkg for pkg, ns in [
+    ("pylibjpeg-libjpeg", (51, 57, 70)), ("pyjpegls", (80, 81)),
+    ("pylibjpeg-openjpeg", (201, 202, 203))] for n in ns}
 
-
-OPTIONAL_DECODER = {f"1.2.840.10008.1.2.4.{n}": pkg for pkg, ns in [("pylibjpeg-libjpeg", (51, 57, 70)),
-                    ("pyjpegls", (80, 81)), ("pylibjpeg-openjpeg", (201, 202, 203))] for n in ns}
-
-
-VIEW_CODES = {"399162004": "CC", "R-10242": "CC", "399368009": "MLO", "R-10226": "MLO", "R-102D2": "MLO",
-              "399260004": "ML", "R-10224": "ML", "399352003": "LM", "R-10228": "LM", "399192003": "XCCL"}
-
+# ViewCodeSequence code values: SNOMED CT, and the older SNOMED RT ones
+VIEW_CODES = {"399162004": "CC", "R-10242": "CC", "399368009": "MLO", "R-10226": "MLO",
+              "R-102D2": "MLO", "399260004": "ML", "R-10224": "ML", "399352003": "LM",
+              "R-10228": "LM", "399192003": "XCCL"}
 
 DICOM_SUFFIXES = {"", ".dcm", ".dicom", ".ima"}
 
@@ -36,8 +55,7 @@ def _first(v):
 
 
 def _fg(ds, i, macro, key):
-    """Top level, then Shared FG, then Per-frame FG item i: the most specific value wins (pydicom looks only at
-    the top level)."""
+    """Top level, then Shared, then Per-frame FG item i: the most specific wins (unlike pydicom)."""
     value = ds.get(key)
     for seq, j in (("SharedFunctionalGroupsSequence", 0), ("PerFrameFunctionalGroupsSequence", i)):
         groups = ds.get(seq) or []
@@ -55,15 +73,18 @@ def read_header(path):
 
 
 def _frame_voi(ds, i):
-    """(slope, intercept, center, width, function) of frame i; center None when there is no window."""
-    slope, icpt = (_fg(ds, i, "PixelValueTransformationSequence", k) for k in ("RescaleSlope", "RescaleIntercept"))
-    c, w, fn = (_fg(ds, i, "FrameVOILUTSequence", k) for k in ("WindowCenter", "WindowWidth", "VOILUTFunction"))
+    """[slope, intercept, center, width, function] of frame i; center None without a window."""
+    rescale = "PixelValueTransformationSequence"
+    slope, icpt = (_fg(ds, i, rescale, k) for k in ("RescaleSlope", "RescaleIntercept"))
+    keys = ("WindowCenter", "WindowWidth", "VOILUTFunction")
+    c, w, fn = (_fg(ds, i, "FrameVOILUTSequence", k) for k in keys)
     c, w = (float(_first(c)), float(_first(w))) if c is not None and w is not None else (None, None)
-    return [float(1 if slope is None else slope), float(icpt or 0), c, w, str(_first(fn or "LINEAR")).upper()]
+    fn = str(_first(fn or "LINEAR")).upper()
+    return [float(1 if slope is None else slope), float(icpt or 0), c, w, fn]
 
 
 def parse_headers(path):
-    """Parse the header(s) once: everything needed to read and display any slice, as a JSON-able dict."""
+    """Parse the header(s) once: all that reading and displaying any slice needs, JSON-able."""
     path = Path(path)
     if path.is_dir():  # legacy layout: one file per slice, one series
         heads = [(p, read_header(p)) for p in sorted(path.iterdir()) if _dicom_name(p)]
@@ -71,8 +92,10 @@ def parse_headers(path):
             raise ValueError(f"{path}: empty folder")
         problem = _not_one_series([h for _, h in heads])
         if problem:
-            raise ValueError(f"{path}: {problem}; a folder is one volume only when it holds one series' slices")
-        heads.sort(key=lambda ph: (float(ph[1].ImagePositionPatient[2]), int(ph[1].get("InstanceNumber") or 0)))
+            raise ValueError(f"{path}: {problem}; a folder is one volume only when it holds one "
+                             "series' slices")
+        heads.sort(key=lambda ph: (float(ph[1].ImagePositionPatient[2]),
+                                   int(ph[1].get("InstanceNumber") or 0)))
         ds = heads[0][1]
         frames = [[str(p), None] for p, _ in heads]
         voi = [_frame_voi(h, 0) for _, h in heads]
@@ -82,16 +105,18 @@ def parse_headers(path):
         frames = [[str(path), i if "NumberOfFrames" in ds else None] for i in range(n)]
         voi = [_frame_voi(ds, i) for i in range(n)]
     ts = str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
-    if "Rows" not in ds or "BitsAllocated" not in ds:  # e.g. structured reports, presentation states
+    if "Rows" not in ds or "BitsAllocated" not in ds:  # structured reports, presentation states
         raise ValueError(f"{path}: no image in this DICOM (SOP class {ds.get('SOPClassUID', '?')})")
     if ts not in DECODABLE:
-        raise ValueError(f"{path}: transfer syntax {UID(ts).name} ({ts}) cannot be decoded with pydicom + Pillow; "
-                         f"install {OPTIONAL_DECODER.get(ts, 'gdcm')}")
+        raise ValueError(f"{path}: transfer syntax {UID(ts).name} ({ts}) cannot be decoded with "
+                         f"pydicom + Pillow; install {OPTIONAL_DECODER.get(ts, 'gdcm')}")
     if ds.get("SamplesPerPixel", 1) != 1:
-        raise ValueError(f"{path}: colour image ({ds.get('PhotometricInterpretation')}), expected greyscale")
+        raise ValueError(f"{path}: colour image ({ds.get('PhotometricInterpretation')}), "
+                         "expected greyscale")
     view = ds.get("ViewCodeSequence")
     view = VIEW_CODES.get(str(view[0].get("CodeValue"))) if view else None
-    lat = _fg(ds, 0, "FrameAnatomySequence", "FrameLaterality") or ds.get("ImageLaterality") or ds.get("Laterality")
+    lat = _fg(ds, 0, "FrameAnatomySequence", "FrameLaterality")
+    lat = lat or ds.get("ImageLaterality") or ds.get("Laterality")
     spacing = _fg(ds, 0, "PixelMeasuresSequence", "PixelSpacing") or ds.get("ImagerPixelSpacing")
     return dict(path=str(path), frames=frames, voi=voi, n_frames=len(frames), rows=int(ds.Rows),
                 cols=int(ds.Columns), bits_stored=int(ds.get("BitsStored") or ds.BitsAllocated),
@@ -102,37 +127,71 @@ def parse_headers(path):
                 view=view or (str(ds.ViewPosition) if ds.get("ViewPosition") else None),
                 pixel_spacing=[float(v) for v in spacing] if spacing else None,
                 sop_class=str(ds.get("SOPClassUID")), transfer_syntax=ts,
-                # multi-frame objects keep their stored order (BCS-DBT Slice indices refer to it);
-                # legacy files sort by z
                 slice_order="stored" if not path.is_dir() else "z")
 
 
-def apply_voi(x, slope, icpt, c, w, fn, bits_stored=16, signed=0):
-    """Rescale then VOI to [0, 1] (PS3.3 C.11.2.1 with y_min=0, y_max=1); no window -> nominal stored range."""
-    x = x.astype(np.float32)  # float32 and in place: one 2457x1996 slice costs ~20 MB, not 5x that
-    x *= slope
-    x += icpt
-    if c is None:
+def _voi_row(slope, icpt, c, w, fn, bits_stored, signed):
+    """One slice's display parameters with the VOI conventions folded in, as `display` takes them:
+    ([slope, intercept, center, width], True for SIGMOID)."""
+    if c is None:  # no window: the nominal stored range, rescaled, LINEAR_EXACT
         lo = -(2 ** (bits_stored - 1)) if signed else 0
         lo, hi = sorted((lo * slope + icpt, (lo + 2 ** bits_stored - 1) * slope + icpt))
         c, w = (lo + hi) / 2, max(hi - lo, 1e-12)
         fn = "LINEAR_EXACT"
-    if fn == "SIGMOID":
-        x -= c
+    if fn not in ("SIGMOID", "LINEAR_EXACT"):  # LINEAR: c' = c - 0.5, w' = w - 1
+        c, w = c - 0.5, w - 1
+    return [slope, icpt, c, w if fn == "SIGMOID" else max(w, 1e-12)], fn == "SIGMOID"
+
+
+def voi_rows(meta):
+    """Every slice's display parameters: float32 (S, 4) rows of [slope, intercept, center, width]
+    and (S,) bool, True for a SIGMOID window."""
+    rows, sigmoid = zip(*(_voi_row(*v, meta["bits_stored"], meta["signed"]) for v in meta["voi"]))
+    return torch.tensor(rows, dtype=torch.float32), torch.tensor(sigmoid)
+
+
+def display(stored, rows, sigmoid, invert):
+    """The display transform on a device: stored (S, H, W) integers -> float32 (S, H, W) in [0, 1]:
+    rescale, VOI (voi_rows' parameters), inversion, in place on one float32 copy. The CPU reader's
+    apply_voi is the same arithmetic in numpy (tests/test_probe.py holds them to 1e-5)."""
+    slope, icpt, c, w = rows.T[..., None, None]  # each (S, 1, 1)
+    x = stored.float().mul_(slope).add_(icpt)  # (S, H, W) rescaled
+    if sigmoid.all():  # SIGMOID windows only: no second buffer
+        x.sub_(c).mul_(4).div_(w).sigmoid_()
+    else:  # LINEAR, or a mix: the SIGMOID slices come from a second buffer
+        sig = x.sub(c).mul_(4).div_(w).sigmoid_() if sigmoid.any() else None  # (S, H, W)
+        x.sub_(c).div_(w).add_(0.5).clamp_(0, 1)
+        if sig is not None:
+            torch.where(sigmoid[:, None, None], sig, x, out=x)
+    return x.neg_().add_(1) if invert else x  # -x + 1 is exactly 1 - x
+
+
+def apply_voi(x, slope, icpt, c, w, fn, bits_stored=16, signed=0, invert=False):
+    """`display` of one numpy array of any shape, on the CPU -> float32 numpy in [0, 1]: rescale,
+    VOI (c None: no window, the nominal stored range), then the inversion when `invert`.
+    numpy rather than torch because numpy's float32 exp is what every cached run was read with
+    (torch's differs in the last bit); float32 and in place: a 2457x1996 slice costs ~20 MB."""
+    (slope, icpt, c, w), sigmoid = _voi_row(slope, icpt, c, w, fn, bits_stored, signed)
+    x = np.asarray(x).astype(np.float32)  # a copy, native byte order
+    x *= slope
+    x += icpt
+    x -= c
+    if sigmoid:  # 1 / (1 + exp(-4 (x - c) / w))
         x *= -4 / w
         np.exp(x, out=x)
         x += 1
-        return np.reciprocal(x, out=x)
-    if fn != "LINEAR_EXACT":
-        c, w = c - 0.5, w - 1
-    x -= c
-    x /= max(w, 1e-12)
-    x += 0.5
-    return np.clip(x, 0, 1, out=x)
+        np.reciprocal(x, out=x)
+    else:
+        x /= w
+        x += 0.5
+        np.clip(x, 0, 1, out=x)
+    if invert:  # MONOCHROME1 is inverted after VOI
+        np.subtract(1, x, out=x)
+    return x
 
 
 def decode_slice(meta, s):
-    """Stored pixels of output slice s, decoded alone: a path source lets pydicom seek to one frame (spec 1.6)."""
+    """Stored (H, W) of output slice s, native byte order: from a path pydicom decodes one frame."""
     file, index = meta["frames"][s]
     try:
         stored = pixel_array(file, index=index)
@@ -140,20 +199,18 @@ def decode_slice(meta, s):
         raise ValueError(f"{file}: cannot decode frame {s} ({UID(meta['transfer_syntax']).name}): "
                          f"{type(e).__name__}: {e}") from None
     if stored.shape != (meta["rows"], meta["cols"]):
-        raise ValueError(f"{file}: frame {s} has shape {stored.shape}, header says {(meta['rows'], meta['cols'])}")
-    return stored
+        raise ValueError(f"{file}: frame {s} has shape {stored.shape}, "
+                         f"header says {(meta['rows'], meta['cols'])}")
+    return stored.astype(stored.dtype.newbyteorder("="), copy=False)  # big-endian TS: for torch
 
 
 def _display(meta, stored, s):
-    """Stored -> displayed float32 (H, W) in [0, 1]: rescale and VOI of slice s, then the MONOCHROME1 inversion."""
-    out = apply_voi(stored, *meta["voi"][s], meta["bits_stored"], meta["signed"])
-    if meta["invert"]:  # MONOCHROME1 is inverted after VOI
-        np.subtract(1, out, out=out)
-    return out
+    """Stored (H, W) of slice s -> displayed float32 (H, W) in [0, 1]."""
+    return apply_voi(stored, *meta["voi"][s], meta["bits_stored"], meta["signed"], meta["invert"])
 
 
 def read_slices(meta, frames):
-    """Decode only `frames` (output slice indices) and display them: float32 (len(frames), H, W) in [0, 1]."""
+    """Decode only `frames` (output slice indices) and display them: float32 (len(frames), H, W)."""
     out = np.empty((len(frames), meta["rows"], meta["cols"]), np.float32)  # (S, H, W)
     for k, s in enumerate(frames):
         out[k] = _display(meta, decode_slice(meta, s), s)
@@ -161,18 +218,18 @@ def read_slices(meta, frames):
 
 
 def edge_side(image):
-    """Official BCS-DBT guess of where the chest wall is: 'R' when the last column sums higher than the first."""
+    """Official BCS-DBT guess of the chest-wall side: 'R' when the last column sums higher."""
     return "R" if image[:, 0].sum() < image[:, -1].sum() else "L"
 
 
 def orient(meta):
-    """The one orientation decision of a volume, made from its central slice and recorded in the index, so every
-    reader (read_dbt, the pretraining stream, the probes) applies the same one to every slice:
-      side  the official BCS-DBT edge-sum guess of the chest-wall side: on stored pixels, before any window clips
-            them, as the official reader sums its MONOCHROME2 data (on displayed pixels for MONOCHROME1, where
-            stored sums point the other way). read_dbt(view=...) rotates 180 deg when it disagrees with the view.
-      flip  our canonical mirror: True when the displayed chest wall is on the right, so it ends on the left.
-    (The official reader decides from the frame it reads; the breast outline barely changes with depth.)
+    """Record the volume's one orientation decision in meta, from its central slice, so every reader
+    (read_dbt, the pretraining stream, the probes) applies it to every slice (the official reader
+    decides per frame read; the breast outline barely changes with depth):
+      side  the official edge-sum guess, on stored pixels before any window clips them, as the
+            official reader sums its MONOCHROME2 data (displayed pixels for MONOCHROME1, whose
+            stored sums point the other way)
+      flip  our canonical mirror: True when the displayed chest wall is on the right.
     Returns the displayed central slice (H, W), for the tissue mask."""
     s = meta["n_frames"] // 2
     stored = decode_slice(meta, s)
@@ -183,7 +240,7 @@ def orient(meta):
 
 
 def index_volume(path):
-    """Headers parsed once, plus the volume's orientation decision (`side`, `flip`): a JSON-able dict."""
+    """Headers parsed once plus the volume's orientation decision (`side`, `flip`), JSON-able."""
     meta = parse_headers(path)
     orient(meta)
     return meta
@@ -192,9 +249,10 @@ def index_volume(path):
 def read_dbt(path, frames=None, view=None, meta=None):
     """Read a DBT volume (or only `frames`) -> (float32 (S, H, W) in [0, 1], meta).
 
-    view (e.g. "lcc"): the official BCS-DBT orientation, a 180 deg rotation when the volume's `side` disagrees with
-    view[0]. view None: canonical orientation, mirrored so the chest wall is on the left. `meta` from
-    index_volume(path) (or the cached volume_index) saves parsing the headers again."""
+    view (e.g. "lcc"): the official BCS-DBT orientation, a 180 deg rotation when the volume's
+    `side` disagrees with view[0]. view None: canonical orientation, mirrored so the chest wall is
+    on the left. `meta` from index_volume(path) (or the cached volume_index) saves parsing the
+    headers again."""
     meta = dict(meta) if meta is not None else index_volume(path)
     frames = list(range(meta["n_frames"])) if frames is None else [int(f) for f in frames]
     if any(not 0 <= f < meta["n_frames"] for f in frames):
@@ -210,13 +268,14 @@ def read_dbt(path, frames=None, view=None, meta=None):
 
 
 def scan(source, manifest=None):
-    """Volume paths from a folder (recursive) or a CSV manifest with a `path` column; for a DICOMweb source the
-    manifest's rows (each names one instance by its UIDs; the manifest is the allow-list)."""
+    """Volume paths from a folder (recursive) or a CSV manifest with a `path` column; for DICOMweb,
+    the manifest's rows (each names one instance by its UIDs; the manifest is the allow-list)."""
     if pacs.is_dicomweb(source):
         if not manifest:
-            raise ValueError(f"{pacs.redact(source)}: a DICOMweb source needs --manifest (the studies it may fetch)")
+            raise ValueError(f"{pacs.redact(source)}: a DICOMweb source needs --manifest "
+                             "(the studies it may fetch)")
         return pacs.read_manifest(manifest)
-    if not str(source).strip():  # e.g. an unset shell variable: never fall back to the current folder
+    if not str(source).strip():  # an unset shell variable: never fall back to the current folder
         raise ValueError("--data is empty; give a folder, a .csv manifest or `synthetic`")
     source = Path(source)
     if source.suffix.lower() == ".csv":
@@ -229,35 +288,38 @@ def scan(source, manifest=None):
         folders = {}
         for p in files:
             folders.setdefault(p.parent, []).append(p)
-        return sorted(v for d, fs in folders.items() for v in ([str(d)] if _legacy_series(fs) else map(str, fs)))
+        volumes = [[str(d)] if _legacy_series(fs) else map(str, fs) for d, fs in folders.items()]
+        return sorted(v for vs in volumes for v in vs)
     raise ValueError(f"{source}: not a folder or a .csv manifest")
 
 
 def _dicom_name(p):
-    """Files worth opening as DICOM: *.dcm, *.dicom, *.ima, no suffix, or named by their UID as storescp and PACS
-    exports do ('1.2.840...9465': the 'suffix' is digits); no hidden files, no .txt/.csv/.png beside the slices."""
+    """Files worth opening as DICOM: *.dcm, *.dicom, *.ima, no suffix, or named by their UID as
+    storescp and PACS exports do ('1.2.840...9465': the 'suffix' is digits); no hidden files, no
+    .txt/.csv/.png beside the slices."""
     suffix = p.suffix.lower()
-    return p.is_file() and not p.name.startswith(".") and (suffix in DICOM_SUFFIXES or suffix[1:].isdigit())
+    dicom_suffix = suffix in DICOM_SUFFIXES or suffix[1:].isdigit()
+    return p.is_file() and not p.name.startswith(".") and dicom_suffix
 
 
 def _legacy_series(files):
-    """True when a folder's files are the single-frame slices of one series at distinct z (spec 1.2's legacy
-    layout), so the folder is one volume. Only folders of 3+ files pay for reading headers."""
+    """True when a folder's files are the single-frame slices of one series at distinct z (the
+    legacy layout), so the folder is one volume. Only folders of 3+ files pay for their headers."""
     if len(files) < 3:
         return False
     heads = []
+    tags = ["NumberOfFrames", "SeriesInstanceUID", "ImagePositionPatient", "Rows", "Columns"]
     for f in files:
         try:
-            heads.append(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=[
-                "NumberOfFrames", "SeriesInstanceUID", "ImagePositionPatient", "Rows", "Columns"]))
-        except Exception:  # one bad slice must not split the series into 1-slice volumes: the folder stays one
-            pass           # volume, which the stream then skips once, naming the bad file
+            heads.append(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=tags))
+        except Exception:  # one bad slice must not split the series into 1-slice volumes: the
+            pass           # folder stays one volume, which the stream skips once, naming the file
     return len(heads) >= 2 and _not_one_series(heads) is None
 
 
 def _not_one_series(heads):
-    """Why these headers are not the single-frame slices of one series at distinct z, or None when they are.
-    Without ImagePositionPatient they are 2-D images (MG, DX: separate views and breasts), never slices."""
+    """Why these headers are not the single-frame slices of one series at distinct z, or None when
+    they are. Without ImagePositionPatient they are 2-D images (MG, DX: views), never slices."""
     if any(int(h.get("NumberOfFrames") or 1) != 1 for h in heads):
         return "multi-frame files in one folder"
     n_series = len({str(h.get("SeriesInstanceUID")) for h in heads})
@@ -270,28 +332,3 @@ def _not_one_series(heads):
     if len({(h.get("Rows"), h.get("Columns")) for h in heads}) != 1:
         return "slices of different sizes"
     return None
-
-
-def voi_rows(meta):
-    """Per-slice display parameters with data.apply_voi's conventions folded in: float32 (S, 4) rows of
-    [slope, intercept, center, width] and (S,) bool, True for a SIGMOID window."""
-    rows, sigmoid = [], []
-    for slope, icpt, c, w, fn in meta["voi"]:
-        if c is None:  # no window: the nominal stored range, LINEAR_EXACT (as apply_voi)
-            lo = -(2 ** (meta["bits_stored"] - 1)) if meta["signed"] else 0
-            lo, hi = sorted((lo * slope + icpt, (lo + 2 ** meta["bits_stored"] - 1) * slope + icpt))
-            c, w, fn = (lo + hi) / 2, max(hi - lo, 1e-12), "LINEAR_EXACT"
-        if fn not in ("SIGMOID", "LINEAR_EXACT"):
-            c, w = c - 0.5, w - 1
-        rows.append([slope, icpt, c, w if fn == "SIGMOID" else max(w, 1e-12)])
-        sigmoid.append(fn == "SIGMOID")
-    return torch.tensor(rows, dtype=torch.float32), torch.tensor(sigmoid)
-
-
-def display(stored, rows, sigmoid, invert):
-    """data.apply_voi and the MONOCHROME1 inversion on the device: stored (S, H, W) integers -> (S, H, W) in [0, 1]."""
-    slope, icpt, c, w = rows.T[..., None, None]  # each (S, 1, 1)
-    x = stored.float() * slope + icpt
-    lin = ((x - c) / w + 0.5).clamp(0, 1)
-    x = torch.where(sigmoid[:, None, None], torch.sigmoid(4 * (x - c) / w), lin) if sigmoid.any() else lin
-    return 1 - x if invert else x

@@ -1,19 +1,29 @@
-"""Metrics, paired statistics, the official DBTex FROC evaluator, and logging helpers (numpy, scipy, Pillow).
+"""The figures a run reports, and the paired tests that compare runs (numpy, scipy).
 
-What is here, in file order; each definition is written once, in the docstring of the function that computes it:
-- classification: auroc, accuracy, confusion_matrix, macro_f1, roc_curve, and risk_auroc_by_year (per-year
-                  AUROC by Mirai's rule or DBT-DINO's, risk_year_cases)
-- paired tests:   delong_test (AUCs), mcnemar (accuracies), benjamini_hochberg (FDR across comparisons)
-- bootstrap_ci:   percentile CIs that resample cases, or whole patients when `groups` is given, never images of a
-                  patient independently (images of one patient are correlated, so that would shrink the CI)
-- detection:      dbtex_evaluate / dbtex_froc reproduce duke_dbt_data.evaluate (DBTex challenge): a hit is a
-                  predicted centre within max(GT diagonal/2, 100 px) of the GT centre and within VolumeSlices/4
-                  slices of its centre slice; the ranking metric is mean sensitivity at 1-4 FP per positive volume
-- logging:        Progress (one console line), JsonlWriter (metrics.jsonl) and draw_curves (curves.png from it)
+In file order: classification (auroc, accuracy, confusion_matrix, macro_f1, risk_auroc_by_year,
+roc_curve), paired tests (delong_test, mcnemar, benjamini_hochberg), bootstrap_ci, detection (the
+DBTex evaluator dbtex_evaluate / dbtex_froc, density_probe_cv), and the `compare` and `dbtex` CLIs.
+Each rule is written out in full by the function that applies it; in brief:
+- Risk AUROC for year k (risk_year_cases): Mirai's rule (compute_auc_x_year_auc) counts cancers
+  diagnosed after year k as negatives; DBT-DINO's leaves them out, and its negatives need no cancer
+  within 5 years and at least k years of follow-up.
+- Bootstrap CIs (DBT-DINO §2.5: 1,000 resamples) draw whole patients when `groups` is given: a
+  patient's images are correlated, and resampling them one by one would shrink the CI.
+- DeLong compares two AUCs on the same cases through the covariance of their placement values.
+  McNemar compares two accuracies by the discordant pairs (exact binomial, or chi-squared with or
+  without continuity correction). Benjamini-Hochberg adjusts all the comparisons' p-values for the
+  false discovery rate (DBT-DINO §2.5).
+- DBTex (duke_dbt_data.evaluate; Konz et al., JAMA Netw Open 2023): a prediction hits a box when its
+  centre lies within max(box diagonal / 2, 100 px) of the box centre and within VolumeSlices / 4
+  slices of its centre slice. The ranking metric is the mean sensitivity at 1, 2, 3 and 4 false
+  positives per volume, over the volumes that hold a box.
 
-CLI (scores a BCS-DBT submission with the public CSVs):
     python metrics.py dbtex --labels labels.csv --boxes boxes.csv --predictions predictions.csv
-Array functions raise ValueError naming the argument; table readers name the file, column and row.
+    python metrics.py compare RUN_A RUN_B [RUN_C ...] [--rule mirai|dbt-dino] [--out DIR]
+`compare` tests every pair of probe.py runs on their common test exams (McNemar on density
+accuracy, DeLong on each year's risk AUROC, Benjamini-Hochberg over all the tests), prints a table
+and writes compare.json. Array functions raise ValueError naming the argument; table readers name
+the file, column and row.
 """
 
 import argparse
@@ -29,16 +39,14 @@ from scipy import stats
 
 import utils
 
-# -----------------------------------------------------------------------------
-# classification metrics
-
-
+# ------------------------------------------------------------------------ classification metrics
 def _binary(y, where):
     y = np.asarray(y)
     if y.ndim != 1 or not np.isin(y, (0, 1)).all():
         raise ValueError(f"{where}: y_true must be a 1-D array of 0/1 labels")
     if y.min() == y.max():
-        raise ValueError(f"{where}: y_true has only class {int(y[0])}; AUROC needs positives and negatives")
+        raise ValueError(f"{where}: y_true has only class {int(y[0])}; "
+                         "AUROC needs positives and negatives")
     return y.astype(bool)
 
 
@@ -50,8 +58,9 @@ def _scores(s, n, where):
 
 
 def _placements(y, s):
-    """DeLong placement values: per positive, the fraction of negatives it outscores; per negative, the fraction
-    of positives that outscore it (ties count 1/2 in both). Midranks make this O(N log N) (Sun & Xu 2014)."""
+    """DeLong placement values: per positive, the fraction of negatives it outscores; per negative,
+    the fraction of positives that outscore it (ties count 1/2 in both). Midranks make this
+    O(N log N) (Sun & Xu 2014)."""
     pos, neg = s[y], s[~y]
     m, n = len(pos), len(neg)
     ranks = stats.rankdata(np.concatenate([pos, neg]))  # midranks over all cases
@@ -61,7 +70,7 @@ def _placements(y, s):
 
 
 def auroc(y_true, y_score):
-    """AUROC = P(score_pos > score_neg) + 1/2 P(score_pos == score_neg), the Mann-Whitney statistic."""
+    """AUROC = P(score_pos > score_neg) + 1/2 P(score_pos == score_neg) (Mann-Whitney)."""
     y = _binary(y_true, "auroc")
     return float(_placements(y, _scores(y_score, len(y), "auroc"))[0].mean())
 
@@ -70,13 +79,14 @@ def accuracy(y_true, y_pred):
     """Fraction of cases whose predicted label equals the true label."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if y_true.shape != y_pred.shape or y_true.size == 0:
-        raise ValueError(f"accuracy: y_true {y_true.shape} and y_pred {y_pred.shape} must be equal, non-empty")
+        raise ValueError(f"accuracy: y_true {y_true.shape} and y_pred {y_pred.shape} "
+                         "must be equal, non-empty")
     return float(np.mean(y_true == y_pred))
 
 
 def confusion_matrix(y_true, y_pred, labels=None):
-    """C[i, j] = number of cases with true label labels[i] predicted as labels[j]; labels default to the sorted
-    union of both arrays."""
+    """C[i, j] = number of cases with true label labels[i] predicted as labels[j]; labels default
+    to the sorted union of both arrays."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     accuracy(y_true, y_pred)  # same shape checks
     labels = np.unique(np.concatenate([y_true, y_pred])) if labels is None else np.asarray(labels)
@@ -92,25 +102,27 @@ def macro_f1(y_true, y_pred):
     """Unweighted mean over the labels present in y_true or y_pred of F1 = 2TP / (2TP + FP + FN)."""
     c = confusion_matrix(y_true, y_pred)
     tp = np.diag(c)
-    return float(np.mean(2 * tp / (c.sum(0) + c.sum(1))))  # 2TP+FP+FN = column sum + row sum; never 0 here
+    return float(np.mean(2 * tp / (c.sum(0) + c.sum(1))))  # 2TP+FP+FN = col + row sum, never 0
 
 
 RISK_RULES = ("mirai", "dbt-dino")
 
 
 def risk_year_cases(years_to_cancer, years_to_followup, year, max_followup=5, rule="mirai"):
-    """Which exams year `year` (1..T) scores, and their labels, by one of two rules -> (keep, label) bool (N,).
-
-    An exam is a cancer if years_to_cancer < T (inf when none). rule "mirai" (compute_auc_x_year_auc): cancers
-    have t = int(years_to_cancer), others t = int(min(years_to_followup, T) - 1); positive if cancer and
-    t <= year-1, negative if t >= year-1 (so later cancers count as negatives), excluded otherwise.
-    rule "dbt-dino" (downstream.md §3): positives are cancers diagnosed within `year` years (years_to_cancer <
-    year); negatives have no cancer within T years and at least `year` years of follow-up; cancers diagnosed
-    after `year` (but within T) are excluded, not counted as negatives.
+    """Which exams year `year` (1..T) scores by one of two rules, and their labels -> (keep, label),
+    bool (N,) each. An exam is a cancer if years_to_cancer < T (inf when none).
+    rule "mirai" (Mirai's compute_auc_x_year_auc): cancers have t = int(years_to_cancer), others
+    t = int(min(years_to_followup, T) - 1); positive if cancer and t <= year-1, negative if
+    t >= year-1 (so later cancers count as negatives), excluded otherwise.
+    rule "dbt-dino" (DBT-DINO's per-year AUROC, stated on exam times): positives are cancers
+    diagnosed within `year` years (years_to_cancer < year); negatives have no cancer within T years
+    and at least `year` years of follow-up; cancers diagnosed after `year` (but within T) are
+    excluded, not counted as negatives.
     """
     if rule not in RISK_RULES:
         raise ValueError(f"risk rule {rule!r}: choose from {', '.join(RISK_RULES)}")
-    ytc, yfu = np.asarray(years_to_cancer, dtype=float), np.asarray(years_to_followup, dtype=float)
+    ytc = np.asarray(years_to_cancer, dtype=float)
+    yfu = np.asarray(years_to_followup, dtype=float)
     cancer = ytc < max_followup
     if rule == "dbt-dino":
         positive = cancer & (ytc < year)
@@ -122,16 +134,18 @@ def risk_year_cases(years_to_cancer, years_to_followup, year, max_followup=5, ru
 
 
 def risk_auroc_by_year(probs, years_to_cancer, years_to_followup, max_followup=5, rule="mirai"):
-    """Per-year AUROC of a risk model -> {k: AUROC} for k = 1..T, by Mirai's rule (the default) or DBT-DINO's
-    (risk_year_cases defines both). probs: (N, T) predicted cancer probability within k = 1..T years;
-    years_to_cancer: inf (or >= T) if none. The score for year k is probs[:, k-1]. A year with no positives or
-    no negatives gives NaN.
+    """Per-year AUROC of a risk model -> {k: AUROC} for k = 1..T, by Mirai's rule (the default) or
+    DBT-DINO's (risk_year_cases defines both). probs: (N, T) predicted cancer probability within
+    k = 1..T years; years_to_cancer: inf (or >= T) if none. The score for year k is probs[:, k-1].
+    A year with no positives or no negatives gives NaN.
     """
     probs = np.asarray(probs, dtype=float)
-    ytc, yfu = np.asarray(years_to_cancer, dtype=float), np.asarray(years_to_followup, dtype=float)
-    if probs.shape != (len(ytc), max_followup) or ytc.shape != yfu.shape or np.isnan(ytc + yfu).any():
-        raise ValueError(f"risk_auroc_by_year: need probs (N, {max_followup}) and N non-NaN years, got "
-                         f"{probs.shape}, {ytc.shape}, {yfu.shape}")
+    ytc = np.asarray(years_to_cancer, dtype=float)
+    yfu = np.asarray(years_to_followup, dtype=float)
+    if (probs.shape != (len(ytc), max_followup) or ytc.shape != yfu.shape
+            or np.isnan(ytc + yfu).any()):
+        raise ValueError(f"risk_auroc_by_year: need probs (N, {max_followup}) and N non-NaN years, "
+                         f"got {probs.shape}, {ytc.shape}, {yfu.shape}")
     out = {}
     for k in range(1, max_followup + 1):
         keep, label = risk_year_cases(ytc, yfu, k, max_followup, rule)
@@ -141,7 +155,7 @@ def risk_auroc_by_year(probs, years_to_cancer, years_to_followup, max_followup=5
 
 
 def roc_curve(y_true, y_score):
-    """ROC points (fpr, tpr), from (0, 0) to (1, 1), one point per distinct score (tied cases move together)."""
+    """ROC points (fpr, tpr) from (0, 0) to (1, 1), one per distinct score (ties move together)."""
     y = _binary(y_true, "roc_curve")
     s = _scores(y_score, len(y), "roc_curve")
     order = np.argsort(-s, kind="stable")
@@ -151,38 +165,38 @@ def roc_curve(y_true, y_score):
     return np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]]
 
 
-# -----------------------------------------------------------------------------
-# paired tests and multiple comparisons
-
-
+# --------------------------------------------------------------- paired tests, multiple comparisons
 def delong_test(y_true, score_a, score_b):
-    """DeLong test of AUC_a == AUC_b for two scores on the same cases. Returns (auc_a, auc_b, two-sided p).
-
-    With placement values V10 (positives, m) and V01 (negatives, n) of each model, the covariance of the two AUCs
-    is S = cov(V10)/m + cov(V01)/n (ddof = 1), and z = (auc_a - auc_b) / sqrt(S_aa + S_bb - 2 S_ab).
+    """DeLong test of AUC_a == AUC_b for two scores on the same cases -> (auc_a, auc_b, 2-sided p).
+    With placement values V10 (positives, m) and V01 (negatives, n) of each model, the covariance
+    of the two AUCs is S = cov(V10)/m + cov(V01)/n (ddof = 1), and
+    z = (auc_a - auc_b) / sqrt(S_aa + S_bb - 2 S_ab).
     """
     y = _binary(y_true, "delong_test")
-    (a10, a01), (b10, b01) = (_placements(y, _scores(s, len(y), "delong_test")) for s in (score_a, score_b))
+    a10, a01 = _placements(y, _scores(score_a, len(y), "delong_test"))
+    b10, b01 = _placements(y, _scores(score_b, len(y), "delong_test"))
     m, n = len(a10), len(a01)
     if m < 2 or n < 2:
         raise ValueError(f"delong_test: need >= 2 positives and >= 2 negatives, got {m} and {n}")
     s = np.cov(np.stack([a10, b10])) / m + np.cov(np.stack([a01, b01])) / n
     auc_a, auc_b = float(a10.mean()), float(b10.mean())
     var, diff = s[0, 0] + s[1, 1] - 2 * s[0, 1], abs(auc_a - auc_b)
-    if var <= 0:  # degenerate placements (e.g. identical scores): the AUC difference has no sampling noise
+    if var <= 0:  # degenerate placements (identical scores): the difference has no sampling noise
         return auc_a, auc_b, 1.0 if diff == 0 else 0.0
     return auc_a, auc_b, float(2 * stats.norm.sf(diff / np.sqrt(var)))
 
 
 def mcnemar(correct_a, correct_b, exact=True, correction=True):
-    """McNemar test on paired per-case correctness. b = cases only A gets right, c = only B gets right.
+    """McNemar test on paired per-case correctness; b = cases only A gets right, c = only B.
 
-    exact: p = min(1, 2 * BinomCDF(min(b, c); b + c, 1/2)). Otherwise chi2 (1 df) of (|b - c| - 1)^2 / (b + c),
-    or (b - c)^2 / (b + c) with correction=False. No discordant pairs gives p = 1.
+    exact: p = min(1, 2 * BinomCDF(min(b, c); b + c, 1/2)). Otherwise chi2 (1 df) of
+    (|b - c| - 1)^2 / (b + c), or (b - c)^2 / (b + c) with correction=False. No discordant pairs
+    gives p = 1.
     """
     ca, cb = np.asarray(correct_a, dtype=float), np.asarray(correct_b, dtype=float)
     if ca.shape != cb.shape or ca.ndim != 1 or not np.isin(np.concatenate([ca, cb]), (0, 1)).all():
-        raise ValueError("mcnemar: correct_a and correct_b must be equal-length 1-D arrays of 0/1 or bool")
+        raise ValueError("mcnemar: correct_a and correct_b must be equal-length 1-D arrays "
+                         "of 0/1 or bool")
     b, c = int(np.sum(ca > cb)), int(np.sum(ca < cb))
     if b + c == 0:
         return 1.0
@@ -193,11 +207,13 @@ def mcnemar(correct_a, correct_b, exact=True, correction=True):
 
 
 def benjamini_hochberg(p_values):
-    """Benjamini-Hochberg adjusted p-values, in the input order: p_(i) * m / i for the i-th smallest, made
-    monotone from the largest down (step-up) and capped at 1. Reject H_i at FDR q iff adjusted_i <= q."""
+    """Benjamini-Hochberg adjusted p-values, in the input order: p_(i) * m / i for the i-th
+    smallest, made monotone from the largest down (step-up) and capped at 1. Reject H_i at FDR q
+    iff adjusted_i <= q."""
     p = np.asarray(p_values, dtype=float)
     if p.ndim != 1 or p.size == 0 or not ((p >= 0) & (p <= 1)).all():
-        raise ValueError("benjamini_hochberg: p_values must be a non-empty 1-D array in [0, 1] (no NaN)")
+        raise ValueError("benjamini_hochberg: p_values must be a non-empty 1-D array in [0, 1] "
+                         "(no NaN)")
     order = np.argsort(p)
     ranked = p[order] * len(p) / np.arange(1, len(p) + 1)
     adjusted = np.empty_like(p)
@@ -205,31 +221,28 @@ def benjamini_hochberg(p_values):
     return adjusted
 
 
-# -----------------------------------------------------------------------------
-# bootstrap
-
-
+# ------------------------------------------------------------------------ bootstrap
 def bootstrap_ci(statistic, *arrays, n_boot=1000, alpha=0.05, seed=0, groups=None):
-    """Percentile bootstrap CI of statistic(*arrays). Returns (estimate on all data, low, high).
+    """Percentile bootstrap CI of statistic(*arrays) -> (estimate on all data, low, high).
 
-    Each resample draws cases with replacement and applies the SAME indices to every array, so a paired
-    comparison (statistic(y, score_a, score_b) = auroc(y, a) - auroc(y, b)) keeps its pairing. With `groups`
-    (e.g. patient IDs, one per case) whole groups are drawn with replacement and all their cases kept.
-    low/high are the alpha/2 and 1 - alpha/2 quantiles of the resampled statistics. A resample on which the
-    statistic is undefined (it raises ValueError, e.g. AUROC without positives) is skipped with a warning.
-    Uses its own np.random.default_rng(seed); global RNG state is untouched.
-    """
+    Each resample draws cases with replacement and applies the SAME indices to every array, so a
+    paired statistic (auroc(y, a) - auroc(y, b)) keeps its pairing. With `groups` (e.g. patient
+    IDs, one per case) whole groups are drawn, with all their cases. low/high are the alpha/2 and
+    1 - alpha/2 quantiles. A resample on which the statistic raises ValueError (e.g. AUROC without
+    positives) is skipped with a warning. The draws use np.random.default_rng(seed) alone."""
     arrays = [np.asarray(a) for a in arrays]
     n = len(arrays[0]) if arrays else 0
     if n == 0 or any(len(a) != n for a in arrays):
-        raise ValueError(f"bootstrap_ci: need non-empty arrays of equal length, got {[len(a) for a in arrays]}")
+        raise ValueError("bootstrap_ci: need non-empty arrays of equal length, "
+                         f"got {[len(a) for a in arrays]}")
     units = n
     if groups is not None:
         groups = np.asarray(groups)
         if groups.shape != (n,):
-            raise ValueError(f"bootstrap_ci: groups must have one entry per case ({n}), got {groups.shape}")
+            raise ValueError(f"bootstrap_ci: groups must have one entry per case ({n}), "
+                             f"got {groups.shape}")
         _, inv, counts = np.unique(groups, return_inverse=True, return_counts=True)
-        members = np.split(np.argsort(inv, kind="stable"), np.cumsum(counts)[:-1])  # case indices per group
+        members = np.split(np.argsort(inv, kind="stable"), np.cumsum(counts)[:-1])  # per group
         units = len(members)
     rng = np.random.default_rng(seed)
     values = []
@@ -241,26 +254,26 @@ def bootstrap_ci(statistic, *arrays, n_boot=1000, alpha=0.05, seed=0, groups=Non
         except ValueError:
             continue
     if len(values) < n_boot:
-        warnings.warn(f"bootstrap_ci: statistic undefined on {n_boot - len(values)} of {n_boot} resamples")
+        warnings.warn(f"bootstrap_ci: statistic undefined on {n_boot - len(values)} of {n_boot} "
+                      "resamples")
     if not values:
         raise ValueError("bootstrap_ci: statistic undefined on every resample")
     low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
     return float(statistic(*arrays)), float(low), float(high)
 
 
-# -----------------------------------------------------------------------------
-# detection: the DBTex challenge evaluation (duke_dbt_data.evaluate, 2021-01-04)
-
+# --------------------------------- detection: DBTex evaluation (duke_dbt_data.evaluate, 2021-01-04)
 LABEL_COLUMNS = ("StudyUID", "View")
 BOX_COLUMNS = ("StudyUID", "View", "X", "Y", "Width", "Height", "Slice", "VolumeSlices")
 PREDICTION_COLUMNS = ("StudyUID", "View", "X", "Y", "Width", "Height", "Z", "Depth", "Score")
-# DBT-DINO's minimum hit radius in 518-px coordinates (downstream.md §4 and issue 12; spec detection_metrics.md
-# says 20, the issue wins); 100 px at ~2457 px scales to ~21 px
+# DBT-DINO's minimum hit radius in 518-px coordinates, as its public code scores (the paper's text,
+# DBT-DINO §6.2.3, says 20 px): 100 px at ~2457 px scales to ~21 px
 DBT_DINO_RADIUS = 24.0
 
 
 def _read_table(src, name, columns, allow_empty=False):
-    """A CSV path, or rows in memory as a list of dicts (what csv.DictReader yields), -> (name, keys, floats).
+    """A CSV path, or rows in memory as a list of dicts (what csv.DictReader yields)
+    -> (name, keys, floats).
 
     floats maps every numeric column to a float array; rows are numbered from 1, header excluded.
     """
@@ -271,7 +284,7 @@ def _read_table(src, name, columns, allow_empty=False):
             with open(src, newline="", encoding="utf-8-sig") as f:
                 reader = csv.DictReader(f)
                 rows, header = list(reader), reader.fieldnames
-        except (csv.Error, UnicodeDecodeError) as e:  # a binary file, or a cell over csv's field size limit
+        except (csv.Error, UnicodeDecodeError) as e:  # binary, or a cell over csv's size limit
             raise ValueError(f"{name}: not a readable CSV ({e})") from None
     else:
         rows = list(src)
@@ -289,16 +302,17 @@ def _read_table(src, name, columns, allow_empty=False):
             except (TypeError, ValueError):  # empty cell, text, or a short row (None)
                 values.append(np.nan)
             if not np.isfinite(values[-1]):
-                raise ValueError(f"{name}: row {i + 1}, column {col}: {r[col]!r} is not a finite number")
+                raise ValueError(f"{name}: row {i + 1}, column {col}: {r[col]!r} "
+                                 "is not a finite number")
         floats[col] = np.array(values)
     return name, [(r["StudyUID"], r["View"]) for r in rows], floats
 
 
 def _dbtex_match(labels, boxes, predictions, radius):
-    """Read the three tables and assign each prediction to at most one GT box (see dbtex_evaluate)."""
+    """Read the three tables; assign each prediction to at most one GT box (see dbtex_evaluate)."""
     lname, lkeys, _ = _read_table(labels, "labels", LABEL_COLUMNS)
     bname, bkeys, b = _read_table(boxes, "boxes", BOX_COLUMNS)
-    # a submission with no rows (a header at most) detected nothing: it scores 0, where the official code fails
+    # no rows (a header at most): nothing detected, scoring 0 (where the official code fails)
     pname, pkeys, p = _read_table(predictions, "predictions", PREDICTION_COLUMNS, allow_empty=True)
     volume = {k: i for i, k in enumerate(lkeys)}
     if len(volume) != len(lkeys):
@@ -307,7 +321,8 @@ def _dbtex_match(labels, boxes, predictions, radius):
     for name, keys in ((bname, bkeys), (pname, pkeys)):
         i = next((i for i, k in enumerate(keys) if k not in volume), None)
         if i is not None:
-            raise ValueError(f"{name}: row {i + 1}: volume (StudyUID, View) = {keys[i]} is not in {lname}")
+            raise ValueError(f"{name}: row {i + 1}: volume (StudyUID, View) = {keys[i]} "
+                             f"is not in {lname}")
         ids.append(np.array([volume[k] for k in keys]))
     bv, pv = ids
     bx, by = b["X"] + b["Width"] / 2, b["Y"] + b["Height"] / 2
@@ -315,7 +330,7 @@ def _dbtex_match(labels, boxes, predictions, radius):
     px, py, pz = p["X"] + p["Width"] / 2, p["Y"] + p["Height"] / 2, p["Z"] + p["Depth"] / 2
     gt = np.full(len(pv), -1)
     for v in np.unique(bv):
-        bi, pi = np.flatnonzero(bv == v), np.flatnonzero(pv == v)  # boxes in file order: argmin ties pick the first
+        bi, pi = np.flatnonzero(bv == v), np.flatnonzero(pv == v)  # argmin ties: first box
         dx, dy, dz = px[pi, None] - bx[bi], py[pi, None] - by[bi], pz[pi, None] - b["Slice"][bi]
         # the slice window comes from the view's first box, as in the official code
         hit = (np.sqrt(dx**2 + dy**2) <= reach[bi]) & (np.abs(dz) <= b["VolumeSlices"][bi[0]] / 4)
@@ -326,9 +341,9 @@ def _dbtex_match(labels, boxes, predictions, radius):
 
 
 def _froc_points(score, gt, keep, n_volumes, n_boxes, max_fps):
-    """(FP per volume, sensitivity) for each threshold, high to low, up to and including the first point with
-    fps > max_fps (the official loop appends, then stops), so k FP interpolates towards that point.
-    Thresholds come from all predictions, whatever `keep` selects."""
+    """(FP per volume, sensitivity) for each threshold, high to low, up to and including the first
+    point with fps > max_fps (the official loop appends, then stops), so k FP interpolates towards
+    that point. Thresholds come from all predictions, whatever `keep` selects."""
     thresholds = {score.max() + 1, *score[gt >= 0], score.min() - 1}
     fps, sens = [], []
     for th in sorted(thresholds, reverse=True):
@@ -342,7 +357,7 @@ def _froc_points(score, gt, keep, n_volumes, n_boxes, max_fps):
 
 
 def dbtex_froc(labels, boxes, predictions, radius=100.0, positive_only=True, max_fps=4.0):
-    """The FROC curve sampled as in dbtex_evaluate (for plots): arrays (fps_per_volume, sensitivity)."""
+    """The FROC curve sampled as in dbtex_evaluate (for plots): (fps_per_volume, sensitivity)."""
     score, gt, positive, n_all, n_pos, n_boxes = _dbtex_match(labels, boxes, predictions, radius)
     keep = positive if positive_only else np.ones_like(positive)
     return _froc_points(score, gt, keep, n_pos if positive_only else n_all, n_boxes, max_fps)
@@ -351,24 +366,28 @@ def dbtex_froc(labels, boxes, predictions, radius=100.0, positive_only=True, max
 def dbtex_evaluate(labels, boxes, predictions, radius=100.0):
     """DBTex detection metrics, identical to the official duke_dbt_data.evaluate.
 
-    Inputs: the public BCS-DBT labels and boxes CSVs and a submission CSV (paths, or lists of row dicts) with
-    columns LABEL_COLUMNS, BOX_COLUMNS, PREDICTION_COLUMNS; a volume is a (StudyUID, View).
-    - Hit: prediction centre (X + Width/2, Y + Height/2, Z + Depth/2) within max(sqrt(W^2 + H^2)/2, radius) px
-      (2D, inclusive) of a GT box centre in the same volume, and |centre slice - Slice| <= VolumeSlices/4.
-      A prediction hitting several boxes belongs to the nearest in 3D (dz in slices).
-    - At threshold th, predictions with Score >= th count: sensitivity = distinct boxes hit / all boxes;
-      FP = predictions hitting no box; extra hits on a detected box are neither TP nor FP.
+    Inputs: the public BCS-DBT labels and boxes CSVs and a submission CSV (paths, or lists of row
+    dicts) with columns LABEL_COLUMNS, BOX_COLUMNS, PREDICTION_COLUMNS; a volume is a
+    (StudyUID, View).
+    - Hit: prediction centre (X + Width/2, Y + Height/2, Z + Depth/2) within
+      max(sqrt(W^2 + H^2)/2, radius) px (2D, inclusive) of a GT box centre in the same volume, and
+      |centre slice - Slice| <= VolumeSlices/4. A prediction hitting several boxes belongs to the
+      nearest in 3D (dz in slices).
+    - At threshold th, predictions with Score >= th count: sensitivity = distinct boxes hit / all
+      boxes; FP = predictions hitting no box; extra hits on a detected box are neither TP nor FP.
     - Thresholds are max score + 1, every hitting prediction's score, and min score - 1; the curve
-      (fps per volume, sensitivity) ends with the first point whose fps exceeds the largest k, and is linearly
-      interpolated (np.interp, held flat past its last point) at k FP per volume.
-    - sensitivity_at_2_fps_all: all volumes of the labels CSV (normals included). *_positive and the ranking
-      metric mean_sensitivity_positive (mean over k = 1..4): only volumes with a box, same thresholds and boxes.
-    radius=100 is the challenge rule at original resolution; DBT-DINO uses DBT_DINO_RADIUS at 518 px.
+      (fps per volume, sensitivity) ends with the first point whose fps exceeds the largest k, and
+      is linearly interpolated (np.interp, held flat past its last point) at k FP per volume.
+    - sensitivity_at_2_fps_all: all volumes of the labels CSV (normals included). *_positive and
+      the ranking metric mean_sensitivity_positive (mean over k = 1..4): only volumes with a box,
+      same thresholds and boxes.
+    radius=100 is the challenge rule at original resolution; DBT-DINO uses DBT_DINO_RADIUS at 518.
     """
     score, gt, positive, n_all, n_pos, n_boxes = _dbtex_match(labels, boxes, predictions, radius)
     if len(score) == 0:  # nothing detected: sensitivity 0 at every FP rate
-        return dict.fromkeys(["sensitivity_at_2_fps_all"] + [f"sensitivity_at_{k}_fps_positive" for k in range(1, 5)]
-                             + ["mean_sensitivity_positive"], 0.0)
+        keys = ["sensitivity_at_2_fps_all"]
+        keys += [f"sensitivity_at_{k}_fps_positive" for k in range(1, 5)]
+        return dict.fromkeys(keys + ["mean_sensitivity_positive"], 0.0)
     fps, sens = _froc_points(score, gt, np.ones_like(positive), n_all, n_boxes, 2.0)
     result = {"sensitivity_at_2_fps_all": float(np.interp(2.0, fps, sens))}
     fps, sens = _froc_points(score, gt, positive, n_pos, n_boxes, 4.0)
@@ -379,82 +398,87 @@ def dbtex_evaluate(labels, boxes, predictions, radius=100.0):
 
 
 def density_probe_cv(feats, labels, groups, folds=5, ridge=10.0):
-    """Quick density check used to pick checkpoints (as DBT-DINO did): a ridge one-vs-rest classifier on frozen
-    features (M, F), cross-validated in `folds` folds of whole patients (groups % folds), so every image is scored
-    once. The majority-class rate is returned beside the accuracy: on a handful of phantom patients the accuracy is
-    mostly noise, and the reader should see how much. labels are 0..3 (BI-RADS a-d)."""
-    feats, labels, groups = np.asarray(feats, np.float64), np.asarray(labels), np.asarray(groups)
+    """Quick density check used to pick checkpoints (as DBT-DINO did): a ridge one-vs-rest
+    classifier on frozen features (M, F), cross-validated in `folds` folds of whole patients
+    (groups % folds), so every image is scored once. The majority-class rate is returned beside
+    the accuracy: on a handful of phantom patients the accuracy is mostly noise, and the reader
+    should see how much. labels are 0..3 (BI-RADS a-d)."""
+    feats = np.asarray(feats, np.float64)
+    labels = np.asarray(labels)
+    groups = np.asarray(groups)
     fold, pred = groups % folds, np.empty_like(labels)
     y = np.eye(4)[labels] * 2 - 1  # (M, 4) one-vs-rest targets
     for k in np.unique(fold):
         fit = fold != k
         mu, sd = feats[fit].mean(0), feats[fit].std(0, ddof=1) + 1e-6
         x = np.concatenate([(feats - mu) / sd, np.ones((len(feats), 1))], axis=1)  # (M, F + 1)
-        w = np.linalg.solve(x[fit].T @ x[fit] + ridge * np.eye(x.shape[1]), x[fit].T @ y[fit])  # (F + 1, 4)
+        gram = x[fit].T @ x[fit] + ridge * np.eye(x.shape[1])
+        w = np.linalg.solve(gram, x[fit].T @ y[fit])  # (F + 1, 4)
         pred[~fit] = (x[~fit] @ w).argmax(1)
-    return {"density_acc": accuracy(labels, pred), "density_majority": np.bincount(labels).max() / len(labels),
+    majority = np.bincount(labels).max() / len(labels)
+    return {"density_acc": accuracy(labels, pred), "density_majority": majority,
             "density_n": len(labels)}
 
 
-# -----------------------------------------------------------------------------
-# logging helpers
-
-
-# -----------------------------------------------------------------------------
-# run folders: shared by every script, so a run is never silently overwritten and never half-written
-
-
-# -----------------------------------------------------------------------------
-# compare: paired tests between probe runs
-
+# --------------------------------------------------------- compare: paired tests between probe runs
 YEARS = 5  # the risk horizon of probe.py's heads: one AUROC per year 1..5
 
 
 def load_run(folder):
+    """(metrics.json, {exam: predictions.csv row}) of a finished probe.py run folder."""
     folder = Path(folder)
     try:
         report = json.loads((folder / "metrics.json").read_text())
         with open(folder / "predictions.csv", newline="", encoding="utf-8-sig") as fh:
             preds = {r["exam"]: r for r in csv.DictReader(fh)}
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{folder}: not a finished probe run ({Path(e.filename).name} missing)") from None
+        missing = Path(e.filename).name
+        raise FileNotFoundError(f"{folder}: not a finished probe run ({missing} missing)") from None
     except (json.JSONDecodeError, UnicodeDecodeError, csv.Error, KeyError):
-        raise ValueError(f"{folder}: metrics.json or predictions.csv is not a probe run's") from None
+        msg = f"{folder}: metrics.json or predictions.csv is not a probe run's"
+        raise ValueError(msg) from None
     if not isinstance(report, dict) or "task" not in report:
         raise ValueError(f"{folder}: metrics.json is not a probe run's (no task)")
     return report, preds
 
 
 def pair_tests(task, preds, names, exams, rule):
-    """Every pair of runs on the common exams: McNemar on correctness (density), DeLong per year (risk)."""
+    """Every pair of runs on the common exams: McNemar (density) or DeLong per year (risk)."""
     pairs = [(a, b) for a in range(len(names)) for b in range(a + 1, len(names))]
     if task == "density":
         correct = [np.array([p[e]["pred"] == p[e]["density"] for e in exams]) for p in preds]
         return [dict(a=names[a], b=names[b], metric="accuracy", value_a=float(correct[a].mean()),
-                     value_b=float(correct[b].mean()), p=mcnemar(correct[a], correct[b])) for a, b in pairs]
+                     value_b=float(correct[b].mean()), p=mcnemar(correct[a], correct[b]))
+                for a, b in pairs]
     tests = []
     first = preds[0]
     ytc = np.array([float(first[e]["years_to_cancer"] or "inf") for e in exams])
     yfu = np.array([float(first[e]["years_of_followup"]) for e in exams])
-    scores = [np.array([[float(p[e][f"p{k}"]) for k in range(1, YEARS + 1)] for e in exams]) for p in preds]
+    scores = [np.array([[float(p[e][f"p{k}"]) for k in range(1, YEARS + 1)] for e in exams])
+              for p in preds]  # (exams, YEARS) per run
     for k in range(1, YEARS + 1):
         keep, label = risk_year_cases(ytc, yfu, k, YEARS, rule)
         if label[keep].sum() < 2 or (~label[keep]).sum() < 2:
             utils.log(f"compare: year {k} has too few positives or negatives for DeLong; left out")
             continue
         for a, b in pairs:
-            auc_a, auc_b, p = delong_test(label[keep], scores[a][keep, k - 1], scores[b][keep, k - 1])
-            tests.append(dict(a=names[a], b=names[b], metric=f"auroc_year{k}", value_a=auc_a, value_b=auc_b, p=p))
+            auc_a, auc_b, p = delong_test(label[keep], scores[a][keep, k - 1],
+                                          scores[b][keep, k - 1])
+            tests.append(dict(a=names[a], b=names[b], metric=f"auroc_year{k}", value_a=auc_a,
+                              value_b=auc_b, p=p))
     return tests
 
 
 def run_compare(args):
+    """`metrics.py compare`: the table on stdout and compare.json in --out."""
     runs = [load_run(r) for r in args.runs]
     tasks = {rep.get("task") for rep, _ in runs}
     if len(tasks) != 1:
-        raise ValueError(f"compare: the runs are of different tasks ({', '.join(map(str, sorted(map(str, tasks))))})")
-    names = [Path(r).name or str(r) for r in args.runs]  # folder names read best in the table, when distinct
-    task, names = tasks.pop(), names if len(set(names)) == len(names) else [str(r) for r in args.runs]
+        found = ", ".join(map(str, sorted(map(str, tasks))))
+        raise ValueError(f"compare: the runs are of different tasks ({found})")
+    task = tasks.pop()
+    names = [Path(r).name or str(r) for r in args.runs]  # folder names read best, when distinct
+    names = names if len(set(names)) == len(names) else [str(r) for r in args.runs]
     exams = sorted(set.intersection(*(set(p) for _, p in runs)))
     if not exams:
         raise ValueError("compare: the runs share no test exams")
@@ -463,44 +487,52 @@ def run_compare(args):
         raise ValueError("compare: no comparison is defined on the common exams")
     for t, q in zip(tests, benjamini_hochberg([t["p"] for t in tests])):
         t["p_bh"] = float(q)
-    lines = [f"{task}: {len(exams)} common test exams" + (f", {args.rule} rule" if task == "risk" else ""),
+    rule = f", {args.rule} rule" if task == "risk" else ""
+    lines = [f"{task}: {len(exams)} common test exams" + rule,
              f"{'metric':<13} {'A':<28} {'B':<28} {'A':>7} {'B':>7} {'p':>8} {'p (BH)':>8}"]
-    lines += [f"{t['metric']:<13} {t['a'][-28:]:<28} {t['b'][-28:]:<28} {t['value_a']:7.3f} {t['value_b']:7.3f} "
-              f"{t['p']:8.4f} {t['p_bh']:8.4f}" for t in tests]
+    lines += [f"{t['metric']:<13} {t['a'][-28:]:<28} {t['b'][-28:]:<28} {t['value_a']:7.3f} "
+              f"{t['value_b']:7.3f} {t['p']:8.4f} {t['p_bh']:8.4f}" for t in tests]
     print("\n".join(lines))
     utils.check_run_folder(args.out, "compare.json", args.overwrite)
     os.makedirs(args.out, exist_ok=True)
     result = dict(task=task, runs=[str(r) for r in args.runs], n_common=len(exams),
-                  rule=args.rule if task == "risk" else None, test="mcnemar" if task == "density" else "delong",
+                  rule=args.rule if task == "risk" else None,
+                  test="mcnemar" if task == "density" else "delong",
                   correction="benjamini-hochberg", tests=tests)
-    utils.atomic_write(Path(args.out) / "compare.json", json.dumps(utils.finite(result), indent=1) + "\n")
+    text = json.dumps(utils.finite(result), indent=1) + "\n"
+    utils.atomic_write(Path(args.out) / "compare.json", text)
     return result
 
 
-# -----------------------------------------------------------------------------
-# command line
-
-
+# ------------------------------------------------------------------------ command line
 def get_args(argv=None):
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("dbtex", help="score detections with the official DBTex protocol", formatter_class=fmt)
-    p.add_argument("--labels", required=True, help="BCS-DBT labels CSV (one row per volume)")
-    p.add_argument("--boxes", required=True, help="BCS-DBT boxes CSV (ground truth)")
-    p.add_argument("--predictions", required=True, help="submission CSV: StudyUID, View, X, Width, Y, Height, "
-                   "Z, Depth, Score")
-    p.add_argument("--radius", type=float, default=100.0, help="minimum hit radius in px (DBT-DINO's variant: "
-                   f"{DBT_DINO_RADIUS:g} in 518-px coordinates)")
+    p = sub.add_parser("dbtex", help="score detections with the official DBTex protocol",
+                       formatter_class=fmt)
+    g = p.add_argument_group("inputs")
+    g.add_argument("--labels", required=True, help="BCS-DBT labels CSV (one row per volume)")
+    g.add_argument("--boxes", required=True, help="BCS-DBT boxes CSV (ground truth)")
+    g.add_argument("--predictions", required=True,
+                   help="submission CSV: StudyUID, View, X, Width, Y, Height, Z, Depth, Score")
+    g = p.add_argument_group("rule")
+    g.add_argument("--radius", type=float, default=100.0, help="minimum hit radius in px "
+                   f"(DBT-DINO's variant: {DBT_DINO_RADIUS:g} in 518-px coordinates)")
     c = sub.add_parser("compare", help="McNemar (density) or DeLong (risk) between probe.py runs, "
                        "Benjamini-Hochberg corrected", formatter_class=fmt)
-    c.add_argument("runs", nargs="+", help="probe.py run folders holding metrics.json and predictions.csv")
-    c.add_argument("--rule", default="mirai", choices=RISK_RULES, help="risk runs: the per-year AUROC rule")
-    c.add_argument("--out", default="", help="folder for compare.json ('' = runs/compare-<date-time>)")
-    c.add_argument("--overwrite", action="store_true", help="replace a finished compare.json in --out")
-    # one line naming the flag, not argparse's whole usage block
-    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")
-    p.error = c.error = parser.error
+    c.add_argument("runs", nargs="+",
+                   help="probe.py run folders holding metrics.json and predictions.csv")
+    g = c.add_argument_group("tests")
+    g.add_argument("--rule", default="mirai", choices=RISK_RULES,
+                   help="risk runs: the per-year AUROC rule")
+    g = c.add_argument_group("run folder")
+    g.add_argument("--out", default="",
+                   help="folder for compare.json ('' = runs/compare-<date-time>)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a finished compare.json in --out")
+    utils.one_line_errors(parser)
+    p.error = c.error = parser.error  # a subcommand's bad flag is one line too
     args = parser.parse_args(argv)
     if args.command == "dbtex" and not args.radius > 0:
         parser.error(f"argument --radius: {args.radius} is not a positive number of pixels")
@@ -512,6 +544,7 @@ def get_args(argv=None):
 
 
 def main(argv=None):
+    """Run the `dbtex` or `compare` command; returns its result."""
     args = get_args(argv)
     if args.command == "compare":
         return run_compare(args)

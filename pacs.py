@@ -1,29 +1,32 @@
-"""DICOMweb client and bounded rotating disk cache: whole DICOM instances from a PACS to local files.
+"""A DICOMweb client and a bounded rotating disk cache: DICOM instances from a PACS to local files.
 
-Standard library only, and nothing of this repo: data.py reads the files left in the cache with the same reader as
-a local archive, so remote and local pixels go through one code path (design facts: ../shared/spec/data.md §3).
-
-Source      dicomweb+http(s)://host[:port]/prefix, e.g. dicomweb+https://pacs.example.org/dicom-web
-Manifest    a CSV with StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID (other columns, e.g. exam and view, are
-            kept for the caller). It is also the allow-list: every URL is built from a manifest row, anything else is
-            refused before a socket is touched, and redirects are never followed, so no URL outside it is requested.
-Retrieval   WADO-RS GET {prefix}/studies/{st}/series/{se}/instances/{sop} with
-            Accept: multipart/related; type="application/dicom"; transfer-syntax=*   (as stored, no transcoding);
-            the one-part multipart body is streamed to disk, never held in memory (a native DBT volume is ~600 MB).
-Credentials DICOMWEB_TOKEN (bearer) or DICOMWEB_USER + DICOMWEB_PASSWORD (basic), from the environment or from the
-            same KEY=VALUE lines in a file (mode 600, outside the repository). They exist only in the Authorization
-            header: no message, repr or pickle-free log line contains them. URLs are logged without user info.
-Faults      429, 5xx, timeouts and dropped or truncated connections are retried with exponential backoff and full
-            jitter, waiting at least Retry-After; after `retries` tries the instance raises FetchError (the caller
-            skips it). 401/403 and failed https verification raise AuthError at once: a wrong password must not turn
-            into a million retries (or a locked account).
-Cache       <root>/dicomweb/ab/<sha256>.dcm, written under a temporary name and os.replace'd, so a reader never sees a
-            partial file. Space is reserved before the bytes arrive (the temporary file is allocated to its size under
-            an fcntl lock on <root>/dicomweb/.lock, which is also the one place eviction happens), so finished plus
-            unfinished files never exceed the byte cap, and writes stop above a free-disk floor. Eviction is LRU by
-            access time (set on every hit); pinned files (volumes resident in some process) are never evicted. Pins
-            and temporary files name their pid, so those of a crashed process are cleaned up: the cache survives
-            restarts. The folder must be node-local (flock and pids mean nothing across NFS clients).
+Standard library only, and nothing of this repo: data.py reads the files left in the cache with the
+same reader as a local archive, so remote and local pixels go through one code path.
+- Source: dicomweb+http(s)://host[:port]/prefix, e.g. dicomweb+https://pacs.example.org/dicom-web.
+- Manifest: a CSV with StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID (other columns, e.g. exam
+  and view, are kept for the caller). It is also the allow-list: every URL is built from a manifest
+  row, anything else is refused before a socket is touched, and redirects are never followed, so no
+  URL outside it is requested.
+- Retrieval (WADO-RS): GET {prefix}/studies/{st}/series/{se}/instances/{sop} with
+  Accept: multipart/related; type="application/dicom"; transfer-syntax=*  (as stored, no
+  transcoding); the one-part multipart body is streamed to disk, never held in memory (a native DBT
+  volume is ~600 MB).
+- Credentials: DICOMWEB_TOKEN (bearer) or DICOMWEB_USER + DICOMWEB_PASSWORD (basic), from the
+  environment or from the same KEY=VALUE lines in a file (mode 600, outside the repository). They
+  exist only in the Authorization header: no message, repr or log line contains them. URLs are
+  logged without user info.
+- Faults: 429, 5xx, timeouts and dropped or truncated connections are retried with exponential
+  backoff and full jitter, waiting at least Retry-After; after `retries` tries the instance raises
+  FetchError (the caller skips it). 401/403 and failed https verification raise AuthError at once:
+  a wrong password must not turn into a million retries (or a locked account).
+- Cache: <root>/dicomweb/ab/<sha256>.dcm, written under a temporary name and os.replace'd, so a
+  reader never sees a partial file. Space is reserved before the bytes arrive (the temporary file is
+  allocated to its size under an fcntl lock on <root>/dicomweb/.lock, which is also the one place
+  eviction happens), so finished plus unfinished files never exceed the byte cap, and writes stop
+  above a free-disk floor. Eviction is LRU by access time (set on every hit); pinned files (volumes
+  resident in some process) are never evicted. Pins and temporary files name their pid, so those of
+  a crashed process are cleaned up: the cache survives restarts. The folder must be node-local
+  (flock and pids mean nothing across NFS clients).
 """
 import base64
 import contextlib
@@ -47,26 +50,27 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 UID_COLUMNS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # PS3.5 9.1: digits and dots, <= 64 chars; also keeps "../" out of URLs
+UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # PS3.5 9.1: digits and dots; keeps "../" out of URLs
 ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 SECRET_KEYS = ("DICOMWEB_TOKEN", "DICOMWEB_USER", "DICOMWEB_PASSWORD")
-# An instance's bytes never change (its UID names them), so every cached copy gets the same mtime: data.py's index
-# cache, keyed on (path, size, mtime), stays valid when an evicted volume is fetched again. LRU uses atime.
+# An instance's bytes never change (its UID names them), so each cached copy gets the same mtime and
+# data.py's index cache, keyed on (path, size, mtime), outlives eviction. LRU uses atime.
 FIXED_MTIME = 946684800  # 2000-01-01
 CHUNK = 1 << 20
 # what a flaky network raises; anything else (disk full, a bug) is not retried
-NETWORK_ERRORS = (TimeoutError, ConnectionError, http.client.HTTPException, socket.gaierror, ssl.SSLError)
+NETWORK_ERRORS = (TimeoutError, ConnectionError, http.client.HTTPException, socket.gaierror,
+                  ssl.SSLError)
 
 
 class FetchError(OSError):
-    """This instance could not be fetched (after retries where retrying makes sense): skip it and count it."""
+    """This instance could not be fetched (after retries where they help): skip it and count it."""
 
 
 class AuthError(PermissionError):
-    """The server refused our credentials (401/403) or https verification failed: stop the run at once."""
+    """The server refused our credentials (401/403) or https verification failed: stop the run."""
 
     def __str__(self):
-        # DataLoader re-raises a worker's exception as type(e)(message + worker traceback): keep our one line
+        # DataLoader re-raises a worker's error as type(e)(message + traceback): keep our one line
         text = super().__str__().strip().splitlines()[-1]
         return text.split("AuthError: ", 1)[-1]
 
@@ -79,14 +83,16 @@ class _Transient(Exception):
         self.retry_after = retry_after
 
 
-# ----------------------------------------------------------------------------- source, manifest, credentials
+# ----------------------------------------------------------------- source, manifest, credentials
 def is_dicomweb(source):
+    """True for a dicomweb+http:// or dicomweb+https:// source."""
     return str(source).startswith(("dicomweb+http://", "dicomweb+https://"))
 
 
 def redact(url):
-    """The URL as it may be logged: no user info, no query (tokens hide in both). Everything up to the last `@`
-    goes, since a password typed unencoded may itself hold `@`, `/`, `?` or `#`; over-redacting is harmless."""
+    """The URL as it may be logged: no user info, no query (tokens hide in both). Everything up to
+    the last `@` goes, since a password typed unencoded may itself hold `@`, `/`, `?` or `#`;
+    over-redacting is harmless."""
     head, sep, rest = str(url).partition("//")
     rest = rest.rsplit("@", 1)[-1]
     return (head + sep + rest).split("?")[0].split("#")[0]
@@ -97,13 +103,14 @@ def parse_url(source):
     if not is_dicomweb(source):
         raise ValueError(f"{redact(source)}: not a dicomweb+http:// or dicomweb+https:// URL")
     parts = urlsplit(str(source)[len("dicomweb+"):])
-    # it would reach args.json and every log line: refuse instead of silently stripping. Anywhere in the URL, not
-    # just urlsplit's netloc: a password typed with '/' or '?' in it ends the netloc before its '@'.
+    # it would reach args.json and every log line: refuse, not strip. Anywhere in the URL, not just
+    # urlsplit's netloc: a password typed with '/' or '?' in it ends the netloc before its '@'.
     if "@" in str(source):
         raise ValueError(f"{redact(source)}: no credentials in the URL; set DICOMWEB_TOKEN or "
                          "DICOMWEB_USER/DICOMWEB_PASSWORD, or name a credentials file")
     if parts.query or parts.fragment or not parts.hostname:
-        raise ValueError(f"{redact(source)}: expected dicomweb+http(s)://host[:port]/prefix (no query)")
+        raise ValueError(f"{redact(source)}: expected dicomweb+http(s)://host[:port]/prefix "
+                         "(no query)")
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
@@ -112,13 +119,13 @@ def parse_url(source):
 
 
 def read_manifest(path):
-    """Rows (dicts) of a manifest CSV; every row names one instance by its three UIDs, checked for syntax."""
+    """Rows (dicts) of a manifest CSV; each names one instance by its three UIDs, syntax-checked."""
     with open(path, newline="", encoding="utf-8-sig") as fh:
         rows = list(csv.DictReader(fh))
     missing = [c for c in UID_COLUMNS if not rows or c not in rows[0]]
     if missing:
-        raise ValueError(f"{path}: manifest needs columns {', '.join(UID_COLUMNS)} and at least one row "
-                         f"(missing: {', '.join(missing) or 'rows'})")
+        raise ValueError(f"{path}: manifest needs columns {', '.join(UID_COLUMNS)} and at least "
+                         f"one row (missing: {', '.join(missing) or 'rows'})")
     for i, row in enumerate(rows, start=2):
         for c in UID_COLUMNS:
             row[c] = (row[c] or "").strip()
@@ -141,8 +148,11 @@ class Credentials:
 
 
 def load_credentials(file=None, environ=None):
-    """Credentials from `file` (KEY=VALUE lines) if given, else from the environment; None for an open server."""
-    values = _read_secret_file(file) if file else {k: v for k, v in (environ or os.environ).items() if k in SECRET_KEYS}
+    """Credentials from `file` (KEY=VALUE lines), else the environment; None for an open server."""
+    if file:
+        values = _read_secret_file(file)
+    else:
+        values = {k: v for k, v in (environ or os.environ).items() if k in SECRET_KEYS}
     where = file or "the environment"
     token, user, password = (values.get(k) for k in SECRET_KEYS)
     for key in SECRET_KEYS:  # a line break would let the value forge a second header
@@ -153,7 +163,8 @@ def load_credentials(file=None, environ=None):
     if bool(user) != bool(password):
         raise ValueError(f"{where}: DICOMWEB_USER and DICOMWEB_PASSWORD must be set together")
     if user:
-        return Credentials("Basic " + base64.b64encode(f"{user}:{password}".encode()).decode(), "basic")
+        basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+        return Credentials("Basic " + basic, "basic")
     return None
 
 
@@ -161,22 +172,25 @@ def _read_secret_file(file):
     path = Path(file).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"{file}: credentials file not found")
-    if path.is_relative_to(Path(__file__).resolve().parent):  # one `git add` away from being published
+    if path.is_relative_to(Path(__file__).resolve().parent):  # one `git add` from being published
         raise ValueError(f"{file}: keep the credentials file outside the repository")
-    if path.stat().st_mode & 0o077:
-        raise ValueError(f"{file}: readable by group or others (mode {path.stat().st_mode & 0o777:o}); chmod 600 it")
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        raise ValueError(f"{file}: readable by group or others (mode {mode & 0o777:o}); "
+                         "chmod 600 it")
     values = {}
+    expected = ", ".join(k + "=..." for k in SECRET_KEYS)
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if line.strip() and not line.lstrip().startswith("#"):
             key, sep, value = line.partition("=")
-            if not sep or key.strip() not in SECRET_KEYS:  # name the line, never echo it: it may hold the secret
-                raise ValueError(f"{file} line {n}: expected one of {', '.join(k + '=...' for k in SECRET_KEYS)}")
+            if not sep or key.strip() not in SECRET_KEYS:  # name the line, never echo its secret
+                raise ValueError(f"{file} line {n}: expected one of {expected}")
             values[key.strip()] = value.strip()
     return values
 
 
 def retry_after(value, now=None):
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date, RFC 9110 10.2.3); None if absent/bad."""
+    """Seconds from a Retry-After header (delta-seconds or HTTP date, RFC 9110 10.2.3), or None."""
     if not value:
         return None
     try:
@@ -191,7 +205,7 @@ def retry_after(value, now=None):
 
 
 def multipart_boundary(content_type):
-    """The boundary parameter of a multipart/related Content-Type, unquoted; None when it is not multipart."""
+    """The boundary parameter of a multipart Content-Type, unquoted; None when not multipart."""
     if not (content_type or "").lower().startswith("multipart/"):
         return None
     match = re.search(r'boundary\s*=\s*("([^"]+)"|[^;\s]+)', content_type, re.I)
@@ -199,10 +213,9 @@ def multipart_boundary(content_type):
 
 
 def copy_single_part(read, write, boundary, max_head=1 << 16):
-    """Stream the single part of a multipart body from read(n) (b"" at the end) to write(bytes); return its headers.
-
-    The payload ends right before CRLF--boundary (RFC 2046 5.1.1) and is never stripped: DICOM may end in
-    whitespace bytes. Memory stays at one chunk whatever the part's size."""
+    """Stream the one part of a multipart body from read(n) (b"" at the end) to write(bytes); return
+    its headers. The payload ends right before CRLF--boundary (RFC 2046 5.1.1) and is never
+    stripped: DICOM may end in whitespace bytes. Memory stays at one chunk whatever the size."""
     delim, buf = b"--" + boundary, bytearray()
     while (start := buf.find(delim)) < 0 or (end := buf.find(b"\r\n\r\n", start)) < 0:
         if len(buf) > max_head:
@@ -234,7 +247,7 @@ def _more(read):
     return chunk
 
 
-# ----------------------------------------------------------------------------- the cache
+# ------------------------------------------------------------------------------------- the cache
 def _alive(pid):
     try:
         os.kill(pid, 0)
@@ -250,22 +263,25 @@ class AlreadyCached(Exception):
 
 
 class CacheFull(OSError):
-    """No room under the byte cap or above the free-disk floor, even after evicting every unpinned file."""
+    """No room under the byte cap or above the free-disk floor, even after evicting all unpinned."""
 
 
 class TooLarge(FetchError):
-    """One instance larger than the whole cap: it can never be cached, so it is skipped and counted like a failed
-    fetch instead of stopping the run (the other instances fit)."""
+    """One instance larger than the whole cap: it can never be cached, so it is skipped and counted
+    like a failed fetch instead of stopping the run (the other instances fit)."""
 
 
 class Cache:
-    """The node's bounded store of whole instances, shared by every process that names the same folder."""
+    """The node's bounded store of whole instances, shared by every process naming its folder."""
 
     def __init__(self, root, cap_bytes, floor_bytes=1 << 30, wait_s=120.0):
-        self.dir, self.cap, self.floor, self.wait_s = Path(root) / "dicomweb", int(cap_bytes), int(floor_bytes), wait_s
+        self.dir = Path(root) / "dicomweb"
+        self.cap, self.floor = int(cap_bytes), int(floor_bytes)
+        self.wait_s = wait_s
         (self.dir / "pins").mkdir(parents=True, exist_ok=True)
 
     def path(self, key):
+        """The cache file of `key`: <root>/dicomweb/ab/<sha256>.dcm."""
         h = hashlib.sha256(key.encode()).hexdigest()
         return self.dir / h[:2] / f"{h}.dcm"
 
@@ -280,8 +296,8 @@ class Cache:
             os.close(fd)  # closing releases the lock
 
     def pin(self, path):
-        """Pin `path` whether or not it is cached yet, then look (under the lock, so eviction cannot slip in
-        between): (token for unpin, True if the file is there)."""
+        """Pin `path` whether or not it is cached yet, then look (under the lock, so eviction cannot
+        slip in between): (token for unpin, True if the file is there)."""
         with self.locked():
             token = self.dir / "pins" / f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
             token.touch()
@@ -291,11 +307,12 @@ class Cache:
             return token, hit
 
     def unpin(self, token):
+        """Release a pin that pin() returned (None: nothing to release)."""
         if token is not None:
             token.unlink(missing_ok=True)
 
     def usage(self):
-        """(bytes of finished + in-progress files, [(atime, size, path)] evictable, names pinned by live pids)."""
+        """(bytes of finished + unfinished files, [(atime, size, path)] evictable, pinned stems)."""
         pinned = set()
         for e in os.scandir(self.dir / "pins"):
             stem, pid = e.name.split(".")[:2]
@@ -321,7 +338,8 @@ class Cache:
         return used, files, pinned
 
     def _make_room(self, need):
-        """Evict least recently used unpinned files until `need` more bytes fit; True when they do (lock held)."""
+        """Evict least recently used unpinned files until `need` more bytes fit (lock held): True if
+        they do."""
         used, files, _ = self.usage()
         free = shutil.disk_usage(self.dir).free
         for _, size, path in sorted(files):
@@ -332,11 +350,13 @@ class Cache:
         return used + need <= self.cap and free - need >= self.floor
 
     def reserve(self, fh, nbytes, final):
-        """Grow the temporary file `fh` to nbytes, counted against the cap before a byte of it is written. Raises
-        AlreadyCached when another process finished `final` meanwhile: two copies of one instance would count
-        twice, and with every process holding one such duplicate the cache could wait on itself until timeout."""
+        """Grow the temporary file `fh` to nbytes, counted against the cap before a byte of it is
+        written. Raises AlreadyCached when another process finished `final` meanwhile: two copies
+        of one instance would count twice, and with every process holding one such duplicate the
+        cache could wait on itself until timeout."""
         if nbytes > self.cap:
-            raise TooLarge(f"cache {self.dir}: one instance needs {nbytes} bytes, more than --cache-bytes {self.cap}")
+            raise TooLarge(f"cache {self.dir}: one instance needs {nbytes} bytes, more than "
+                           f"--cache-bytes {self.cap}")
         deadline = time.monotonic() + self.wait_s
         while True:
             with self.locked():
@@ -345,17 +365,18 @@ class Cache:
                 if self._make_room(nbytes - os.fstat(fh.fileno()).st_size):
                     _allocate(fh.fileno(), nbytes)
                     return
-            if time.monotonic() > deadline:  # the rest is pinned by resident volumes or the disk is full
+            if time.monotonic() > deadline:  # the rest is pinned by resident volumes, or disk full
                 used, _, pinned = self.usage()
-                raise CacheFull(f"cache {self.dir}: no room for {nbytes} bytes in {self.wait_s:.0f} s (cap {self.cap}, "
-                                f"{used} used, {len(pinned)} pinned volumes, free-disk floor {self.floor}): raise "
+                raise CacheFull(f"cache {self.dir}: no room for {nbytes} bytes in "
+                                f"{self.wait_s:.0f} s (cap {self.cap}, {used} used, {len(pinned)} "
+                                f"pinned volumes, free-disk floor {self.floor}): raise "
                                 "--cache-bytes or lower the number of resident/prefetched volumes")
             time.sleep(0.2)  # other processes retire their volumes meanwhile
 
     def write(self, path, copy, expected=None, check=None):
-        """Atomically create `path` from copy(write) (write(bytes) reserves as it goes), after check(tmp path)
-        passes; returns bytes written, or None when another process wrote `path` first (then copy is cut short).
-        `expected`: a size hint for the first reservation."""
+        """Atomically create `path` from copy(write) (write(bytes) reserves as it goes), after
+        check(tmp path) passes; returns bytes written, or None when another process wrote `path`
+        first (then copy is cut short). `expected`: a size hint for the first reservation."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}")
         try:
@@ -364,7 +385,7 @@ class Cache:
 
                 def write(b):
                     nonlocal reserved, written
-                    if written + len(b) > reserved:  # double, so a long body takes log(n) lock round trips
+                    if written + len(b) > reserved:  # doubling: log(n) lock round trips per body
                         reserved = max(written + len(b), expected or 0, min(2 * reserved, self.cap))
                         self.reserve(fh, reserved, path)
                     fh.write(b)
@@ -378,7 +399,7 @@ class Cache:
             if check:
                 check(tmp)
             os.utime(tmp, (time.time(), FIXED_MTIME))
-            with self.locked():  # a rename during an evictor's listing could hide the file from its sum
+            with self.locked():  # a rename during an evictor's listing could hide it from its sum
                 os.replace(tmp, path)  # readers see the old state or the whole file, never a part
             return written
         finally:
@@ -386,45 +407,48 @@ class Cache:
 
 
 def _allocate(fd, nbytes):
-    """Take the disk blocks now (so the free-disk check counts them); sparse size where the filesystem cannot."""
+    """Take the disk blocks now, so the free-disk check counts them (sparse where the fs cannot)."""
     try:
         os.posix_fallocate(fd, 0, nbytes)
     except OSError:
         os.ftruncate(fd, nbytes)
 
 
-# ----------------------------------------------------------------------------- the client
+# ------------------------------------------------------------------------------------ the client
 class Client:
-    """WADO-RS retrieval of the manifest's instances into a Cache, with retries and a bound on requests in flight.
+    """WADO-RS retrieval of the manifest's instances into a Cache, with retries and a bound on
+    requests in flight. Sockets, TLS context, the in-flight semaphore and the fetch threads are made
+    lazily in the process that uses them (after a DataLoader forks), never inherited. stats: hits,
+    misses, bytes fetched, retries (this process)."""
 
-    Sockets, TLS context, the in-flight semaphore and the fetch threads are made lazily in the process that uses
-    them (after a DataLoader forks), never inherited. stats: hits, misses, bytes fetched, retries (this process)."""
-
-    def __init__(self, url, rows, cache, credentials=None, ca_bundle=None, timeout=60.0, retries=6, backoff=1.0,
-                 max_wait=60.0, max_in_flight=2, log=None):
+    def __init__(self, url, rows, cache, credentials=None, ca_bundle=None, timeout=60.0, retries=6,
+                 backoff=1.0, max_wait=60.0, max_in_flight=2, log=None):
         self.scheme, self.host, self.port, self.prefix = parse_url(url)
         if ca_bundle and not Path(ca_bundle).is_file():
             raise FileNotFoundError(f"{ca_bundle}: CA bundle not found")
-        self.url, self.cache, self.credentials, self.ca_bundle = redact(url), cache, credentials, ca_bundle
-        self.timeout, self.retries, self.backoff, self.max_wait = timeout, retries, backoff, max_wait
+        self.url, self.cache = redact(url), cache
+        self.credentials, self.ca_bundle = credentials, ca_bundle
+        self.timeout, self.retries = timeout, retries
+        self.backoff, self.max_wait = backoff, max_wait
         self.max_in_flight = max_in_flight
         self.allowed = {tuple(r[c] for c in UID_COLUMNS) for r in rows}  # the allow-list
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.stats = dict(hits=0, misses=0, bytes=0, retries=0)
         self._pid = None
 
-    def __getstate__(self):  # spawn-started workers get a copy without this process's sockets and locks
-        return {k: v for k, v in self.__dict__.items() if k not in ("_tls", "_slots", "_pool", "_tls_context",
-                                                                     "_stats_lock")} | \
-            {"_pid": None}
+    def __getstate__(self):  # spawn-started workers get a copy without our sockets and locks
+        local = ("_tls", "_slots", "_pool", "_tls_context", "_stats_lock")
+        return {k: v for k, v in self.__dict__.items() if k not in local} | {"_pid": None}
 
     def _here(self):
-        """Per-process state, made on first use in each process (a forked child never shares a socket)."""
+        """Per-process state, made on first use in each process: a forked child shares no socket."""
         if self._pid != os.getpid():
-            self._pid, self._tls, self._pool = os.getpid(), threading.local(), None
+            self._pid, self._tls = os.getpid(), threading.local()
+            self._pool = None
             self._stats_lock = threading.Lock()
             self._slots = threading.BoundedSemaphore(self.max_in_flight)
-            self._tls_context = ssl.create_default_context(cafile=self.ca_bundle) if self.scheme == "https" else None
+            https = self.scheme == "https"
+            self._tls_context = ssl.create_default_context(cafile=self.ca_bundle) if https else None
         return self._tls
 
     def key(self, row):
@@ -435,7 +459,7 @@ class Client:
         return f"{self.url}|" + "|".join(uids)
 
     def fetch(self, row):
-        """(local path, pin token) of the instance `row` names, downloaded on a miss. The file stays pinned (never
+        """(local path, pin token) of the instance `row` names, downloaded on a miss, pinned (never
         evicted) until cache.unpin(token). Raises FetchError (skip it) or AuthError (stop)."""
         path = self.cache.path(self.key(row))
         self._here()
@@ -451,8 +475,8 @@ class Client:
             raise
 
     def prefetch(self, rows, ahead=2):
-        """Fetch `rows` in order, up to `ahead` beyond the one being used: yields (row, path, token) or, for an
-        instance that failed, (row, None, FetchError). AuthError and CacheFull stop the iteration."""
+        """Fetch `rows` in order, up to `ahead` beyond the one in use: yields (row, path, token), or
+        (row, None, FetchError) for an instance that failed. AuthError and CacheFull stop it."""
         self._here()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="dicomweb")
@@ -471,12 +495,14 @@ class Client:
         finally:  # the consumer stopped early: drop what is queued, unpin what already arrived
             for _, future in pending:
                 if not future.cancel():  # running: unpin when it lands (at once if it has)
-                    future.add_done_callback(lambda f: f.exception() or self.cache.unpin(f.result()[1]))
+                    future.add_done_callback(
+                        lambda f: f.exception() or self.cache.unpin(f.result()[1]))
 
     def _download(self, row, path):
         """GET the instance into the cache with retries; bytes written."""
         uids = tuple(row[c] for c in UID_COLUMNS)
         target = f"{self.prefix}/studies/{uids[0]}/series/{uids[1]}/instances/{uids[2]}"
+        name = f"study {uids[0]} series {uids[1]} instance {uids[2]}"
         reason = "no attempt"
         for attempt in range(self.retries):
             try:
@@ -484,19 +510,20 @@ class Client:
                     return self._get(target, path)
             except _Transient as e:
                 reason = str(e)
-                if (e.retry_after or 0) > self.max_wait:  # never sooner than the server asked: skip it instead
-                    raise FetchError(f"study {uids[0]} series {uids[1]} instance {uids[2]}: {reason}; the server "
-                                     f"asked for a retry after {e.retry_after:.0f} s, more than the "
+                if (e.retry_after or 0) > self.max_wait:  # never sooner than asked: skip it instead
+                    raise FetchError(f"{name}: {reason}; the server asked for a retry after "
+                                     f"{e.retry_after:.0f} s, more than the "
                                      f"{self.max_wait:.0f} s this client waits") from None
-                delay = self._rng().uniform(0, min(self.max_wait, self.backoff * 2 ** attempt))  # full jitter
+                cap = min(self.max_wait, self.backoff * 2 ** attempt)
+                delay = self._rng().uniform(0, cap)  # full jitter
                 delay = max(delay, e.retry_after or 0)
                 if attempt + 1 < self.retries:
                     with self._stats_lock:
                         self.stats["retries"] += 1
                     time.sleep(delay)
-        raise FetchError(f"study {uids[0]} series {uids[1]} instance {uids[2]}: {reason} ({self.retries} tries)")
+        raise FetchError(f"{name}: {reason} ({self.retries} tries)")
 
-    def _rng(self):  # a private generator: jitter must not move the training's python `random` stream
+    def _rng(self):  # a private generator: jitter must not move the training's `random` stream
         tls = self._here()
         if not hasattr(tls, "rng"):
             tls.rng = random.Random()
@@ -524,7 +551,7 @@ class Client:
             conn.close()
 
     def _get(self, target, path):
-        """One GET of one instance, streamed into the cache; raises _Transient for what is worth another try."""
+        """One GET of one instance into the cache; raises _Transient for what is worth a retry."""
         headers = {"Accept": ACCEPT, "User-Agent": "dbt-dino"}
         if self.credentials:
             headers["Authorization"] = self.credentials.header
@@ -540,20 +567,23 @@ class Client:
             raise _Transient(f"{type(e).__name__}: {e}") from None
         if resp.status in (401, 403):
             self._drop()
-            raise AuthError(f"{self.url}: HTTP {resp.status} {resp.reason}: the server refused the credentials "
-                            "(DICOMWEB_TOKEN, or DICOMWEB_USER/DICOMWEB_PASSWORD, or the credentials file); stopping")
+            raise AuthError(f"{self.url}: HTTP {resp.status} {resp.reason}: the server refused the "
+                            "credentials (DICOMWEB_TOKEN, or DICOMWEB_USER/DICOMWEB_PASSWORD, or "
+                            "the credentials file); stopping")
         if resp.status != 200:
             wait = retry_after(resp.getheader("Retry-After"))
-            self._drop()  # the error body is not worth reading: a new connection is cheaper than a large one
+            self._drop()  # not worth reading the error body: a new connection is cheaper
             reason = f"HTTP {resp.status} {resp.reason}"
             if resp.status == 429 or resp.status >= 500:
                 raise _Transient(reason, wait)
-            raise FetchError(f"{target}: {reason}" + (" (redirects are not followed: the manifest is the allow-list)"
-                                                      if 300 <= resp.status < 400 else ""))
+            if 300 <= resp.status < 400:
+                reason += " (redirects are not followed: the manifest is the allow-list)"
+            raise FetchError(f"{target}: {reason}")
         boundary = multipart_boundary(resp.getheader("Content-Type"))
         if boundary is None:
             self._drop()
-            raise FetchError(f"{target}: expected multipart/related, got {resp.getheader('Content-Type')!r}")
+            raise FetchError(f"{target}: expected multipart/related, "
+                             f"got {resp.getheader('Content-Type')!r}")
         return self._receive(resp, boundary, path, target)
 
     def _receive(self, resp, boundary, path, target):
@@ -572,9 +602,10 @@ class Client:
                 raise ValueError(f"the part is {part_type or 'untyped'}, not a DICOM file")
 
         headers, length = {}, resp.getheader("Content-Length")
+        expected = int(length) if length and length.isdigit() else None
         try:
-            size = self.cache.write(path, copy, int(length) if length and length.isdigit() else None, check)
-            if size is None:  # another process got there first; the rest of this body is not worth reading
+            size = self.cache.write(path, copy, expected, check)
+            if size is None:  # another process got there first: the rest is not worth reading
                 self._drop()
                 return 0
         except _Transient:

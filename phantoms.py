@@ -1,4 +1,19 @@
-"""phantoms: TODO docstring."""
+"""Write synthetic DBT archives in the BCS-DBT layout, for tests and demos (no patients).
+
+A phantom (make_phantom) is a volume (S, H, W) in [0, 1], chest wall on the left: a half-ellipse
+breast with fat 0.3 and gland 0.5 from 3-D power-law noise (spectrum 1/f^beta) cut at its (1 - g)
+quantile, so the glandular fraction g sets the density; plus skin, pectoral muscle (MLO), lesions, z
+blur and noise. An archive (write_archive) has one exam of four views a patient: BI-RADS density a-d
+(10/40/40/10 %) sets g ~ 0.1/0.25/0.5/0.75; a latent risk r ~ N(0, 1) shows only in the texture
+(beta = 3 + 0.3 r) and, with density, sets the yearly cancer hazard 0.03 exp(0.5 density + 0.8 r); a
+cancer within a year puts a mass in that breast's views; 15 % of views get benign calcifications.
+BCS-DBT's CSVs, keyed by PatientID, StudyUID, View:
+  file-paths.csv  descriptive_path, classic_path
+  labels.csv      Normal, Actionable, Benign, Cancer
+  boxes.csv       Subject, Slice, X, Y, Width, Height, Class, AD, VolumeSlices
+and exams.csv (ours): patient, exam, LCC, RCC, LMLO, RMLO (paths), density, years_to_cancer (empty
+if none before follow-up ends), years_of_followup. CLI: python phantoms.py --out DIR --patients N
+"""
 
 import argparse
 import csv
@@ -23,17 +38,14 @@ import utils
 
 
 def make_phantom(shape=(24, 256, 192), glandular=0.25, mlo=False, lesions=(), beta=3.0, seed=0):
-    """Synthetic DBT volume (S, H, W) in [0, 1], chest wall on the left (spec data.md 6.1).
-
-    lesions: classes ("cancer" -> spiculation-free mass, "benign" -> calcification cluster, "benign mass" -> a mass
-    whose box Class is "benign").
-    Returns (volume, boxes) with boxes [dict(Class, Slice, X, Y, Width, Height)] in pixel units."""
+    """-> (volume (S, H, W) in [0, 1], boxes [dict(Class, Slice, X, Y, Width, Height)] in pixels).
+    lesions: "cancer" (a mass), "benign" (calcifications), "benign mass" (a mass, Class benign)."""
     rng = np.random.default_rng(seed)
     S, H, W = shape
     z = np.linspace(-1, 1, S)[:, None, None] if S > 1 else np.zeros((1, 1, 1))
     y, x = np.linspace(0, 1, H)[None, :, None], np.linspace(0, 1, W)[None, None, :]
-    shrink = np.sqrt(1 - 0.3 * z ** 2)  # compressed breasts are thinner at the top and bottom slices
-    a = rng.uniform(0.5, 0.7) * shrink  # half-axes (S, 1, 1), drawn in this order: a, b, then the centre y0
+    shrink = np.sqrt(1 - 0.3 * z ** 2)  # compressed breasts are thinner at the top and bottom
+    a = rng.uniform(0.5, 0.7) * shrink  # half-axes (S, 1, 1), drawn in this order: a, b, centre y0
     b = rng.uniform(0.3, 0.4) * shrink
     y0 = rng.uniform(0.45, 0.55)
     r = np.sqrt((x / a) ** 2 + ((y - y0) / b) ** 2)  # (S, H, W) 1 on the skin line
@@ -41,20 +53,21 @@ def make_phantom(shape=(24, 256, 192), glandular=0.25, mlo=False, lesions=(), be
     freqs = [np.fft.fftfreq(n) for n in shape[:-1]] + [np.fft.rfftfreq(shape[-1])]
     f2 = sum(np.meshgrid(*[f.astype(np.float32) ** 2 for f in freqs], indexing="ij", sparse=True))
     amp = np.where(f2 > 0, f2, np.inf) ** (-beta / 4)  # |f|^(-beta/2): power spectrum 1/f^beta
-    noise = np.fft.irfftn(np.fft.rfftn(rng.standard_normal(shape, np.float32)) * amp, shape, axes=(0, 1, 2))
-    noise = noise / noise.std() + 2 * np.clip(1 - r, 0, 1) ** 0.5  # glands sit behind the nipple, not at the skin
+    white = rng.standard_normal(shape, np.float32)  # (S, H, W)
+    noise = np.fft.irfftn(np.fft.rfftn(white) * amp, shape, axes=(0, 1, 2))
+    noise = noise / noise.std() + 2 * np.clip(1 - r, 0, 1) ** 0.5  # glands behind the nipple
     t = np.quantile(noise[breast], 1 - glandular)
     vol = 0.3 + 0.2 / (1 + np.exp(-(noise - t) / 0.15))  # fat 0.3, gland 0.5
     vol = ndimage.gaussian_filter1d(vol, 1.5, axis=0)  # poor out-of-plane resolution of DBT
     vol[breast & (r > 1 - 3 / (a * W))] *= 1.15  # skin rim
-    if mlo:  # pectoral muscle: bright triangle in the upper chest-wall corner with a convex edge
+    if mlo:  # pectoral muscle: bright triangle in the upper chest-wall corner, convex edge
         pw, ph = rng.uniform(0.1, 0.25), rng.uniform(0.2, 0.35)
         u = x / pw + y / ph
         vol[breast & (u <= 1 + 0.15 * np.sin(np.pi * np.clip(x / pw, 0, 1)))] = 0.65
     boxes, scale = [], H / 256
     Z, Y, X = np.ogrid[:S, :H, :W]
-    central = np.abs(z) <= max(0.5, np.abs(z).min())  # central slices (the middle one of a very thin volume)
-    inner = np.argwhere(breast & (r < 0.6) & central)  # lesion centres: central slices, not the skin
+    central = np.abs(z) <= max(0.5, np.abs(z).min())  # (the middle slice of a very thin volume)
+    inner = np.argwhere(breast & (r < 0.6) & central)  # lesion centres: central, not the skin
     for cls in lesions:
         cz, cy, cx = inner[rng.integers(len(inner))]
         if cls in ("cancer", "benign mass"):  # ellipsoid mass with a smooth (erfc) margin
@@ -65,15 +78,16 @@ def make_phantom(shape=(24, 256, 192), glandular=0.25, mlo=False, lesions=(), be
             x1, y1 = cx + rr, cy + rr
         else:  # calcification cluster: bright specks, each sharp in only 1-2 slices
             n = rng.integers(5, 16)
-            sy, sx = (np.clip(rng.normal([cy, cx], 6 * scale, (n, 2)), 0, [H - 1, W - 1])).astype(int).T
+            specks = rng.normal([cy, cx], 6 * scale, (n, 2))  # (n, 2) centres, y and x
+            sy, sx = np.clip(specks, 0, [H - 1, W - 1]).astype(int).T
             for dz in (0, 1):
                 vol[np.clip(cz + dz, 0, S - 1), sy, sx] += 0.4 * (1 - 0.5 * dz)
             x0, y0_ = sx.min() - 2, sy.min() - 2
             x1, y1 = sx.max() + 3, sy.max() + 3
         x0, y0_ = max(int(x0), 0), max(int(y0_), 0)
-        boxes.append(dict(Class=cls.split()[0], Slice=int(cz), X=x0, Y=y0_, Width=int(min(x1, W) - x0),
-                          Height=int(min(y1, H) - y0_)))
-    vol = vol + rng.standard_normal(shape) * 0.01 * np.sqrt(np.clip(vol, 0, None))  # quantum noise ~ sqrt(signal)
+        boxes.append(dict(Class=cls.split()[0], Slice=int(cz), X=x0, Y=y0_,
+                          Width=int(min(x1, W) - x0), Height=int(min(y1, H) - y0_)))
+    vol = vol + rng.standard_normal(shape) * 0.01 * np.sqrt(np.clip(vol, 0, None))  # quantum noise
     return np.where(breast, np.clip(vol, 0, 1), 0).astype(np.float32), boxes
 
 
@@ -84,38 +98,43 @@ def quantize(volume, bits_stored=10, monochrome1=False):
 
 
 def write_bto(path, stored, laterality="L", view="CC", encoding="native", voi_function="LINEAR",
-              monochrome1=False, bits_stored=10, patient_id="SYN-P00000", study_uid=None, spacing=0.1):
-    """Write stored uint16 (S, H, W) as a Breast Tomosynthesis Image (BTO) file with functional groups, atomically.
-
-    encoding: native (Explicit VR LE), rle (pydicom's encoder) or j2k (lossless, Pillow/OpenJPEG)."""
+              monochrome1=False, bits_stored=10, patient_id="SYN-P00000", study_uid=None,
+              spacing=0.1):
+    """Write stored uint16 (S, H, W) as a BTO file, atomically: native, rle or lossless j2k."""
     S, H, W = stored.shape
     top = 2 ** bits_stored
-    c, w = {"SIGMOID": (0.4 * top, 0.5 * top)}.get(voi_function, (top / 2, top))  # LINEAR*: identity on stored range
+    # LINEAR*: identity on the stored range; SIGMOID: a window in the middle
+    c, w = {"SIGMOID": (0.4 * top, 0.5 * top)}.get(voi_function, (top / 2, top))
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = {"j2k": "1.2.840.10008.1.2.4.90"}.get(encoding, "1.2.840.10008.1.2.1")
+    ts = {"j2k": "1.2.840.10008.1.2.4.90"}.get(encoding, "1.2.840.10008.1.2.1")  # else Explicit LE
+    ds.file_meta.TransferSyntaxUID = ts
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = dicom.BTO
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.StudyInstanceUID = study_uid or generate_uid()
     ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid()
     ds.PatientID, ds.Modality = patient_id, "MG"
     ds.ImageType = ["DERIVED", "PRIMARY", "TOMOSYNTHESIS", "NONE"]
-    ds.PatientOrientation = {"LCC": "A\\R", "RCC": "P\\L", "LMLO": "A\\FR", "RMLO": "P\\FL"}[laterality + view]
-    code = {"CC": ("399162004", "cranio-caudal"), "MLO": ("399368009", "medio-lateral oblique")}[view]
-    ds.ViewCodeSequence = [_item(CodeValue=code[0], CodingSchemeDesignator="SCT", CodeMeaning=code[1])]
+    orientations = {"LCC": "A\\R", "RCC": "P\\L", "LMLO": "A\\FR", "RMLO": "P\\FL"}
+    ds.PatientOrientation = orientations[laterality + view]
+    codes = {"CC": ("399162004", "cranio-caudal"), "MLO": ("399368009", "medio-lateral oblique")}
+    sct, meaning = codes[view]
+    ds.ViewCodeSequence = [_item(CodeValue=sct, CodingSchemeDesignator="SCT", CodeMeaning=meaning)]
     ds.Rows, ds.Columns = H, W
     ds.NumberOfFrames, ds.SamplesPerPixel = S, 1
     ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored = 16, bits_stored
     ds.HighBit, ds.PixelRepresentation = bits_stored - 1, 0
-    ds.SharedFunctionalGroupsSequence = [_item(  # pydicom's own VOI helpers never look in here: read_dbt must
+    ds.SharedFunctionalGroupsSequence = [_item(  # pydicom's VOI helpers never look in here
         PixelMeasuresSequence=[_item(PixelSpacing=[spacing, spacing], SliceThickness=1.0)],
         FrameVOILUTSequence=[_item(WindowCenter=c, WindowWidth=w, VOILUTFunction=voi_function)],
-        PixelValueTransformationSequence=[_item(RescaleSlope=1, RescaleIntercept=0, RescaleType="US")],
+        PixelValueTransformationSequence=[_item(RescaleSlope=1, RescaleIntercept=0,
+                                                RescaleType="US")],
         FrameAnatomySequence=[_item(FrameLaterality=laterality)])]
     ds.PerFrameFunctionalGroupsSequence = [_item(  # 1 mm slices
         PlanePositionSequence=[_item(ImagePositionPatient=[0.0, 0.0, float(i)])],
-        FrameContentSequence=[_item(InStackPositionNumber=i + 1, DimensionIndexValues=[1, i + 1])]) for i in range(S)]
+        FrameContentSequence=[_item(InStackPositionNumber=i + 1, DimensionIndexValues=[1, i + 1])])
+        for i in range(S)]
     if encoding == "j2k":
         frames = []
         for f in stored:
@@ -141,38 +160,35 @@ def _item(**attrs):
 
 
 def write_phantom_dicom(path, shape=(60, 2457, 1996), encoding="native", seed=0, **kw):
-    """A phantom BTO file of any size (for tests and bench.py); anatomy is drawn at <= 512 px then upsampled."""
+    """A phantom BTO file of any size (tests, bench.py): anatomy drawn at <= 512 px, upsampled."""
     f = max(1, math.ceil(max(shape[1:]) / 512))
     small, _ = make_phantom((shape[0], math.ceil(shape[1] / f), math.ceil(shape[2] / f)), seed=seed)
     iy, ix = np.arange(shape[1]) // f, np.arange(shape[2]) // f
     stored = np.empty(shape, np.uint16)  # (S, H, W)
     for s in range(shape[0]):
-        stored[s] = quantize(small[s][iy][:, ix], kw.get("bits_stored", 10), kw.get("monochrome1", False))
+        upsampled = small[s][iy][:, ix]  # (H, W)
+        stored[s] = quantize(upsampled, kw.get("bits_stored", 10), kw.get("monochrome1", False))
     write_bto(path, stored, encoding=encoding, **kw)
     return Path(path)
 
 
 def write_archive(root, patients=8, seed=0, shape=(24, 256, 192), lesion_rate=0.0):
-    """A small BCS-DBT-like archive: 4 BTO views per exam, BCS-DBT CSVs, exams.csv for density/risk probes.
-
-    lesion_rate: the mean number of extra lesions per view (Poisson), for detection archives, enriched with lesions
-    as BCS-DBT's validation and test sets are. They are masses, as BCS-DBT's boxes are (masses and architectural
-    distortions), Class benign or cancer at even odds. They are in boxes.csv and labels.csv only: exams.csv's cancer
-    outcomes (the risk probe's) do not know them."""
+    """A small BCS-DBT-like archive. lesion_rate: mean extra masses per view (Poisson), benign or
+    cancer at even odds, as BCS-DBT's enriched val/test sets; in boxes.csv and labels.csv only."""
     root, rng = Path(root), np.random.default_rng(seed)
-    enrich = np.random.default_rng([seed, 1])  # its own stream: lesion_rate 0 leaves every other draw as it was
+    enrich = np.random.default_rng([seed, 1])  # own stream: lesion_rate 0 changes no other draw
     paths, labels = [], []  # rows of file-paths.csv, labels.csv,
     boxes, exams = [], []  # boxes.csv and exams.csv
-    # cycle encodings and display conventions so every exam exercises the whole reading path
-    # (mostly compressed: native views cost 2.4 MB each at the default size)
+    # 8 views of every 16 cover all variants, the rest are cheap j2k (native: 2.4 MB a view)
     variants = [("native", "LINEAR", False), ("j2k", "SIGMOID", False), ("j2k", "LINEAR", True),
                 ("rle", "LINEAR_EXACT", False), ("j2k", "LINEAR", False), ("rle", "SIGMOID", True),
-                ("j2k", "LINEAR_EXACT", False), ("rle", "LINEAR", False)] + [("j2k", "LINEAR", False)] * 8
+                ("j2k", "LINEAR_EXACT", False), ("rle", "LINEAR", False)]
+    variants += [("j2k", "LINEAR", False)] * 8
     for p in range(patients):
         pid = f"SYN-P{p:05d}"
         study = generate_uid(entropy_srcs=[str(seed), pid])
         density = int(rng.choice(4, p=[0.1, 0.4, 0.4, 0.1]))  # BI-RADS a-d prevalence
-        risk = rng.normal()  # latent risk, visible only through texture (beta), so the probe has to learn it
+        risk = rng.normal()  # latent risk, visible only through texture (beta): the probe learns it
         hazard = 0.03 * math.exp(0.5 * density + 0.8 * risk)
         onset, followup = rng.exponential(1 / hazard), rng.uniform(2, 8)
         side = "LR"[rng.integers(2)]
@@ -180,7 +196,8 @@ def write_archive(root, patients=8, seed=0, shape=(24, 256, 192), lesion_rate=0.
         for k, view in enumerate(("LCC", "RCC", "LMLO", "RMLO")):
             cancer = ["cancer"] if onset < 1 and view[0] == side else []
             lesions = cancer + (["benign"] if rng.random() < 0.15 else [])
-            lesions += [("cancer", "benign mass")[int(c)] for c in enrich.integers(2, size=enrich.poisson(lesion_rate))]
+            extra = enrich.integers(2, size=enrich.poisson(lesion_rate))  # 0 cancer, 1 benign
+            lesions += [("cancer", "benign mass")[int(c)] for c in extra]
             g = [0.1, 0.25, 0.5, 0.75][density] * rng.uniform(0.8, 1.25)
             vol, bxs = make_phantom(shape, g, view.endswith("MLO"), lesions, beta=3 + 0.3 * risk,
                                     seed=int(rng.integers(2 ** 31)))
@@ -191,22 +208,22 @@ def write_archive(root, patients=8, seed=0, shape=(24, 256, 192), lesion_rate=0.
             encoding, voi, mono1 = variants[(4 * p + k) % len(variants)]
             rel = f"Breast-Cancer-Screening-DBT/{pid}/{study}/{view.lower()}/1-1.dcm"
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            write_bto(root / rel, quantize(vol, 10, mono1), view[0], view[1:], encoding, voi, mono1,
-                      patient_id=pid, study_uid=study, spacing=0.1 * 2457 / shape[1])
+            write_bto(root / rel, quantize(vol, 10, mono1), view[0], view[1:], encoding, voi,
+                      mono1, patient_id=pid, study_uid=study, spacing=0.1 * 2457 / shape[1])
             key = dict(PatientID=pid, StudyUID=study, View=view.lower())
             paths.append(dict(key, descriptive_path=rel, classic_path=rel))
             cls = {b["Class"] for b in bxs}
-            labels.append(dict(key, Normal=int(not cls), Actionable=0, Benign=int(cls == {"benign"}),
-                               Cancer=int("cancer" in cls)))
+            labels.append(dict(key, Normal=int(not cls), Actionable=0,
+                               Benign=int(cls == {"benign"}), Cancer=int("cancer" in cls)))
             boxes += [dict(key, Subject=pid, **b, AD=0, VolumeSlices=shape[0]) for b in bxs]
             exam[view] = rel
-        event = onset < followup
-        exams.append(dict(exam, density="abcd"[density], years_to_cancer=round(onset, 3) if event else "",
+        years_to_cancer = round(onset, 3) if onset < followup else ""
+        exams.append(dict(exam, density="abcd"[density], years_to_cancer=years_to_cancer,
                           years_of_followup=round(min(onset, followup), 3)))
-    box_fields = "PatientID StudyUID View Subject Slice X Y Width Height Class AD VolumeSlices".split()
-    for name, rows, fields in [("file-paths", paths, None), ("labels", labels, None), ("boxes", boxes, box_fields),
-                               ("exams", exams, None)]:
-        with open(root / f"{name}.csv", "w", newline="") as fh:  # boxes.csv needs its header even when empty
+    box_fields = "PatientID StudyUID View Subject Slice X Y Width Height Class AD VolumeSlices"
+    for name, rows, fields in [("file-paths", paths, None), ("labels", labels, None),
+                               ("boxes", boxes, box_fields.split()), ("exams", exams, None)]:
+        with open(root / f"{name}.csv", "w", newline="") as fh:  # boxes.csv: a header when empty
             w = csv.DictWriter(fh, fieldnames=fields or list(rows[0]))
             w.writeheader()
             w.writerows(rows)
@@ -214,10 +231,10 @@ def write_archive(root, patients=8, seed=0, shape=(24, 256, 192), lesion_rate=0.
 
 
 def synthetic_archive(root=None, patients=8, seed=0, shape=(24, 256, 192), lesion_rate=0.0):
-    """Create once (build in a tmp dir, then os.replace) and return the synthetic archive folder. Its default name
-    holds every argument, so other shape or lesion flags never get an archive built with different ones."""
+    """Create once (in a tmp dir, then os.replace) and return the archive folder. Its default name
+    holds every argument, so other shape or lesion flags never get one built with different ones."""
     shape_name = "x".join(map(str, shape)) + (f"-l{lesion_rate:g}" if lesion_rate else "")
-    root = Path(root) if root else utils.cache_base() / f"synthetic-p{patients}-s{seed}-{shape_name}"
+    root = Path(root or utils.cache_base() / f"synthetic-p{patients}-s{seed}-{shape_name}")
     if (root / "exams.csv").exists():
         return root
     tmp = Path(utils.tmp_name(root))
@@ -233,22 +250,25 @@ def synthetic_archive(root=None, patients=8, seed=0, shape=(24, 256, 192), lesio
 
 
 def get_args(argv=None):
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = utils.one_line_errors(argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=fmt))
-    p.add_argument("--out", default=str(utils.cache_base() / "synthetic"),
-                   help="output folder: new, empty, or an archive this command wrote (then it is reused)")
-    p.add_argument("--patients", type=utils.number(int, 1, 100000), default=8, help="patients (one exam of four views)")
-    p.add_argument("--seed", type=utils.number(int, 0, utils.SEED_MAX), default=0, help="random seed")
-    p.add_argument("--slices", type=utils.number(int, 1, 1000), default=24, help="slices per volume")
-    p.add_argument("--height", type=utils.number(int, 16, 8192), default=256, help="rows per slice")
-    p.add_argument("--width", type=utils.number(int, 16, 8192), default=192, help="columns per slice")
-    p.add_argument("--lesion-rate", type=utils.number(float, 0, 10), default=0.0,
-                   help="mean extra masses per view, for detection archives (BCS-DBT's sets are enriched)")
+    p = utils.one_line_errors(argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    num = utils.number
+    g = p.add_argument_group("run folder")
+    g.add_argument("--out", default=str(utils.cache_base() / "synthetic"),
+                   help="output folder: new, empty, or an archive this command wrote (then reused)")
+    g = p.add_argument_group("data")
+    g.add_argument("--patients", type=num(int, 1, 100000), default=8, help="patients, 4 views each")
+    g.add_argument("--seed", type=num(int, 0, utils.SEED_MAX), default=0, help="random seed")
+    g.add_argument("--slices", type=num(int, 1, 1000), default=24, help="slices per volume")
+    g.add_argument("--height", type=num(int, 16, 8192), default=256, help="rows per slice")
+    g.add_argument("--width", type=num(int, 16, 8192), default=192, help="columns per slice")
+    g.add_argument("--lesion-rate", type=num(float, 0, 10), default=0.0,
+                   help="mean extra masses per view (detection archives; BCS-DBT's are enriched)")
     return p.parse_args(argv)
 
 
 def synth_command(args):
-    """`python phantoms.py`: write an archive, or reuse the one already there and say how large it really is."""
+    """`python phantoms.py`: write an archive, or reuse the one there and say how large it is."""
     out = Path(args.out)
     if (out / "exams.csv").exists():
         rows = utils.read_csv(out / "exams.csv")
@@ -257,12 +277,14 @@ def synth_command(args):
         head = dicom.read_header(out / rows[0]["LCC"])  # every volume has one shape
         has = (len(rows), int(head.get("NumberOfFrames") or 1), int(head.Rows), int(head.Columns))
         want = (args.patients, args.slices, args.height, args.width)
-        asked = "" if has == want else ("; {} patients of {}x{}x{} were asked for: remove the folder to rewrite "
-                                        "it").format(*want)
-        return "reused {}: {} volumes of {} patients, {}x{}x{}{}".format(out, 4 * has[0], *has, asked)
+        ask = "; {} patients of {}x{}x{} were asked for: remove the folder to rewrite it"
+        ask = "" if has == want else ask.format(*want)
+        return "reused {}: {} volumes of {} patients, {}x{}x{}".format(out, 4 * has[0], *has) + ask
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out}: exists and is not an archive written by phantoms.py; choose another --out")
-    root = synthetic_archive(out, args.patients, args.seed, (args.slices, args.height, args.width), args.lesion_rate)
+        raise ValueError(f"{out}: exists and is not an archive written by phantoms.py; "
+                         "choose another --out")
+    shape = (args.slices, args.height, args.width)
+    root = synthetic_archive(out, args.patients, args.seed, shape, args.lesion_rate)
     return f"wrote {root}: {4 * args.patients} volumes of {args.patients} patients"
 
 

@@ -1,27 +1,35 @@
-"""Frozen-backbone probes on DBT exams: cached embeddings, breast density, 5-year risk (DBT-DINO §2.4, §6.2).
+"""Frozen-backbone probes on DBT exams: breast density and 5-year risk (DBT-DINO §2.4, §6.2).
 
-Every slice of the four views of an exam goes through a frozen backbone once; per view the patch and CLS tokens
-are summarised (mean, std, min, max jointly over slices and patches; CLS mean and std over slices), the views are
-concatenated in DBT-DINO's order RCC, LCC, RMLO, LMLO, and a linear head is trained on top:
-  density  Linear(F, 4), cross-entropy, AdamW (wd 1e-4) + cosine, batch 64, 75 epochs, LR search in [1e-5, 1e-2]
-  risk     DBT-DINO's cumulative hazard head (softplus, upper-triangular sum, 1 - exp(-H)), masked BCE normalised
-           per sample, balanced sampling, 100 epochs, LR search in [1e-5, 1e-3]
-Facts: ../shared/spec/downstream.md §1-3 (what DBT-DINO's code does), detection_metrics.md §4 (Mirai).
+    python probe.py --data exams.csv --backbone dbt_dino.pth              # density head, tested
+    python probe.py --task risk --data exams.csv --backbone dbt_dino.pth  # 5-year risk head
+    python probe.py embed --data exams.csv --backbone dbt_dino.pth        # fill the cache only
+    python metrics.py compare RUN_A RUN_B [--rule mirai|dbt-dino]         # p-values of two runs
+    python show.py --image X.dcm --backbone dbt_dino.pth                  # attention maps
 
-Commands and flags: README.md and --help.
-The exam table (--data, or a folder holding exams.csv) has one row per exam: patient, exam, LCC, RCC, LMLO, RMLO
-(paths relative to the CSV), and optionally density (a-d), years_to_cancer (empty when none),
-years_of_followup, split (train/val/test, one per patient; else 60/20/20 by patient, seeded) and any --subgroups
-columns.
-From a PACS (--data dicomweb+..., the table as --manifest) each view cell names one instance as
-StudyInstanceUID/SeriesInstanceUID/SOPInstanceUID; only those are ever requested (README, pacs.py).
-Embeddings are cached per exam under $DBT_DINO_CACHE/embeddings/<backbone weights + preprocessing>/: a rerun
-embeds only what is missing. On a GPU, --compile (the ViT's blocks) and --precision bf16-weights are the fastest
-embedding settings measured (README, Performance). --out gets args.json, metrics.jsonl (LR-search curves), metrics.json,
-predictions.csv, head.pt and confusion.png (density) or roc.png (risk).
-Differences from DBT-DINO's code: features are standardised with the training set's mean and std before the
-head (an affine map the head could absorb; it makes one LR range fit every backbone), and the LR search draws
-log-uniform at random with Optuna's median-pruning rule instead of Optuna's TPE sampler.
+Embedding: each slice of an exam's four views goes once through the frozen backbone, stretched to a
+square, grey repeated to 3 channels. Per view, patch tokens are summarised jointly over slices and
+patches (mean, std, min, max), CLS tokens over slices (mean, std); --features picks statistics,
+concatenated in DBT-DINO's view order RCC, LCC, RMLO, LMLO. All six are cached per exam under
+$DBT_DINO_CACHE/embeddings/<weights + preprocessing>/: a rerun embeds only what is missing.
+
+Heads (DBT-DINO §6.2.1-2) train on train, keep the LR of lowest val loss, are scored once on test:
+  density  Linear(F, 4), cross-entropy, AdamW (weight decay 1e-4) + cosine, batch 64, 75 epochs,
+           LR in [1e-5, 1e-2]; accuracy, macro F1, one-vs-rest AUROC, patient-bootstrap CIs
+  risk     hazards softplus(Linear(F, 5)) summed over years 1..k into H_k, p_k = 1 - exp(-H_k);
+           BCE over the years an exam is observed, divided by their number; cancers and healthy
+           exams drawn at equal odds; 100 epochs, LR in [1e-5, 1e-3]; validated on the val
+           cancers plus as many healthy exams; per-year AUROC by --rule, both rules in metrics.json
+The rules (metrics.risk_year_cases) share positives, cancers within k years. Mirai's negatives are
+exams followed k years without one, so a later cancer counts as negative; DBT-DINO's must also have
+no cancer within 5 years, so later cancers are left out. Departures from DBT-DINO's code: features
+are standardised by the train split's mean and std (an affine map the head could absorb; one LR
+range then fits every backbone), and the LR search draws log-uniform at random, seeded, with
+Optuna's median pruning, instead of Optuna's TPE sampler.
+
+The exam table (--data: a CSV, or a folder holding exams.csv) is cohorts.py's. From a PACS, --data
+dicomweb+https://... takes it as --manifest, each view cell an instance's three UIDs: only those are
+requested (pacs.py, docs/pacs.md). --out gets args.json, metrics.jsonl (LR-search curves), metrics.json,
+predictions.csv, head.pt and confusion.png or roc.png.
 """
 import argparse
 import copy
@@ -56,29 +64,20 @@ FEATURES = {"patch-mean-std": ("patch_mean", "patch_std"), "patch-mean": ("patch
             "patch-all": ("patch_mean", "patch_std", "patch_min", "patch_max")}
 TASKS = {"density": dict(epochs=75, lr=(1e-5, 1e-2)), "risk": dict(epochs=100, lr=(1e-5, 1e-3))}
 PRECISIONS = ("autocast", "bf16-weights", "fp32")
-PREPROCESS_VERSION = 2  # bump when the display transform, resize or statistics change: the cache key uses it
-
-
-# ----------------------------------------------------------------------------- the exam table
-
-
-# ----------------------------------------------------------------------------- backbones
+PREPROCESS_VERSION = 2  # the cache key holds it: bump when display, resize or statistics change
 
 
 # ----------------------------------------------------------------------------- embedding
-
-
 def aggregate(patch_tokens, cls_tokens):
-    """DBT-DINO's per-view statistics (downstream.md §1): patch tokens (S, N, D) jointly over slices and patches,
-    CLS tokens (S, D) over slices -> dict of six (D,) tensors. Std is unbiased, torch's default, as theirs (so a
-    one-slice view has a NaN cls_std)."""
+    """DBT-DINO's per-view statistics: patch tokens (S, N, D) jointly over slices and patches, CLS
+    tokens (S, D) over slices -> six (D,) tensors. Std is unbiased (torch's, as theirs)."""
     p = patch_tokens.reshape(-1, patch_tokens.shape[-1])  # (S*N, D)
-    return {"patch_mean": p.mean(0), "patch_std": p.std(0), "patch_min": p.amin(0), "patch_max": p.amax(0),
-            "cls_mean": cls_tokens.mean(0), "cls_std": cls_tokens.std(0)}
+    return {"patch_mean": p.mean(0), "patch_std": p.std(0), "patch_min": p.amin(0),
+            "patch_max": p.amax(0), "cls_mean": cls_tokens.mean(0), "cls_std": cls_tokens.std(0)}
 
 
 def _prepare(backbone, device, precision):
-    """-> (network, input dtype, autocast on?). bf16-weights casts a copy, so the caller's backbone stays fp32."""
+    """-> (network, input dtype, autocast on?); bf16-weights casts a copy, keeping the fp32 one."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: choose from {', '.join(PRECISIONS)}")
     net = backbone.to(device).eval()
@@ -88,9 +87,9 @@ def _prepare(backbone, device, precision):
 
 
 def display_chunks(item, device, chunk):
-    """Displayed slices of one VolumeReader item, `chunk` at a time: (c, H, W) in [0, 1] on `device`, mirrored to
-    the canonical orientation (chest wall left) by the volume's index decision, as data.read_dbt."""
-    stored = item["stored"].to(device, non_blocking=True)  # (S, H, W) stored integers: 2 bytes a pixel to move
+    """One VolumeReader item's slices as displayed, `chunk` at a time: (c, H, W) in [0, 1] on
+    `device`, mirrored by the volume's own decision to the canonical side, as dicom.read_dbt."""
+    stored = item["stored"].to(device, non_blocking=True)  # (S, H, W) integers: 2 bytes a pixel
     rows, sigmoid = item["rows"].to(device), item["sigmoid"].to(device)
     for start in range(0, len(stored), chunk):
         part = slice(start, start + chunk)
@@ -99,10 +98,11 @@ def display_chunks(item, device, chunk):
 
 
 def _embed_one(net, item, device, size, chunk, dtype, amp):
+    """One volume's six aggregate() statistics, on the CPU."""
     patches, cls = [], []
     for x in display_chunks(item, device, chunk):
-        # DBT-DINO stretches every slice to a square, grey repeated to 3 channels, no ImageNet normalisation
-        x = F.interpolate(x[:, None], size=(size, size), mode="bilinear", antialias=True).clamp(0, 1)
+        # DBT-DINO stretches each slice to a square, grey repeated to 3 channels, no ImageNet norm
+        x = F.interpolate(x[:, None], (size, size), mode="bilinear", antialias=True).clamp(0, 1)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = net.forward_features(x.expand(-1, 3, -1, -1).to(dtype))  # (c, 3, size, size) in
         patches.append(out["x_norm_patchtokens"].float())  # (c, N, D)
@@ -111,66 +111,70 @@ def _embed_one(net, item, device, size, chunk, dtype, amp):
 
 
 @torch.inference_mode()
-def embed_volumes(backbone, paths, device, *, size=518, chunk=75, workers=2, precision="autocast", client=None):
+def embed_volumes(backbone, paths, device, *, size=518, chunk=75, workers=2, precision="autocast",
+                  client=None):
     """Embed DBT volumes with a frozen backbone -> (features, stats).
 
-    paths: local files, or with a pacs.Client `client`, dicts of the instances' three UIDs. features: per path the
-    six aggregate() (D,) tensors, or None when unreadable or not fetched (logged); AuthError and CacheFull stop the
-    run. stats: slices, seconds, wait_seconds (blocked on the loader), skipped. Workers decode; the display
-    transform, mirror and resize run on `device`, `chunk` slices at a time. precision: one of PRECISIONS."""
+    paths: local files, or with a pacs.Client `client`, dicts of an instance's three UIDs. features:
+    per path the six aggregate() (D,) tensors, or None if unreadable or not fetched (logged);
+    AuthError and CacheFull stop the run. stats: slices, seconds, wait_seconds (blocked on the
+    loader), skipped. Workers decode; display, mirror, resize run on `device`, `chunk` at a time."""
     device = torch.device(device)
     net, dtype, amp = _prepare(backbone, device, precision)
     reader = data.VolumeReader(paths) if client is None else data.RemoteVolumeReader(client, paths)
     loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=workers,
                                          pin_memory=device.type == "cuda")
     features, stats = [None] * len(paths), dict(slices=0, seconds=0.0, wait_seconds=0.0, skipped=0)
-    progress, t0, every = utils.Progress(len(paths)), time.perf_counter(), max(1, len(paths) // 10)
+    progress, t0 = utils.Progress(len(paths)), time.perf_counter()
+    every = max(1, len(paths) // 10)  # progress lines per run
     batches = iter(loader)
     for n in range(1, len(paths) + 1):
         t = time.perf_counter()
         i, item = next(batches)
         stats["wait_seconds"] += time.perf_counter() - t
-        if isinstance(item, Exception):  # a refused login or a full cache: every further volume would fail too
+        if isinstance(item, Exception):  # a refused login or a full cache: every further one fails
             raise item
         if isinstance(item, str):
             utils.log(f"skipped unreadable view: {item}")
             stats["skipped"] += 1
-        else:
-            features[i] = _embed_one(net, item, device, size, chunk, dtype, amp)  # .cpu() waits for the device
+        else:  # .cpu() in _embed_one waits for the device
+            features[i] = _embed_one(net, item, device, size, chunk, dtype, amp)
             stats["slices"] += len(item["stored"])
         if n % every == 0 or n == len(paths):
             spent = time.perf_counter() - t0
             rate, wait = stats["slices"] / spent, stats["wait_seconds"] / spent
-            utils.log("embed " + progress.line(n, {"slices/s": rate, "data_wait": wait}, rate,
-                                              1000 * spent / n, 1000 * stats["wait_seconds"] / n))
+            line = progress.line(n, {"slices/s": rate, "data_wait": wait}, rate, 1000 * spent / n,
+                                 1000 * stats["wait_seconds"] / n)
+            utils.log("embed " + line)
     stats["seconds"] = time.perf_counter() - t0
     return features, stats
 
 
 # ----------------------------------------------------------------------------- the per-exam cache
 def cache_key(net, size, precision, device):
-    """Weights (every tensor's bytes) + preprocessing: a different file, size or precision never reuses entries."""
+    """Weights (each tensor's bytes) + preprocessing: a new file, size or precision never hits."""
     h = hashlib.sha1()
     for k, v in sorted(net.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    effective = {"autocast": "bf16-autocast" if device.type == "cuda" else "fp32"}.get(precision, precision)
+    cpu_or_cuda = "bf16-autocast" if device.type == "cuda" else "fp32"
+    effective = {"autocast": cpu_or_cuda}.get(precision, precision)
     h.update(json.dumps([type(net).__name__, size, effective, PREPROCESS_VERSION]).encode())
     return h.hexdigest()[:16]
 
 
 def exam_file(folder, row, root):
-    """An exam's cache file, named by patient, exam and its views: for local files the resolved path, size and
-    modification time of each (a file copied over a view, or another cohort with the same IDs and relative paths,
-    never reuses an entry); for a DICOMweb exam table (root None) the instances' UIDs alone, which name immutable
-    instances, so the same exam through any server URL, proxy or port reuses it."""
-    views = [f"dicomweb:{row[v]}" if root is None else _file_identity(Path(root) / row[v]) for v in cohorts.VIEWS]
+    """An exam's cache file, named by patient, exam and views: for local files, each one's resolved
+    path, size and mtime (a file copied over a view, or a cohort with the same IDs and paths, never
+    hits); for DICOMweb (root None), the UIDs alone (immutable): any server URL or proxy hits."""
+    views = [f"dicomweb:{row[v]}" if root is None else _file_identity(Path(root) / row[v])
+             for v in cohorts.VIEWS]
     ident = json.dumps([row["patient"], row["exam"]] + views)
     return Path(folder) / f"{hashlib.sha1(ident.encode()).hexdigest()[:20]}.pt"
 
 
 def _file_identity(path):
-    """[resolved path, size, mtime in ns]; a missing file has no size (its exam is skipped, never cached)."""
+    """[resolved path, size, mtime in ns]; a missing file has no size (its exam is skipped)."""
     path = path.resolve()
     try:
         st = path.stat()
@@ -186,13 +190,15 @@ def _cached(file):
         return None
 
 
-def embed_exams(net, rows, root, folder, device, *, size, chunk, workers, precision, batch=128, client=None):
-    """{row index: {view: {stat: (D,)}}} for every readable exam; one atomic cache file per exam, so a rerun
-    embeds only the missing ones. Exams with a missing, unreadable or unfetchable view are left out and counted.
-    With a pacs.Client `client`, each view cell names an instance (instance_uids) and root is unused."""
+def embed_exams(net, rows, root, folder, device, *, size, chunk, workers, precision, batch=128,
+                client=None):
+    """{row index: {view: {stat: (D,)}}} for every readable exam, one atomic cache file per exam, so
+    a rerun embeds only what is missing. Exams with a missing, unreadable or unfetchable view are
+    left out and counted. With a pacs.Client, view cells name instances (root unused)."""
     root = None if client else root
-    out, todo, skipped = {}, [], 0
-    # named before any view is read: a file replaced while it is embedded gets a new name on the next run
+    out, todo = {}, []  # cached or embedded records; row indices to embed
+    skipped = 0
+    # named before any view is read: a file replaced while it is embedded gets a new name next run
     files = [exam_file(folder, r, root) for r in rows]
     for j, r in enumerate(rows):
         record = _cached(files[j])  # None when absent or unreadable
@@ -207,15 +213,15 @@ def embed_exams(net, rows, root, folder, device, *, size, chunk, workers, precis
     reused = len(out)
     utils.log(f"embeddings: {reused} exams reused from {folder}, {len(todo)} to embed")
     Path(folder).mkdir(parents=True, exist_ok=True)
-    if client and todo:  # a few instances to fetch, first views first (the first exam's may all be absent)
+    if client and todo:  # a few instances, first views first (the first exam's may all be absent)
         cells = list(dict.fromkeys(rows[j][v] for v in cohorts.VIEWS for j in todo[:3]))[:3]
         check_remote(client, [instance_uids(c) for c in cells], workers, reused)
-    for start in range(0, len(todo), batch):  # batches bound the memory; each finished exam is saved at once
+    for start in range(0, len(todo), batch):  # batches bound memory; each exam is saved when done
         part = todo[start:start + batch]
         views = [rows[j][v] for j in part for v in cohorts.VIEWS]
         views = [instance_uids(c) for c in views] if client else [root / c for c in views]
-        feats, _ = embed_volumes(net, views, device, size=size, chunk=chunk, workers=workers, precision=precision,
-                                 client=client)
+        feats, _ = embed_volumes(net, views, device, size=size, chunk=chunk, workers=workers,
+                                 precision=precision, client=client)
         for a, j in enumerate(part):
             views = feats[4 * a:4 * a + 4]
             if any(v is None for v in views):
@@ -223,30 +229,32 @@ def embed_exams(net, rows, root, folder, device, *, size, chunk, workers, precis
                 continue
             out[j] = dict(zip(cohorts.VIEWS, views))
             utils.save_checkpoint(files[j], out[j])
-    utils.log(f"embeddings: {reused} reused, {len(out) - reused} embedded, {skipped} exams left out "
-             "(missing or unreadable views)")
+    utils.log(f"embeddings: {reused} reused, {len(out) - reused} embedded, {skipped} exams left "
+              "out (missing or unreadable views)")
     return out, dict(reused=reused, embedded=len(out) - reused, skipped=skipped)
 
 
 def _absent_views(row, root):
-    """What makes an exam unembeddable before reading it: view files missing, or (DICOMweb, root None) empty cells."""
+    """Why an exam cannot be embedded, before reading: missing view files, or empty cells."""
     if root is None:
         return [f"view {v} names no instance" for v in cohorts.VIEWS if not row[v]]
-    return [f"view file missing: {root / row[v]}" for v in cohorts.VIEWS if not (root / row[v]).exists()]
+    return [f"view file missing: {root / row[v]}" for v in cohorts.VIEWS
+            if not (root / row[v]).exists()]
 
 
 def instance_uids(cell, where="view"):
-    """'StudyInstanceUID/SeriesInstanceUID/SOPInstanceUID' -> dict of pacs.UID_COLUMNS, each a valid DICOM UID."""
+    """'StudyInstanceUID/SeriesInstanceUID/SOPInstanceUID' -> dict of pacs.UID_COLUMNS, checked."""
     uids = cell.split("/")
     if len(uids) != 3 or not all(len(u) <= 64 and pacs.UID.fullmatch(u) for u in uids):
-        raise ValueError(f"{where}: {cell[:80]!r} is not StudyInstanceUID/SeriesInstanceUID/SOPInstanceUID")
+        raise ValueError(f"{where}: {cell[:80]!r} is not "
+                         "StudyInstanceUID/SeriesInstanceUID/SOPInstanceUID")
     return dict(zip(pacs.UID_COLUMNS, uids))
 
 
 def check_remote(client, candidates, workers, reused=0):
-    """Fetch the first fetchable of `candidates` before the loader forks: a refused login stops here after one
-    request, and its size tells whether the cache holds one pinned volume per worker. When none can be fetched and
-    no exam was reused, the server is taken for unreachable (instead of retrying every instance in turn)."""
+    """Fetch the first fetchable of `candidates` before the loader forks: a refused login stops here
+    after one request, and its size tells whether the cache holds one pinned volume per worker. If
+    none can be fetched and no exam was reused, the server is taken for unreachable."""
     reasons = []
     for uids in candidates:
         try:
@@ -256,8 +264,8 @@ def check_remote(client, candidates, workers, reused=0):
             reasons.append(str(e))
     else:
         if reasons and not reused:
-            raise ValueError(f"{client.url}: none of the first {len(reasons)} instances could be fetched: "
-                             + "; ".join(reasons))
+            raise ValueError(f"{client.url}: none of the first {len(reasons)} instances could be "
+                             "fetched: " + "; ".join(reasons))
         return
     try:
         size = path.stat().st_size
@@ -265,28 +273,29 @@ def check_remote(client, candidates, workers, reused=0):
         client.cache.unpin(pin)
     n = max(workers, 1)
     if n * size > client.cache.cap:
-        raise ValueError(f"--cache-bytes {client.cache.cap} cannot hold the {n} volumes read at once "
-                         f"(one per loader worker, about {size / 2**20:.0f} MiB each): use at least "
-                         f"{math.ceil(n * size / 2**20)}M")
+        raise ValueError(f"--cache-bytes {client.cache.cap} cannot hold the {n} volumes read at "
+                         f"once (one per loader worker, about {size / 2**20:.0f} MiB each): use at "
+                         f"least {math.ceil(n * size / 2**20)}M")
 
 
 def feature_matrix(records, features):
-    """(M, F) float32: per statistic of --features, the four views in DBT-DINO's order (RCC, LCC, RMLO, LMLO)."""
-    x = torch.stack([torch.cat([rec[v][s] for s in FEATURES[features] for v in cohorts.VIEWS]) for rec in records])
+    """(M, F) float32: per statistic of --features, the four views in DBT-DINO's order."""
+    stats = FEATURES[features]
+    x = torch.stack([torch.cat([r[v][s] for s in stats for v in cohorts.VIEWS]) for r in records])
     bad = int((~torch.isfinite(x).all(1)).sum())
     if bad:
-        raise ValueError(f"--features {features}: {bad} exams have non-finite features (cls-std of a one-slice "
-                         "view is undefined); choose patch features")
+        raise ValueError(f"--features {features}: {bad} exams have non-finite features (cls-std of "
+                         "a one-slice view is undefined); choose patch features")
     return x.float()  # (M, F)
 
 
-# ----------------------------------------------------------------------------- heads, labels, losses
+# ----------------------------------------------------------------------------- risk labels and head
 def risk_labels(years_to_cancer, years_of_followup, years=metrics.YEARS):
-    """Mirai's get_label -> (y_label, y_mask), float32 (N, years) arrays.
+    """Mirai's get_label -> (y_label, y_mask), float32 (N, years).
 
-    A cancer within `years` (years_to_cancer < years; NaN or inf = none) has event year t = int(years_to_cancer):
-    y_label[t:] = 1, observed through t. Otherwise t = int(min(follow-up, years) - 1) and y_label is all 0. The
-    mask is 1 for years 0..t; follow-up <= 0 gives an all-zero mask (Mirai's check_label drops the exam)."""
+    A cancer within `years` (years_to_cancer < years; NaN or inf = none) has its event year
+    t = int(years_to_cancer): y_label[t:] = 1, observed through t. Otherwise y_label is 0 and
+    t = int(min(follow-up, years) - 1). The mask is 1 for years 0..t: follow-up <= 0 masks all."""
     ytc = np.nan_to_num(np.asarray(years_to_cancer, dtype=float), nan=np.inf)
     yfu = np.asarray(years_of_followup, dtype=float)
     cancer = ytc < years
@@ -298,14 +307,15 @@ def risk_labels(years_to_cancer, years_of_followup, years=metrics.YEARS):
 
 
 class CumulativeRiskHead(nn.Module):
-    """DBT-DINO's risk head: hazards = softplus(Linear(F, years)), H[j] = sum_{i <= j} hazards[i] through an
-    upper-triangular mask, p = 1 - exp(-H). forward -> (B, years) probabilities, in [0, 1] and non-decreasing.
-    (Mirai uses ReLU hazards + an unconstrained base hazard and reads the sum as a logit: detection_metrics §4.1.)"""
+    """DBT-DINO's risk head: hazards = softplus(Linear(F, years)), H[j] = sum_{i <= j} hazards[i] by
+    an upper-triangular mask, p = 1 - exp(-H) -> (B, years), in [0, 1], non-decreasing. (Mirai
+    instead takes ReLU hazards plus a free base hazard, and reads the sum as a logit.)"""
 
     def __init__(self, in_dim, years=metrics.YEARS):
         super().__init__()
         self.hazard_fc = nn.Linear(in_dim, years)
-        self.register_buffer("upper", torch.triu(torch.ones(years, years)))  # upper[i, j] = 1 iff i <= j
+        upper = torch.triu(torch.ones(years, years))  # (years, years): upper[i, j] = 1 iff i <= j
+        self.register_buffer("upper", upper)
 
     def forward(self, x):
         hazards = F.softplus(self.hazard_fc(x))  # (B, years), > 0
@@ -313,19 +323,20 @@ class CumulativeRiskHead(nn.Module):
 
 
 def risk_loss(p, y_label, y_mask):
-    """DBT-DINO's masked BCE: per sample, the BCE summed over observed years divided by that sample's number of
-    observed years, then averaged over the batch (Mirai divides by the batch's total instead)."""
-    bce = F.binary_cross_entropy(p, y_label, weight=y_mask, reduction="none")  # (B, years), 0 where censored
-    return (bce.sum(1) / y_mask.sum(1).clamp(min=1)).mean()
+    """DBT-DINO's masked BCE: per sample, the BCE summed over its observed years and divided by
+    their number, then averaged over the batch (Mirai divides by the batch's total)."""
+    bce = F.binary_cross_entropy(p, y_label, weight=y_mask, reduction="none")  # (B, years)
+    return (bce.sum(1) / y_mask.sum(1).clamp(min=1)).mean()  # censored years weigh 0 above
 
 
-# ----------------------------------------------------------------------------- training and the LR search
-def train_head(head, loss_fn, train, val, *, lr, epochs, batch_size, seed, weights=None, prune=None, log=None):
-    """AdamW (wd 1e-4) with a cosine schedule over `epochs`; keeps the epoch with the lowest validation loss.
+# ----------------------------------------------------------------------------- the LR search
+def train_head(head, loss_fn, train, val, *, lr, epochs, batch_size, seed, weights=None,
+               prune=None, log=None):
+    """AdamW (wd 1e-4), cosine schedule over `epochs`; keeps the epoch of lowest val loss.
 
-    train, val: (features, tuple of targets). weights: (per-case sampling weights, draws per epoch), drawn with
-    replacement; None = one shuffled pass. prune(epoch, best val loss so far) -> True stops the trial.
-    Returns (best val loss, its head state, its epoch, val-loss curve)."""
+    train, val: (features, tuple of targets). weights: (per-case sampling weights, draws per epoch),
+    drawn with replacement; None = one shuffled pass. prune(epoch, best val loss so far) -> True
+    stops the trial. -> (best val loss, its head state, its epoch, val-loss curve)."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
@@ -333,8 +344,8 @@ def train_head(head, loss_fn, train, val, *, lr, epochs, batch_size, seed, weigh
     best, curve = (math.inf, None, -1), []
     for epoch in range(epochs):
         head.train()
-        order = (torch.multinomial(weights[0], weights[1], replacement=True, generator=g) if weights is not None
-                 else torch.randperm(len(x), generator=g))
+        order = (torch.multinomial(weights[0], weights[1], replacement=True, generator=g)
+                 if weights is not None else torch.randperm(len(x), generator=g))
         total = 0.0
         for idx in order.split(batch_size):
             loss = loss_fn(head(x[idx]), *(y[idx] for y in ys))
@@ -356,12 +367,13 @@ def train_head(head, loss_fn, train, val, *, lr, epochs, batch_size, seed, weigh
     return (*best, curve)
 
 
-def lr_search(make_head, loss_fn, train, val, *, lr_range, trials, epochs, batch_size, seed, weights=None,
-              writer=None):
-    """Seeded log-uniform LR search with Optuna's MedianPruner rule (DBT-DINO's: 5 startup trials, 15 warm-up
-    epochs): from epoch 15 on, a trial stops when its best validation loss so far is worse than the median of the
-    completed trials' losses at that epoch. Returns dict(lr, state, val_loss, epoch, trial)."""
-    rng, done, best = random.Random(seed), [], None
+def lr_search(make_head, loss_fn, train, val, *, lr_range, trials, epochs, batch_size, seed,
+              weights=None, writer=None):
+    """Seeded log-uniform LR search with Optuna's MedianPruner rule (DBT-DINO's: 5 startup trials,
+    15 warm-up epochs): from epoch 15, a trial whose best val loss is worse than the median of the
+    finished trials' at that epoch stops. -> dict(lr, state, val_loss, epoch, trial)."""
+    rng, done = random.Random(seed), []  # done: val-loss curves of the trials that ran to the end
+    best = None
     for t in range(trials):
         lr = math.exp(rng.uniform(math.log(lr_range[0]), math.log(lr_range[1])))
 
@@ -376,61 +388,65 @@ def lr_search(make_head, loss_fn, train, val, *, lr_range, trials, epochs, batch
 
         torch.manual_seed(seed * 1000 + t)  # head initialisation
         v, state, epoch, curve = train_head(make_head(), loss_fn, train, val, lr=lr, epochs=epochs,
-                                            batch_size=batch_size, seed=seed * 1000 + t, weights=weights,
-                                            prune=prune, log=log)
+                                            batch_size=batch_size, seed=seed * 1000 + t,
+                                            weights=weights, prune=prune, log=log)
         pruned = len(curve) < epochs
         if not pruned:
             done.append(curve)
         utils.log(f"trial {t + 1}/{trials}: lr {lr:.2e}, best val loss {v:.4f} at epoch {epoch + 1}"
-                 + (f" (pruned at epoch {len(curve)})" if pruned else ""))
+                  + (f" (pruned at epoch {len(curve)})" if pruned else ""))
         if best is None or v < best["val_loss"]:
             best = dict(lr=lr, state=state, val_loss=v, epoch=epoch, trial=t)
     if best["state"] is None:  # every epoch of every trial had a NaN or infinite validation loss
-        raise ValueError(f"LR search: none of the {trials} trials reached a finite validation loss; check the "
-                         "val split's labels and features")
+        raise ValueError(f"LR search: none of the {trials} trials reached a finite validation "
+                         "loss; check the val split's labels and features")
     return best
 
 
 # ----------------------------------------------------------------------------- reports
-
-
 def _nanmean(values):
     finite = [v for v in values if math.isfinite(v)]
     return sum(finite) / len(finite) if finite else math.nan
 
 
 def _ci(statistic, *arrays, groups, n_boot, seed):
-    """[estimate, low, high] by patient bootstrap; NaN when undefined (e.g. a class absent from the test set)."""
+    """[estimate, low, high] by patient bootstrap; NaN when undefined (a class absent from test)."""
     def defined(*a):
         v = statistic(*a)
         if not np.isfinite(v):
             raise ValueError("undefined on this resample")
         return v
     try:
-        with warnings.catch_warnings():  # resamples without positives are expected on small test sets
+        with warnings.catch_warnings():  # resamples without positives are expected on small sets
             warnings.simplefilter("ignore")
-            return list(metrics.bootstrap_ci(defined, *arrays, n_boot=n_boot, seed=seed, groups=groups))
+            return list(metrics.bootstrap_ci(defined, *arrays, n_boot=n_boot, seed=seed,
+                                             groups=groups))
     except ValueError:
         return [float(statistic(*arrays)), math.nan, math.nan]
 
 
 def density_report(y, probs, patients, subgroups, n_boot, seed, train_majority):
-    """metrics.json for density: accuracy (+ CI by patient), macro F1, one-vs-rest AUROC, confusion, A/B vs C/D,
-    and majority_rate, the accuracy of always predicting `train_majority` (the training split's commonest class:
-    the test set's own would be a baseline that peeks at the test labels)."""
+    """metrics.json for density: accuracy (+ CI by patient), macro F1, one-vs-rest AUROC, confusion,
+    A/B vs C/D, and majority_rate, the accuracy of always predicting `train_majority` (the train
+    split's commonest class: the test set's own would peek at the test labels)."""
     pred = probs.argmax(1)
     ovr = {c: metrics.auroc(y == k, probs[:, k]) if 0 < (y == k).sum() < len(y) else math.nan
            for k, c in enumerate("abcd")}
+    kw = dict(n_boot=n_boot, seed=seed)
     report = {"accuracy": metrics.accuracy(y, pred),
-              "accuracy_ci": _ci(metrics.accuracy, y, pred, groups=patients, n_boot=n_boot, seed=seed)[1:],
+              "accuracy_ci": _ci(metrics.accuracy, y, pred, groups=patients, **kw)[1:],
               "macro_f1": metrics.macro_f1(y, pred),
               "auroc_ovr": dict(ovr, mean=_nanmean(list(ovr.values()))),
               "confusion": metrics.confusion_matrix(y, pred, labels=range(4)).tolist(),
               "binary_accuracy": metrics.accuracy(y >= 2, pred >= 2), "n_test": len(y),
               "majority_rate": float(np.mean(y == train_majority))}
-    report["subgroups"] = {col: {v: dict(zip(("accuracy", "low", "high"), _ci(
-        metrics.accuracy, y[values == v], pred[values == v], groups=patients[values == v], n_boot=n_boot,
-        seed=seed)), n=int((values == v).sum())) for v in sorted(set(values))} for col, values in subgroups.items()}
+    report["subgroups"] = {}
+    for col, values in subgroups.items():
+        per_value = report["subgroups"][col] = {}
+        for v in sorted(set(values)):
+            at = values == v  # (n_test,): the test exams with this value
+            ci = _ci(metrics.accuracy, y[at], pred[at], groups=patients[at], **kw)
+            per_value[v] = dict(zip(("accuracy", "low", "high"), ci), n=int(at.sum()))
     return report
 
 
@@ -440,37 +456,43 @@ def risk_block(probs, ytc, yfu, patients, rule, n_boot, seed):
         return lambda p, t, u: metrics.risk_auroc_by_year(p, t, u, metrics.YEARS, rule)[k]
 
     def mean(p, t, u):
-        return float(np.mean(list(metrics.risk_auroc_by_year(p, t, u, metrics.YEARS, rule).values())))
-    cis = {k: _ci(year(k), probs, ytc, yfu, groups=patients, n_boot=n_boot, seed=seed) for k in range(1, metrics.YEARS + 1)}
+        by_year = metrics.risk_auroc_by_year(p, t, u, metrics.YEARS, rule)
+        return float(np.mean(list(by_year.values())))
+    cis = {k: _ci(year(k), probs, ytc, yfu, groups=patients, n_boot=n_boot, seed=seed)
+           for k in range(1, metrics.YEARS + 1)}
     mean_ci = _ci(mean, probs, ytc, yfu, groups=patients, n_boot=n_boot, seed=seed)
-    return {"auroc": {k: v[0] for k, v in cis.items()}, "auroc_ci": {k: v[1:] for k, v in cis.items()},
+    return {"auroc": {k: v[0] for k, v in cis.items()},
+            "auroc_ci": {k: v[1:] for k, v in cis.items()},
             "auroc_mean": mean_ci[0], "auroc_mean_ci": mean_ci[1:], "rule": rule}
 
 
 def risk_report(probs, ytc, yfu, patients, density, rule, n_boot, seed):
-    """metrics.json for risk: the chosen rule's per-year AUROC at the top, both rules in by_rule, and per-year
-    AUROC per density class by both rules (paper Table 4)."""
-    by_rule = {r: risk_block(probs, ytc, yfu, patients, r, n_boot, seed) for r in metrics.RISK_RULES}
-    report = dict(by_rule[rule], n_test=len(probs), n_cancer=int((ytc < metrics.YEARS).sum()), by_rule=by_rule)
-    report["by_density"] = {r: {d: risk_block(probs[density == d], ytc[density == d], yfu[density == d],
-                                              patients[density == d], r, n_boot, seed)
+    """metrics.json for risk: the chosen rule's per-year AUROC on top, both rules in by_rule, and
+    per density class by both rules (DBT-DINO Table 4)."""
+    by_rule = {r: risk_block(probs, ytc, yfu, patients, r, n_boot, seed)
+               for r in metrics.RISK_RULES}
+    report = dict(by_rule[rule], n_test=len(probs), n_cancer=int((ytc < metrics.YEARS).sum()),
+                  by_rule=by_rule)
+    report["by_density"] = {r: {d: risk_block(probs[density == d], ytc[density == d],
+                                              yfu[density == d], patients[density == d], r, n_boot,
+                                              seed)
                                 for d in sorted(set(density))} for r in metrics.RISK_RULES}
     return report
 
 
-# ----------------------------------------------------------------------------- plots (Pillow)
-
-
 # ----------------------------------------------------------------------------- the two tasks
 def _split_indices(split, task):
+    """train, val, test indices; an empty split is an error."""
     parts = [np.flatnonzero(split == s) for s in ("train", "val", "test")]
     empty = [s for s, p in zip(("train", "val", "test"), parts) if len(p) == 0]
     if empty:
-        raise ValueError(f"{task}: the {' and '.join(empty)} split(s) are empty; add exams or a split column")
+        raise ValueError(f"{task}: the {' and '.join(empty)} split(s) are empty; add exams or a "
+                         "split column")
     return parts
 
 
 def _standardise(x, train):
+    """x standardised by the train rows' mean and std -> (z, mean, std)."""
     mu, sd = x[train].mean(0), x[train].std(0, unbiased=False) + 1e-6
     return (x - mu) / sd, mu, sd
 
@@ -482,9 +504,10 @@ def run_density(args, rows, split, x, writer):
     z, mu, sd = _standardise(x, tr)
     yt = torch.from_numpy(y)
     task = TASKS["density"]
-    best = lr_search(lambda: nn.Linear(z.shape[1], 4), F.cross_entropy, (z[tr], (yt[tr],)), (z[va], (yt[va],)),
-                     lr_range=task["lr"], trials=args.trials, epochs=args.epochs or task["epochs"],
-                     batch_size=args.batch_size, seed=args.seed, writer=writer)
+    best = lr_search(lambda: nn.Linear(z.shape[1], 4), F.cross_entropy, (z[tr], (yt[tr],)),
+                     (z[va], (yt[va],)), lr_range=task["lr"], trials=args.trials,
+                     epochs=args.epochs or task["epochs"], batch_size=args.batch_size,
+                     seed=args.seed, writer=writer)
     head = nn.Linear(z.shape[1], 4)
     head.load_state_dict(best["state"])
     with torch.no_grad():
@@ -495,98 +518,107 @@ def run_density(args, rows, split, x, writer):
     preds = [dict(patient=rows[i]["patient"], exam=rows[i]["exam"], density="abcd"[y[i]],
                   pred="abcd"[int(p.argmax())], **{f"p_{c}": f"{v:.6f}" for c, v in zip("abcd", p)})
              for i, p in zip(te, probs)]
-    utils.draw_confusion(report["confusion"], f"density, {len(te)} test exams: accuracy {report['accuracy']:.3f}",
-                   Path(args.out) / "confusion.png")
-    utils.log(f"density: accuracy {report['accuracy']:.3f} (95% CI {report['accuracy_ci'][0]:.3f}-"
-             f"{report['accuracy_ci'][1]:.3f}), train's majority class ({'abcd'[majority]}) "
-             f"{report['majority_rate']:.3f}, macro F1 {report['macro_f1']:.3f}, A/B vs C/D "
-             f"{report['binary_accuracy']:.3f}, {len(te)} test exams")
+    title = f"density, {len(te)} test exams: accuracy {report['accuracy']:.3f}"
+    utils.draw_confusion(report["confusion"], title, Path(args.out) / "confusion.png")
+    low, high = report["accuracy_ci"]
+    utils.log(f"density: accuracy {report['accuracy']:.3f} (95% CI {low:.3f}-{high:.3f}), train's "
+              f"majority class ({'abcd'[majority]}) {report['majority_rate']:.3f}, macro F1 "
+              f"{report['macro_f1']:.3f}, A/B vs C/D {report['binary_accuracy']:.3f}, {len(te)} "
+              "test exams")
     return report, preds, head, (mu, sd), best, len(tr)
 
 
 def _observed_splits(split, unobserved, rows):
-    """train, val, test indices without the exams that have no follow-up; each split must keep some exams (an
-    empty val split would leave the LR search without a loss, an empty test split nothing to report)."""
+    """train, val, test indices without the exams that have no follow-up; none may be empty (an
+    empty val split leaves the LR search no loss, an empty test split nothing to report)."""
     before = _split_indices(split, "risk")
     parts = [np.setdiff1d(p, unobserved) for p in before]
     for name, exams, after in zip(("train", "val", "test"), before, parts):
         if len(after) == 0:
             raise ValueError(f"risk: all {len(exams)} exams of the {name} split have no follow-up "
-                             f"(years_of_followup 0, e.g. exam {rows[exams[0]]['exam']}); the split needs exams "
-                             "with follow-up")
+                             f"(years_of_followup 0, e.g. exam {rows[exams[0]]['exam']}); the "
+                             "split needs exams with follow-up")
     return parts
 
 
 def _balanced_val(va, cancer, seed):
-    """DBT-DINO's validation set: the validation cancers plus as many healthy exams (all of val without cancers)."""
+    """DBT-DINO's val set: the val cancers plus as many healthy val exams (else all of val)."""
     pos, neg = va[cancer[va]], va[~cancer[va]]
     if len(pos) == 0 or len(neg) == 0:
         utils.log("risk: the val split lacks cancers or healthy exams; validating on all of it")
         return va
-    return np.sort(np.r_[pos, np.random.default_rng(seed).choice(neg, min(len(pos), len(neg)), replace=False)])
+    healthy = np.random.default_rng(seed).choice(neg, min(len(pos), len(neg)), replace=False)
+    return np.sort(np.r_[pos, healthy])
 
 
 def run_risk(args, rows, split, x, writer):
     ytc, yfu = cohorts.risk_targets(rows)
-    y_label, y_mask = (torch.from_numpy(a) for a in risk_labels(ytc, yfu))
+    y_label, y_mask = (torch.from_numpy(a) for a in risk_labels(ytc, yfu))  # (N, 5) each
     cancer, patients = ytc < metrics.YEARS, np.array([r["patient"] for r in rows])
-    unobserved = np.flatnonzero(y_mask.sum(1).numpy() == 0)  # no follow-up at all: Mirai's check_label drops them
+    unobserved = np.flatnonzero(y_mask.sum(1).numpy() == 0)  # no follow-up: Mirai drops them too
     if len(unobserved):
-        utils.log(f"risk: {len(unobserved)} exams without follow-up left out (e.g. {rows[unobserved[0]]['exam']})")
+        utils.log(f"risk: {len(unobserved)} exams without follow-up left out (e.g. "
+                  f"{rows[unobserved[0]]['exam']})")
     tr, va, te = _observed_splits(split, unobserved, rows)
     tr = tr[cohorts.stratified_subset(cancer[tr], args.fraction, args.seed)]
     n_cancer, n_healthy = int(cancer[tr].sum()), int((~cancer[tr]).sum())
     if n_cancer == 0 or n_healthy == 0:
-        raise ValueError(f"risk: the train split has {n_cancer} exams with cancer within {metrics.YEARS} years and "
-                         f"{n_healthy} without; both are needed")
+        raise ValueError(f"risk: the train split has {n_cancer} exams with cancer within "
+                         f"{metrics.YEARS} years and {n_healthy} without; both are needed")
     z, mu, sd = _standardise(x, tr)
     # DBT-DINO's WeightedRandomSampler: weights 1/n_cancer and 1/n_healthy, len(healthy train) draws
     weights = (torch.from_numpy(np.where(cancer[tr], 1 / n_cancer, 1 / n_healthy)), n_healthy)
     vb = _balanced_val(va, cancer, args.seed)
     task = TASKS["risk"]
-    best = lr_search(lambda: CumulativeRiskHead(z.shape[1]), risk_loss, (z[tr], (y_label[tr], y_mask[tr])),
-                     (z[vb], (y_label[vb], y_mask[vb])), lr_range=task["lr"], trials=args.trials,
-                     epochs=args.epochs or task["epochs"], batch_size=args.batch_size, seed=args.seed, weights=weights,
-                     writer=writer)
+    best = lr_search(lambda: CumulativeRiskHead(z.shape[1]), risk_loss,
+                     (z[tr], (y_label[tr], y_mask[tr])), (z[vb], (y_label[vb], y_mask[vb])),
+                     lr_range=task["lr"], trials=args.trials, epochs=args.epochs or task["epochs"],
+                     batch_size=args.batch_size, seed=args.seed, weights=weights, writer=writer)
     head = CumulativeRiskHead(z.shape[1])
     head.load_state_dict(best["state"])
     with torch.no_grad():
         probs = head(z[te]).double().numpy()  # (n_test, 5)
     density = np.array([(rows[i].get("density") or "?") for i in te])
-    report = risk_report(probs, ytc[te], yfu[te], patients[te], density, args.rule, args.n_boot, args.seed)
+    report = risk_report(probs, ytc[te], yfu[te], patients[te], density, args.rule, args.n_boot,
+                         args.seed)
     preds = [dict(patient=rows[i]["patient"], exam=rows[i]["exam"], density=d,
                   years_to_cancer="" if math.isinf(ytc[i]) else ytc[i], years_of_followup=yfu[i],
-                  **{f"p{k + 1}": f"{v:.6f}" for k, v in enumerate(p)}) for i, p, d in zip(te, probs, density)]
+                  **{f"p{k + 1}": f"{v:.6f}" for k, v in enumerate(p)})
+             for i, p, d in zip(te, probs, density)]
     curves = {}
     for k in range(1, metrics.YEARS + 1):
         keep, label = metrics.risk_year_cases(ytc[te], yfu[te], k, metrics.YEARS, args.rule)
         if 0 < label[keep].sum() < keep.sum():
-            curves[f"year {k}: AUROC {report['auroc'][k]:.3f}"] = metrics.roc_curve(label[keep], probs[keep, k - 1])
-    utils.draw_roc(curves, f"risk, {len(te)} test exams, {args.rule} rule", Path(args.out) / "roc.png")
+            roc = metrics.roc_curve(label[keep], probs[keep, k - 1])
+            curves[f"year {k}: AUROC {report['auroc'][k]:.3f}"] = roc
+    title = f"risk, {len(te)} test exams, {args.rule} rule"
+    utils.draw_roc(curves, title, Path(args.out) / "roc.png")
     shown = ", ".join(f"{k}y {v:.3f}" for k, v in report["auroc"].items())
-    utils.log(f"risk ({args.rule} rule): AUROC {shown}; mean {report['auroc_mean']:.3f}; {len(te)} test exams, "
-             f"{report['n_cancer']} with cancer within {metrics.YEARS} years")
+    utils.log(f"risk ({args.rule} rule): AUROC {shown}; mean {report['auroc_mean']:.3f}; {len(te)} "
+              f"test exams, {report['n_cancer']} with cancer within {metrics.YEARS} years")
     return report, preds, head, (mu, sd), best, len(tr)
 
 
-# ----------------------------------------------------------------------------- probe / embed commands
+# ----------------------------------------------------------------------------- probe and embed
 def load_source(args):
-    """-> (exam rows, the folder their view paths are relative to, pacs.Client or None for local files)."""
+    """-> (exam rows, the folder view paths start from, pacs.Client or None for local files)."""
     if pacs.is_dicomweb(args.data):
         return remote_exams(args)
     if args.manifest:
-        raise ValueError("--manifest is only for a dicomweb+http(s):// --data (a local exam table is --data itself)")
+        raise ValueError("--manifest is only for a dicomweb+http(s):// --data (a local exam table "
+                         "is --data itself)")
     if args.data == "synthetic":
-        return *cohorts.read_exams(phantoms.synthetic_archive(None, args.patients, args.data_seed,
-                                                  (args.slices, args.height, args.width))), None
+        shape = (args.slices, args.height, args.width)
+        folder = phantoms.synthetic_archive(None, args.patients, args.data_seed, shape)
+        return *cohorts.read_exams(folder), None
     return *cohorts.read_exams(args.data), None
 
 
 def remote_exams(args):
-    """--data dicomweb+http(s)://... --manifest exams.csv: the view cells (instance UIDs) are the allow-list."""
+    """--data dicomweb+http(s)://... --manifest exams.csv: the view cells are the allow-list."""
     if not args.manifest:
-        raise ValueError(f"{pacs.redact(args.data)}: a DICOMweb source needs --manifest (the exam table naming "
-                         "the instances it may fetch)")
+        raise ValueError(f"{pacs.redact(args.data)}: a DICOMweb source needs --manifest (the exam "
+                         "table naming the instances it may fetch)")
     rows, root = cohorts.read_exams(args.manifest)
     instances = {}
     for i, r in enumerate(rows):
@@ -595,21 +627,23 @@ def remote_exams(args):
             if r[v]:  # an empty cell is a missing view: its exam is left out and counted
                 instances[r[v]] = instance_uids(r[v], f"{args.manifest} row {i + 1} {v}")
     cache = pacs.Cache(utils.cache_base(), args.cache_bytes, floor_bytes=2**30)
-    client = pacs.Client(args.data, list(instances.values()), cache,
-                         pacs.load_credentials(args.dicomweb_credentials or None), args.dicomweb_ca_bundle or None)
-    utils.log(f"exams: {len(rows)} from {args.manifest}, {len(instances)} instances on {client.url} (the only "
-             "ones ever requested)")
+    credentials = pacs.load_credentials(args.dicomweb_credentials or None)
+    client = pacs.Client(args.data, list(instances.values()), cache, credentials,
+                         args.dicomweb_ca_bundle or None)
+    utils.log(f"exams: {len(rows)} from {args.manifest}, {len(instances)} instances on "
+              f"{client.url} (the only ones ever requested)")
     return rows, root, client
 
 
 def embeddings(args, backbone, rows, root, device, client=None):
-    """Announce the backbone (net, description) in one loud line and embed every exam, reusing the cache."""
+    """Announce the backbone (net, description) in one loud line and embed every exam, cached."""
     net, desc = backbone
     print(f"*** backbone: {desc} ***", flush=True)
-    if args.compile:  # once, before any bf16-weights copy (copies stay compiled); get_args refuses DenseNet
+    if args.compile:  # before a bf16-weights copy (copies stay compiled); get_args refuses DenseNet
         model.compile_blocks(net, log=utils.log)  # its measured gain: model.compile_blocks
     size = args.size or net.config["img_size"]
-    folder = Path(args.cache or utils.cache_base() / "embeddings") / cache_key(net, size, args.precision, device)
+    key = cache_key(net, size, args.precision, device)
+    folder = Path(args.cache or utils.cache_base() / "embeddings") / key
     records, counts = embed_exams(net, rows, root, folder, device, size=size, chunk=args.chunk,
                                   workers=args.workers, precision=args.precision, client=client)
     source = dict(source=client.url) if client else {}  # redacted: never user info
@@ -617,34 +651,38 @@ def embeddings(args, backbone, rows, root, device, client=None):
 
 
 def run_probe(args, device):
-    backbone = model.load_backbone(args.backbone, args.arch, args.weights)  # a bad file: one line before any archive
+    backbone = model.load_backbone(args.backbone, args.arch, args.weights)  # bad file: fails first
     rows, root, client = load_source(args)
     absent = [c for c in args.subgroups if c not in rows[0]]
     if absent:
         raise ValueError(f"--subgroups: column(s) {', '.join(absent)} not in the exam table")
-    (cohorts.density_targets if args.task == "density" else cohorts.risk_targets)(rows)  # bad labels fail before any embedding
-    splits = np.array(cohorts.assign_splits(rows, args.seed))  # and a bad split column
+    # bad labels and a bad split column fail before any embedding
+    (cohorts.density_targets if args.task == "density" else cohorts.risk_targets)(rows)
+    splits = np.array(cohorts.assign_splits(rows, args.seed))
     stale = utils.check_run_folder(args.out, "metrics.json", args.overwrite, "probe.py",
-                                     ("predictions.csv", "head.pt", "confusion.png", "roc.png"))
+                                   ("predictions.csv", "head.pt", "confusion.png", "roc.png"))
     records, info = embeddings(args, backbone, rows, root, device, client)
     if not records:
         raise ValueError("no exam could be embedded")
     keep = sorted(records)
-    split = splits[keep]  # (from the whole table, so a skipped exam moves no one to another split)
+    split = splits[keep]  # from the whole table, so a skipped exam moves no one to another split
     x = feature_matrix([records[j] for j in keep], args.features)
     utils.write_args(args.out, args, "probe.py", stale, embeddings=info)
     writer = utils.JsonlWriter(Path(args.out) / "metrics.jsonl")
-    writer.truncate_after(-1)  # an interrupted run's curves: this run redoes the (cheap) search from the start
+    writer.truncate_after(-1)  # an interrupted run's curves: the (cheap) search starts again
     run = run_density if args.task == "density" else run_risk
-    report, preds, head, (mu, sd), best, n_train = run(args, [rows[j] for j in keep], split, x, writer)
+    report, preds, head, (mu, sd), best, n_train = run(args, [rows[j] for j in keep], split, x,
+                                                       writer)
     report.update(task=args.task, features=args.features, fraction=args.fraction, n_train=n_train,
-                  lr=best["lr"], best_epoch=best["epoch"] + 1, val_loss=best["val_loss"], backbone=info["backbone"],
-                  exams_left_out=info["skipped"])
+                  lr=best["lr"], best_epoch=best["epoch"] + 1, val_loss=best["val_loss"],
+                  backbone=info["backbone"], exams_left_out=info["skipped"])
     out = Path(args.out)
     utils.atomic_write(out / "predictions.csv", utils.csv_text(preds))
-    utils.save_checkpoint(out / "head.pt", {"task": args.task, "features": args.features, "head": head.state_dict(),
-                                            "feature_mean": mu, "feature_std": sd, "lr": best["lr"]})
-    utils.atomic_write(out / "metrics.json", json.dumps(utils.finite(report), indent=1) + "\n")  # last: the marker
+    utils.save_checkpoint(out / "head.pt", {"task": args.task, "features": args.features,
+                                            "head": head.state_dict(), "feature_mean": mu,
+                                            "feature_std": sd, "lr": best["lr"]})
+    # metrics.json last: it marks a finished run
+    utils.atomic_write(out / "metrics.json", json.dumps(utils.finite(report), indent=1) + "\n")
     utils.log(f"wrote {out}/metrics.json, predictions.csv, head.pt")
     return report
 
@@ -659,59 +697,73 @@ def run_embed(args, device):
 
 # ----------------------------------------------------------------------------- command line
 def get_args(argv=None):
+    num = utils.number  # a type: the number in a range, else one line naming the flag
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = utils.one_line_errors(argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=fmt))
+    p = utils.one_line_errors(argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                                      formatter_class=fmt))
     p.add_argument("command", nargs="?", default="probe", choices=["probe", "embed"],
-                   help="probe: train and test a head (--task); embed: fill the cache only. Compare runs with "
-                   "metrics.py compare; attention maps are show.py")
-    p.add_argument("--task", default="density", choices=sorted(TASKS), help="what the head predicts")
-    p.add_argument("--data", default="synthetic", help="exam table CSV, a folder holding exams.csv, synthetic, or "
-                   "dicomweb+http(s)://host/prefix (the PACS; the exam table is then --manifest)")
-    utils.add_dicomweb_flags(p, "dicomweb --data: the exam table, each view cell StudyInstanceUID/SeriesInstanceUID/"
-                            "SOPInstanceUID, the only instances ever requested")
-    p.add_argument("--patients", type=utils.number(int, 2), default=64, help="synthetic archive: patients")
-    p.add_argument("--data-seed", type=utils.number(int, 0), default=0, help="synthetic archive: seed")
-    p.add_argument("--slices", type=utils.number(int, 1), default=24, help="synthetic archive: slices per view")
-    p.add_argument("--height", type=utils.number(int, 16), default=256, help="synthetic archive: rows per slice")
-    p.add_argument("--width", type=utils.number(int, 16), default=192, help="synthetic archive: columns per slice")
-    p.add_argument("--backbone", default="", help="a model.load_pretrained file, densenet121, random (an untrained "
-                   "ViT of --arch, tiny for auto), or '' for the newest runs/*/backbone.pth, else a random tiny ViT")
-    p.add_argument("--arch", default="auto", help="model.build name of --backbone (auto: from its width)")
-    p.add_argument("--weights", default="", help="DenseNet-121 state dict (torchvision's file); '' = random")
-    p.add_argument("--size", type=utils.number(int, 0), default=0, help="input side; 0 = the backbone's own "
+                   help="probe: train and test a head (--task); embed: fill the cache only "
+                   "(compare runs: metrics.py compare; attention maps: show.py)")
+    p.add_argument("--task", default="density", choices=sorted(TASKS), help="what the head learns")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic", help="exam table CSV, folder with exams.csv, "
+                   "synthetic, or dicomweb+http(s)://host/prefix (a PACS; the table: --manifest)")
+    utils.add_dicomweb_flags(g, "dicomweb --data: the exam table, each view cell StudyInstanceUID/"
+                             "SeriesInstanceUID/SOPInstanceUID, the only instances ever requested")
+    g = p.add_argument_group("synthetic archive (--data synthetic)")
+    g.add_argument("--patients", type=num(int, 2), default=64, help="patients")
+    g.add_argument("--data-seed", type=num(int, 0), default=0, help="archive seed")
+    g.add_argument("--slices", type=num(int, 1), default=24, help="slices per view")
+    g.add_argument("--height", type=num(int, 16), default=256, help="rows per slice")
+    g.add_argument("--width", type=num(int, 16), default=192, help="columns per slice")
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", default="", help="a model.load_pretrained file, densenet121, "
+                   "random (an untrained ViT of --arch, tiny for auto), or '' for the newest "
+                   "runs/*/backbone.pth, else a random tiny ViT")
+    g.add_argument("--arch", default="auto", help="model.build name of --backbone (auto: by width)")
+    g.add_argument("--weights", default="",
+                   help="DenseNet-121 state dict (torchvision's file); '' = random")
+    g.add_argument("--size", type=num(int, 0), default=0, help="input side; 0 = the backbone's own "
                    "(tiny 112, hub ViT 518, DenseNet 224)")
-    p.add_argument("--chunk", type=utils.number(int, 1), default=75, help="slices per forward pass")
-    p.add_argument("--workers", type=utils.number(int, 0), default=2, help="decoding loader workers")
-    p.add_argument("--precision", default="autocast", choices=PRECISIONS, help="autocast: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the ViT's blocks for embedding "
-                   "(model.compile_blocks: the same features to 1e-5; cache entries are shared with eager runs)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
-    p.add_argument("--cache", default="", help="embedding cache folder ('' = $DBT_DINO_CACHE/embeddings)")
-    p.add_argument("--features", default="patch-mean-std", choices=sorted(FEATURES), help="statistics fed to "
-                   "the head (all six are cached)")
-    p.add_argument("--trials", type=utils.number(int, 1, 1000), default=24, help="LR search trials")
-    p.add_argument("--epochs", type=utils.number(int, 0), default=0, help="epochs per trial; 0 = the paper's "
-                   "(density 75, risk 100)")
-    p.add_argument("--batch-size", type=utils.number(int, 1), default=64, help="head training batch")
-    p.add_argument("--fraction", type=utils.number(float, 0.05, 1.0), default=1.0,
+    g = p.add_argument_group("speed")
+    g.add_argument("--chunk", type=num(int, 1), default=75, help="slices per forward pass")
+    g.add_argument("--workers", type=num(int, 0), default=2, help="decoding loader workers")
+    g.add_argument("--precision", default="autocast", choices=PRECISIONS,
+                   help="autocast: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the ViT's blocks "
+                   "(model.compile_blocks: features equal to 1e-5, cache shared with eager runs)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: cuda if available")
+    g.add_argument("--cache", default="", help="embedding cache ('' = $DBT_DINO_CACHE/embeddings)")
+    g = p.add_argument_group("head and LR search")
+    g.add_argument("--features", default="patch-mean-std", choices=sorted(FEATURES),
+                   help="statistics fed to the head (all six are cached)")
+    g.add_argument("--trials", type=num(int, 1, 1000), default=24, help="LR search trials")
+    g.add_argument("--epochs", type=num(int, 0), default=0,
+                   help="epochs per trial; 0 = the paper's (density 75, risk 100)")
+    g.add_argument("--batch-size", type=num(int, 1), default=64, help="head training batch")
+    g.add_argument("--fraction", type=num(float, 0.05, 1.0), default=1.0,
                    help="stratified fraction of the training split (sample-efficiency curve)")
-    p.add_argument("--subgroups", default="", help="comma-separated exam-table columns: accuracy per value")
-    p.add_argument("--rule", default="mirai", choices=metrics.RISK_RULES, help="per-year AUROC rule reported "
-                   "first (metrics.py compare takes its own --rule) (both are always in metrics.json)")
-    p.add_argument("--n-boot", type=utils.number(int, 10), default=1000, help="bootstrap resamples (by patient)")
-    p.add_argument("--seed", type=utils.number(int, 0, utils.SEED_MAX), default=0,
+    g.add_argument("--seed", type=num(int, 0, utils.SEED_MAX), default=0,
                    help="splits, subsets, LR search, head init")
-    p.add_argument("--out", default="", help="run folder ('' = runs/<task or command>-<date-time>)")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    g = p.add_argument_group("report")
+    g.add_argument("--subgroups", default="", help="comma-separated columns: accuracy per value")
+    g.add_argument("--rule", default="mirai", choices=metrics.RISK_RULES, help="per-year AUROC "
+                   "rule shown first (both are in metrics.json; metrics.py compare takes its own)")
+    g.add_argument("--n-boot", type=num(int, 10), default=1000, help="patient-bootstrap resamples")
+    g = p.add_argument_group("run folder")
+    g.add_argument("--out", default="", help="run folder ('' = runs/<task or command>-<date-time>)")
+    g.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     args = p.parse_args(argv)
     if args.compile and args.backbone == "densenet121":
-        p.error("argument --compile: compiles a ViT's blocks (model.compile_blocks); the DenseNet-121 baseline runs "
-                "eager, so leave --compile off")
-    if args.command == "embed" and args.out:  # embed fills the cache only: an --out would be silently ignored
-        p.error("argument --out: embed writes only the embedding cache (--cache); it takes no --out")
-    if args.size and args.backbone != "densenet121" and args.size % 14:  # every ViT here has 14-px patches
+        p.error("argument --compile: compiles a ViT's blocks (model.compile_blocks); the "
+                "DenseNet-121 baseline runs eager, so leave --compile off")
+    if args.command == "embed" and args.out:  # embed fills the cache only: --out would be ignored
+        p.error("argument --out: embed writes only the embedding cache (--cache); it takes no "
+                "--out")
+    if args.size and args.backbone != "densenet121" and args.size % 14:  # every ViT here: 14-px
         p.error(f"argument --size: {args.size} is not a multiple of the ViT patch size 14")
-    if args.size and args.backbone == "densenet121" and args.size < 32:  # its five stride-2 stages need 32 px
+    if args.size and args.backbone == "densenet121" and args.size < 32:  # five stride-2 stages
         p.error(f"argument --size: {args.size} is below DenseNet-121's 32 px")
     args.subgroups = [c for c in args.subgroups.split(",") if c]
     what = args.task if args.command == "probe" else args.command
@@ -721,12 +773,13 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device here")
-    if device.type == "cpu":  # the loader workers decode on their own cores; more threads only contend with them
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - args.workers)))
+    if device.type == "cpu":  # the loader workers decode on their own cores: leave those to them
+        free = (os.cpu_count() or 1) - args.workers
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), free)))
     return (run_probe if args.command == "probe" else run_embed)(args, device)
 
 

@@ -1,4 +1,13 @@
-"""show: TODO docstring."""
+"""Attention and PCA maps of a backbone on one DBT slice, after DINO's visualize_attention.py.
+
+`python show.py --image X.dcm [--backbone F] [--slice S]` stretches one slice (the central one by
+default) to the backbone's square input, as the probes do, and writes attention.png, three panels:
+the slice the model sees; per head, the last block's attention from the CLS token to each patch,
+scaled to its maximum, as DINO draws it (registers left out: they are no place in the image); the
+first three principal components of the normed patch features as R, G, B, as DINOv2 draws it. The
+block calls fused SDPA, which never forms the attention matrix, so last_block_attention recomputes
+softmax(q k^T / sqrt(hd)) from its q and k.
+"""
 
 import argparse
 import math
@@ -19,10 +28,8 @@ import utils
 
 
 def last_block_attention(vit, x):
-    """The last block's attention, computed explicitly from the same q, k, v its SDPA call uses.
-
-    x (B, 3, H, W) -> dict: attn (B, nh, T, T) = softmax(q k^T / sqrt(hd)) with T = 1 + R + N (CLS, registers,
-    patches), q/k/v (B, nh, T, hd) and block_input, the normed tokens the attention module receives."""
+    """The last block's attention from the q, k, v its SDPA uses: x (B, 3, H, W) -> dict of attn
+    (B, nh, T, T), T = 1 + R + N (CLS, registers, patches); q, k, v (B, nh, T, hd); block_input."""
     tokens = vit.prepare_tokens_with_masks(x)  # (B, T, D)
     for blk in vit.blocks[:-1]:
         tokens = blk(tokens)
@@ -30,32 +37,32 @@ def last_block_attention(vit, x):
     h = blk.norm1(tokens)
     B, T, D = h.shape
     nh = blk.attn.num_heads
-    q, k, v = blk.attn.qkv(h).reshape(B, T, 3, nh, D // nh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, T, hd)
+    q, k, v = blk.attn.qkv(h).reshape(B, T, 3, nh, D // nh).permute(2, 0, 3, 1, 4).unbind(0)
     attn = torch.softmax(q @ k.transpose(-2, -1) * (D // nh) ** -0.5, dim=-1)  # (B, nh, T, T)
     return {"attn": attn, "q": q, "k": k, "v": v, "block_input": h}
 
 
 def _heat(grey, a):
-    """Blend a grey image (P, P) in [0, 1] with a red-yellow heat map of a (P, P) in [0, 1] -> uint8 RGB."""
+    """A grey image (P, P) in [0, 1] blended with a red-yellow heat map of a (P, P) -> uint8 RGB."""
     colour = np.stack([np.ones_like(a), a, np.zeros_like(a)], -1)  # red -> yellow
     rgb = grey[..., None] * (1 - 0.6 * a[..., None]) + colour * 0.6 * a[..., None]
     return (255 * rgb.clip(0, 1)).astype(np.uint8)
 
 
 def _resize(a, p, mode):
+    """A (H, W) or (H, W, C) array resized to (p, p) or (p, p, C)."""
     t = torch.as_tensor(a, dtype=torch.float32)
-    t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]
+    t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]  # (1, C, H, W)
     return F.interpolate(t, size=(p, p), mode=mode)[0].permute(1, 2, 0).squeeze(-1).numpy()
 
 
 def attention_figure(vit, x, title, panel=336):
-    """Three panels: the input slice; the last block's CLS attention per head (registers excluded) over it, as
-    DINO shows it; the first three PCA components of the patch features as RGB, as DINOv2 shows it."""
+    """The three panels of the module docstring as one Pillow image, `title` on top."""
     grid = x.shape[-1] // vit.patch_size
     with torch.inference_mode():
         attn = last_block_attention(vit, x)["attn"][0]  # (nh, T, T)
         patches = vit.forward_features(x)["x_norm_patchtokens"][0].float()  # (N, D)
-    cls = attn[:, 0, 1 + vit.num_register_tokens:].reshape(-1, grid, grid)  # (nh, g, g): patches only
+    cls = attn[:, 0, 1 + vit.num_register_tokens:].reshape(-1, grid, grid)  # (nh, g, g): patches
     cls = (cls / cls.amax((1, 2), keepdim=True)).numpy()
     centred = patches - patches.mean(0)
     pcs = centred @ torch.linalg.svd(centred, full_matrices=False).Vh[:3].T  # (N, 3)
@@ -66,12 +73,13 @@ def attention_figure(vit, x, title, panel=336):
     heads = np.full((panel, panel, 3), 255, np.uint8)
     for i, a in enumerate(cls):
         r, c = divmod(i, cols)
-        heads[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = _heat(_resize(grey, cell, "bilinear"),
-                                                                         _resize(a, cell, "bilinear"))
+        tile = _heat(_resize(grey, cell, "bilinear"), _resize(a, cell, "bilinear"))
+        heads[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = tile
     img = Image.new("RGB", (3 * panel + 40, panel + 50), "white")
     img.paste(Image.fromarray((255 * grey.clip(0, 1)).astype(np.uint8)).convert("RGB"), (10, 40))
     img.paste(Image.fromarray(heads), (panel + 20, 40))
-    img.paste(Image.fromarray((255 * _resize(pcs, panel, "nearest")).astype(np.uint8)), (2 * panel + 30, 40))
+    pca = (255 * _resize(pcs, panel, "nearest")).astype(np.uint8)
+    img.paste(Image.fromarray(pca), (2 * panel + 30, 40))
     d = ImageDraw.Draw(img)
     d.text((10, 5), title, fill="black")
     for i, text in enumerate(("slice (model input)", f"last-block CLS attention, {len(cls)} heads",
@@ -91,7 +99,7 @@ def run_show(args):
         raise ValueError(f"--slice {s}: {args.image} has {n} slices")
     img, _ = dicom.read_dbt(args.image, frames=[s])
     size = args.size or net.config["img_size"]
-    x = F.interpolate(torch.from_numpy(img)[None], size=(size, size), mode="bilinear", antialias=True)
+    x = F.interpolate(torch.from_numpy(img)[None], (size, size), mode="bilinear", antialias=True)
     x = x.clamp(0, 1).expand(-1, 3, -1, -1)  # (1, 3, size, size)
     utils.check_run_folder(args.out, "attention.png", args.overwrite)
     os.makedirs(args.out, exist_ok=True)
@@ -102,18 +110,20 @@ def run_show(args):
 
 def get_args(argv=None):
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = utils.one_line_errors(argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=fmt))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=fmt)
+    p = utils.one_line_errors(parser)
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", default="", help="a model.load_pretrained file, random (an untrained ViT of "
-                   "--arch), or '' for the newest runs/*/backbone.pth")
-    g.add_argument("--arch", default="auto", help="model.build name of --backbone (auto: from its width)")
-    g.add_argument("--size", type=utils.number(int, 0), default=0, help="input side, a multiple of 14; 0 = the "
-                   "backbone's own (tiny 112, hub ViT 518)")
+    g.add_argument("--backbone", default="", help="a model.load_pretrained file, random (an "
+                   "untrained ViT of --arch), or '' for the newest runs/*/backbone.pth")
+    g.add_argument("--arch", default="auto", help="model.build name of --backbone (auto: by width)")
+    g.add_argument("--size", type=utils.number(int, 0), default=0, help="input side, a multiple of "
+                   "14; 0 = the backbone's own (tiny 112, hub ViT 518)")
     g = p.add_argument_group("data")
     g.add_argument("--image", required=True, help="a DICOM volume or 2-D image")
-    g.add_argument("--slice", type=utils.number(int, -1), default=-1, help="slice index (-1 = central)")
+    g.add_argument("--slice", type=utils.number(int, -1), default=-1,
+                   help="slice index (-1 = central)")
     g = p.add_argument_group("run folder")
-    g.add_argument("--out", default="", help="folder for attention.png ('' = runs/show-<date-time>)")
+    g.add_argument("--out", default="", help="run folder ('' = runs/show-<date-time>)")
     g.add_argument("--overwrite", action="store_true", help="replace attention.png in --out")
     args = p.parse_args(argv)
     if args.size % 14:

@@ -1,4 +1,14 @@
-"""utils: TODO docstring."""
+"""What every script needs in order to run: torch.distributed from torchrun, rank-0 logs,
+seeding, argparse types, atomic files and checkpoints, run folders, metrics.jsonl and run figures.
+
+Run-folder rules (pretrain.py, probe.py, detect.py, show.py, `metrics.py compare`):
+- A fresh run refuses an --out holding a run (ckpt.pt or an output) in one line saying what to do.
+- args.json names the script that wrote it; a script refuses a folder another script owns (probe.py
+  pointed at its backbone's pretraining folder would otherwise erase that run's metrics.jsonl).
+- --overwrite clears the old run only once the new inputs are checked: a bad start leaves it whole.
+- A resume refuses flags unlike the checkpoint's, and drops metrics.jsonl records after its step.
+- Every write is atomic (a temporary name, then os.replace): a crash leaves the old file or the new.
+"""
 
 import argparse
 import csv
@@ -17,12 +27,12 @@ import torch
 from PIL import Image
 from PIL import ImageDraw
 
-
-SEED_MAX = 2**31 - 1  # --seed flags: numpy's legacy seeding takes 32 bits, and seeds are offset by rank and step
+# --------------------------------------------------------- processes: distributed, logging, seeding
+SEED_MAX = 2**31 - 1  # --seed flags: numpy seeds are 32-bit, and rank and step are added to them
 
 
 def setup_distributed():
-    """torchrun env -> process group; otherwise a single process. Returns (rank, local_rank, world_size, device)."""
+    """Join torchrun's process group (else run alone) -> (rank, local_rank, world, device)."""
     if "RANK" not in os.environ:
         return 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -41,6 +51,7 @@ def rank_world():
 
 
 def is_main():
+    """True on rank 0, the rank that logs and writes the run folder."""
     return rank_world()[0] == 0
 
 
@@ -57,26 +68,37 @@ def log(msg):
         print(msg, flush=True)
 
 
+def seed_everything(seed, rank=0):
+    """Seed python, numpy and torch with seed + rank, so that ranks draw different augmentations."""
+    seed = seed + rank
+    if seed >= 2**32:  # seed + 65536 x step outgrew numpy's 32 bits: hashed, not wrapped to step 0
+        seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------ argparse types and shared flags
 def number(kind, lo=None, hi=None, lo_open=False):
-    """argparse type: `kind` (int or float) within [lo, hi] (lo excluded when lo_open); argparse names the flag.
-    number(int, 1) is a positive count, number(float, 0, lo_open=True) a positive rate, number(float, 0, 1) a
-    fraction."""
+    """argparse type: `kind` (int or float) in [lo, hi], lo excluded when lo_open. (int, 1) is a
+    positive count, (float, 0, lo_open=True) a positive rate, (float, 0, 1) a fraction."""
     def parse(text):
         try:
             x = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         low_bad = lo is not None and (x <= lo if lo_open else x < lo)
         if low_bad or (hi is not None and x > hi) or (kind is float and not math.isfinite(x)):
-            rng = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-            raise argparse.ArgumentTypeError(f"{text} is outside {rng}")
+            rng = f"{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+            raise argparse.ArgumentTypeError(f"{text} is outside {'(' if lo_open else '['}{rng}")
         return x
     parse.__name__ = kind.__name__  # argparse shows "invalid int value" style names
     return parse
 
 
 def byte_size(text):
-    """argparse type: a byte count, with an optional K/M/G/T suffix (powers of 2), at least 1 MiB."""
+    """argparse type: a byte count, optionally suffixed K/M/G/T (powers of 2), at least 1 MiB."""
     units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
     number_part, unit = text.upper().rstrip("IB"), ""
     if number_part[-1:] in units:
@@ -98,28 +120,21 @@ def one_line_errors(parser):
 
 def add_dicomweb_flags(p, manifest_help):
     """The flags of a DICOMweb --data source, shared by pretrain.py and probe.py."""
-    p.add_argument("--manifest", default="", help=manifest_help + " (credentials: DICOMWEB_TOKEN, or "
-                   "DICOMWEB_USER + DICOMWEB_PASSWORD, or --dicomweb-credentials)")
-    p.add_argument("--dicomweb-credentials", default="", help="file (mode 600, outside the repo) of DICOMWEB_TOKEN= "
-                   "or DICOMWEB_USER= and DICOMWEB_PASSWORD= lines; instead of the environment")
-    p.add_argument("--dicomweb-ca-bundle", default="", help="PEM file of CAs to trust for https, besides the system's")
-    p.add_argument("--cache-bytes", type=byte_size, default="50G",
-                   help="cap of the rotating DICOMweb cache under $DBT_DINO_CACHE (suffixes K, M, G, T: powers of 2)")
+    p.add_argument("--manifest", default="", help=manifest_help + " (credentials: DICOMWEB_TOKEN, "
+                   "or DICOMWEB_USER + DICOMWEB_PASSWORD, or --dicomweb-credentials)")
+    p.add_argument("--dicomweb-credentials", default="",
+                   help="file (mode 600, outside the repo) of DICOMWEB_TOKEN= or DICOMWEB_USER= "
+                   "and DICOMWEB_PASSWORD= lines; instead of the environment")
+    p.add_argument("--dicomweb-ca-bundle", default="",
+                   help="PEM file of CAs to trust for https, besides the system's")
+    p.add_argument("--cache-bytes", type=byte_size, default="50G", help="cap of the rotating "
+                   "DICOMweb cache under $DBT_DINO_CACHE (suffixes K, M, G, T: powers of 2)")
 
 
-def seed_everything(seed, rank=0):
-    # + rank so that ranks draw different augmentations (spec style.md 2.6)
-    seed = seed + rank
-    if seed >= 2**32:  # numpy takes 32 bits: pretrain's seed + 65536 x step passes them after 65,536 steps
-        seed = int(np.random.SeedSequence(seed).generate_state(1)[0])  # hashed, not wrapped onto step 0's seed
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
+# ----------------------------------------------------------- files: CSV, atomic writes, checkpoints
 def read_csv(path):
-    """The rows (dicts) of a CSV file, read as utf-8-sig: a spreadsheet's CSV starts with a byte-order mark. A
-    binary file or a cell over csv's field size limit is one ValueError naming the file."""
+    """The rows (dicts) of a CSV file, as utf-8-sig (spreadsheets write a byte-order mark); a binary
+    file or a cell over csv's field size limit is one ValueError naming the file."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             return list(csv.DictReader(fh))
@@ -128,31 +143,162 @@ def read_csv(path):
 
 
 def cache_base():
+    """The cache folder: $DBT_DINO_CACHE, else ./cache."""
     return Path(os.environ.get("DBT_DINO_CACHE", "cache"))
 
 
 def tmp_name(path):
-    """A temporary name no other process writes, even on another node sharing the cache (pids repeat)."""
+    """A temporary name no other process writes, even on another node sharing the cache."""
     return f"{path}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
 
 
-class Progress:
-    """One progress line: step/total, each loss/term, lr, img/s, ms/step (median over window), data ms, ETA, GPU mem.
+def atomic_write(path, text: str) -> None:
+    """Write-then-rename: a crash leaves the old file or the new one, never a mixture."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
-    `values` holds the loss terms (printed in the given order) and optionally "lr"; `step_ms` is the median
-    ms/step of the caller's log window. ETA extrapolates the wall time per step since construction.
-    """
+
+def csv_text(rows, columns=None):
+    """Row dicts as CSV text (header first), quoted where a value needs it: an exam or patient ID
+    may hold a comma. columns: the header and its order (default: the first row's keys)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    columns = list(columns or rows[0])
+    w.writerow(columns)
+    w.writerows([r[c] for c in columns] for r in rows)
+    return buf.getvalue()
+
+
+def save_png(img, path) -> None:
+    """A Pillow image to `path`, write-then-rename like atomic_write."""
+    tmp = f"{path}.tmp.{os.getpid()}.png"
+    img.save(tmp)
+    os.replace(tmp, path)
+
+
+def finite(x):
+    """JSON-safe: NaN/inf -> None, numpy scalars and arrays -> Python."""
+    if isinstance(x, dict):
+        return {str(k): finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [finite(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    return x.item() if isinstance(x, np.generic) else x
+
+
+def save_checkpoint(path, state):
+    """Write-then-rename, so a preempted save never leaves a half-written file behind."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """torch.load(weights_only=True), with one-line errors naming the file: FileNotFoundError, or
+    ValueError for what is not a PyTorch checkpoint (text, a truncated zip, a pickled object)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such checkpoint file") from None
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
+
+
+def backbone_file(spec):
+    """probe.py's and detect.py's --backbone -> (file, or '' for an untrained ViT; how it was
+    chosen). 'random': the untrained ViT; '': the newest runs/*/backbone.pth (a pretrain.py run)."""
+    if spec == "random":
+        return "", "--backbone random"
+    if spec:
+        return spec, "--backbone"
+    runs = sorted(Path("runs").glob("*/backbone.pth"), key=lambda p: p.stat().st_mtime)
+    if runs:
+        return str(runs[-1]), "newest runs/*/backbone.pth"
+    return "", "no --backbone, no runs/*/backbone.pth"
+
+
+# -------------------------------------------------------- run folders, progress line, metrics.jsonl
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "args.json")  # in every run folder: a new run would mix
+
+
+def git_sha():
+    """HEAD of the checkout this file lives in, whatever the working directory; None outside one."""
+    cmd = ["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "HEAD"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def check_run_folder(out, marker="ckpt.pt", overwrite=False, script=None, outputs=()):
+    """Refuse a folder holding `marker` (a run) or, given `script`, another script's args.json.
+    With overwrite, return the old run's files (RUN_FILES, marker, outputs) for write_args."""
+    if os.path.exists(out) and not os.path.isdir(out):  # found now, not after the run's work
+        raise ValueError(f"{out}: --out names a file, not a folder")
+    owner = script
+    if script and os.path.exists(os.path.join(out, "args.json")):
+        try:
+            with open(os.path.join(out, "args.json")) as fh:
+                owner = json.load(fh).get("script") or "an unknown script"
+        except (ValueError, AttributeError):
+            owner = "an unknown script"
+    # the marker, or an output of a finished run whose marker was deleted (to save space)
+    present = [name for name in (marker, *outputs) if os.path.exists(os.path.join(out, name))]
+    if owner != script:
+        what = f"a run of {owner} (its args.json); use another --out"
+    else:  # only pretrain.py and detect.py (marker ckpt.pt) can continue a run
+        what = f"a run ({present[0] if present else marker}); " + (
+            "use --resume auto to continue it, another --out" if marker == "ckpt.pt"
+            else "use another --out")
+    if owner != script or present:
+        if not overwrite:
+            raise ValueError(f"{out}: already holds {what}, or --overwrite to replace it")
+        old = {*RUN_FILES, marker, *outputs}
+        return sorted(name for name in old if os.path.exists(os.path.join(out, name)))
+    return []
+
+
+def check_resume_flags(path, saved, args, keys):
+    """A resume must be given the run's own flags: one error naming each of `keys` whose value in
+    the checkpoint's args (`saved`) differs from `args`."""
+    diffs = [f"--{k.replace('_', '-')} {saved.get(k)} in the checkpoint, {getattr(args, k)} now"
+             for k in keys if saved.get(k) != getattr(args, k)]
+    if diffs:
+        raise ValueError(f"{path}: does not fit the flags: " + "; ".join(diffs))
+
+
+def write_args(out, args, script=None, clear=(), **extra):
+    """args.json: the flags, the script, the code version and `extra` (world size, ...). First
+    removes `clear` (check_run_folder's answer to --overwrite): call it once inputs are checked."""
+    os.makedirs(out, exist_ok=True)
+    for name in clear:
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    record = dict(vars(args), script=script, git_sha=git_sha(), **extra)
+    atomic_write(os.path.join(out, "args.json"), json.dumps(record, indent=1, default=str) + "\n")
+
+
+class Progress:
+    """One progress line: step/total, loss terms (`values`, in order, plus an optional "lr"), img/s,
+    ms/step (the median of the log window), data ms, ETA (from the time per step so far), memory."""
 
     def __init__(self, total_steps: int, start_step: int = 0):
-        self.total, self.start, self.t0 = total_steps, start_step, time.monotonic()
+        self.total, self.start = total_steps, start_step
+        self.t0 = time.monotonic()
 
     def line(self, step: int, values: dict, images_per_s: float, step_ms: float, data_ms: float,
              mem_gb: float | None = None) -> str:
         values = dict(values)
         lr = values.pop("lr", None)
-        done = max(step - self.start, 1)  # resumed runs: only steps run in this process count towards the rate
+        done = max(step - self.start, 1)  # resumed: only steps run here count towards the rate
         eta_min = int((time.monotonic() - self.t0) / done * max(self.total - step, 0) / 60)
-        parts = [f"step {step}/{self.total}", " ".join(f"{k} {float(v):.4g}" for k, v in values.items())]
+        terms = " ".join(f"{k} {float(v):.4g}" for k, v in values.items())
+        parts = [f"step {step}/{self.total}", terms]
         if lr is not None:
             parts.append(f"lr {float(lr):.1e}")
         parts += [f"{images_per_s:.0f} img/s", f"{step_ms:.0f} ms/step", f"data {data_ms:.0f} ms",
@@ -163,7 +309,7 @@ class Progress:
 
 
 class JsonlWriter:
-    """Append-only JSON-lines metrics file: one object per call, flushed at once so a crash loses nothing."""
+    """Append-only JSON-lines file: one object per call, flushed at once: a crash loses nothing."""
 
     def __init__(self, path):
         self.path = str(path)
@@ -171,13 +317,12 @@ class JsonlWriter:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
 
     def write(self, record: dict) -> None:
-        # default=float turns numpy/torch scalars (not JSON-serialisable themselves) into plain floats
+        # default=float turns numpy/torch scalars (not JSON-serialisable) into plain floats
         with open(self.path, "a") as f:
             f.write(json.dumps(record, default=float) + "\n")
 
     def truncate_after(self, step: int) -> int:
-        """Drop the records logged after `step` (a resumed run redoes those steps), atomically; returns how many.
-        A torn last line from a crash mid-write is dropped too."""
+        """Drop records after `step` (a resume redoes them) and a torn last line; say how many."""
         if not os.path.exists(self.path):
             return 0
         parsed, n_lines = self._parsed()
@@ -190,7 +335,7 @@ class JsonlWriter:
         return [record for _, record in self._parsed()[0]]
 
     def _parsed(self):
-        """([(line, record)] of the whole lines, number of lines); a torn last line from a crash is left out."""
+        """([(line, record)] of the whole lines, number of lines); a torn last line is left out."""
         if not os.path.exists(self.path):
             return [], 0
         with open(self.path) as f:
@@ -204,18 +349,27 @@ class JsonlWriter:
         return parsed, len(lines)
 
 
-CURVE_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+# ---------------------------------------------------------- run figures: curves.png, confusion, ROC
+CURVE_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+                 (140, 86, 75)]
+COLOURS = CURVE_COLOURS[:5]
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
 
 
 def draw_curves(path, records, panels, baselines=None, title="", columns=3):
-    """curves.png from metrics.jsonl records, written atomically: one panel per (split, key) in `panels` that the
-    records hold, the key against step with the panel's own y range, and baselines[key] (another key of the same
-    records, e.g. the majority-class rate) dashed grey. Returns {key: (x0, y0, x1, y1, step_lo, step_hi, lo, hi)}:
-    each panel's plot box in pixels and the data ranges mapped onto it (y up)."""
-    baselines, W, H, m = baselines or {}, 300, 170, 56  # panel size and its left margin (y labels), px
+    """curves.png from metrics.jsonl records: a panel per (split, key) in `panels` that the records
+    hold, the key against step in its own y range, baselines[key] (another key, e.g. the majority
+    rate) dashed grey. Returns {key: (x0, y0, x1, y1, step_lo, step_hi, lo, hi)}: each panel's plot
+    box in pixels and the data ranges mapped onto it (y up)."""
+    baselines = baselines or {}
+    W, H, m = 300, 170, 56  # panel size and its left margin (y labels), px
     series = []
     for split, key in panels:
-        pts = [(r["step"], float(r[key])) for r in records if r.get("split") == split and _number(r.get(key))]
+        pts = [(r["step"], float(r[key])) for r in records
+               if r.get("split") == split and _number(r.get(key))]
         ref = [(r["step"], float(r[baselines[key]])) for r in records
                if key in baselines and r.get("split") == split and _number(r.get(baselines[key]))]
         if pts:
@@ -229,16 +383,21 @@ def draw_curves(path, records, panels, baselines=None, title="", columns=3):
         x0, y0 = (n % columns) * W + m, 30 + (n // columns) * H + 20
         x1, y1 = x0 + W - m - 15, y0 + H - m - 15
         steps, values = [p[0] for p in pts + ref], [p[1] for p in pts + ref]
-        s_lo, s_hi, lo, hi = min(steps), max(steps), min(values), max(values)
-        if not hi - lo > 1e-12 * max(1.0, abs(lo), abs(hi)):  # a flat line: centre it (relative: 1e30 + 0.5 == 1e30)
+        s_lo, s_hi = min(steps), max(steps)
+        lo, hi = min(values), max(values)
+        # a flat line is centred; relative, since 1e30 + 0.5 == 1e30
+        if not hi - lo > 1e-12 * max(1.0, abs(lo), abs(hi)):
             pad = 0.5 * max(1.0, abs(hi))
             lo, hi = lo - pad, hi + pad
         if s_hi == s_lo:  # one record: its point in the middle of the panel
             s_lo, s_hi = s_lo - 1, s_hi + 1
         if len(ref) == 1:  # one baseline value: a line across the panel
             ref = [(s_lo, ref[0][1]), (s_hi, ref[0][1])]
-        px = lambda s, v: (x0 + (s - s_lo) / (s_hi - s_lo) * (x1 - x0), y1 - (v - lo) / (hi - lo) * (y1 - y0))
-        d.rectangle((x0 - 4, y0 - 6, x1 + 4, y1 + 6), outline="grey")  # a little outside: lines on the edge show
+
+        def px(s, v):  # data -> pixels
+            x = x0 + (s - s_lo) / (s_hi - s_lo) * (x1 - x0)
+            return x, y1 - (v - lo) / (hi - lo) * (y1 - y0)
+        d.rectangle((x0 - 4, y0 - 6, x1 + 4, y1 + 6), outline="grey")  # outside: edge lines show
         d.text((x0, y0 - 20), key + (f" (dashed: {baselines[key]})" if ref else ""), fill="black")
         d.text((x0 - m + 4, y0 - 4), f"{hi:.3g}", fill="black")
         d.text((x0 - m + 4, y1 - 8), f"{lo:.3g}", fill="black")
@@ -247,8 +406,8 @@ def draw_curves(path, records, panels, baselines=None, title="", columns=3):
         for (sa, va), (sb, vb) in zip(ref, ref[1:]):  # dashed: every other tenth of each segment
             for k in range(0, 10, 2):
                 a, b = k / 10, (k + 1) / 10
-                d.line([px(sa + a * (sb - sa), va + a * (vb - va)), px(sa + b * (sb - sa), va + b * (vb - va))],
-                       fill=(150, 150, 150))
+                d.line([px(sa + a * (sb - sa), va + a * (vb - va)),
+                        px(sa + b * (sb - sa), va + b * (vb - va))], fill=(150, 150, 150))
         colour = CURVE_COLOURS[n % len(CURVE_COLOURS)]
         if len(pts) == 1:
             cx, cy = px(*pts[0])
@@ -257,132 +416,6 @@ def draw_curves(path, records, panels, baselines=None, title="", columns=3):
         boxes[key] = (x0, y0, x1, y1, s_lo, s_hi, lo, hi)
     save_png(img, path)
     return boxes
-
-
-def _number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
-
-
-def atomic_write(path, text: str) -> None:
-    """Write-then-rename: a crash leaves the old file or the new one, never a mixture."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def csv_text(rows, columns=None):
-    """Row dicts as CSV text (header first), quoted where a value needs it: an exam or patient ID may hold a
-    comma. columns: the header and its order (default: the first row's keys)."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    columns = list(columns or rows[0])
-    w.writerow(columns)
-    w.writerows([r[c] for c in columns] for r in rows)
-    return buf.getvalue()
-
-
-def save_png(img, path) -> None:
-    """A Pillow image to `path`, write-then-rename like atomic_write: a crash leaves the old picture or the new one."""
-    tmp = f"{path}.tmp.{os.getpid()}.png"
-    img.save(tmp)
-    os.replace(tmp, path)
-
-
-def git_sha():
-    """HEAD of the checkout this file lives in, whatever the working directory; None outside a checkout."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-RUN_FILES = ("ckpt.pt", "metrics.jsonl", "args.json")  # what every run folder holds and a new run would mix with
-
-
-def check_run_folder(out, marker="ckpt.pt", overwrite=False, script=None, outputs=()):
-    """A fresh run refuses, with one line that says what to do, a folder holding `marker` (a finished or interrupted
-    run) or, given `script`, an args.json another script wrote: probe.py pointed at its backbone's pretraining
-    folder would otherwise erase that run's metrics.jsonl. With overwrite it returns the old run's files (RUN_FILES,
-    marker, outputs) for write_args to remove once the inputs are checked: the two runs never mix, a later
-    --resume auto cannot pick up the old ckpt.pt, and a start that fails on a bad input leaves the old run whole."""
-    if os.path.exists(out) and not os.path.isdir(out):  # found now, not after the run's work
-        raise ValueError(f"{out}: --out names a file, not a folder")
-    owner = script
-    if script and os.path.exists(os.path.join(out, "args.json")):
-        try:
-            with open(os.path.join(out, "args.json")) as fh:
-                owner = json.load(fh).get("script") or "an unknown script"
-        except (ValueError, AttributeError):
-            owner = "an unknown script"
-    # the marker, or any output of a finished run whose marker was deleted (a ckpt.pt removed to save space)
-    present = [name for name in (marker, *outputs) if os.path.exists(os.path.join(out, name))]
-    if owner != script:
-        what = f"a run of {owner} (its args.json); use another --out"
-    else:  # only pretrain.py and detect.py (marker ckpt.pt) can continue a run
-        what = f"a run ({present[0] if present else marker}); " + (
-            "use --resume auto to continue it, another --out" if marker == "ckpt.pt" else "use another --out")
-    if owner != script or present:
-        if not overwrite:
-            raise ValueError(f"{out}: already holds {what}, or --overwrite to replace it")
-        return sorted(name for name in {*RUN_FILES, marker, *outputs} if os.path.exists(os.path.join(out, name)))
-    return []
-
-
-def check_resume_flags(path, saved, args, keys):
-    """A resume must be given the run's own flags: one error naming each of `keys` whose value in the
-    checkpoint's args (`saved`) differs from `args`."""
-    diffs = [f"--{k.replace('_', '-')} {saved.get(k)} in the checkpoint, {getattr(args, k)} now"
-             for k in keys if saved.get(k) != getattr(args, k)]
-    if diffs:
-        raise ValueError(f"{path}: does not fit the flags: " + "; ".join(diffs))
-
-
-def write_args(out, args, script=None, clear=(), **extra):
-    """args.json (atomic): the flags, the script that wrote it, the code version and anything the caller adds
-    (world size, ...). First removes `clear` (what check_run_folder returned for --overwrite). Call it only after
-    the inputs were validated, so a failed start leaves an existing run's files alone."""
-    os.makedirs(out, exist_ok=True)
-    for name in clear:
-        if os.path.exists(os.path.join(out, name)):
-            os.remove(os.path.join(out, name))
-    record = dict(vars(args), script=script, git_sha=git_sha(), **extra)
-    atomic_write(os.path.join(out, "args.json"), json.dumps(record, indent=1, default=str) + "\n")
-
-
-def save_checkpoint(path, state):
-    """Write-then-rename, so a preempted save never leaves a half-written file behind."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def read_checkpoint(path, map_location="cpu"):
-    """torch.load(weights_only=True) with one-line errors naming the file: FileNotFoundError when it is missing,
-    ValueError when it is not a readable PyTorch checkpoint (a text file, a truncated zip, a pickled object)."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such checkpoint file") from None
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
-
-
-def backbone_file(spec):
-    """probe.py's and detect.py's --backbone -> (file, or '' for an untrained ViT; how it was chosen). 'random' asks
-    for the untrained ViT; '' takes the newest runs/*/backbone.pth in the working directory (a pretrain.py run)."""
-    if spec == "random":
-        return "", "--backbone random"
-    if spec:
-        return spec, "--backbone"
-    runs = sorted(Path("runs").glob("*/backbone.pth"), key=lambda p: p.stat().st_mtime)
-    return (str(runs[-1]), "newest runs/*/backbone.pth") if runs else ("", "no --backbone, no runs/*/backbone.pth")
-
-
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
 
 
 def draw_confusion(confusion, title, path):
@@ -412,7 +445,9 @@ def draw_roc(curves, title, path):
     size, pad = 400, 50
     img = Image.new("RGB", (size + 2 * pad + 150, size + 2 * pad), "white")
     d = ImageDraw.Draw(img)
-    xy = lambda f, t: (pad + f * size, pad + (1 - t) * size)  # noqa: E731  (axes to pixels)
+
+    def xy(f, t):  # axes to pixels
+        return pad + f * size, pad + (1 - t) * size
     d.rectangle((pad, pad, pad + size, pad + size), outline="black")
     d.line([xy(0, 0), xy(1, 1)], fill="lightgrey")
     d.text((pad, 15), title, fill="black")
@@ -423,14 +458,3 @@ def draw_roc(curves, title, path):
         d.line([xy(f, t) for f, t in zip(fpr, tpr)], fill=colour, width=2)
         d.text((pad + size + 10, pad + 20 * n), label, fill=colour)
     save_png(img, path)
-
-
-def finite(x):
-    """JSON-safe: NaN/inf -> None, numpy scalars and arrays -> Python."""
-    if isinstance(x, dict):
-        return {str(k): finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple, np.ndarray)):
-        return [finite(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    return x.item() if isinstance(x, np.generic) else x

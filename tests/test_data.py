@@ -1,5 +1,13 @@
-"""Tests for data.py: DICOM reading, VOI, phantoms, CLAHE/Otsu, the pretraining stream and collate. CPU, offline."""
-import csv, os, random, subprocess, sys, tracemalloc
+"""Tests for data.py and what it reads through: DICOM reading and VOI (dicom.py), the phantoms,
+CLAHE and Otsu, the multi-crop augmentation, the pretraining stream, masking and collate. CPU,
+offline."""
+import csv
+import functools
+import os
+import random
+import subprocess
+import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +26,16 @@ SHAPE = (8, 64, 48)
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    return phantoms.synthetic_archive(tmp_path_factory.mktemp("syn") / "arch", patients=2, seed=0, shape=(12, 96, 72))
+    root = tmp_path_factory.mktemp("syn") / "arch"
+    return phantoms.synthetic_archive(root, patients=2, seed=0, shape=(12, 96, 72))
 
 
 @pytest.fixture(scope="module")
 def volumes(tmp_path_factory):
     """The same phantom written native, RLE and JPEG 2000, plus its expected display values."""
     root = tmp_path_factory.mktemp("vol")
-    paths = {enc: phantoms.write_phantom_dicom(root / f"{enc}.dcm", SHAPE, enc, seed=3) for enc in ("native", "rle", "j2k")}
+    paths = {enc: phantoms.write_phantom_dicom(root / f"{enc}.dcm", SHAPE, enc, seed=3)
+             for enc in ("native", "rle", "j2k")}
     vol, _ = phantoms.make_phantom(SHAPE, seed=3)
     return paths, phantoms.quantize(vol, 10) / 1023.0
 
@@ -34,11 +44,13 @@ def test_phantom_roundtrip_and_meta(volumes):
     paths, expected = volumes
     vol, meta = dicom.read_dbt(paths["native"])
     assert vol.dtype == np.float32 and vol.shape == SHAPE
-    # LINEAR with c = 2^(b-1), w = 2^b is exactly x / (2^b - 1): the phantom comes back unchanged (chest wall left)
+    # LINEAR with c = 2^(b-1), w = 2^b is exactly x / (2^b - 1): the phantom comes back unchanged
+    # (chest wall left)
     np.testing.assert_allclose(vol, expected, atol=1e-6)
     assert (meta["laterality"], meta["view"], meta["n_frames"]) == ("L", "CC", 8)
     assert meta["sop_class"] == dicom.BTO and meta["transfer_syntax"] == "1.2.840.10008.1.2.1"
-    assert meta["pixel_spacing"] == [0.1, 0.1] and meta["slice_order"] == "stored" and not meta["mirrored"]
+    assert meta["pixel_spacing"] == [0.1, 0.1] and meta["slice_order"] == "stored"
+    assert not meta["mirrored"]
     assert pydicom.dcmread(paths["native"]).pixel_array.shape == SHAPE
 
 
@@ -63,7 +75,8 @@ def test_voi_hand_calculations():
     x = np.array([0, 75, 75.5, 100, 124, 124.5, 200], np.float32)
     # LINEAR (PS3.3 C.11.2.1.2): c' = 99.5, w' = 49 -> 0 at or below 75, 1 above 124
     lin = dicom.apply_voi(x, 1, 0, 100, 50, "LINEAR")
-    np.testing.assert_allclose(lin, [0, 0, 0.5 / 49, 0.5 + 0.5 / 49, 0.5 + 24.5 / 49, 1, 1], atol=1e-6)
+    want = [0, 0, 0.5 / 49, 0.5 + 0.5 / 49, 0.5 + 24.5 / 49, 1, 1]
+    np.testing.assert_allclose(lin, want, atol=1e-6)
     exact = dicom.apply_voi(x, 1, 0, 100, 50, "LINEAR_EXACT")
     np.testing.assert_allclose(exact, np.clip((x - 100) / 50 + 0.5, 0, 1), atol=1e-6)
     sig = dicom.apply_voi(x, 2, -10, 100, 50, "SIGMOID")  # rescale first: 2x - 10
@@ -73,8 +86,8 @@ def test_voi_hand_calculations():
 
 
 def test_monochrome1_sigmoid_file(tmp_path):
-    path = phantoms.write_phantom_dicom(tmp_path / "m1.dcm", SHAPE, "native", seed=1, monochrome1=True,
-                                    voi_function="SIGMOID", laterality="L")
+    path = phantoms.write_phantom_dicom(tmp_path / "m1.dcm", SHAPE, "native", seed=1,
+                                        monochrome1=True, voi_function="SIGMOID", laterality="L")
     stored = pydicom.dcmread(path).pixel_array.astype(np.float64)
     c, w = 0.4 * 1024, 0.5 * 1024  # what write_bto puts in the Shared FrameVOILUT for SIGMOID
     vol, meta = dicom.read_dbt(path)
@@ -92,10 +105,13 @@ def test_pydicom_shipped_files():
     cr = TEST_FILES / "dicomdirtests/77654033/CR1/6154"
     ds = pydicom.dcmread(cr)
     x = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    lin = np.clip((x - (1600 - 0.5)) / (2800 - 1) + 0.5, 0, 1)  # header window 1600/2800, then MONOCHROME1
+    # header window 1600/2800, then MONOCHROME1
+    lin = np.clip((x - (1600 - 0.5)) / (2800 - 1) + 0.5, 0, 1)
     np.testing.assert_allclose(dicom.read_dbt(cr)[0][0], 1 - lin, atol=1e-5)
-    for name, pkg in [("MR_small_jpeg_ls_lossless.dcm", "pyjpegls"), ("JPEGLSNearLossless_16.dcm", "pyjpegls"),
-                      ("SC_rgb_jpeg_gdcm.dcm", "pylibjpeg-libjpeg"), ("JPGExtended.dcm", "pylibjpeg-libjpeg")]:
+    for name, pkg in [("MR_small_jpeg_ls_lossless.dcm", "pyjpegls"),
+                      ("JPEGLSNearLossless_16.dcm", "pyjpegls"),
+                      ("SC_rgb_jpeg_gdcm.dcm", "pylibjpeg-libjpeg"),
+                      ("JPGExtended.dcm", "pylibjpeg-libjpeg")]:
         with pytest.raises(ValueError, match=rf"{name}: transfer syntax .*install {pkg}"):
             read(name)
     with pytest.raises(ValueError, match="colour"):
@@ -117,18 +133,21 @@ def test_legacy_folder_sorted_by_z(tmp_path, volumes):
     vol, meta = dicom.read_dbt(series)
     assert meta["slice_order"] == "z" and meta["n_frames"] == SHAPE[0]
     np.testing.assert_allclose(vol, expected, atol=1e-6)
-    # a folder scan sees the series as one volume, beside an ordinary multi-frame file; stray files are ignored
+    # a folder scan sees the series as one volume, beside an ordinary multi-frame file; stray files
+    # are ignored
     (series / ".DS_Store").write_bytes(b"\0\1")
     (series / "notes.txt").write_text("exported by PACS\n")
     (tmp_path / "bto.dcm").write_bytes(paths["native"].read_bytes())
     assert dicom.scan(tmp_path) == sorted([str(series), str(tmp_path / "bto.dcm")])
-    stream = data.PretrainStream(tmp_path, global_size=28, local_size=14, adjacent_k=1, cache_dir=tmp_path / "c")
+    stream = data.PretrainStream(tmp_path, global_size=28, local_size=14, adjacent_k=1,
+                                 cache_dir=tmp_path / "c")
     item = next(iter(stream))
     assert stream.n_skipped == 0 and abs(int(item["slice_index"][0] - item["slice_index"][1])) == 1
 
 
 def _slice_file(path, pixels, z, series="1.2.3.4", laterality=None):
-    """One single-frame 64 x 48 slice at z (no position at all for z None: a 2-D image, as MG files are)."""
+    """One single-frame 64 x 48 slice at z (no position at all for z None: a 2-D image, as MG files
+    are)."""
     ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
     ds.Rows, ds.Columns, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 64, 48, 10, 9, 0
     ds.SeriesInstanceUID, ds.PixelData = series, pixels.astype("<u2").tobytes()
@@ -142,37 +161,43 @@ def _slice_file(path, pixels, z, series="1.2.3.4", laterality=None):
 
 
 def test_scan_uid_names_mammograms_and_a_bad_slice(tmp_path, volumes):
-    """UID-named exports are volumes; 2-D images of one series stay separate; one bad slice skips its series once."""
+    """UID-named exports are volumes; 2-D images of one series stay separate; one bad slice skips
+    its series once."""
     paths, _ = volumes
     pixels = pydicom.dcmread(paths["native"]).pixel_array  # (8, 64, 48)
     (tmp_path / "export").mkdir()
-    uid_named = tmp_path / "export" / "1.2.840.113619.2.55.3.9465"  # storescp's naming: the "suffix" is .9465
+    # storescp's naming: the "suffix" is .9465
+    uid_named = tmp_path / "export" / "1.2.840.113619.2.55.3.9465"
     uid_named.write_bytes(paths["native"].read_bytes())
     assert dicom.scan(tmp_path / "export") == [str(uid_named)]
-    mg = tmp_path / "mg"  # four 2-D views of one series, no ImagePositionPatient: four volumes, not one
+    mg = tmp_path / "mg"  # four 2-D views of one series, no ImagePositionPatient: four volumes
     mg.mkdir()
     for i, lat in enumerate("LLRR"):
         _slice_file(mg / f"{i}.dcm", pixels[i], None, laterality=lat)
     assert dicom.scan(mg) == [str(mg / f"{i}.dcm") for i in range(4)]
     with pytest.raises(ValueError, match="without ImagePositionPatient"):
-        dicom.read_dbt(mg)  # named as a folder volume (a manifest may), it is refused instead of stacked
-    series = tmp_path / "export" / "0-series"  # sorts first, so the stream's start-up probe reads it
+        dicom.read_dbt(mg)  # named as a folder volume (a manifest may), it is refused, not stacked
+    series = tmp_path / "export" / "0-series"  # sorts first: the stream's start-up probe reads it
     series.mkdir()
     for i in range(6):
         _slice_file(series / f"{i}.dcm", pixels[i], i)
     (series / "3.dcm").write_bytes(b"not a dicom")  # one broken slice
-    assert dicom.scan(tmp_path / "export") == [str(series), str(uid_named)]  # one series, not five 1-slice volumes
-    stream = data.PretrainStream(tmp_path / "export", global_size=28, local_size=14, cache_dir=tmp_path / "c")
+    # one series, not five 1-slice volumes
+    assert dicom.scan(tmp_path / "export") == [str(series), str(uid_named)]
+    stream = data.PretrainStream(tmp_path / "export", global_size=28, local_size=14,
+                                 cache_dir=tmp_path / "c")
     assert stream.n_skipped == 1 and "3.dcm: not a readable DICOM" in stream.skipped[str(series)]
 
 
 def test_orientation_rules(archive):
     row = next(csv.DictReader(open(archive / "exams.csv")))
     rcc = archive / row["RCC"]
-    vol, meta = dicom.read_dbt(rcc, view="rcc")  # stored chest wall right = official R guess: no rotation
+    # stored chest wall right = the official R guess: no rotation
+    vol, meta = dicom.read_dbt(rcc, view="rcc")
     raw, _ = dicom.read_dbt(rcc, view="rcc", frames=[0])
     assert not meta["rotated"] and dicom.edge_side(vol[0]) == "R"
-    wrong, meta = dicom.read_dbt(rcc, view="lcc", frames=[0])  # header/view disagreement -> 180 deg rotation
+    # header/view disagreement -> 180 deg rotation
+    wrong, meta = dicom.read_dbt(rcc, view="lcc", frames=[0])
     assert meta["rotated"]
     np.testing.assert_array_equal(wrong[0], raw[0][::-1, ::-1])
     canon, meta = dicom.read_dbt(rcc)  # canonical: mirrored so the chest wall is on the left
@@ -195,9 +220,10 @@ def test_bad_files_errors_and_stream_skips(tmp_path, volumes):
                       ("trunc", "cannot decode frame"), ("noimage", "no image")]:
         with pytest.raises(ValueError, match=rf"{name}\.dcm.*{msg}"):
             dicom.read_dbt(tmp_path / f"{name}.dcm")
-    ds = data.PretrainStream(tmp_path, cache_dir=tmp_path / "cache", global_size=28, local_size=14, n_local=2,
-                             shuffle_buffer=0)
-    items = [item for item, _ in zip(ds, range(20))]  # two epochs over the 5 files: the stream keeps going
+    ds = data.PretrainStream(tmp_path, cache_dir=tmp_path / "cache", global_size=28, local_size=14,
+                             n_local=2, shuffle_buffer=0)
+    # two epochs over the 5 files: the stream keeps going
+    items = [item for item, _ in zip(ds, range(20))]
     assert {i["volume"] for i in items} == {ds.paths.index(str(good))}
     assert ds.n_skipped == 4 and all(Path(p).name != "good.dcm" for p in ds.skipped)
     bad = tmp_path / "bad"
@@ -208,29 +234,33 @@ def test_bad_files_errors_and_stream_skips(tmp_path, volumes):
 
 
 def test_synthetic_archive_name_holds_its_shape(tmp_path, monkeypatch):
-    """Other shape flags once got the archive of an earlier run (its name held only patients and seed)."""
+    """Other shape flags once got the archive of an earlier run (its name held only patients and
+    seed)."""
     monkeypatch.setenv("DBT_DINO_CACHE", str(tmp_path))
-    small, other = (phantoms.synthetic_archive(patients=1, seed=0, shape=shape) for shape in [(4, 64, 48), (3, 32, 40)])
-    assert small != other and small == phantoms.synthetic_archive(patients=1, seed=0, shape=(4, 64, 48))
+    small, other = (phantoms.synthetic_archive(patients=1, seed=0, shape=shape)
+                    for shape in [(4, 64, 48), (3, 32, 40)])
+    assert small != other
+    assert small == phantoms.synthetic_archive(patients=1, seed=0, shape=(4, 64, 48))
     vol, _ = dicom.read_dbt(next(other.rglob("*.dcm")))
     assert vol.shape == (3, 32, 40)
 
 
 def test_a_shard_of_only_unreadable_volumes_moves_on(tmp_path, volumes, monkeypatch):
-    """Ranks x workers ~ volumes: some epoch gives a rank only the bad file. It reads on in the next epoch's shard
-    instead of stopping the run; only a stream whose every volume failed gives up."""
+    """Ranks x workers ~ volumes: some epoch gives a rank only the bad file. It reads on in the next
+    epoch's shard instead of stopping the run; only a stream whose every volume failed gives up."""
     paths, _ = volumes
     (tmp_path / "a" / "good.dcm").parent.mkdir()
     (tmp_path / "a" / "good.dcm").write_bytes(paths["native"].read_bytes())
     (tmp_path / "a" / "empty.dcm").write_bytes(b"")
     for rank in (0, 1):  # 2 ranks, 1 volume each per epoch: one of them starts on empty.dcm
         monkeypatch.setattr(utils, "rank_world", lambda: (rank, 2))
-        ds = data.PretrainStream(tmp_path / "a", cache_dir=tmp_path / "c", global_size=28, local_size=14, n_local=1,
-                                 shuffle_buffer=0)
+        ds = data.PretrainStream(tmp_path / "a", cache_dir=tmp_path / "c", global_size=28,
+                                 local_size=14, n_local=1, shuffle_buffer=0)
         shards = [ds.paths[ds.shard(e, rank, 2)[0]] for e in range(2)]
         items = [item for item, _ in zip(ds, range(3))]
         assert {ds.paths[i["volume"]] for i in items} == {str(tmp_path / "a" / "good.dcm")}, shards
-    ds.paths.remove(str(tmp_path / "a" / "good.dcm"))  # only the bad file left: nothing to read, said once
+    # only the bad file left: nothing to read, said once
+    ds.paths.remove(str(tmp_path / "a" / "good.dcm"))
     with pytest.raises(ValueError, match="rank 1 worker 0: no readable volume"):
         next(iter(ds))
 
@@ -271,11 +301,12 @@ def test_tissue_mask_matches_phantom():
     vol, _ = phantoms.make_phantom((5, 128, 96), seed=5)
     mask = data.tissue_mask(vol[2])
     truth = vol[2] > 0
-    assert (mask & truth).sum() / (mask | truth).sum() > 0.95  # IoU with the phantom's breast outline
+    assert (mask & truth).sum() / (mask | truth).sum() > 0.95  # IoU with the phantom's outline
 
 
 def _mean_global_tissue(archive, tmp_path, **kw):
-    ds = data.PretrainStream(archive, cache_dir=tmp_path, global_size=56, local_size=28, n_local=1, seed=0, **kw)
+    ds = data.PretrainStream(archive, cache_dir=tmp_path, global_size=56, local_size=28, n_local=1,
+                             seed=0, **kw)
     return float(torch.stack([i["global_tissue"].mean() for i, _ in zip(ds, range(48))]).mean())
 
 
@@ -286,25 +317,28 @@ def test_tissue_aware_crops(archive, tmp_path):
 
 
 def test_adjacent_pairs(archive, tmp_path, monkeypatch):
-    ds = data.PretrainStream(archive, cache_dir=tmp_path, global_size=56, local_size=28, n_local=1, adjacent_k=2)
-    monkeypatch.setattr(ds, "_photo", lambda x, rng, blur, sol: x.expand(3, -1, -1))  # geometry only
+    ds = data.PretrainStream(archive, cache_dir=tmp_path, global_size=56, local_size=28, n_local=1,
+                             adjacent_k=2)
+    # geometry only
+    monkeypatch.setattr(ds.multicrop, "_photo", lambda x, rng, blur, sol: x.expand(3, -1, -1))
     items = [i for i, _ in zip(ds, range(24))]
     for i in items:
         s, s2 = i["slice_index"].tolist()
         assert 1 <= abs(s - s2) <= 2 and i["adjacent"].shape == i["global_crops"].shape
     same = np.mean([(i["global_crops"] - i["adjacent"]).abs().mean() for i in items])
-    other = np.mean([(a["global_crops"] - b["adjacent"]).abs().mean() for a, b in zip(items, items[1:])])
+    other = np.mean([(a["global_crops"] - b["adjacent"]).abs().mean()
+                     for a, b in zip(items, items[1:])])
     assert same < 0.5 * other  # same crop box on a neighbouring slice, not a fresh crop
 
 
 def test_adjacent_pairs_in_thin_volumes(tmp_path):
-    """A 2-slice volume always pairs s with the other slice (clamping gave s' = s); a 1-slice image (FFDM) pairs
-    with itself, and collate marks it so the adjacent-slice term leaves it out (data.md 4.2)."""
+    """A 2-slice volume always pairs s with the other slice (clamping gave s' = s); a 1-slice image
+    (FFDM) pairs with itself, and collate marks it so the adjacent-slice term leaves it out."""
     (tmp_path / "v").mkdir()
     for n in (1, 2):
         phantoms.write_phantom_dicom(tmp_path / "v" / f"s{n}.dcm", (n, 64, 48), seed=n)
-    ds = data.PretrainStream(tmp_path / "v", cache_dir=tmp_path / "c", global_size=28, local_size=14, n_local=1,
-                             adjacent_k=2)
+    ds = data.PretrainStream(tmp_path / "v", cache_dir=tmp_path / "c", global_size=28,
+                             local_size=14, n_local=1, adjacent_k=2)
     items = [i for i, _ in zip(ds, range(40))]
     thin = {ds.paths[i["volume"]][-6:]: set() for i in items}
     for i in items:
@@ -312,7 +346,48 @@ def test_adjacent_pairs_in_thin_volumes(tmp_path):
     assert thin == {"s1.dcm": {(0, 0)}, "s2.dcm": {(0, 1), (1, 0)}}
     out = data.collate_pretrain(items[:6], patch_size=14)
     has = [float(ds.paths[i["volume"]].endswith("s2.dcm")) for i in items[:6]]
-    assert out["adjacent_valid"].tolist() == has + has  # crop-major: [crop 1 of all B; crop 2 of all B]
+    assert out["adjacent_valid"].tolist() == has + has  # crop-major: [crop 1 of all; crop 2 of all]
+
+
+def test_multicrop_reproduces_the_saved_samples(tmp_path):
+    """MultiCrop makes the draws of PretrainStream.sample before the augmentation became its own
+    class, in the same order: for the saved seeds every box, flip, mask and index equals
+    tests/fixtures/multicrop.pt, and so does the stream's sample(), which goes through MultiCrop.
+    Crop pixels are float32 resampling: bit-identical on the machine that saved the fixture (and
+    to the old code run on another), but other CPUs' kernels round differently by a few ulps."""
+    ref = torch.load(Path(__file__).parent / "fixtures" / "multicrop.pt", weights_only=True)
+    path = phantoms.write_phantom_dicom(tmp_path / "v.dcm", (6, 140, 112), "native", seed=7)
+    meta, mask = data.volume_index(path, tmp_path / "idx")
+    S, stride = meta["n_frames"], meta["mask_stride"]
+    read = functools.partial(data.read_slice, meta)
+    for recipe in ("dinov2", "dbt-dino", "mammodino"):
+        sizes = dict(global_size=28, local_size=14, n_local=3, **data.RECIPES[recipe])
+        multicrop = data.MultiCrop(**sizes)
+        stream = data.PretrainStream(tmp_path, cache_dir=tmp_path / "idx", **sizes)
+        made = {}
+        for via_stream in (False, True):
+            rng = np.random.default_rng([11, 3])
+            for k in range(3):
+                if via_stream:
+                    item = stream.sample(meta, mask, rng)
+                else:
+                    s = int(rng.integers(S))  # the stream's draw of the slice comes first
+                    item = multicrop(read(s), mask, stride, rng, s, S, read)
+                keys = {key.split("/")[2] for key in ref if key.startswith(f"{recipe}/{k}/")}
+                assert set(item) == keys, (recipe, k, set(item), keys)
+                for key, v in item.items():
+                    saved = ref[f"{recipe}/{k}/{key}"]
+                    where = (recipe, via_stream, k, key)
+                    assert v.dtype == saved.dtype and v.shape == saved.shape, where
+                    if v.is_floating_point():  # pixels: a few float32 ulps at most
+                        assert (v - saved).abs().max().item() <= 2.5e-7, where
+                    else:
+                        assert torch.equal(v, saved), where
+                    # on one machine, the stream and MultiCrop alone are bit-identical
+                    assert torch.equal(v, made.setdefault((k, key), v)), where
+            # as many draws made: the next one matches (saved as the fixture saved it, in float32)
+            next_draw = torch.tensor(rng.random())
+            assert torch.equal(next_draw, ref[f"{recipe}/next_draw"]), (recipe, via_stream)
 
 
 def test_sharding_two_ranks_two_workers(archive, tmp_path):
@@ -321,38 +396,46 @@ def test_sharding_two_ranks_two_workers(archive, tmp_path):
         ds.paths = [f"v{i}" for i in range(n)]
         for epoch in (0, 1):
             shards = [ds.shard(epoch, r, 2, w, 2) for r in range(2) for w in range(2)]
-            assert len({len(s) for s in shards}) == 1  # equal counts: DDP ranks run the same number of steps
+            # equal counts: DDP ranks run the same number of steps
+            assert len({len(s) for s in shards}) == 1
             flat = sum(shards, [])
-            assert set(flat) == set(range(n)) and (n % 4 or len(flat) == n)  # all covered; exactly once when n | 4
+            # all covered; exactly once when n | 4
+            assert set(flat) == set(range(n)) and (n % 4 or len(flat) == n)
         assert ds.shard(0, 1, 2, 0, 2) == ds.shard(0, 1, 2, 0, 2) != ds.shard(1, 1, 2, 0, 2)
 
 
 def test_stream_deterministic(archive, tmp_path):
-    make = lambda: data.PretrainStream(archive, cache_dir=tmp_path, global_size=28, local_size=14, n_local=1)  # noqa
+    def make():
+        return data.PretrainStream(archive, cache_dir=tmp_path, global_size=28, local_size=14,
+                                   n_local=1)
+
     a, b = [[i for i, _ in zip(make(), range(6))] for _ in range(2)]
     assert all(torch.equal(x["global_crops"], y["global_crops"]) for x, y in zip(a, b))
 
 
 def test_collate_and_masking(archive, tmp_path):
-    ds = data.PretrainStream(archive, cache_dir=tmp_path, global_size=56, local_size=28, n_local=3, adjacent_k=1,
-                             tissue_aware=True)
+    ds = data.PretrainStream(archive, cache_dir=tmp_path, global_size=56, local_size=28, n_local=3,
+                             adjacent_k=1, tissue_aware=True)
     items = [i for i, _ in zip(ds, range(4))]
     random.seed(0)
     out = data.collate_pretrain(items, patch_size=14)
     assert out["global"].shape == (8, 3, 56, 56) and out["local"].shape == (12, 3, 28, 28)
-    assert torch.equal(out["global"][5], items[1]["global_crops"][1])  # crop-major: [crop1 of all B; crop2 of all B]
+    # crop-major: [crop1 of all B; crop2 of all B]
+    assert torch.equal(out["global"][5], items[1]["global_crops"][1])
     assert torch.equal(out["local"][4 * 2 + 3], items[3]["local_crops"][2])
     assert torch.equal(out["adjacent"][4], items[0]["adjacent"][1])
     masks, N = out["masks"], 16
     per_image = masks.sum(1)
-    assert (per_image > 0).sum() == 4 and per_image.max() <= 0.5 * N  # half the crops masked, at most 50 %
+    # half the crops masked, at most 50 %
+    assert (per_image > 0).sum() == 4 and per_image.max() <= 0.5 * N
     assert out["n_masked"] == len(out["mask_indices"]) == masks.sum()
-    torch.testing.assert_close(torch.zeros(8).index_add_(0, out["mask_indices"] // N, out["masks_weight"]),
-                               (per_image > 0).float())  # weights sum to 1 per masked image
+    per_image_weight = torch.zeros(8).index_add_(0, out["mask_indices"] // N, out["masks_weight"])
+    torch.testing.assert_close(per_image_weight, (per_image > 0).float())  # 1 per masked image
     tissue = torch.zeros(64, 100)
     tissue[:, :30] = 1
     picked = data.tissue_masks(tissue, [20] * 64)
-    assert picked.sum() == 64 * 20 and picked[:, :30].float().mean() > 0.5  # tissue preferred over background
+    # tissue preferred over background
+    assert picked.sum() == 64 * 20 and picked[:, :30].float().mean() > 0.5
 
 
 def test_masking_generator_counts():
@@ -366,29 +449,33 @@ def test_masking_generator_counts():
 def test_synth_archive_and_cli(tmp_path, archive):
     with open(archive / "boxes.csv") as fh:
         header = next(csv.reader(fh))
-    assert header == ["PatientID", "StudyUID", "View", "Subject", "Slice", "X", "Y", "Width", "Height", "Class",
-                      "AD", "VolumeSlices"]
+    assert header == ["PatientID", "StudyUID", "View", "Subject", "Slice", "X", "Y", "Width",
+                      "Height", "Class", "AD", "VolumeSlices"]
     rows = list(csv.DictReader(open(archive / "file-paths.csv")))
     assert len(rows) == 8 and {r["View"] for r in rows} == {"lcc", "rcc", "lmlo", "rmlo"}
     for r in rows:  # every file opens with plain pydicom
         ds = pydicom.dcmread(archive / r["classic_path"])
         assert ds.pixel_array.shape == (12, 96, 72) and ds.SOPClassUID == dicom.BTO
     for b in csv.DictReader(open(archive / "boxes.csv")):
-        assert 0 <= int(b["X"]) and int(b["X"]) + int(b["Width"]) <= 72 and 0 <= int(b["Slice"]) < 12
+        assert 0 <= int(b["X"]) and int(b["X"]) + int(b["Width"]) <= 72
+        assert 0 <= int(b["Slice"]) < 12
     d = data.density_eval_set(archive, size=32)
     assert d["images"].shape == (8, 3, 32, 32) and d["groups"].tolist() == [0] * 4 + [1] * 4
     out = tmp_path / "cli"
     env = dict(os.environ, PYTHONPATH=str(Path(data.__file__).parent))
-    subprocess.run([sys.executable, phantoms.__file__, "--out", str(out), "--patients", "1", "--slices", "4",
-                    "--height", "32", "--width", "24"], check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, phantoms.__file__, "--out", str(out), "--patients", "1",
+                    "--slices", "4", "--height", "32", "--width", "24"],
+                   check=True, env=env, capture_output=True)
     assert len(list(out.rglob("*.dcm"))) == 4 and (out / "exams.csv").exists()
     assert phantoms.get_args([]).patients == 8
 
 
 def test_detection_archive_adds_masses_and_leaves_the_rest(tmp_path):
-    """lesion_rate draws its masses from a stream of its own: the base archive's exams, files and lesions stay."""
+    """lesion_rate draws its masses from a stream of its own: the base archive's exams, files and
+    lesions stay."""
     base = phantoms.write_archive(tmp_path / "base", patients=3, seed=4, shape=(4, 64, 48))
-    rich = phantoms.write_archive(tmp_path / "rich", patients=3, seed=4, shape=(4, 64, 48), lesion_rate=2.0)
+    rich = phantoms.write_archive(tmp_path / "rich", patients=3, seed=4, shape=(4, 64, 48),
+                                  lesion_rate=2.0)
     read = lambda root, name: list(csv.DictReader(open(root / name)))
     for name in ("exams.csv", "file-paths.csv"):
         assert read(base, name) == read(rich, name)
@@ -397,17 +484,22 @@ def test_detection_archive_adds_masses_and_leaves_the_rest(tmp_path):
     extra = [b for b in rich_boxes if b not in base_boxes]
     assert 10 <= len(extra) <= 40  # Poisson(2) over 12 views: mean 24, sd 4.9
     assert {b["Class"] for b in extra} == {"benign", "cancer"}
-    whole = [b for b in extra if 0 < int(b["X"]) and int(b["X"]) + int(b["Width"]) < 48]  # not cut by an edge
-    assert len(whole) >= 5 and all(b["Width"] == b["Height"] for b in whole)  # round masses, not calcifications
-    for r in read(rich, "labels.csv"):  # BCS-DBT's groups are exclusive: a volume with a cancer box is Cancer
-        classes = {b["Class"] for b in rich_boxes if (b["PatientID"], b["View"]) == (r["PatientID"], r["View"])}
+    # not cut by an edge
+    whole = [b for b in extra if 0 < int(b["X"]) and int(b["X"]) + int(b["Width"]) < 48]
+    # round masses, not calcifications
+    assert len(whole) >= 5 and all(b["Width"] == b["Height"] for b in whole)
+    # BCS-DBT's groups are exclusive: a volume with a cancer box is Cancer
+    for r in read(rich, "labels.csv"):
+        classes = {b["Class"] for b in rich_boxes
+                   if (b["PatientID"], b["View"]) == (r["PatientID"], r["View"])}
         group = "Cancer" if "cancer" in classes else "Benign" if classes else "Normal"
         assert [k for k in ("Normal", "Benign", "Cancer") if r[k] == "1"] == [group]
 
 
 def test_bcs_dbt_side_uses_stored_pixels(tmp_path):
-    """A window that clips the left edge's few bright pixels flips the displayed sums but not the stored ones:
-    the official reader (stored sums) keeps an 'lcc' image as it is, so ours must too."""
+    """A window that clips the left edge's few bright pixels flips the displayed sums but not the
+    stored ones: the official reader (stored sums) keeps an 'lcc' image as it is, so ours must
+    too."""
     stored = np.zeros((1, 32, 32), np.uint16)
     stored[0, :4, 0] = 1000  # left column sum 4000
     stored[0, :, -1] = 100  # right column sum 3200
@@ -418,13 +510,16 @@ def test_bcs_dbt_side_uses_stored_pixels(tmp_path):
     voi.WindowCenter, voi.WindowWidth = 100, 200  # displayed: left 4 x 1.0 < right 32 x 0.5
     ds.save_as(path)
     vol, meta = dicom.read_dbt(path, view="lcc")
-    assert dicom.edge_side(vol[0]) == "R" and meta["rotated"] is False  # displayed sums alone would rotate it
+    # displayed sums alone would rotate it
+    assert dicom.edge_side(vol[0]) == "R" and meta["rotated"] is False
     vol, meta = dicom.read_dbt(path, view="rcc")
-    assert meta["rotated"] is True and vol[0, -1, -1] == 1.0  # rotated 180 degrees: the bright pixels move
+    # rotated 180 degrees: the bright pixels move
+    assert meta["rotated"] is True and vol[0, -1, -1] == 1.0
 
 
 def test_masking_matches_dinov2_reference():
-    """Same python `random` seed -> the same block masks and batch collation as dinov2.data (spec dinov2.md §1e)."""
+    """Same python `random` seed -> the same block masks and batch collation as dinov2.data (its
+    masking.py and collate.py)."""
     import dinov2.data.masking as masking  # oracle: required, never skipped
     import dinov2.data.collate as collate  # oracle: required, never skipped
     for G in (8, 16, 37):
@@ -436,15 +531,18 @@ def test_masking_matches_dinov2_reference():
             random.seed(n + G)
             assert np.array_equal(a, ref(n)), (G, n)
     g = torch.Generator().manual_seed(0)
-    samples = [{"global_crops": torch.rand(2, 3, 112, 112, generator=g), "local_crops": torch.rand(8, 3, 56, 56, generator=g)}
-               for _ in range(4)]
+    samples = [{"global_crops": torch.rand(2, 3, 112, 112, generator=g),
+                "local_crops": torch.rand(8, 3, 56, 56, generator=g)} for _ in range(4)]
     random.seed(3)
     ours = data.collate_pretrain(samples)
     random.seed(3)
     gen = masking.MaskingGenerator(input_size=(8, 8), max_num_patches=0.5 * 112 // 14 * 112 // 14)
-    ref = collate.collate_data_and_cast([({"global_crops": list(s["global_crops"]), "local_crops": list(s["local_crops"])}, 0)
-                                         for s in samples], (0.1, 0.5), 0.5, torch.float32, n_tokens=64, mask_generator=gen)
-    assert torch.equal(ours["global"], ref["collated_global_crops"]) and torch.equal(ours["local"], ref["collated_local_crops"])
+    batch = [({"global_crops": list(s["global_crops"]), "local_crops": list(s["local_crops"])}, 0)
+             for s in samples]
+    ref = collate.collate_data_and_cast(batch, (0.1, 0.5), 0.5, torch.float32, n_tokens=64,
+                                        mask_generator=gen)
+    assert torch.equal(ours["global"], ref["collated_global_crops"])
+    assert torch.equal(ours["local"], ref["collated_local_crops"])
     assert torch.equal(ours["masks"], ref["collated_masks"])
     assert torch.equal(ours["mask_indices"], ref["mask_indices_list"])
     assert torch.allclose(ours["masks_weight"], ref["masks_weight"])
@@ -454,16 +552,18 @@ def test_separable_blur_equals_torchvision():
     import torchvision.transforms.functional as tvf  # oracle: required, never skipped
     x = torch.rand(1, 57, 40, generator=torch.Generator().manual_seed(0))
     for sigma in (0.1, 0.7, 2.0):
-        assert torch.allclose(data.gaussian_blur(x, sigma), tvf.gaussian_blur(x, 9, sigma), atol=1e-6)
+        want = tvf.gaussian_blur(x, 9, sigma)
+        assert torch.allclose(data.gaussian_blur(x, sigma), want, atol=1e-6)
 
 
 def test_scan_refuses_an_empty_source_and_reads_a_spreadsheet_manifest(tmp_path, volumes):
-    """--data "" (an unset variable) once trained on the current folder; a manifest saved by a spreadsheet (BOM,
-    CRLF) once lost its `path` column to the byte-order mark."""
+    """--data "" (an unset variable) once trained on the current folder; a manifest saved by a
+    spreadsheet (BOM, CRLF) once lost its `path` column to the byte-order mark."""
     with pytest.raises(ValueError, match="--data is empty"):
         dicom.scan("")
     paths, _ = volumes
-    (tmp_path / "m.csv").write_bytes(b"\xef\xbb\xbfpath,note\r\n" + str(paths["native"]).encode() + b",x\r\n")
+    bom_crlf = b"\xef\xbb\xbfpath,note\r\n" + str(paths["native"]).encode() + b",x\r\n"
+    (tmp_path / "m.csv").write_bytes(bom_crlf)
     assert dicom.scan(tmp_path / "m.csv") == [str(paths["native"])]
     (tmp_path / "bin.csv").write_bytes(b"\x87\x00\xff" * 10)
     with pytest.raises(ValueError, match="bin.csv: not a readable CSV"):
@@ -471,7 +571,8 @@ def test_scan_refuses_an_empty_source_and_reads_a_spreadsheet_manifest(tmp_path,
 
 
 def test_seeds_past_32_bits_are_hashed_not_refused_or_wrapped():
-    """pretrain reseeds with seed + 65536 x step: past step 65,535 that exceeds numpy's 32-bit seeds."""
+    """pretrain reseeds with seed + 65536 x step: past step 65,535 that exceeds numpy's 32-bit
+    seeds."""
     utils.seed_everything(2**32 + 5)
     a = np.random.rand()
     utils.seed_everything(5)

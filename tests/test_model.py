@@ -1,6 +1,5 @@
-"""model.py against the DINOv2 spec (../shared/spec/dinov2.md §1a-1b) and reference implementations."""
-import math
-
+"""model.py against DINOv2's hub models (keys, shapes, parameter counts) and reference
+implementations (the `dinov2` package, timm)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +7,7 @@ import torch.nn.functional as F
 import model
 import pretrain
 
-# (builder, D, depth, ffn, registers) from spec §1a
+# (builder, D, depth, ffn, registers) of DINOv2's hub entry points (hub/backbones.py)
 ARCHS = [
     (model.dinov2_vits14, 384, 12, "mlp", 0), (model.dinov2_vitb14, 768, 12, "mlp", 0),
     (model.dinov2_vitl14, 1024, 24, "mlp", 0), (model.dinov2_vitg14, 1536, 40, "swiglu", 0),
@@ -18,16 +17,17 @@ ARCHS = [
 
 
 def hub_keys(D, depth, ffn, R):
-    """The hub checkpoint's keys and shapes, written out from spec §1b."""
+    """The hub checkpoint's keys and shapes, written out by hand."""
     keys = {"cls_token": (1, 1, D), "pos_embed": (1, 1370, D), "mask_token": (1, D),
             "patch_embed.proj.weight": (D, 3, 14, 14), "patch_embed.proj.bias": (D,),
             "norm.weight": (D,), "norm.bias": (D,)}
     if R:
         keys["register_tokens"] = (1, R, D)
-    hidden = 4096 if ffn == "swiglu" else 4 * D  # spec: (int(4D*2/3)+7)//8*8 = 4096 for D=1536
+    hidden = 4096 if ffn == "swiglu" else 4 * D  # SwiGLU: (int(4D*2/3)+7)//8*8 = 4096, D=1536
     for i in range(depth):
         b = f"blocks.{i}."
-        keys.update({b + "norm1.weight": (D,), b + "norm1.bias": (D,), b + "norm2.weight": (D,), b + "norm2.bias": (D,),
+        keys.update({b + "norm1.weight": (D,), b + "norm1.bias": (D,),
+                     b + "norm2.weight": (D,), b + "norm2.bias": (D,),
                      b + "attn.qkv.weight": (3 * D, D), b + "attn.qkv.bias": (3 * D,),
                      b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,),
                      b + "ls1.gamma": (D,), b + "ls2.gamma": (D,)})
@@ -49,13 +49,14 @@ def test_hub_keys_and_shapes(builder, D, depth, ffn, R):
 
 
 def test_parameter_counts():
-    def count(D, depth):  # independent count from the layer list in spec §1a
-        per_block = 4 * D + (3 * D * D + 3 * D) + (D * D + D) + 2 * D + (4 * D * D + 4 * D) + (4 * D * D + D)
+    def count(D, depth):  # independent count from the layer list: norms, qkv, proj, gammas, MLP
+        per_block = (4 * D + (3 * D * D + 3 * D) + (D * D + D) + 2 * D + (4 * D * D + 4 * D)
+                     + (4 * D * D + D))
         return 3 * 14 * 14 * D + D + D + 1370 * D + D + depth * per_block + 2 * D
     s = sum(p.numel() for p in model.dinov2_vits14().parameters())
     b = sum(p.numel() for p in model.dinov2_vitb14().parameters())
     assert (s, b) == (count(384, 12), count(768, 12))
-    assert round(s / 1e6, 2) == 22.06 and round(b / 1e6, 2) == 86.58  # the spec's reference counts
+    assert round(s / 1e6, 2) == 22.06 and round(b / 1e6, 2) == 86.58  # the hub models' counts
 
 
 def randomize(m, seed=0):
@@ -74,7 +75,7 @@ def randomize(m, seed=0):
 
 
 def test_matches_dinov2_reference_nonreg():
-    """PyPI dinov2 (early 2023 snapshot) is the reference for non-register models at any size (spec §3)."""
+    """PyPI dinov2 (early 2023 snapshot) is the reference for non-register models at any size."""
     import dinov2.models.vision_transformer as vt  # oracle: required, never skipped
     ref = vt.vit_small(patch_size=14, img_size=518, init_values=1.0, block_chunks=0).eval()
     ours = randomize(model.dinov2_vits14())
@@ -88,9 +89,10 @@ def test_matches_dinov2_reference_nonreg():
 
 
 @pytest.mark.parametrize("name,sizes", [("vit_small_patch14_dinov2", [(518, 518)]),
-                                         ("vit_small_patch14_reg4_dinov2", [(518, 518), (224, 308)])])
+                                         ("vit_small_patch14_reg4_dinov2",
+                                          [(518, 518), (224, 308)])])
 def test_matches_timm(name, sizes):
-    """timm is exact at 518 for both families and at any size for registers (spec §3)."""
+    """timm is exact at 518 for both families and at any size for registers."""
     import timm  # oracle: required, never skipped
     from timm.models.vision_transformer import checkpoint_filter_fn
     reg = "reg4" in name
@@ -105,24 +107,28 @@ def test_matches_timm(name, sizes):
             if reg:
                 assert (a["x_norm_regtokens"] - t[:, 1:5]).abs().max() < 1e-5
             else:
-                assert a["x_norm_regtokens"].shape == (1, 0, ours.embed_dim)  # no registers: an empty slice
+                # no registers: an empty slice
+                assert a["x_norm_regtokens"].shape == (1, 0, ours.embed_dim)
             assert (a["x_norm_patchtokens"] - t[:, 1 + 4 * reg:]).abs().max() < 1e-5
 
 
 def test_interpolation_rules():
-    """Non-reg: scale_factor=(g+0.1)/M without antialias; reg: explicit size with antialias (spec §1a)."""
-    for name, kwargs in [("tiny", dict(scale_factor=((6 + 0.1) / 8, (10 + 0.1) / 8), antialias=False)),
-                         ("tiny_reg", dict(size=(6, 10), antialias=True))]:
+    """Non-reg: scale_factor=(g+0.1)/M without antialias; reg: explicit size with antialias (as
+    DINOv2's vision_transformer.py)."""
+    non_reg = dict(scale_factor=((6 + 0.1) / 8, (10 + 0.1) / 8), antialias=False)
+    for name, kwargs in [("tiny", non_reg), ("tiny_reg", dict(size=(6, 10), antialias=True))]:
         m = model.build(name)
         x = torch.zeros(1, 1 + 60, 96)
         pos = m.interpolate_pos_encoding(x, 84, 140)  # 6 x 10 patches from the stored 8 x 8 grid
         grid = m.pos_embed[:, 1:].reshape(1, 8, 8, 96).permute(0, 3, 1, 2)
         want = F.interpolate(grid, mode="bicubic", **kwargs).permute(0, 2, 3, 1).reshape(1, 60, 96)
         assert torch.equal(pos[:, 0], m.pos_embed[:, 0]) and torch.allclose(pos[:, 1:], want)
-        assert m.interpolate_pos_encoding(torch.zeros(1, 65, 96), 112, 112) is m.pos_embed  # native: untouched
+        native = m.interpolate_pos_encoding(torch.zeros(1, 65, 96), 112, 112)
+        assert native is m.pos_embed  # the native grid: untouched
     # the two rules really differ, so the choice matters for reproducing features
     a = model.build("tiny").interpolate_pos_encoding(torch.zeros(1, 37, 96), 84, 84)
-    b = model.build("tiny", interpolate_offset=0.0).interpolate_pos_encoding(torch.zeros(1, 37, 96), 84, 84)
+    no_offset = model.build("tiny", interpolate_offset=0.0)
+    b = no_offset.interpolate_pos_encoding(torch.zeros(1, 37, 96), 84, 84)
     assert (a - b).abs().max() > 1e-4
 
 
@@ -179,12 +185,14 @@ def formats(m):
             i = int(k.split(".")[1])
             k = f"blocks.{i // 2}." + k[len("blocks."):]
         chunked["backbone." + k] = v
-    head = {"dino_head.mlp.0.weight": torch.zeros(8, 96), "dino_head.last_layer.weight_g": torch.ones(16, 1)}
+    head = {"dino_head.mlp.0.weight": torch.zeros(8, 96),
+            "dino_head.last_layer.weight_g": torch.ones(16, 1)}
+    teacher = {**{"backbone." + k: v for k, v in sd.items()}, **head}
     return {
         "hub": sd,
         "dinov2_teacher_chunked": {"teacher": {**chunked, **head}},
-        "dbt_dino": {"teacher": {**{"backbone." + k: v for k, v in sd.items()}, **head}},
-        "ours_ckpt": {"version": 1, "step": 3, "teacher": {**{"backbone." + k: v for k, v in sd.items()}, **head},
+        "dbt_dino": {"teacher": teacher},
+        "ours_ckpt": {"version": 1, "step": 3, "teacher": teacher,
                       "student": {"module.backbone." + k: v * 0 for k, v in sd.items()}},
     }
 
@@ -226,7 +234,8 @@ def test_bad_checkpoints_fail_with_a_named_one_line_error(tmp_path):
         with pytest.raises(ValueError) as e:
             model.load_pretrained(model.vit_tiny(), str(path))
         assert str(path) in str(e.value) and "\n" not in str(e.value)
-    with pytest.raises(ValueError, match=r"missing \[.blocks.4.*unexpected \[\]"):  # 4-block ckpt into a 5-block model
+    # a 4-block checkpoint into a 5-block model
+    with pytest.raises(ValueError, match=r"missing \[.blocks.4.*unexpected \[\]"):
         model.load_pretrained(model.build("tiny", depth=5), str(good))
     with pytest.raises(ValueError, match=r"wrong shape.*embed"):
         model.load_pretrained(model.build("tiny", embed_dim=48), str(good))
@@ -235,13 +244,15 @@ def test_bad_checkpoints_fail_with_a_named_one_line_error(tmp_path):
 
 
 def test_grad_checkpointing_is_exact():
-    """Recomputing blocks in backward (with drop path, whose random draws must be replayed) changes nothing."""
+    """Recomputing blocks in backward (with drop path, whose random draws must be replayed) changes
+    nothing."""
     results = []
     for recompute in (False, True):
         m = randomize(model.build("tiny", drop_path_rate=0.3)).train()
         m.grad_checkpointing = recompute
         torch.manual_seed(0)
-        out = m.forward_features(torch.randn(4, 3, 112, 112, generator=torch.Generator().manual_seed(1)))
+        x = torch.randn(4, 3, 112, 112, generator=torch.Generator().manual_seed(1))
+        out = m.forward_features(x)
         out["x_norm_patchtokens"].square().mean().backward()
         grads = [p.grad.clone() for p in m.parameters() if p.grad is not None]
         results.append((out["x_norm_clstoken"].detach(), grads))
@@ -252,11 +263,12 @@ def test_grad_checkpointing_is_exact():
 
 @pytest.mark.parametrize("H,W", [(14, 14), (518, 518), (112, 196), (70, 42)])
 def test_patch_embed_matmul_equals_the_conv(H, W):
-    """The reshape + matmul patch embedding is the stride-p convolution (the float64 conv is the exact oracle; the
-    fp32 conv itself sits within ~2e-6 of it, ours within 1e-6)."""
+    """The reshape + matmul patch embedding is the stride-p convolution (the float64 conv is the
+    exact oracle; the fp32 conv itself sits within ~2e-6 of it, ours within 1e-6)."""
     pe = model.PatchEmbed(14, 3, 96)
     x = torch.rand(2, 3, H, W, generator=torch.Generator().manual_seed(H * W))
-    exact = F.conv2d(x.double(), pe.proj.weight.double(), pe.proj.bias.double(), stride=14)  # (2, 96, h, w)
+    # (2, 96, h, w)
+    exact = F.conv2d(x.double(), pe.proj.weight.double(), pe.proj.bias.double(), stride=14)
     exact = exact.flatten(2).transpose(1, 2)  # (2, N, 96)
     with torch.no_grad():
         out = pe.as_matmul(x)  # the CUDA path, run here on the CPU
@@ -269,8 +281,9 @@ def test_patch_embed_matmul_equals_the_conv(H, W):
 
 
 def test_compiled_blocks_equal_eager(torch_compile):
-    """model.compile_blocks: same outputs (eval, non-square, a second crop size, any batch) and same gradients
-    (train, drop path, activation checkpointing) as eager to 1e-5; keys unchanged; compile time reported once."""
+    """model.compile_blocks: same outputs (eval, non-square, a second crop size, any batch) and
+    same gradients (train, drop path, activation checkpointing) as eager to 1e-5; keys unchanged;
+    compile time reported once."""
     import copy
     eager = randomize(model.build("tiny", drop_path_rate=0.2))
     logged = []
@@ -285,43 +298,48 @@ def test_compiled_blocks_equal_eager(torch_compile):
             a, b = eager.forward_features(x), comp.forward_features(x)
             for k in ("x_norm_clstoken", "x_norm_patchtokens"):
                 assert (a[k] - b[k]).abs().max() < 1e-5, (B, H, W, k)
-    assert counters["stats"]["unique_graphs"] - graphs == 2  # one graph per token count, none per batch size
+    # one graph per token count, none per batch size
+    assert counters["stats"]["unique_graphs"] - graphs == 2
     assert len(logged) <= 1 and all("compile" in line for line in logged)
-    # a copy made after compiling runs its own weights (pretrain copies the student; probe casts a copy to bf16)
+    # a copy made after compiling runs its own weights (pretrain copies the student; probe casts a
+    # copy to bf16)
     copied, scaled = copy.deepcopy(comp), copy.deepcopy(eager)
     with torch.no_grad():
         for m in (copied, scaled):
             m.blocks[1].ls2.gamma.mul_(3)
         x = torch.rand(2, 3, 112, 112, generator=g)
-        assert (copied.forward_features(x)["x_norm_patchtokens"] - scaled.forward_features(x)["x_norm_patchtokens"]
-                ).abs().max() < 1e-5
+        a = copied.forward_features(x)["x_norm_patchtokens"]
+        assert (a - scaled.forward_features(x)["x_norm_patchtokens"]).abs().max() < 1e-5
     x, w = torch.rand(4, 3, 112, 112, generator=g), torch.randn(4, 64, 96, generator=g)
     grads = []
     for m, recompute in ((eager, False), (comp, True)):
         m.train().grad_checkpointing = recompute
         torch.manual_seed(1)  # same drop-path draws
-        (m.forward_features(x)["x_norm_patchtokens"] * w).sum().backward()  # a random projection: no cancellation
+        # a random projection: no cancellation
+        (m.forward_features(x)["x_norm_patchtokens"] * w).sum().backward()
         grads.append([p.grad for p in m.parameters() if p.grad is not None])
     assert len(grads[0]) == len(grads[1]) > 20
     for ge, gc in zip(*grads):
         assert (ge - gc).abs().max() <= 1e-5 * ge.abs().max()
 
 
-@torch._dynamo.config.patch(recompile_limit=8)  # torch's default (pytest's monkeypatch undo deletes dynamo's key)
+# torch's default (pytest's monkeypatch undo deletes dynamo's key)
+@torch._dynamo.config.patch(recompile_limit=8)
 def test_compiled_checkpointed_blocks_survive_many_shapes():
-    """Past dynamo's recompile limit a block runs eager; a checkpointed block compiled in its forward but eager in
-    its recompute fails (bench.py all on CUDA, whose backward thread changes the thread count). compile_blocks
-    must leave room for the shapes and modes of one process: train, 8 eval sizes, then a recompute in another
-    thread state."""
+    """Past dynamo's recompile limit a block runs eager; a checkpointed block compiled in its
+    forward but eager in its recompute fails (bench.py all on CUDA, whose backward thread changes
+    the thread count). compile_blocks must leave room for the shapes and modes of one process:
+    train, 8 eval sizes, then a recompute in another thread state."""
     torch._dynamo.reset()  # entries of earlier tests count towards the limit
-    vit = model.compile_blocks(randomize(model.build("tiny")), backend="aot_eager", log=None)  # no C++ needed
+    # aot_eager: no C++ compiler needed
+    vit = model.compile_blocks(randomize(model.build("tiny")), backend="aot_eager", log=None)
     vit.train().grad_checkpointing = True
     x = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(3))
     vit.forward_features(x)["x_norm_clstoken"].sum().backward()
     with torch.no_grad():
         for side in range(28, 140, 14):  # 8 more entries: eval at 8 sizes
             vit.eval().forward_features(torch.rand(2, 3, side, side))
-    out = vit.train().forward_features(x)["x_norm_clstoken"].sum()  # compiled forward (a cached entry)
+    out = vit.train().forward_features(x)["x_norm_clstoken"].sum()  # compiled (a cached entry)
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if threads > 1 else 2)  # the recompute sees another global state
     try:
@@ -332,18 +350,21 @@ def test_compiled_checkpointed_blocks_survive_many_shapes():
 
 
 def test_bf16_weights_agree_with_fp32():
-    """The bf16-weights embedding mode (every parameter and the input in bf16, no autocast): pos_embed is still
-    resampled for a non-square grid and the features stay close to fp32 (cosine > 0.99 per token)."""
+    """The bf16-weights embedding mode (every parameter and the input in bf16, no autocast):
+    pos_embed is still resampled for a non-square grid and the features stay close to fp32 (cosine
+    > 0.99 per token)."""
     import copy
     ref = randomize(model.build("tiny"))
     bf = copy.deepcopy(ref).to(torch.bfloat16)
-    x = torch.rand(3, 3, 70, 126, generator=torch.Generator().manual_seed(2))  # 5 x 9 grid: pos_embed resampled
+    # a 5 x 9 grid: pos_embed resampled
+    x = torch.rand(3, 3, 70, 126, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         a, b = ref.forward_features(x), bf.forward_features(x.to(torch.bfloat16))
         pos_a = ref.interpolate_pos_encoding(torch.zeros(1, 46, 96), 70, 126)
         pos_b = bf.interpolate_pos_encoding(torch.zeros(1, 46, 96, dtype=torch.bfloat16), 70, 126)
     assert pos_b.dtype == torch.bfloat16 and pos_b.shape == pos_a.shape == (1, 46, 96)
-    assert (pos_b.float() - pos_a).abs().max() <= 0.02 * pos_a.abs().max()  # bf16 keeps 8 significant bits
+    # bf16 keeps 8 significant bits
+    assert (pos_b.float() - pos_a).abs().max() <= 0.02 * pos_a.abs().max()
     for k in ("x_norm_clstoken", "x_norm_patchtokens"):
         assert b[k].dtype == torch.bfloat16
         cos = F.cosine_similarity(a[k].reshape(-1, 96), b[k].float().reshape(-1, 96), dim=-1)

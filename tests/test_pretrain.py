@@ -1,4 +1,5 @@
-"""pretrain.py: losses/head/schedules against hand computations and the `dinov2` package; training behaviour."""
+"""pretrain.py: losses, head and schedules against hand computations and the `dinov2` package;
+training behaviour."""
 import json
 import math
 
@@ -11,7 +12,6 @@ import metrics
 import model
 import phantoms
 import pretrain
-import utils
 
 
 def ce(t, s, temp=0.1):
@@ -26,9 +26,11 @@ def test_dino_loss_matches_hand_and_reference():
     S = [torch.randn(6, 32, generator=g) for _ in range(3)]
     T = [torch.randn(6, 32, generator=g).softmax(-1) for _ in range(2)]
     hand = sum(ce(t, s).mean() for s in S for t in T)
-    assert abs(pretrain.dino_loss([s.double() for s in S], [t.double() for t in T]).item() - hand.item()) < 1e-6
+    ours = pretrain.dino_loss([s.double() for s in S], [t.double() for t in T])
+    assert abs(ours.item() - hand.item()) < 1e-6
     # uniform student and teacher: every term is log K
-    assert abs(pretrain.dino_loss([torch.zeros(4, 64)], [torch.full((4, 64), 1 / 64)]).item() - math.log(64)) < 1e-6
+    uniform = pretrain.dino_loss([torch.zeros(4, 64)], [torch.full((4, 64), 1 / 64)])
+    assert abs(uniform.item() - math.log(64)) < 1e-6
     import dinov2.loss as loss  # oracle: required, never skipped
     assert abs(loss.DINOLoss(32)(S, T).item() - pretrain.dino_loss(S, T).item()) < 1e-6
 
@@ -44,7 +46,8 @@ def test_ibot_loss_matches_hand_and_reference():
     image_of = masks.nonzero()[:, 0]
     per_patch = ce(t, s)
     hand = sum(per_patch[image_of == i].mean() for i in range(4) if masks[i].any()) / 4
-    assert abs(pretrain.ibot_loss(s.double(), t.double(), w.double(), 4).item() - hand.item()) < 1e-6
+    ours = pretrain.ibot_loss(s.double(), t.double(), w.double(), 4)
+    assert abs(ours.item() - hand.item()) < 1e-6
     ours = pretrain.ibot_loss(s, t, w, n_images=4)
     import dinov2.loss as loss  # oracle: required, never skipped
     ref = loss.iBOTPatchLoss(16).forward_masked(s, t, student_masks_flat=masks, masks_weight=w)
@@ -66,7 +69,8 @@ def test_koleo_matches_hand_and_reference_and_guards():
 
 
 def test_sinkhorn_rows_sum_to_one_columns_balanced_and_reference():
-    logits = torch.randn(64, 16, generator=torch.Generator().manual_seed(3)) * 0.3  # |cos| <= 1 like the head
+    # |cos| <= 1, like the head's
+    logits = torch.randn(64, 16, generator=torch.Generator().manual_seed(3)) * 0.3
     Q = pretrain.sinkhorn_knopp(logits, 0.07)
     assert torch.allclose(Q.sum(1), torch.ones(64), atol=1e-5)
     balanced = pretrain.sinkhorn_knopp(logits, 0.07, n_iterations=200).sum(0)
@@ -92,9 +96,10 @@ def test_centering_matches_reference_over_two_steps():
 
 
 def test_center_of_bf16_logits_counts_every_row():
-    """Under --amp the teacher's logits are bf16, which holds 65,713 (about dbt-dino's masked-patch count) only
-    as 65,536: the row count must not take the logits' dtype."""
-    logits = torch.linspace(1, 2, 65_713 * 2).reshape(-1, 2).to(torch.bfloat16)  # (M, K = 2), mean about 1.5
+    """Under --amp the teacher's logits are bf16, which holds 65,713 (about dbt-dino's masked-patch
+    count) only as 65,536: the row count must not take the logits' dtype."""
+    # (M, K = 2), mean about 1.5
+    logits = torch.linspace(1, 2, 65_713 * 2).reshape(-1, 2).to(torch.bfloat16)
     center = pretrain.update_center(torch.zeros(1, 2), logits, momentum=0.0)
     mean = logits.double().mean(0, keepdim=True)  # independent: float64 over the same bf16 values
     torch.testing.assert_close(center.double(), mean, rtol=1e-5, atol=1e-7)
@@ -121,8 +126,9 @@ def test_cosine_schedule_formula_and_reference():
     assert np.allclose(s[3:7], np.linspace(0.2, 1.0, 4))
     L = 20 - 4 - 3
     assert np.allclose(s[7:], [0.1 + 0.45 * (1 + math.cos(math.pi * i / L)) for i in range(L)])
-    import dinov2.utils.utils as utils  # oracle: required, never skipped
-    ref = utils.CosineScheduler(1.0, 0.1, 20, warmup_iters=4, start_warmup_value=0.2, freeze_iters=3)
+    import dinov2.utils.utils as dinov2_utils  # oracle: required, never skipped
+    ref = dinov2_utils.CosineScheduler(1.0, 0.1, 20, warmup_iters=4, start_warmup_value=0.2,
+                                       freeze_iters=3)
     assert np.array_equal(ref.schedule, s)
 
 
@@ -130,18 +136,19 @@ def test_schedules_and_param_groups():
     args = pretrain.get_args(["--steps", "30", "--warmup", "5", "--freeze-last-layer", "3",
                               "--teacher-temp-warmup", "10", "--batch-size", "256"])
     sch = pretrain.make_schedules(args, world_size=1)
-    assert abs(sch["lr"][5] - args.lr * 0.5) < 1e-12  # sqrt(256 / 1024) = 0.5, peak right after warmup
+    assert abs(sch["lr"][5] - args.lr * 0.5) < 1e-12  # sqrt(256 / 1024) = 0.5, peak after warmup
     assert (sch["last_layer_lr"][:3] == 0).all() and sch["last_layer_lr"][3] == sch["lr"][3]
     assert sch["teacher_temp"][0] == 0.04 and np.allclose(sch["teacher_temp"][9:], 0.07)
-    assert sch["momentum"][0] == 0.992 and sch["wd"][0] == pytest.approx(0.04) and all(len(v) == 30 for v in sch.values())
-    import model
+    assert sch["momentum"][0] == 0.992 and sch["wd"][0] == pytest.approx(0.04)
+    assert all(len(v) == 30 for v in sch.values())
     student = pretrain.SSLModel(model.build("tiny"), 16, 8, 4)
     groups = {id(p): g for g in pretrain.param_groups(student, 0.9) for p in g["params"]}
     named = dict(student.named_parameters())
     depth = student.backbone.n_blocks  # 4: blocks.i -> 0.9^(4 - i), embeddings 0.9^5
-    assert groups[id(named["backbone.cls_token"])]["lr_mult"] == pytest.approx(0.9 ** 5)
-    assert groups[id(named["backbone.patch_embed.proj.weight"])]["lr_mult"] == pytest.approx(0.9 ** 5 * 0.2)
-    assert groups[id(named["backbone.blocks.1.attn.qkv.weight"])]["lr_mult"] == pytest.approx(0.9 ** (depth - 1))
+    lr_mult = {name: groups[id(p)]["lr_mult"] for name, p in named.items()}
+    assert lr_mult["backbone.cls_token"] == pytest.approx(0.9 ** 5)
+    assert lr_mult["backbone.patch_embed.proj.weight"] == pytest.approx(0.9 ** 5 * 0.2)
+    assert lr_mult["backbone.blocks.1.attn.qkv.weight"] == pytest.approx(0.9 ** (depth - 1))
     assert groups[id(named["backbone.norm.weight"])]["lr_mult"] == 1.0
     assert groups[id(named["backbone.norm.weight"])]["wd_mult"] == 0.0
     assert groups[id(named["backbone.blocks.0.ls1.gamma"])]["wd_mult"] == 0.0
@@ -165,15 +172,17 @@ def test_get_args_defaults_round_trip():
     assert big.model == "vitb14" and big.batch_size == 160 and big.steps == 7
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # train_step on hand-made batches (the collate_pretrain layout), tiny model, small crops
 
 TINY = ["--global-size", "56", "--local-size", "28", "--prototypes", "64", "--head-hidden", "32",
-        "--head-bottleneck", "16", "--warmup", "0", "--freeze-last-layer", "0", "--teacher-temp-warmup", "0"]
+        "--head-bottleneck", "16", "--warmup", "0", "--freeze-last-layer", "0",
+        "--teacher-temp-warmup", "0"]
 
 
 def with_mask_index(batch):
-    m = batch["masks"]  # (2B, N) bool -> flat indices, per-patch weights, count (as data.collate_pretrain)
+    # (2B, N) bool -> flat indices, per-patch weights, count (as data.collate_pretrain)
+    m = batch["masks"]
     batch.update(mask_indices=m.flatten().nonzero().flatten(), n_masked=int(m.sum()),
                  masks_weight=(1 / m.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(m)[m])
     return batch
@@ -190,10 +199,12 @@ def fake_batch(B=4, G=56, L=28, n_local=2, seed=0, adjacent=False):
 
 
 def shard(batch, rank, world):
-    """The rows of images rank*B/world..: what that rank would collate from its share of the global batch."""
+    """The rows of images rank*B/world..: what that rank would collate from its share of the
+    global batch."""
     B = len(batch["global"]) // 2
     per = B // world
-    own = lambda x, n: torch.cat([c[rank * per:(rank + 1) * per] for c in x.chunk(n)])  # crop-major rows
+    def own(x, n):  # crop-major rows
+        return torch.cat([c[rank * per:(rank + 1) * per] for c in x.chunk(n)])
     n_local = len(batch["local"]) // B
     return with_mask_index(dict(masks=own(batch["masks"], 2), local=own(batch["local"], n_local),
                                 adjacent=None, **{"global": own(batch["global"], 2)}))
@@ -211,8 +222,8 @@ def run_steps(n, argv, batch, student_wrap=lambda s: s, world=1):
     args, student, teacher, opt, centers, sch = setup(argv)
     sch = pretrain.make_schedules(args, world)
     wrapped = student_wrap(student)
-    out = [pretrain.train_step(wrapped, teacher, batch, centers, opt, {k: v[i] for k, v in sch.items()}, args)
-           for i in range(n)]
+    out = [pretrain.train_step(wrapped, teacher, batch, centers, opt,
+                               {k: v[i] for k, v in sch.items()}, args) for i in range(n)]
     return out, teacher, centers
 
 
@@ -225,7 +236,8 @@ def test_train_step_lowers_loss_on_a_fixed_batch():
 
 def test_train_step_adjacent_slice_term_and_nonfinite_guard():
     batch = fake_batch(adjacent=True)
-    losses, _, _ = run_steps(1, ["--steps", "2", "--batch-size", "4", "--adjacent-weight", "0.5"], batch)
+    argv = ["--steps", "2", "--batch-size", "4", "--adjacent-weight", "0.5"]
+    losses, _, _ = run_steps(1, argv, batch)
     assert losses[0]["adjacent"] > 0
     assert abs(sum(v for k, v in losses[0].items() if k != "loss") - losses[0]["loss"]) < 1e-4
     batch["global"][0, 0, 0, 0] = float("nan")
@@ -238,11 +250,13 @@ MODES = ["centering", "sinkhorn"]
 
 
 def _ddp_worker(rank, world, init_file, batch, argv, out):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world)
     try:
         for mode in MODES:
             wrap = lambda s: torch.nn.parallel.DistributedDataParallel(s)
-            _, teacher, centers = run_steps(3, argv + ["--centering", mode], shard(batch, rank, world), wrap, world)
+            _, teacher, centers = run_steps(3, argv + ["--centering", mode],
+                                            shard(batch, rank, world), wrap, world)
             if rank == 0:
                 torch.save({"teacher": teacher.state_dict(), "centers": centers}, f"{out}.{mode}")
     finally:
@@ -250,38 +264,43 @@ def _ddp_worker(rank, world, init_file, batch, argv, out):
 
 
 def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(tmp_path):
-    # KoLeo is per process by definition (DINOv2 does not gather), so it is off; drop path is 0 in TINY
+    # KoLeo is per process by definition (DINOv2 does not gather): off; drop path is 0 in TINY
     batch, out = fake_batch(B=4), str(tmp_path / "rank0.pt")
     argv = ["--steps", "3", "--batch-size", "2", "--koleo-weight", "0"]
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "pg"), batch, argv, out), nprocs=2)
-    for mode in MODES:  # the centers and Sinkhorn sums are all-reduced, so 2 x 2 images == 1 x 4 images
-        _, teacher, centers = run_steps(3, ["--steps", "3", "--batch-size", "4", "--koleo-weight", "0",
-                                            "--centering", mode], batch)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "pg"), batch, argv, out),
+                                nprocs=2)
+    for mode in MODES:  # centers and Sinkhorn sums are all-reduced: 2 x 2 images == 1 x 4 images
+        one = ["--steps", "3", "--batch-size", "4", "--koleo-weight", "0", "--centering", mode]
+        _, teacher, centers = run_steps(3, one, batch)
         ddp = torch.load(f"{out}.{mode}", weights_only=True)
-        diff = max((ddp["teacher"][k] - v).abs().max().item() for k, v in teacher.state_dict().items())
+        diff = max((ddp["teacher"][k] - v).abs().max().item()
+                   for k, v in teacher.state_dict().items())
         print(f"{mode}: max |teacher_ddp - teacher_1proc| = {diff:.2e}")
         assert diff < 1e-5, diff
         assert all((ddp["centers"][k] - centers[k]).abs().max() < 1e-5 for k in centers)
 
 
 def _train(tmp_path, name, *extra):
-    return pretrain.get_args(["--out", str(tmp_path / name), "--steps", "4", "--save-every", "2", "--log-every", "1",
-                              "--eval-every", "2", "--batch-size", "2", "--workers", "0", *TINY, *extra])
+    return pretrain.get_args(["--out", str(tmp_path / name), "--steps", "4", "--save-every", "2",
+                              "--log-every", "1", "--eval-every", "2", "--batch-size", "2",
+                              "--workers", "0", *TINY, *extra])
 
 
 def _probes(run):
-    return [(r["step"], r["density_acc"]) for r in map(json.loads, open(run / "metrics.jsonl")) if r["split"] == "val"]
+    records = map(json.loads, open(run / "metrics.jsonl"))
+    return [(r["step"], r["density_acc"]) for r in records if r["split"] == "val"]
 
 
 def _losses(run):
-    return {r["step"]: r["loss"] for r in map(json.loads, open(run / "metrics.jsonl")) if r["split"] == "train"}
+    records = map(json.loads, open(run / "metrics.jsonl"))
+    return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
 
 
 def test_resume_auto_replays_the_uninterrupted_run_exactly(tmp_path, monkeypatch):
     pretrain.train(_train(tmp_path, "full"))
     calls, real_step = [], pretrain.train_step
 
-    def killed_in_step_4(*a, **kw):  # dies during step 4: step 3 was logged, but ckpt.pt holds step 2
+    def killed_in_step_4(*a, **kw):  # dies in step 4: step 3 was logged, ckpt.pt holds step 2
         calls.append(1)
         if len(calls) == 4:
             raise KeyboardInterrupt
@@ -295,22 +314,24 @@ def test_resume_auto_replays_the_uninterrupted_run_exactly(tmp_path, monkeypatch
     pretrain.train(_train(tmp_path, "killed", "--resume", "auto"))
     full, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "killed")
     assert resumed[3] == full[3] and resumed[4] == full[4], (full, resumed)
-    steps = [r["step"] for r in map(json.loads, open(tmp_path / "killed" / "metrics.jsonl")) if r["split"] == "train"]
+    records = map(json.loads, open(tmp_path / "killed" / "metrics.jsonl"))
+    steps = [r["step"] for r in records if r["split"] == "train"]
     assert steps == [1, 2, 3, 4]  # step 3 is redone after the resume and logged once
-    # the density probe: the starting backbone at step 0 (a fresh start only), then every 2 steps, each once
-    assert _probes(tmp_path / "killed") == _probes(tmp_path / "full") and [s for s, _ in _probes(tmp_path / "full")] \
-        == [0, 2, 4]
+    # the density probe: the starting backbone at step 0 (a fresh start only), then every 2 steps,
+    # each once
+    assert _probes(tmp_path / "killed") == _probes(tmp_path / "full")
+    assert [s for s, _ in _probes(tmp_path / "full")] == [0, 2, 4]
     ckpt = torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 4 and {"student", "teacher", "optimizer", "loss_state", "args"} <= set(ckpt)
-    import model
+    assert ckpt["step"] == 4
+    assert {"student", "teacher", "optimizer", "loss_state", "args"} <= set(ckpt)
     model.load_pretrained(model.vit_tiny(), str(tmp_path / "killed" / "backbone.pth"))
     args = json.load(open(tmp_path / "full" / "args.json"))
     assert args["world_size"] == 1 and "torch" in args
 
 
 def test_density_probe_cross_validates_by_patient():
-    """A backbone whose patch tokens carry the label is probed perfectly; shuffled labels are not."""
-    class Oracle(torch.nn.Module):  # every patch token = the image's first 4 pixels, a one-hot label there
+    """A backbone whose patch tokens carry the label is probed perfectly; shuffled labels not."""
+    class Oracle(torch.nn.Module):  # every patch token = the image's first 4 pixels, one-hot
         def forward_features(self, x):
             return {"x_norm_patchtokens": x[:, 0, 0, :4].unsqueeze(1).repeat(1, 3, 1)}  # (B, 3, 4)
     labels = torch.arange(40) % 4  # (40,), ten patients of four images each
@@ -326,17 +347,19 @@ def test_density_probe_cross_validates_by_patient():
 
 
 def test_mammodino_preset_end_to_end(tmp_path):
-    """The mammodino recipe (tissue-aware crops, tissue-weighted masks, adjacent slices) through train() on DICOM."""
-    import data
+    """The mammodino recipe (tissue-aware crops, tissue-weighted masks, adjacent slices) through
+    train() on DICOM."""
     root = phantoms.synthetic_archive(tmp_path / "syn", patients=2, seed=1, shape=(6, 96, 72))
     out = tmp_path / "run"
     pretrain.train(pretrain.get_args([
-        "--preset", "mammodino", "--model", "tiny", "--data", str(root), "--out", str(out), "--global-size", "56",
-        "--local-size", "28", "--batch-size", "2", "--steps", "2", "--workers", "0", "--prototypes", "64",
-        "--head-hidden", "32", "--head-bottleneck", "16", "--log-every", "1", "--eval-every", "0", "--device", "cpu"]))
+        "--preset", "mammodino", "--model", "tiny", "--data", str(root), "--out", str(out),
+        "--global-size", "56", "--local-size", "28", "--batch-size", "2", "--steps", "2",
+        "--workers", "0", "--prototypes", "64", "--head-hidden", "32", "--head-bottleneck", "16",
+        "--log-every", "1", "--eval-every", "0", "--device", "cpu"]))
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     logs = [r for r in records if r["split"] == "train"]
     assert [r["step"] for r in logs] == [1, 2]
-    assert records[-1]["split"] == "data" and records[-1]["skipped"] == 0 and records[-1]["volumes"] == 8
+    last = records[-1]
+    assert last["split"] == "data" and last["skipped"] == 0 and last["volumes"] == 8
     assert all(r["adjacent"] > 0 and math.isfinite(r["loss"]) for r in logs)
     assert json.load(open(out / "args.json"))["recipe"] == "mammodino"

@@ -1,5 +1,6 @@
-"""probe.py: aggregation, risk head/labels/loss, both per-year AUROC rules, the embedding path and its cache,
-bad input, the two default tasks end to end, compare and the explicit attention. CPU, tiny archives."""
+"""probe.py and show.py: aggregation, risk head/labels/loss, both per-year AUROC rules, the
+embedding path and its cache, bad input, the two default tasks end to end, compare (metrics.py),
+and show.py's explicit attention and one-line errors. CPU, tiny archives."""
 import argparse
 import csv
 import json
@@ -41,22 +42,25 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    """10 patients, 4 slices of 64 x 48: every encoding and display variant of data.write_archive."""
-    return phantoms.synthetic_archive(tmp_path_factory.mktemp("probe") / "arch", patients=10, seed=5, shape=(4, 64, 48))
+    """10 patients, 4 slices of 64 x 48: every encoding and display variant of the phantoms."""
+    folder = tmp_path_factory.mktemp("probe") / "arch"
+    return phantoms.synthetic_archive(folder, patients=10, seed=5, shape=(4, 64, 48))
 
 
 @pytest.fixture(scope="module")
 def table(archive):
-    """The archive's views under a table with hand-set labels and splits (4 test exams: 2 cancers, 2 healthy)."""
+    """The archive's views with hand-set labels and splits (4 test exams: 2 cancers, 2 healthy)."""
     with open(archive / "exams.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     density = "abcdabcdab"
     ytc = ["", "1.5", "", "", "2.5", "", "0.5", "", "3.5", ""]
     yfu = ["6", "1.5", "4.5", "7", "2.5", "3", "0.5", "8", "3.5", "5.5"]
-    # test: exams 1 (cancer 1.5 y), 6 (cancer 0.5 y), 7 and 9 (healthy); train holds the cancers at 2.5 and 3.5 y
+    # test: exams 1 (cancer 1.5 y), 6 (cancer 0.5 y), 7 and 9 (healthy); train holds the cancers at
+    # 2.5 and 3.5 y
     split = "train test train train train val test test train test".split()
     for r, d, t, f, s in zip(rows, density, ytc, yfu, split):
-        r.update(density=d, years_to_cancer=t, years_of_followup=f, split=s, site="AB"[int(r["patient"][-1]) % 2])
+        site = "AB"[int(r["patient"][-1]) % 2]
+        r.update(density=d, years_to_cancer=t, years_of_followup=f, split=s, site=site)
     with open(archive / "labelled.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
@@ -69,34 +73,36 @@ def random_tiny():
     return model.build("tiny").eval()
 
 
-# ----------------------------------------------------------------------------- aggregation and features
+# ----------------------------------------------------------------------------- aggregation
 def test_aggregate_known_tokens_joint_over_slices_and_patches():
     patch = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[5.0, 0.0], [7.0, -2.0]]])  # (S=2, N=2, D=2)
     cls = torch.tensor([[0.0, 1.0], [2.0, 5.0]])  # (S=2, D=2)
     out = probe.aggregate(patch, cls)
-    # dim 0 holds 1, 3, 5, 7 and dim 1 holds 2, 4, 0, -2: both have squared deviations summing to 20 (n - 1 = 3)
-    expected = {"patch_mean": [4, 1], "patch_std": [(20 / 3) ** 0.5] * 2, "patch_min": [1, -2], "patch_max": [7, 4],
-                "cls_mean": [1, 3], "cls_std": [2 ** 0.5, 8 ** 0.5]}
+    # dim 0 holds 1, 3, 5, 7 and dim 1 holds 2, 4, 0, -2: both have squared deviations summing to 20
+    # (n - 1 = 3)
+    expected = {"patch_mean": [4, 1], "patch_std": [(20 / 3) ** 0.5] * 2, "patch_min": [1, -2],
+                "patch_max": [7, 4], "cls_mean": [1, 3], "cls_std": [2 ** 0.5, 8 ** 0.5]}
     assert set(out) == set(probe.STATS)
     for k, v in expected.items():
         assert out[k].tolist() == pytest.approx(v, abs=1e-6), k
 
 
 def test_feature_matrix_order_is_statistic_then_rcc_lcc_rmlo_lmlo():
+    # value = 10 * (stored view order) + stat
     record = {v: {s: torch.full((2,), 10.0 * i + j) for j, s in enumerate(probe.STATS)}
-              for i, v in enumerate(("LCC", "RCC", "LMLO", "RMLO"))}  # value = 10 * (stored view order) + stat
+              for i, v in enumerate(("LCC", "RCC", "LMLO", "RMLO"))}
     x = probe.feature_matrix([record], "patch-mean-std")[0]
-    # RCC, LCC, RMLO, LMLO are 1, 0, 3, 2 in the stored order; patch_mean is statistic 0, patch_std 1
+    # RCC, LCC, RMLO, LMLO are 1, 0, 3, 2 in the stored order; patch_mean is stat 0, patch_std 1
     assert x.tolist() == [10, 10, 0, 0, 30, 30, 20, 20, 11, 11, 1, 1, 31, 31, 21, 21]
 
 
-# ----------------------------------------------------------------------------- risk: labels, head, loss, AUROC
+# ----------------------------------------------------------------------------- risk
 def test_risk_labels_hand_worked():
     ytc = [2.3, 0.4, np.nan, np.inf, 6.0, np.inf, np.inf]
     yfu = [2.3, 0.4, 3.7, 8.0, 6.0, 0.5, 0.0]
     y_label, y_mask = probe.risk_labels(ytc, yfu)
     assert y_label.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]] + [[0] * 5] * 5
-    assert y_mask.tolist() == [[1, 1, 1, 0, 0],  # cancer at 2.3 y: observed through its event year 2
+    assert y_mask.tolist() == [[1, 1, 1, 0, 0],  # cancer at 2.3 y: observed through event year 2
                                [1, 0, 0, 0, 0],  # cancer at 0.4 y
                                [1, 1, 1, 0, 0],  # healthy, 3.7 y: int(3.7 - 1) = 2
                                [1, 1, 1, 1, 1],  # healthy, 8 y (capped at 5)
@@ -112,7 +118,8 @@ def test_head_probabilities_in_unit_interval_non_decreasing_and_cumulative_hazar
     p = head(x)
     assert p.shape == (64, 5) and (p >= 0).all() and (p <= 1).all()
     assert (p.diff(dim=1) >= 0).all()
-    hazards = F.softplus(x @ head.hazard_fc.weight.T + head.hazard_fc.bias)  # independent: cumsum, not a mask
+    # computed independently: cumsum, not a mask
+    hazards = F.softplus(x @ head.hazard_fc.weight.T + head.hazard_fc.bias)
     assert torch.allclose(p, 1 - torch.exp(-hazards.cumsum(1)), atol=1e-6)
 
 
@@ -141,15 +148,15 @@ def test_risk_loss_per_sample_normalisation_and_censored_targets_ignored():
 
 
 def test_auroc_rules_hand_worked_where_they_differ():
-    # exam: 0 cancer 0.5 y | 1 cancer 2.3 y | 2 healthy 6 y | 3 healthy 1.5 y | 4 healthy 3 y | 5 cancer after 7 y
-    # (beyond 5: healthy) | 6 healthy 0.5 y | 7 cancer 3.5 y
+    # exam: 0 cancer 0.5 y | 1 cancer 2.3 y | 2 healthy 6 y | 3 healthy 1.5 y | 4 healthy 3 y |
+    # 5 cancer after 7 y (beyond 5: healthy) | 6 healthy 0.5 y | 7 cancer 3.5 y
     score = np.array([0.5, 0.25, 0.2, 0.7, 0.3, 0.1, 0.6, 0.9])
     ytc = [0.5, 2.3, np.inf, np.inf, np.inf, 7.0, np.inf, 3.5]
     yfu = [0.5, 2.3, 6.0, 1.5, 3.0, 8.0, 0.5, 3.5]
     probs = np.tile(score[:, None], 5)
     mirai = metrics.risk_auroc_by_year(probs, ytc, yfu, rule="mirai")
-    # Mirai counts later cancers (1, 7) as negatives: year 1 {0} vs {1..7}; year 2 {0} vs {1, 2, 4, 5, 7};
-    # year 3 {0, 1} vs {2, 4, 5, 7}
+    # Mirai counts later cancers (1, 7) as negatives: year 1 {0} vs {1..7}; year 2 {0} vs
+    # {1, 2, 4, 5, 7}; year 3 {0, 1} vs {2, 4, 5, 7}
     assert mirai == pytest.approx({1: 4 / 7, 2: 4 / 5, 3: 5 / 8, 4: 1.0, 5: 1.0}, abs=1e-12)
     assert metrics.risk_auroc_by_year(probs, ytc, yfu) == mirai  # Mirai's rule stays the default
     # DBT-DINO's rule excludes them, and healthy exams need >= k years: year 1 {0} vs {2, 3, 4, 5};
@@ -161,15 +168,15 @@ def test_auroc_rules_hand_worked_where_they_differ():
 def test_stratified_subset_keeps_class_shares():
     labels = np.array([0] * 40 + [1] * 30 + [2] * 3)
     keep = cohorts.stratified_subset(labels, 0.25, seed=0)
-    assert np.bincount(labels[keep]).tolist() == [10, 8, 1]  # rounded (7.5 -> 8), and never an empty class
+    assert np.bincount(labels[keep]).tolist() == [10, 8, 1]  # rounded (7.5 -> 8), no class empty
     assert len(set(keep)) == len(keep)
 
 
 def test_risk_targets_refuse_nan_and_negative_years_naming_the_exam():
     ok = dict(exam="E0", years_to_cancer="", years_of_followup="4")
     assert [a.tolist() for a in cohorts.risk_targets([ok])] == [[np.inf], [4.0]]
-    for column, value in [("years_of_followup", "nan"), ("years_of_followup", "-1"), ("years_to_cancer", "NaN"),
-                          ("years_to_cancer", "-0.5")]:
+    for column, value in [("years_of_followup", "nan"), ("years_of_followup", "-1"),
+                          ("years_to_cancer", "NaN"), ("years_to_cancer", "-0.5")]:
         with pytest.raises(ValueError) as e:
             cohorts.risk_targets([ok, dict(ok, exam="E7", **{column: value})])
         msg = str(e.value)
@@ -177,8 +184,8 @@ def test_risk_targets_refuse_nan_and_negative_years_naming_the_exam():
 
 
 def _risk_case(unobserved_split):
-    """12 exams of 12 patients, 4 per split, each split with cancers and healthy exams, except that every exam of
-    `unobserved_split` is healthy with no follow-up at all (years_of_followup 0)."""
+    """12 exams of 12 patients, 4 per split, each split with cancers and healthy exams, except that
+    every exam of `unobserved_split` is healthy with no follow-up at all (years_of_followup 0)."""
     rows, split = [], []
     for i, s in enumerate(np.repeat(["train", "val", "test"], 4)):
         ytc, yfu = ("1.5", "1.5") if i % 2 else ("", "6")
@@ -186,8 +193,10 @@ def _risk_case(unobserved_split):
         if s == unobserved_split:
             rows[-1].update(years_to_cancer="", years_of_followup="0")
         split.append(s)
-    args = argparse.Namespace(fraction=1.0, seed=0, trials=2, epochs=3, batch_size=64, rule="mirai", n_boot=10)
-    return args, rows, np.array(split), torch.randn(len(rows), 6, generator=torch.Generator().manual_seed(0))
+    args = argparse.Namespace(fraction=1.0, seed=0, trials=2, epochs=3, batch_size=64, rule="mirai",
+                              n_boot=10)
+    x = torch.randn(len(rows), 6, generator=torch.Generator().manual_seed(0))
+    return args, rows, np.array(split), x
 
 
 @pytest.mark.parametrize("name", ["val", "test"])
@@ -201,16 +210,17 @@ def test_risk_split_emptied_by_exams_without_follow_up_is_one_line(name):
 
 def test_lr_search_without_a_finite_validation_loss_raises():
     x, y = torch.randn(8, 3), torch.randn(8, 1)
-    nan = torch.full_like(y, float("nan"))  # a val loss that is NaN every epoch: no epoch is ever the best
+    nan = torch.full_like(y, float("nan"))  # a val loss NaN every epoch: no epoch is ever the best
     with pytest.raises(ValueError, match="none of the 2 trials reached a finite validation loss"):
-        probe.lr_search(lambda: nn.Linear(3, 1), F.mse_loss, (x, (y,)), (x, (nan,)), lr_range=(1e-3, 1e-2),
-                        trials=2, epochs=2, batch_size=4, seed=0)
+        probe.lr_search(lambda: nn.Linear(3, 1), F.mse_loss, (x, (y,)), (x, (nan,)),
+                        lr_range=(1e-3, 1e-2), trials=2, epochs=2, batch_size=4, seed=0)
 
 
-# ----------------------------------------------------------------------------- splits, baselines, bootstrap CIs
+# ----------------------------------------------------------------------------- splits and CIs
 def _multi_exam_rows(patients=20):
     """1 to 3 exams per patient: the patient-level guarantees can only fail on such a table."""
-    return [dict(patient=f"P{p:02d}", exam=f"P{p:02d}-E{e}") for p in range(patients) for e in range(1 + p % 3)]
+    return [dict(patient=f"P{p:02d}", exam=f"P{p:02d}-E{e}")
+            for p in range(patients) for e in range(1 + p % 3)]
 
 
 def test_fallback_split_keeps_every_patients_exams_together():
@@ -221,13 +231,15 @@ def test_fallback_split_keeps_every_patients_exams_together():
             splits.setdefault(r["patient"], set()).add(s)
         assert all(len(s) == 1 for s in splits.values()), seed
         shares = sorted(s for (s,) in splits.values())
-        assert [shares.count(k) for k in ("train", "val", "test")] == [12, 4, 4]  # 60/20/20 of the patients
+        # 60/20/20 of the patients
+        assert [shares.count(k) for k in ("train", "val", "test")] == [12, 4, 4]
 
 
 def test_split_column_refuses_a_patient_in_two_splits_before_embedding(tmp_path):
-    rows = [dict(r, split=s) for r, s in zip(_multi_exam_rows(4), ["train", "val", "val", "test", "test", "train",
-                                                                     "train"])]
-    assert cohorts.assign_splits(rows[:3], 0) == ["train", "val", "val"]  # P00 | P01, P01: no patient in two
+    splits = ["train", "val", "val", "test", "test", "train", "train"]
+    rows = [dict(r, split=s) for r, s in zip(_multi_exam_rows(4), splits)]
+    # P00 | P01, P01: no patient in two splits
+    assert cohorts.assign_splits(rows[:3], 0) == ["train", "val", "val"]
     with pytest.raises(ValueError) as e:
         cohorts.assign_splits(rows, 0)  # P02's three exams: test, test, train
     assert "\n" not in str(e.value) and "patient 'P02'" in str(e.value)
@@ -238,18 +250,22 @@ def test_split_column_refuses_a_patient_in_two_splits_before_embedding(tmp_path)
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    with pytest.raises(ValueError, match="patient 'P02'"):  # refused before any view is looked for or embedded
-        probe.main(["--data", str(table), "--backbone", "random", "--cache", str(tmp_path / "cache"),
-                    "--out", str(tmp_path / "run")])
+    with pytest.raises(ValueError, match="patient 'P02'"):  # before any view is looked for
+        probe.main(["--data", str(table), "--backbone", "random", "--cache",
+                    str(tmp_path / "cache"), "--out", str(tmp_path / "run")])
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
 
 
 def _patient_bootstrap(statistic, arrays, patients, n_boot, seed):
     """An independent 95% percentile CI drawing patients: the sorted IDs drawn with replacement from
-    np.random.default_rng(seed), all exams of each drawn patient kept, resamples with an undefined value dropped."""
-    ids, rng, values = sorted(set(patients)), np.random.default_rng(seed), []
+    np.random.default_rng(seed), all exams of each drawn patient kept, resamples with an undefined
+    value dropped."""
+    ids = sorted(set(patients))
+    rng = np.random.default_rng(seed)
+    values = []
     for _ in range(n_boot):
-        idx = np.concatenate([np.flatnonzero(patients == ids[d]) for d in rng.integers(len(ids), size=len(ids))])
+        drawn = rng.integers(len(ids), size=len(ids))
+        idx = np.concatenate([np.flatnonzero(patients == ids[d]) for d in drawn])
         try:
             v = statistic(*(a[idx] for a in arrays))
         except ValueError:
@@ -265,13 +281,15 @@ def test_density_ci_resamples_patients_and_majority_is_the_training_class():
     patients = np.array([r["patient"] for r in rows])
     y = rng.integers(0, 4, len(rows))
     pred = np.where(rng.random(len(rows)) < 0.6, y, (y + 1) % 4)
-    report = probe.density_report(y, np.eye(4)[pred], patients, {}, n_boot=200, seed=3, train_majority=3)
+    report = probe.density_report(y, np.eye(4)[pred], patients, {}, n_boot=200, seed=3,
+                                  train_majority=3)
     expected = _patient_bootstrap(metrics.accuracy, (y, pred), patients, 200, 3)
     assert report["accuracy_ci"] == pytest.approx(expected, abs=1e-12)
     by_exam = metrics.bootstrap_ci(metrics.accuracy, y, pred, n_boot=200, seed=3)[1:]
-    assert by_exam != pytest.approx(expected, abs=1e-3)  # so resampling exams could not pass the line above
-    # the baseline always predicts the training split's commonest class; the test set's own would be higher here
-    assert np.bincount(y).tolist() == [5, 3, 10, 6] and report["majority_rate"] == 6 / 24  # not c's 10 / 24
+    assert by_exam != pytest.approx(expected, abs=1e-3)  # resampling exams cannot pass the above
+    # the baseline always predicts the training split's commonest class; the test set's own would be
+    # higher here (c's 10 / 24)
+    assert np.bincount(y).tolist() == [5, 3, 10, 6] and report["majority_rate"] == 6 / 24
 
 
 def test_risk_ci_resamples_patients():
@@ -285,8 +303,8 @@ def test_risk_ci_resamples_patients():
 
     def mean(p, t, u):
         return np.mean(list(metrics.risk_auroc_by_year(p, t, u, 5, "mirai").values()))
-    assert block["auroc_mean_ci"] == pytest.approx(_patient_bootstrap(mean, (probs, ytc, yfu), patients, 100, 4),
-                                                   abs=1e-12)
+    expected = _patient_bootstrap(mean, (probs, ytc, yfu), patients, 100, 4)
+    assert block["auroc_mean_ci"] == pytest.approx(expected, abs=1e-12)
     year3 = _patient_bootstrap(lambda p, t, u: metrics.risk_auroc_by_year(p, t, u, 5, "mirai")[3],
                                (probs, ytc, yfu), patients, 100, 4)
     assert block["auroc_ci"][3] == pytest.approx(year3, abs=1e-12)
@@ -295,7 +313,8 @@ def test_risk_ci_resamples_patients():
 
 # ----------------------------------------------------------------------------- embedding path
 def test_device_display_equals_read_dbt_for_every_variant(archive):
-    paths = sorted(archive.rglob("*.dcm"))[:8]  # 8 consecutive views cover all 8 encoding/VOI/MONOCHROME variants
+    # 8 consecutive views cover all 8 encoding/VOI/MONOCHROME variants
+    paths = sorted(archive.rglob("*.dcm"))[:8]
     reader = data.VolumeReader(paths)
     kinds = set()
     for i, path in enumerate(paths):
@@ -304,20 +323,24 @@ def test_device_display_equals_read_dbt_for_every_variant(archive):
         ref, meta = dicom.read_dbt(path)
         assert np.abs(ours - ref).max() < 1e-5, path
         kinds.add((meta["voi"][0][4], meta["invert"], meta.get("mirrored")))
-    assert {k[0] for k in kinds} == {"LINEAR", "SIGMOID", "LINEAR_EXACT"} and {k[1] for k in kinds} == {0, 1}
+    assert {k[0] for k in kinds} == {"LINEAR", "SIGMOID", "LINEAR_EXACT"}
+    assert {k[1] for k in kinds} == {0, 1}
 
 
 def test_embed_volumes_equals_direct_forward_and_precisions(archive):
     net, path = random_tiny(), sorted(archive.rglob("*.dcm"))[1]
-    feats, stats = probe.embed_volumes(net, [path], "cpu", size=28, chunk=3, workers=1, precision="autocast")
+    feats, stats = probe.embed_volumes(net, [path], "cpu", size=28, chunk=3, workers=1,
+                                       precision="autocast")
     vol = torch.from_numpy(dicom.read_dbt(path)[0])  # (S, H, W)
     x = F.interpolate(vol[:, None], size=(28, 28), mode="bilinear", antialias=True).clamp(0, 1)
     with torch.no_grad():
         out = net.forward_features(x.expand(-1, 3, -1, -1))
     ref = probe.aggregate(out["x_norm_patchtokens"], out["x_norm_clstoken"])
     assert all(torch.allclose(feats[0][k], ref[k], atol=1e-5) for k in probe.STATS)
-    assert stats["slices"] == 4 and stats["skipped"] == 0 and 0 <= stats["wait_seconds"] <= stats["seconds"]
-    bf16, _ = probe.embed_volumes(net, [path], "cpu", size=28, chunk=3, workers=0, precision="bf16-weights")
+    assert stats["slices"] == 4 and stats["skipped"] == 0
+    assert 0 <= stats["wait_seconds"] <= stats["seconds"]
+    bf16, _ = probe.embed_volumes(net, [path], "cpu", size=28, chunk=3, workers=0,
+                                  precision="bf16-weights")
     assert next(net.parameters()).dtype == torch.float32  # the caller's backbone is not cast
     assert torch.allclose(bf16[0]["patch_mean"], ref["patch_mean"], atol=0.1)
 
@@ -327,18 +350,20 @@ def test_densenet_baseline_is_torchvisions_pooled_feature():
     net = model.DenseNetFeatures().eval()
     ref = torchvision.models.densenet121(weights=None)
     ref.features.load_state_dict(net.features.state_dict())
-    ref.classifier = torch.nn.Identity()  # torchvision's forward up to the classifier: the pooled 1024-d vector
+    ref.classifier = torch.nn.Identity()  # forward up to the classifier: the pooled 1024-d vector
     x = torch.rand(2, 3, 64, 64)
-    norm = (x - torch.tensor(model.IMAGENET_MEAN)[:, None, None]) / torch.tensor(model.IMAGENET_STD)[:, None, None]
+    mean = torch.tensor(model.IMAGENET_MEAN)[:, None, None]
+    norm = (x - mean) / torch.tensor(model.IMAGENET_STD)[:, None, None]
     with torch.no_grad():
         out, expected = net.forward_features(x), ref.eval()(norm)
-    assert out["x_norm_clstoken"].shape == (2, 1024) and torch.allclose(out["x_norm_clstoken"], expected, atol=1e-5)
+    assert out["x_norm_clstoken"].shape == (2, 1024)
+    assert torch.allclose(out["x_norm_clstoken"], expected, atol=1e-5)
     assert torch.equal(out["x_norm_patchtokens"][:, 0], out["x_norm_clstoken"])
 
 
 def _embed(rows, root, folder):
-    return probe.embed_exams(random_tiny(), rows, root, folder, torch.device("cpu"), size=28, chunk=75, workers=0,
-                             precision="fp32")
+    return probe.embed_exams(random_tiny(), rows, root, folder, torch.device("cpu"), size=28,
+                             chunk=75, workers=0, precision="fp32")
 
 
 def test_cache_resume_reembeds_nothing_then_exactly_one(archive, tmp_path):
@@ -347,17 +372,20 @@ def test_cache_resume_reembeds_nothing_then_exactly_one(archive, tmp_path):
     assert counts == dict(reused=0, embedded=10, skipped=0)
     second, counts = _embed(rows, root, tmp_path)
     assert counts == dict(reused=10, embedded=0, skipped=0)
-    assert all(torch.equal(first[j]["RCC"]["patch_mean"], second[j]["RCC"]["patch_mean"]) for j in first)
+    assert all(torch.equal(first[j]["RCC"]["patch_mean"], second[j]["RCC"]["patch_mean"])
+               for j in first)
     probe.exam_file(tmp_path, rows[3], root).unlink()
     _, counts = _embed(rows, root, tmp_path)
     assert counts == dict(reused=9, embedded=1, skipped=0)
 
 
-def test_cache_misses_a_replaced_view_and_another_cohort_at_the_same_relative_paths(archive, tmp_path, monkeypatch):
-    """The cache name holds each view's resolved path, size and modification time: another exam's file copied over
-    a view is embedded again, and so is a second cohort with the same IDs read through the same relative path."""
+def test_cache_misses_a_replaced_view_and_another_cohort_at_the_same_relative_paths(
+        archive, tmp_path, monkeypatch):
+    """The cache name holds each view's resolved path, size and modification time: another exam's
+    file copied over a view is embedded again, and so is a second cohort with the same IDs read
+    through the same relative path."""
     for name in ("a", "b"):
-        shutil.copytree(archive, tmp_path / name)  # copy2: the same sizes and modification times in both
+        shutil.copytree(archive, tmp_path / name)  # copy2: the same sizes and mtimes in both
     monkeypatch.chdir(tmp_path / "a")
     rows, root = cohorts.read_exams("exams.csv")
     assert not root.is_absolute()  # the view paths as the table names them: RCC/... under "."
@@ -366,34 +394,42 @@ def test_cache_misses_a_replaced_view_and_another_cohort_at_the_same_relative_pa
     again, counts = _embed(rows, root, tmp_path / "cache")
     assert counts == dict(reused=9, embedded=1, skipped=0)
     assert torch.allclose(again[0]["RCC"]["patch_mean"], first[1]["RCC"]["patch_mean"], atol=1e-6)
-    assert not torch.allclose(again[0]["RCC"]["patch_mean"], first[0]["RCC"]["patch_mean"], atol=1e-3)
+    assert not torch.allclose(again[0]["RCC"]["patch_mean"], first[0]["RCC"]["patch_mean"],
+                              atol=1e-3)
     monkeypatch.chdir(tmp_path / "b")
     rows, root = cohorts.read_exams("exams.csv")
     _, counts = _embed(rows, root, tmp_path / "cache")
     assert counts == dict(reused=0, embedded=10, skipped=0)
 
 
-def test_compile_flag_embeds_through_compiled_blocks_with_the_same_features(archive, tmp_path, capsys,
-                                                                             torch_compile):
-    """probe.py --compile: the ViT's blocks run compiled (model.compile_blocks, tested in test_model), the features
-    equal eager ones to 1e-5 and land under the same cache key; the DenseNet baseline is a bad flag, in one line."""
+def test_compile_flag_embeds_through_compiled_blocks_with_the_same_features(
+        archive, tmp_path, capsys, torch_compile):
+    """probe.py --compile: the ViT's blocks run compiled (model.compile_blocks, tested in
+    test_model), the features equal eager ones to 1e-5 and land under the same cache key; the
+    DenseNet baseline is a bad flag, in one line."""
     rows, root = cohorts.read_exams(archive)
     rows = rows[:2]
     got = {}
     for flag in ([], ["--compile"]):
-        args = probe.get_args(["embed", "--size", "28", "--workers", "0", "--cache", str(tmp_path / str(flag))] + flag)
+        cache = str(tmp_path / str(flag))
+        args = probe.get_args(["embed", "--size", "28", "--workers", "0", "--cache", cache] + flag)
         net = random_tiny()
-        got[bool(flag)] = probe.embeddings(args, (net, "random tiny"), rows, root, torch.device("cpu"))
-        assert (net.blocks[0].forward.__func__ is model.Block.forward) != bool(flag)  # compiled only with the flag
+        got[bool(flag)] = probe.embeddings(args, (net, "random tiny"), rows, root,
+                                           torch.device("cpu"))
+        # compiled only with the flag
+        assert (net.blocks[0].forward.__func__ is model.Block.forward) != bool(flag)
     (eager, info), (comp, comp_info) = got[False], got[True]
-    assert Path(info["cache"]).name == Path(comp_info["cache"]).name and sorted(eager) == sorted(comp) == [0, 1]
+    assert Path(info["cache"]).name == Path(comp_info["cache"]).name
+    assert sorted(eager) == sorted(comp) == [0, 1]
     for j in eager:
         for view, stats in eager[j].items():
-            assert all((stats[k] - comp[j][view][k]).abs().max() < 1e-5 for k in probe.STATS), (j, view)
+            assert all((stats[k] - comp[j][view][k]).abs().max() < 1e-5
+                       for k in probe.STATS), (j, view)
     with pytest.raises(SystemExit) as exit_:
         probe.get_args(["embed", "--compile", "--backbone", "densenet121"])
     err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "--compile" in err and "DenseNet" in err
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1
+    assert "--compile" in err and "DenseNet" in err
 
 
 def test_truncated_and_missing_views_are_skipped_and_counted(archive, tmp_path, capsys):
@@ -409,21 +445,25 @@ def test_truncated_and_missing_views_are_skipped_and_counted(archive, tmp_path, 
     assert out.count(str(truncated)) == 1 and out.count(str(missing)) == 1
 
 
-# ----------------------------------------------------------------------------- command line, end to end
+# ----------------------------------------------------------------------------- command line, runs
 def test_bad_input_one_line_and_nonzero_exit(tmp_path, capsys):
-    for argv, flag in [(["--trials", "0"], "--trials"), (["--size", "30"], "--size: 30 is not a multiple of"),
+    for argv, flag in [(["--trials", "0"], "--trials"),
+                       (["--size", "30"], "--size: 30 is not a multiple of"),
                        (["embed", "--out", "x"], "--out: embed writes only the embedding cache"),
-                       (["--backbone", "densenet121", "--size", "28"], "--size: 28 is below DenseNet-121's 32")]:
+                       (["--backbone", "densenet121", "--size", "28"],
+                        "--size: 28 is below DenseNet-121's 32")]:
         with pytest.raises(SystemExit) as e:
             probe.get_args(argv)
         assert e.value.code == 2 and flag in capsys.readouterr().err
-    r = subprocess.run([sys.executable, str(ROOT / "probe.py"), "--data", str(tmp_path / "none.csv")],
-                       capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "none.csv: no exam table" in r.stderr
-    (tmp_path / "utf16.csv").write_bytes("patient,exam\n".encode("utf-16"))  # a spreadsheet's "Unicode text"
+    r = subprocess.run([sys.executable, str(ROOT / "probe.py"), "--data",
+                        str(tmp_path / "none.csv")], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0
+    assert "none.csv: no exam table" in r.stderr
+    # a spreadsheet's "Unicode text"
+    (tmp_path / "utf16.csv").write_bytes("patient,exam\n".encode("utf-16"))
     with pytest.raises(ValueError, match="utf16.csv: not a readable CSV"):
         cohorts.read_exams(tmp_path / "utf16.csv")
-    net, what = model.load_backbone("random", arch="vits14")  # --arch picks the random ViT instead of being ignored
+    net, what = model.load_backbone("random", arch="vits14")  # --arch picks the random ViT
     assert net.embed_dim == 384 and "RANDOMLY INITIALISED vits14" in what
     with pytest.raises(ValueError, match="unknown model 'bogus'"):
         model.load_backbone("random", arch="bogus")
@@ -439,7 +479,8 @@ def test_bad_input_one_line_and_nonzero_exit(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def runs(table, tmp_path_factory):
-    """The two tasks as `python probe.py` runs them by default, on the tiny table, plus a second density run."""
+    """The two tasks as `python probe.py` runs them by default, on the tiny table, plus a second
+    density run and a second risk run."""
     out = tmp_path_factory.mktemp("runs")
     quick = SMALL + ["--data", str(table), "--trials", "2", "--epochs", "6", "--n-boot", "20",
                      "--cache", str(out / "cache")]
@@ -447,13 +488,15 @@ def runs(table, tmp_path_factory):
     for name, extra in [("density", ["--subgroups", "site"]), ("risk", ["--task", "risk"]),
                         ("density_cls", ["--features", "cls-mean-std", "--seed", "1"])]:
         reports[name] = probe.main(quick + extra + ["--out", str(out / name)])
-    reports["risk_b"] = probe.main(quick + ["--task", "risk", "--seed", "2", "--out", str(out / "risk_b")])
+    reports["risk_b"] = probe.main(quick + ["--task", "risk", "--seed", "2", "--out",
+                                            str(out / "risk_b")])
     return out, reports
 
 
 def test_default_runs_write_promised_outputs(runs, table):
     out, _ = runs
-    keys = {"density": {"accuracy", "accuracy_ci", "macro_f1", "auroc_ovr", "confusion", "binary_accuracy", "n_test"},
+    keys = {"density": {"accuracy", "accuracy_ci", "macro_f1", "auroc_ovr", "confusion",
+                        "binary_accuracy", "n_test"},
             "risk": {"auroc", "auroc_ci", "auroc_mean", "rule", "n_test"}}
     for task, promised in keys.items():
         report = json.loads((out / task / "metrics.json").read_text())
@@ -467,17 +510,19 @@ def test_default_runs_write_promised_outputs(runs, table):
     assert risk["rule"] == "mirai" and set(risk["by_rule"]) == {"mirai", "dbt-dino"}
     assert list(risk["auroc"]) == ["1", "2", "3", "4", "5"]
     density = json.loads((out / "density" / "metrics.json").read_text())
-    assert np.array(density["confusion"]).sum() == 4 and set(density["subgroups"]["site"]) <= {"A", "B"}
-    # train holds a, c, d, a, a and test b, c, d, b: the training majority (a) is never right on test (the test
-    # set's own majority, b, would have given 0.5)
+    assert np.array(density["confusion"]).sum() == 4
+    assert set(density["subgroups"]["site"]) <= {"A", "B"}
+    # train holds a, c, d, a, a and test b, c, d, b: the training majority (a) is never right on
+    # test (the test set's own majority, b, would have given 0.5)
     assert density["majority_rate"] == 0.0
-    with pytest.raises(ValueError, match="already holds a run"):  # a finished run is never overwritten silently
+    with pytest.raises(ValueError, match="already holds a run"):  # never overwritten silently
         probe.main(SMALL + ["--data", str(table), "--out", str(out / "density")])
 
 
 def test_compare_pvalues_equal_metrics(runs, capsys):
     out, _ = runs
-    result = metrics.main(["compare", str(out / "density"), str(out / "density_cls"), "--out", str(out / "cmp_d")])
+    result = metrics.main(["compare", str(out / "density"), str(out / "density_cls"), "--out",
+                           str(out / "cmp_d")])
     preds = [{r["exam"]: r for r in csv.DictReader(open(out / run / "predictions.csv"))}
              for run in ("density", "density_cls")]
     exams = sorted(preds[0])
@@ -485,8 +530,10 @@ def test_compare_pvalues_equal_metrics(runs, capsys):
     assert result["tests"][0]["p"] == metrics.mcnemar(correct[0], correct[1])
     assert json.loads((out / "cmp_d" / "compare.json").read_text())["test"] == "mcnemar"
 
-    result = metrics.main(["compare", str(out / "risk"), str(out / "risk_b"), "--out", str(out / "cmp_r")])
-    preds = [{r["exam"]: r for r in csv.DictReader(open(out / run / "predictions.csv"))} for run in ("risk", "risk_b")]
+    result = metrics.main(["compare", str(out / "risk"), str(out / "risk_b"), "--out",
+                           str(out / "cmp_r")])
+    preds = [{r["exam"]: r for r in csv.DictReader(open(out / run / "predictions.csv"))}
+             for run in ("risk", "risk_b")]
     # test exams: cancers at 1.5 y and 0.5 y, healthy with 8 y and 5.5 y: years 2-5 have 2 + 2 cases
     y = np.array([1, 1, 0, 0])
     exams = sorted(preds[0])
@@ -500,7 +547,25 @@ def test_compare_pvalues_equal_metrics(runs, capsys):
         metrics.benjamini_hochberg([t["p"] for t in result["tests"]]).tolist(), abs=1e-12)
 
 
-# ----------------------------------------------------------------------------- show
+def test_compare_density_mcnemar_exact_on_known_discordant_pairs(tmp_path):
+    from scipy.stats import binomtest
+    truth = "abcdabcdabcd"
+    # A right on 10; B right on 4, all of them also right for A
+    runs = {"A": "abcdabcdabdc", "B": "bacdbacdbadc"}
+    for name, pred in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"task": "density"}))
+        rows = "".join(f"P{i},E{i},{t},{p}\n" for i, (t, p) in enumerate(zip(truth, pred)))
+        (tmp_path / name / "predictions.csv").write_text("patient,exam,density,pred\n" + rows)
+    result = metrics.main(["compare", str(tmp_path / "A"), str(tmp_path / "B"), "--out",
+                           str(tmp_path / "cmp")])
+    (test,) = result["tests"]
+    assert (test["value_a"], test["value_b"]) == (10 / 12, 4 / 12)
+    assert test["p"] == pytest.approx(binomtest(0, 6, 0.5).pvalue, abs=1e-12)
+    assert test["p_bh"] == test["p"]
+
+
+# ----------------------------------------------------------------------------- show.py
 def test_explicit_attention_equals_sdpa_and_excludes_registers():
     torch.manual_seed(0)
     vit = model.build("tiny_reg", img_size=56).eval()
@@ -511,7 +576,8 @@ def test_explicit_attention_equals_sdpa_and_excludes_registers():
         vit.forward_features(x)
         att = show.last_block_attention(vit, x)
     assert att["attn"].shape == (2, 3, 1 + 4 + 16, 1 + 4 + 16)
-    assert torch.allclose(att["block_input"], seen["inp"], atol=1e-6)  # the same q, k, v as the real pass
+    # the same q, k, v as the real pass
+    assert torch.allclose(att["block_input"], seen["inp"], atol=1e-6)
     sdpa = F.scaled_dot_product_attention(att["q"], att["k"], att["v"])
     assert torch.allclose(att["attn"] @ att["v"], sdpa, atol=1e-6)
     merged = (att["attn"] @ att["v"]).transpose(1, 2).reshape(2, 21, -1)
@@ -521,27 +587,22 @@ def test_explicit_attention_equals_sdpa_and_excludes_registers():
 
 
 def test_show_writes_attention_png_for_a_saved_backbone(archive, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # the default backbone is the newest runs/*/backbone.pth under the working folder
+    monkeypatch.chdir(tmp_path)  # the default backbone: the newest runs/*/backbone.pth under it
     (tmp_path / "runs" / "demo").mkdir(parents=True)
     utils.save_checkpoint(tmp_path / "runs" / "demo" / "backbone.pth", random_tiny().state_dict())
-    show.run_show(show.get_args(["--image", str(sorted(archive.rglob("*.dcm"))[0]), "--size", "56", "--out", "fig"]))
-    assert "runs/demo/backbone.pth (tiny, 112 px, newest runs/*/backbone.pth)" in capsys.readouterr().out
+    image = str(sorted(archive.rglob("*.dcm"))[0])
+    show.run_show(show.get_args(["--image", image, "--size", "56", "--out", "fig"]))
+    said = capsys.readouterr().out
+    assert "runs/demo/backbone.pth (tiny, 112 px, newest runs/*/backbone.pth)" in said
     assert Image.open(tmp_path / "fig" / "attention.png").size == (3 * 336 + 40, 336 + 50)
 
 
-def test_compare_density_mcnemar_exact_on_known_discordant_pairs(tmp_path):
-    from scipy.stats import binomtest
-    truth = "abcdabcdabcd"
-    runs = {"A": "abcdabcdabdc", "B": "bacdbacdbadc"}  # A right on 10; B right on 4, all of them also right for A
-    for name, pred in runs.items():
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "metrics.json").write_text(json.dumps({"task": "density"}))
-        rows = "".join(f"P{i},E{i},{t},{p}\n" for i, (t, p) in enumerate(zip(truth, pred)))
-        (tmp_path / name / "predictions.csv").write_text("patient,exam,density,pred\n" + rows)
-    result = metrics.main(["compare", str(tmp_path / "A"), str(tmp_path / "B"), "--out", str(tmp_path / "cmp")])
-    (test,) = result["tests"]
-    assert (test["value_a"], test["value_b"]) == (10 / 12, 4 / 12)
-    assert test["p"] == pytest.approx(binomtest(0, 6, 0.5).pvalue, abs=1e-12) and test["p_bh"] == test["p"]
+def test_show_bad_input_is_one_line_and_nonzero_exit(tmp_path):
+    for argv, code, says in [([], 2, "--image"), (["--image", "gone.dcm"], 1, "gone.dcm")]:
+        r = subprocess.run([sys.executable, str(ROOT / "show.py"), *argv], capture_output=True,
+                           text=True, cwd=tmp_path)
+        assert r.returncode == code and r.stderr.strip().count("\n") == 0 and says in r.stderr
+        assert "Traceback" not in r.stderr
 
 
 def test_backbone_random_ignores_saved_runs(saved_run):
@@ -549,4 +610,5 @@ def test_backbone_random_ignores_saved_runs(saved_run):
     assert "runs/b/backbone.pth" in line and torch.equal(net.pos_embed, saved_run.pos_embed)
     net, line = model.load_backbone("random", seed=3)
     torch.manual_seed(3)
-    assert "--backbone random" in line and torch.equal(net.pos_embed, model.build("tiny").pos_embed)
+    assert "--backbone random" in line
+    assert torch.equal(net.pos_embed, model.build("tiny").pos_embed)

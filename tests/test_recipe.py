@@ -1,7 +1,9 @@
-"""Tests that pin the training recipe (issue 9): one train_step's loss recomposed from the DINOv2 definitions
-(dinov2.md §1c, data.md §4.2), per-part gradient clipping, the per-crop augmentation schedule (dinov2.md §1f),
-the tissue grid following a flipped crop, and drop_path's expectation. Expected values are computed here, in
-float64, from the spec; none of pretrain's loss functions is called. CPU, tiny sizes, a few seconds."""
+"""Tests that pin the training recipe: one train_step's loss recomposed from DINOv2's definitions
+(dinov2/loss/*.py, dinov2/train/ssl_meta_arch.py) and MammoDINO's adjacent-slice loss, per-part
+gradient clipping, data.MultiCrop's per-crop augmentation schedule (dinov2/data/augmentations.py),
+the tissue grid following a flipped crop, and drop_path's expectation. Expected values are computed
+here, in float64, from those definitions; none of pretrain's loss functions is called. CPU, tiny
+sizes, a few seconds."""
 import math
 
 import numpy as np
@@ -11,14 +13,14 @@ import torch.nn.functional as F
 
 import data
 import model
-import phantoms
 import pretrain
 
 B, N_LOCAL = 4, 8  # images per batch, local crops per image
 G, L = 56, 28  # global and local crop sides (tiny ViT, patch 14)
-TINY = ["--global-size", str(G), "--local-size", str(L), "--prototypes", "64", "--head-hidden", "32",
-        "--head-bottleneck", "16", "--warmup", "0", "--freeze-last-layer", "0", "--teacher-temp-warmup", "0",
-        "--steps", "2", "--batch-size", str(B), "--drop-path", "0"]
+TINY = ["--global-size", str(G), "--local-size", str(L), "--prototypes", "64",
+        "--head-hidden", "32", "--head-bottleneck", "16", "--warmup", "0",
+        "--freeze-last-layer", "0", "--teacher-temp-warmup", "0", "--steps", "2",
+        "--batch-size", str(B), "--drop-path", "0"]
 SCHED = dict(lr=1e-3, last_layer_lr=1e-3, wd=0.04, momentum=0.99, teacher_temp=0.05)
 
 
@@ -27,7 +29,7 @@ def sigma_ok(count, n, p, k=5):
     return abs(count - n * p) <= k * math.sqrt(n * p * (1 - p))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # One train_step, recomposed in float64
 
 def ce(t, s, temp=0.1):
@@ -37,7 +39,8 @@ def ce(t, s, temp=0.1):
 
 
 def sinkhorn64(logits, temp, iterations=3):
-    """Sinkhorn-Knopp as dinov2.md §1c states it: rows of the result sum to 1, prototypes get equal mass."""
+    """Sinkhorn-Knopp as DINOv2's dino_clstoken_loss.py runs it: rows of the result sum to 1,
+    prototypes get equal mass."""
     Q = torch.exp(logits.double() / temp).t()  # (K, rows)
     K, rows = Q.shape
     Q = Q / Q.sum()
@@ -54,7 +57,7 @@ def targets64(logits, center, temp, mode):
 
 
 def koleo64(x):
-    """-mean_i log ||z_i - z_nn(i)|| on L2-normalised rows, nearest neighbour by cosine, self excluded."""
+    """-mean_i log ||z_i - z_nn(i)|| on L2-normalised rows; nn(i): nearest other row by cosine."""
     z = F.normalize(x.double(), dim=-1)
     dots = z @ z.t() - 3 * torch.eye(len(z), dtype=torch.float64)
     return -torch.log((z - z[dots.argmax(1)]).norm(dim=-1)).mean()
@@ -68,21 +71,24 @@ def recipe_batch(seed=0):
     masks[::2] = False
     masks[1, :2] = True  # at least one masked patch
     per_image = masks.sum(-1, keepdim=True).clamp_min(1)
-    return {"global": torch.randn(2 * B, 3, G, G, generator=g), "local": torch.randn(N_LOCAL * B, 3, L, L, generator=g),
+    return {"global": torch.randn(2 * B, 3, G, G, generator=g),
+            "local": torch.randn(N_LOCAL * B, 3, L, L, generator=g),
             "adjacent": torch.randn(2 * B, 3, G, G, generator=g), "masks": masks,
-            "adjacent_valid": torch.tensor([0.0] + [1.0] * (B - 1)).repeat(2),  # image 0: one slice (FFDM)
+            "adjacent_valid": torch.tensor([0.0] + [1.0] * (B - 1)).repeat(2),  # image 0: FFDM
             "mask_indices": masks.flatten().nonzero().flatten(), "n_masked": int(masks.sum()),
             "masks_weight": (1 / per_image).expand_as(masks)[masks].float()}
 
 
 def captured_step(argv, batch, centers=None):
-    """Runs one train_step on CPU and returns (args, returned terms as floats, student and teacher outputs,
-    the centers it started from). Outputs are caught with forward hooks: SSLModel returns
+    """Runs one train_step on CPU and returns (args, returned terms as floats, student and teacher
+    outputs, the centers it started from). Outputs are caught with forward hooks: SSLModel returns
     (CLS of views[0], [logits per view], masked-patch logits)."""
     args = pretrain.get_args(TINY + argv)
     student, teacher = pretrain.build_models(args, torch.device("cpu"))
-    with torch.no_grad():  # LayerScale 1 instead of 1e-5: distinct CLS tokens, so KoLeo is not float noise
-        for p in [p for net in (student, teacher) for n, p in net.named_parameters() if "gamma" in n]:
+    # LayerScale 1 instead of 1e-5: distinct CLS tokens, so KoLeo is not float noise
+    gammas = [p for net in (student, teacher) for n, p in net.named_parameters() if "gamma" in n]
+    with torch.no_grad():
+        for p in gammas:
             p.fill_(1.0)
     opt = torch.optim.AdamW(pretrain.param_groups(student, args.layer_decay))
     seen = {}
@@ -97,31 +103,36 @@ def captured_step(argv, batch, centers=None):
 
 def expected_terms(args, batch, s_out, t_out, centers):
     """The loss of one step from the DINOv2/MammoDINO definitions, float64."""
-    s_cls, s_patch = s_out[0].detach(), s_out[2].detach()  # (2B, D) backbone CLS, (M, K) masked patches
+    s_cls = s_out[0].detach()  # (2B, D) backbone CLS
+    s_patch = s_out[2].detach()  # (M, K) masked patches
     s_glob, s_loc, s_adj = [v.detach() for v in s_out[1]]  # (2B, K), (n_l B, K), (2B, K)
     _, (t_glob, t_adj), t_patch = t_out
     temp, mode = SCHED["teacher_temp"], args.centering
-    tg, ta = targets64(t_glob, centers["dino"], temp, mode), targets64(t_adj, centers["dino"], temp, mode)
+    tg = targets64(t_glob, centers["dino"], temp, mode)
+    ta = targets64(t_adj, centers["dino"], temp, mode)
     # DINO: every student view against every teacher global view except itself; batch mean per pair
     locals_ = [(f"l{j}", x) for j, x in enumerate(s_loc.chunk(N_LOCAL))]
     student_views = list(zip(["g1", "g2"], s_glob.chunk(2))) + locals_
     teacher_views = list(zip(["g1", "g2"], tg.chunk(2)))
-    pairs = [(sv, tv, ce(t, s).mean()) for sv, s in student_views for tv, t in teacher_views if sv != tv]
+    pairs = [(sv, tv, ce(t, s).mean())
+             for sv, s in student_views for tv, t in teacher_views if sv != tv]
     assert len(pairs) == 18  # (n_g - 1) n_g + n_l n_g with 2 global and 8 local crops
     dino_global = sum(v for sv, _, v in pairs if sv.startswith("g")) / len(pairs)
     dino_local = sum(v for sv, _, v in pairs if sv.startswith("l")) / len(pairs)
-    # iBOT: mean over the 2B global crops of the mean CE over that crop's masked patches (unmasked crops add 0)
+    # iBOT: mean over the 2B global crops of the mean CE over that crop's masked patches (unmasked
+    # crops add 0)
     per_patch = ce(targets64(t_patch, centers["ibot"], temp, mode), s_patch)
     image_of = batch["mask_indices"] // batch["masks"].shape[1]
-    ibot = sum(per_patch[image_of == i].mean() for i in range(2 * B) if (image_of == i).any()) / (2 * B)
+    masked = [i for i in range(2 * B) if (image_of == i).any()]
+    ibot = sum(per_patch[image_of == i].mean() for i in masked) / (2 * B)
     # KoLeo on the backbone CLS tokens of each global crop separately
     koleo = args.koleo_weight * (koleo64(s_cls[:B]) + koleo64(s_cls[B:]))
-    # adjacent slice, symmetrised: student(s) vs teacher(s') and student(s') vs teacher(s), same crop rows,
-    # over the rows of images that have a neighbouring slice (both crops of image 0 have none)
+    # adjacent slice, symmetrised: student(s) vs teacher(s') and student(s') vs teacher(s), same
+    # crop rows, over the rows of images that have a neighbouring slice (image 0's crops have none)
     has = batch["adjacent_valid"].bool()
     adjacent = args.adjacent_weight * 0.5 * (ce(ta, s_glob)[has].mean() + ce(tg, s_adj)[has].mean())
-    terms = dict(dino_global=dino_global, dino_local=dino_local, ibot=args.ibot_weight * ibot, koleo=koleo,
-                 adjacent=adjacent)
+    terms = dict(dino_global=dino_global, dino_local=dino_local, ibot=args.ibot_weight * ibot,
+                 koleo=koleo, adjacent=adjacent)
     terms = {k: float(v) for k, v in terms.items()}
     return dict(terms, loss=sum(terms.values()))
 
@@ -129,9 +140,10 @@ def expected_terms(args, batch, s_out, t_out, centers):
 @pytest.mark.parametrize("mode", ["centering", "sinkhorn"])
 def test_train_step_loss_is_the_dinov2_composition(mode):
     batch = recipe_batch()
-    centers = {k: 0.3 * torch.randn(1, 64, generator=torch.Generator().manual_seed(7)) for k in ("dino", "ibot")}
-    args, got, s_out, t_out, before = captured_step(["--centering", mode, "--adjacent-weight", "0.5"], batch,
-                                                    centers)
+    centers = {k: 0.3 * torch.randn(1, 64, generator=torch.Generator().manual_seed(7))
+               for k in ("dino", "ibot")}
+    argv = ["--centering", mode, "--adjacent-weight", "0.5"]
+    args, got, s_out, t_out, before = captured_step(argv, batch, centers)
     want = expected_terms(args, batch, s_out, t_out, before)
     assert set(want) <= set(got), (got, want)
     for k in want:
@@ -140,18 +152,21 @@ def test_train_step_loss_is_the_dinov2_composition(mode):
 
 
 def test_gradients_are_clipped_per_part_at_3():
-    """Backbone, DINO head and iBOT head are each clipped to norm 3.0 (dinov2.md §1g), not jointly."""
+    """Backbone, DINO head and iBOT head are each clipped to norm 3.0 (DINOv2's train.py), not
+    jointly."""
     args = pretrain.get_args(TINY + ["--separate-ibot-head", "--centering", "centering"])
     student, teacher = pretrain.build_models(args, torch.device("cpu"))
     opt = torch.optim.AdamW(pretrain.param_groups(student, args.layer_decay))
     raw, clipped = {}, {}
     for name, p in student.named_parameters():
         p.register_hook(lambda g: g * 1e3)  # every part's unclipped norm far above 3
-        p.register_post_accumulate_grad_hook(lambda p, name=name: raw.__setitem__(name, p.grad.detach().clone()))
+        p.register_post_accumulate_grad_hook(
+            lambda p, name=name: raw.__setitem__(name, p.grad.detach().clone()))
     real_step = opt.step
 
     def step(*a, **kw):  # the gradients as the optimizer receives them
-        clipped.update({n: p.grad.detach().clone() for n, p in student.named_parameters() if p.grad is not None})
+        clipped.update({n: p.grad.detach().clone() for n, p in student.named_parameters()
+                        if p.grad is not None})
         return real_step(*a, **kw)
 
     opt.step = step
@@ -165,39 +180,33 @@ def test_gradients_are_clipped_per_part_at_3():
         assert norm(raw) > 30, (part, norm(raw))
         assert abs(norm(clipped) - pretrain.CLIP_GRAD) < 1e-4, (part, norm(raw), norm(clipped))
         scale = pretrain.CLIP_GRAD / (norm(raw) + 1e-6)  # torch's clip_grad_norm_ factor
-        assert all(torch.allclose(clipped[n], raw[n] * scale, rtol=1e-4, atol=1e-9) for n in names), part
+        assert all(torch.allclose(clipped[n], raw[n] * scale, rtol=1e-4, atol=1e-9)
+                   for n in names), part
     assert pretrain.CLIP_GRAD == 3.0
 
 
-# ---------------------------------------------------------------------------------------------------
-# Augmentation schedule of data.PretrainStream, counted over seeded draws
+# --------------------------------------------------------------------------------------------------
+# Augmentation schedule of data.MultiCrop, counted over seeded draws
 
-@pytest.fixture(scope="module")
-def stream(tmp_path_factory):
-    root = tmp_path_factory.mktemp("recipe")
-    (root / "arch").mkdir()
-    phantoms.write_phantom_dicom(root / "arch" / "a.dcm", shape=(2, 64, 48))
-    s = data.PretrainStream(root / "arch", cache_dir=root / "index", global_size=G, local_size=L, n_local=N_LOCAL)
-    meta, _ = s._index(s.paths[0])
-    return s, meta
+@pytest.fixture
+def multicrop():
+    return data.MultiCrop(global_size=G, local_size=L, n_local=N_LOCAL)
 
 
-def draw(stream, monkeypatch, image, n, mask=None, seed=0):
-    """n stream.sample() items with every slice replaced by `image` (H, W)."""
-    s, meta = stream
-    monkeypatch.setattr(s, "_slice", lambda meta, index: image)
+def draw(multicrop, image, n, mask=None, seed=0):
+    """n MultiCrop samples of `image` (64, 48), with an all-tissue mask unless one is given."""
     mask = np.ones((64, 48), bool) if mask is None else mask
-    meta = dict(meta, mask_stride=64 // mask.shape[0])
     rng = np.random.default_rng(seed)
-    return [s.sample(meta, mask, rng) for _ in range(n)]
+    return [multicrop(image, mask, 64 // mask.shape[0], rng) for _ in range(n)]
 
 
-def test_blur_and_solarize_probabilities_per_crop(stream, monkeypatch):
-    """A white slice stays >= 0.6 through the jitter, so solarize (x >= 0.5 -> 1 - x) is visible; the patched
-    blur paints 0.55, which nothing else produces: 0.55 = blur, 0.45 = blur then solarize, < 0.4 = solarize."""
+def test_blur_and_solarize_probabilities_per_crop(multicrop, monkeypatch):
+    """A white slice stays >= 0.6 through the jitter, so solarize (x >= 0.5 -> 1 - x) is visible;
+    the patched blur paints 0.55, which nothing else produces: 0.55 = blur, 0.45 = blur then
+    solarize, < 0.4 = solarize."""
     monkeypatch.setattr(data, "gaussian_blur", lambda x, sigma, *a, **kw: torch.full_like(x, 0.55))
     n = 600
-    items = draw(stream, monkeypatch, torch.ones(64, 48), n)
+    items = draw(multicrop, torch.ones(64, 48), n)
     crops = {"global1": torch.stack([it["global_crops"][0] for it in items]),
              "global2": torch.stack([it["global_crops"][1] for it in items]),
              "local": torch.cat([it["local_crops"] for it in items])}
@@ -205,7 +214,8 @@ def test_blur_and_solarize_probabilities_per_crop(stream, monkeypatch):
     schedule = {"global1": (0.0, 0.0), "global2": (0.9, 0.2), "local": (0.5, 0.0)}
     for name, x in crops.items():
         v = x[:, 0].flatten(1)  # (n, h*w)
-        assert ((v.max(1).values - v.min(1).values) < 1e-5).all(), name  # constant crops: one outcome each
+        # constant crops: one outcome each
+        assert ((v.max(1).values - v.min(1).values) < 1e-5).all(), name
         v = v[:, 0]
         blurred = ((v - 0.55).abs() < 1e-4) | ((v - 0.45).abs() < 1e-4)
         solarized = ((v - 0.45).abs() < 1e-4) | (v <= 0.4 + 1e-6)
@@ -216,17 +226,16 @@ def test_blur_and_solarize_probabilities_per_crop(stream, monkeypatch):
         assert sigma_ok(int(solarized.sum()), count, p_sol), (name, int(solarized.sum()), count)
 
 
-def test_colour_jitter_probability_and_factor_range(stream):
-    """RandomApply(ColorJitter(brightness .4, contrast .4), p .8) on grey: brightness and contrast factors
-    uniform in [0.6, 1.4]. On an image of mean m and deviation d the output has mean m*b and deviation d*b*c in
-    either order (nothing clips), so each draw reveals b and c."""
-    s, _ = stream
+def test_colour_jitter_probability_and_factor_range(multicrop):
+    """RandomApply(ColorJitter(brightness .4, contrast .4), p .8) on grey: brightness and contrast
+    factors uniform in [0.6, 1.4]. On an image of mean m and deviation d the output has mean m*b and
+    deviation d*b*c in either order (nothing clips), so each draw reveals b and c."""
     x = torch.full((1, 4, 4), 0.35)
     x[:, :, :2] = 0.45  # left half 0.45, right half 0.35: mean 0.4, deviation 0.05
     rng, n = np.random.default_rng(1), 4000
     b, c = [], []  # brightness and contrast factor of each draw
     for _ in range(n):
-        y = s._photo(x, rng, 0.0, 0.0)[0].double()
+        y = multicrop._photo(x, rng, 0.0, 0.0)[0].double()
         b.append(y.mean().item() / 0.4)
         c.append((y[:, :2].mean() - y[:, 2:].mean()).item() / 2 / 0.05 / b[-1])
     b, c = np.array(b), np.array(c)
@@ -235,7 +244,8 @@ def test_colour_jitter_probability_and_factor_range(stream):
     from scipy import stats
     for f in (b[jittered], c[jittered]):
         assert f.min() >= 0.6 - 1e-5 and f.max() <= 1.4 + 1e-5, (f.min(), f.max())
-        assert stats.kstest(f, stats.uniform(0.6, 0.8).cdf).pvalue > 1e-4  # uniform over the whole range
+        # uniform over the whole range
+        assert stats.kstest(f, stats.uniform(0.6, 0.8).cdf).pvalue > 1e-4
 
 
 def is_flipped(crop):
@@ -244,12 +254,12 @@ def is_flipped(crop):
     return bool(cols[-1] < cols[0])
 
 
-def test_every_crop_is_flipped_with_probability_half(stream, monkeypatch):
-    s, _ = stream
-    monkeypatch.setattr(s, "_photo", lambda x, *a, **kw: x.expand(3, -1, -1))  # geometry only
+def test_every_crop_is_flipped_with_probability_half(multicrop, monkeypatch):
+    # geometry only
+    monkeypatch.setattr(multicrop, "_photo", lambda x, *a, **kw: x.expand(3, -1, -1))
     ramp = torch.linspace(0.1, 0.9, 48).expand(64, 48).contiguous()  # (H, W)
     n = 400
-    items = draw(stream, monkeypatch, ramp, n, seed=2)
+    items = draw(multicrop, ramp, n, seed=2)
     for name, crops in [("global1", [it["global_crops"][0] for it in items]),
                         ("global2", [it["global_crops"][1] for it in items]),
                         ("local", [c for it in items for c in it["local_crops"]])]:
@@ -257,7 +267,7 @@ def test_every_crop_is_flipped_with_probability_half(stream, monkeypatch):
         assert sigma_ok(flipped, len(crops), 0.5), (name, flipped, len(crops))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The tissue grid follows its crop
 
 def wedge_mask(H=64, W=48):
@@ -266,24 +276,24 @@ def wedge_mask(H=64, W=48):
     return x < W * (0.2 + 0.5 * y / H)  # (H, W) bool
 
 
-def test_tissue_grid_of_a_flipped_crop_is_mirrored(stream):
-    s, _ = stream
+def test_tissue_grid_of_a_flipped_crop_is_mirrored(multicrop):
     mask, img = wedge_mask(), torch.from_numpy(wedge_mask().astype(np.float32))
     box = (4, 2, 40, 36)
-    grid, grid_f = s._tissue_grid(mask, 1, box, False), s._tissue_grid(mask, 1, box, True)
+    grid = multicrop._tissue_grid(mask, 1, box, False)
+    grid_f = multicrop._tissue_grid(mask, 1, box, True)
     assert (grid - grid.flip(-1)).abs().max() > 0.3  # the box really is asymmetric
     assert torch.equal(grid_f, grid.flip(-1))
-    crop, crop_f = s._crop(img, box, False, G), s._crop(img, box, True, G)
+    crop, crop_f = multicrop._crop(img, box, False, G), multicrop._crop(img, box, True, G)
     assert torch.equal(crop_f, crop.flip(-1))
 
 
-def test_sampled_tissue_grids_match_their_global_crops(stream, monkeypatch):
-    """With the image equal to the tissue mask, each global crop pooled to the patch grid equals its tissue
-    grid (up to the bicubic resize at the edge); a grid left unflipped matches the mirrored crop instead."""
-    s, _ = stream
-    monkeypatch.setattr(s, "_photo", lambda x, *a, **kw: x.expand(3, -1, -1))
+def test_sampled_tissue_grids_match_their_global_crops(multicrop, monkeypatch):
+    """With the image equal to the tissue mask, each global crop pooled to the patch grid equals its
+    tissue grid (up to the bicubic resize at the edge); a grid left unflipped matches the mirrored
+    crop instead."""
+    monkeypatch.setattr(multicrop, "_photo", lambda x, *a, **kw: x.expand(3, -1, -1))
     mask = wedge_mask()
-    items = draw(stream, monkeypatch, torch.from_numpy(mask.astype(np.float32)), 60, mask=mask, seed=3)
+    items = draw(multicrop, torch.from_numpy(mask.astype(np.float32)), 60, mask=mask, seed=3)
     checked = flipped = 0
     for it in items:
         for crop, grid in zip(it["global_crops"], it["global_tissue"]):
@@ -291,13 +301,15 @@ def test_sampled_tissue_grids_match_their_global_crops(stream, monkeypatch):
             if (pooled - pooled.flip(-1)).abs().max() < 0.3:
                 continue  # (nearly) symmetric crop: says nothing about orientation
             checked += 1
-            flipped += bool(pooled[:, -1].sum() > pooled[:, 0].sum())  # tissue (left of the slice) on the right
+            # tissue (left of the slice) on the right
+            flipped += bool(pooled[:, -1].sum() > pooled[:, 0].sum())
             near, mirrored = (grid - pooled).abs().max(), (grid - pooled.flip(-1)).abs().max()
             assert near < 0.15 and near < mirrored, (near, mirrored)
-    assert checked >= 60 and 15 <= flipped <= checked - 15, (checked, flipped)  # both orientations seen
+    # both orientations seen
+    assert checked >= 60 and 15 <= flipped <= checked - 15, (checked, flipped)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Stochastic depth
 
 def test_drop_path_keeps_the_expectation_and_rescales_survivors():
@@ -313,16 +325,19 @@ def test_drop_path_keeps_the_expectation_and_rescales_survivors():
     # E[drop_path(x)] = x: the mean factor is 1 within 5 sigma of its sampling error
     sd = math.sqrt(rate / (1 - rate) / n)
     assert abs(ratio[:, 0].mean().item() - 1) < 5 * sd
-    assert torch.equal(model.drop_path(x, rate, training=False), x) and torch.equal(model.drop_path(x, 0.0, True), x)
+    assert torch.equal(model.drop_path(x, rate, training=False), x)
+    assert torch.equal(model.drop_path(x, 0.0, True), x)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # --compile: the loss terms through torch.compile
 
 def test_loss_terms_cast_bf16_logits_to_fp32():
-    """Under --amp the head's logits are bf16; every loss term computes in fp32 (as on logits cast beforehand)."""
+    """Under --amp the head's logits are bf16; every loss term computes in fp32 (as on logits cast
+    beforehand)."""
     g = torch.Generator().manual_seed(0)
-    s, t = torch.randn(6, 64, generator=g).bfloat16(), torch.softmax(torch.randn(6, 64, generator=g), -1)
+    s = torch.randn(6, 64, generator=g).bfloat16()
+    t = torch.softmax(torch.randn(6, 64, generator=g), -1)
     s32 = s.float()
     assert pretrain.dino_loss([s], [t]).dtype == torch.float32
     assert pretrain.dino_loss([s], [t]) == pretrain.dino_loss([s32], [t])
@@ -335,37 +350,46 @@ def test_loss_terms_cast_bf16_logits_to_fp32():
 
 @pytest.mark.parametrize("mode", ["centering", "sinkhorn"])
 def test_compiled_loss_terms_equal_eager(mode, monkeypatch, torch_compile):
-    """With --compile, train_step's loss terms (and the centering softmax) run through pretrain.compiled: the same
-    terms and centers as eager to 1e-5, gradients to 1e-4 relative. compile_blocks has its own test (test_model)."""
+    """With --compile, train_step's loss terms (and the centering softmax) run through
+    pretrain.compiled: the same terms and centers as eager to 1e-5, gradients to 1e-4 relative.
+    compile_blocks has its own test (test_model)."""
     asked, real = [], pretrain.compiled
     monkeypatch.setattr(pretrain, "compiled", lambda fn: asked.append(fn.__name__) or real(fn))
     results = []
     for fused in (False, True):
         args = pretrain.get_args(TINY + ["--centering", mode, "--adjacent-weight", "0.5"])
-        student, teacher = pretrain.build_models(args, torch.device("cpu"))  # same seed: same weights
-        args.compile = fused  # after build_models: the blocks stay eager, only the loss terms change
+        # same seed: same weights
+        student, teacher = pretrain.build_models(args, torch.device("cpu"))
+        args.compile = fused  # after build_models: the blocks stay eager, the loss terms change
         grads = {}
         for name, p in student.named_parameters():
-            p.register_post_accumulate_grad_hook(lambda p, name=name: grads.__setitem__(name, p.grad.clone()))
+            p.register_post_accumulate_grad_hook(
+                lambda p, name=name: grads.__setitem__(name, p.grad.clone()))
         opt = torch.optim.AdamW(pretrain.param_groups(student, args.layer_decay))
-        centers = {k: 0.3 * torch.randn(1, 64, generator=torch.Generator().manual_seed(7)) for k in ("dino", "ibot")}
+        centers = {k: 0.3 * torch.randn(1, 64, generator=torch.Generator().manual_seed(7))
+                   for k in ("dino", "ibot")}
         asked.clear()
         out = pretrain.train_step(student, teacher, recipe_batch(), centers, opt, dict(SCHED), args)
         results.append((out, grads, centers, sorted(set(asked))))
-    (eager, eager_grads, eager_centers, eager_asked), (comp, comp_grads, comp_centers, comp_asked) = results
-    wanted = ["adjacent_slice_loss", "dino_loss", "ibot_loss"] + (["softmax_center"] if mode == "centering" else [])
+    eager, eager_grads, eager_centers, eager_asked = results[0]
+    comp, comp_grads, comp_centers, comp_asked = results[1]
+    wanted = ["adjacent_slice_loss", "dino_loss", "ibot_loss"]
+    wanted += ["softmax_center"] if mode == "centering" else []
     assert eager_asked == [] and comp_asked == wanted
-    assert eager.keys() == comp.keys() and all(abs(float(eager[k]) - float(comp[k])) < 1e-5 for k in eager)
+    assert eager.keys() == comp.keys()
+    assert all(abs(float(eager[k]) - float(comp[k])) < 1e-5 for k in eager)
     assert eager_grads.keys() == comp_grads.keys() and len(eager_grads) > 10
     for name, g in eager_grads.items():
-        # fused kernels sum in another order: float32 noise of a few 1e-5 relative on sums over many tokens
+        # fused kernels sum in another order: float32 noise of a few 1e-5 relative on sums over many
+        # tokens
         assert (g - comp_grads[name]).abs().max() <= 1e-4 * (1e-3 + g.abs().max()), name
     assert all(torch.allclose(eager_centers[k], comp_centers[k], atol=1e-6) for k in eager_centers)
 
 
 def test_train_step_applies_each_groups_schedule_and_moves_the_teacher_by_ema():
-    """The step sets lr and weight decay per parameter from the schedules (layer decay, patch-embed x0.2, the
-    last layer on its own schedule, no decay on biases, norms and gammas) and then teacher = m t + (1 - m) s."""
+    """The step sets lr and weight decay per parameter from the schedules (layer decay, patch-embed
+    x0.2, the last layer on its own schedule, no decay on biases, norms and gammas) and then
+    teacher = m t + (1 - m) s."""
     args = pretrain.get_args(TINY + ["--layer-decay", "0.5"])
     student, teacher = pretrain.build_models(args, torch.device("cpu"))
     opt = torch.optim.AdamW(pretrain.param_groups(student, args.layer_decay))
@@ -375,17 +399,21 @@ def test_train_step_applies_each_groups_schedule_and_moves_the_teacher_by_ema():
     pretrain.train_step(student, teacher, recipe_batch(), centers, opt, sched, args)
     group = {id(p): g for g in opt.param_groups for p in g["params"]}
     params = dict(student.named_parameters())
-    lr, wd, depth = SCHED["lr"], SCHED["wd"], student.backbone.n_blocks  # by hand: 0.5 ** (depth + 1 - layer)
+    lr, wd = SCHED["lr"], SCHED["wd"]
+    depth = student.backbone.n_blocks  # by hand: 0.5 ** (depth + 1 - layer)
     wanted = {"backbone.patch_embed.proj.weight": (lr * 0.5 ** (depth + 1) * 0.2, wd),
               "backbone.cls_token": (lr * 0.5 ** (depth + 1), wd),
               "backbone.blocks.0.norm1.weight": (lr * 0.5 ** depth, 0.0),
               f"backbone.blocks.{depth - 1}.mlp.fc1.weight": (lr * 0.5, wd),
               f"backbone.blocks.{depth - 1}.ls1.gamma": (lr * 0.5, 0.0),
-              "backbone.norm.weight": (lr, 0.0), "dino_head.mlp.0.weight": (lr, wd), "dino_head.mlp.0.bias": (lr, 0.0),
+              "backbone.norm.weight": (lr, 0.0), "dino_head.mlp.0.weight": (lr, wd),
+              "dino_head.mlp.0.bias": (lr, 0.0),
               "dino_head.last_layer.weight_v": (0.0, wd)}
     for name, (want_lr, want_wd) in wanted.items():
         g = group[id(params[name])]
-        assert (g["lr"], g["weight_decay"]) == (pytest.approx(want_lr), pytest.approx(want_wd)), name
+        assert g["lr"] == pytest.approx(want_lr), name
+        assert g["weight_decay"] == pytest.approx(want_wd), name
     m = SCHED["momentum"]
     for name, p in teacher.named_parameters():
-        torch.testing.assert_close(p, m * before[name] + (1 - m) * params[name].detach(), rtol=1e-6, atol=1e-7)
+        want = m * before[name] + (1 - m) * params[name].detach()
+        torch.testing.assert_close(p, want, rtol=1e-6, atol=1e-7)
