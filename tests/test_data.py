@@ -379,7 +379,7 @@ def test_multicrop_reproduces_the_saved_samples(tmp_path):
                     saved = ref[f"{recipe}/{k}/{key}"]
                     where = (recipe, via_stream, k, key)
                     assert v.dtype == saved.dtype and v.shape == saved.shape, where
-                    if v.is_floating_point():  # pixels: a few float32 ulps at most
+                    if key in ("global_crops", "local_crops", "adjacent"):  # a few ulps at most
                         assert (v - saved).abs().max().item() <= 2.5e-7, where
                     else:
                         assert torch.equal(v, saved), where
