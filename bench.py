@@ -43,12 +43,15 @@ import pydicom
 import torch
 
 import data
+import dicom
 import model
 import pacs
 import phantoms
+import preprocess
 import retinanet
 import utils
 
+FULL_SIZE = (60, 2457, 1996)  # a clinical DBT volume (a small one with --quick)
 ARCHS = {"vits14": ("vit_small", "vit_small_patch14_dinov2"),
          "vitb14": ("vit_base", "vit_base_patch14_dinov2")}  # ours: (dinov2 name, timm name)
 
@@ -183,17 +186,6 @@ def table(rows, hidden=("bench", "rss_before_mib", "seconds")):
     return "\n".join(lines)
 
 
-def rss_peak_mib(reset=False):
-    """This process's peak resident memory since the last reset (Linux /proc; None elsewhere)."""
-    try:
-        if reset:
-            open("/proc/self/clear_refs", "w").write("5")
-        status = open("/proc/self/status")
-        return int(next(l.split()[1] for l in status if l.startswith("VmHWM:"))) / 1024
-    except OSError:
-        return None
-
-
 # ------------------------------------------------------------------------ 1. backbone
 def reference_models(arch, ours, size):
     """The reference implementations with our random weights copied in (None: not installed)."""
@@ -295,17 +287,6 @@ def bench_backbone(args, device):
 
 
 # ------------------------------------------------------------------------ 2. embed
-def full_size_volume(args, encoding="native"):
-    """One phantom BTO file at the clinical size (quick: a small one), written once into --cache."""
-    shape = (8, 512, 384) if args.quick else (60, 2457, 1996)
-    os.makedirs(args.cache, exist_ok=True)
-    path = os.path.join(args.cache, f"phantom_{encoding}_{'x'.join(map(str, shape))}.dcm")
-    if not os.path.exists(path):  # written once (about 15 s each at full size), then reused
-        phantoms.write_phantom_dicom(path + ".tmp", shape=shape, encoding=encoding)
-        os.replace(path + ".tmp", path)
-    return path, shape
-
-
 def loader_only(paths, workers, pin):
     """The embed loader alone (decode on workers, hand-over, pinning): the device side's ceiling."""
     loader = torch.utils.data.DataLoader(data.VolumeReader(paths), batch_size=None,
@@ -324,7 +305,8 @@ def bench_embed(args, device):
     the share of time spent waiting for data. One volume is read --volumes times (page cache, as a
     warm archive); ViT-B/14 on CUDA, ViT-S/14 reading it once on a CPU."""
     import probe
-    path, shape = full_size_volume(args)
+    shape = (8, 512, 384) if args.quick else FULL_SIZE
+    path = phantoms.cached_volume(args.cache, shape)
     cuda = device.type == "cuda"
     arch, size = ("tiny", 112) if args.quick else ("vitb14" if cuda else "vits14", args.size)
     workers = args.workers or (1 if args.quick else max(1, (os.cpu_count() or 2) - 2))
@@ -439,13 +421,13 @@ def pretrain_row(args, device, p, samples):
     first = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    base = rss_peak_mib(reset=True)
+    base = utils.rss_peak_mib(reset=True)
     repeats = 1 if args.quick else args.repeats
     secs = interleaved({"step": step}, repeats, args.warmup, device)["step"]
     if args.profile:
         profile(step, f"train_step at batch {p.batch_size}", device, rows=25)
     peak = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
-            else rss_peak_mib() / 2**10)
+            else utils.rss_peak_mib() / 2**10)
     # model FLOPs per image: student forward + backward (3x) on all crops, teacher forward on the
     # globals (activation checkpointing's extra forward is not counted: the same work done twice)
     vit = student.backbone
@@ -537,14 +519,14 @@ def bench_losses(args, device):
 READ_CHILD = """
 import sys
 import time
-import bench
 import dicom
+import utils
 path, which = sys.argv[1], sys.argv[2]
-base = bench.rss_peak_mib(reset=True)  # right after a reset the peak is the current size
+base = utils.rss_peak_mib(reset=True)  # right after a reset the peak is the current size
 t0 = time.perf_counter()
 vol, _ = dicom.read_dbt(path, frames=None if which == "all" else [int(which)])
 secs = time.perf_counter() - t0
-print(secs, bench.rss_peak_mib() - base, vol.nbytes / 2**20)
+print(secs, utils.rss_peak_mib() - base, vol.nbytes / 2**20)
 """
 
 
@@ -560,10 +542,12 @@ def read_once(path, which):
 
 def bench_read(args, device):
     """Time and peak memory (each in a fresh process) of one slice against a full decode, native
-    and JPEG 2000, then the sample path (bench_sample_path)."""
+    and JPEG 2000; the sample path (bench_sample_path) native with and without the crop pyramid,
+    and JPEG 2000; CLAHE on one full-size slice."""
     rows, repeats = [], 1 if args.quick else args.repeats
     for enc in ("native", "j2k"):
-        path, shape = full_size_volume(args, enc)
+        shape = (8, 512, 384) if args.quick else FULL_SIZE
+        path = phantoms.cached_volume(args.cache, shape, enc)
         one = [read_once(path, str(shape[0] // 2)) for _ in range(repeats)]
         full = [read_once(path, "all") for _ in range(repeats)]
         t1, m1 = statistics.median(r[0] for r in one), statistics.median(r[1] for r in one)
@@ -571,17 +555,28 @@ def bench_read(args, device):
         rows.append(dict(bench="read", encoding=enc, shape=list(shape), one_slice_s=t1, full_s=tf,
                          time_ratio=t1 / tf, one_slice_peak_mib=m1, full_peak_mib=mf,
                          mem_ratio=m1 / mf))
-    rows.append(bench_sample_path(args, path if args.quick else path.replace("j2k", "native")))
-    return rows
+    native = path.replace("phantom_j2k_", "phantom_native_")  # both written in the loop above
+    rows += [bench_sample_path(args, native, pyramid) for pyramid in (True, False)]
+    return rows + [bench_sample_path(args, path), bench_clahe(args, native)]  # path: j2k
 
 
-def bench_sample_path(args, path):
-    """Samples/s on one core through read -> VOI -> crops -> augmentation -> collate with masks."""
+def bench_clahe(args, path):
+    """Ms of preprocess.clahe on one full-size slice on one thread (MammoDINO's per-image cost)."""
+    image = dicom.read_dbt(path, frames=[1])[0][0]  # (H, W)
+    torch.set_num_threads(1)
+    fns = {"clahe": lambda: preprocess.clahe(image)}
+    secs = interleaved(fns, 1 if args.quick else args.repeats, args.warmup, torch.device("cpu"))
+    torch.set_num_threads(os.cpu_count() or 1)
+    return dict(bench="clahe", shape=list(image.shape), ms=1e3 * secs["clahe"])
+
+
+def bench_sample_path(args, path, pyramid=True):
+    """Samples/s per core: read -> VOI -> crops (pyramid or direct) -> augmentation -> collate."""
     torch.set_num_threads(1)  # per loader worker: tells how many workers one GPU needs
     import pretrain
     preset = pretrain.PRESETS["tiny" if args.quick else "dbt-dino"]
     recipe = dict(data.RECIPES["dbt-dino"], global_size=preset["global_size"],
-                  local_size=preset["local_size"])
+                  local_size=preset["local_size"], pyramid=pyramid)
     manifest = os.path.join(args.cache, "one-volume.csv")  # a --data manifest naming this volume
     Path(manifest).write_text(f"path\n{os.path.abspath(path)}\n")
     stream = data.PretrainStream(manifest, cache_dir=os.path.join(args.cache, "index"), **recipe)
@@ -592,10 +587,11 @@ def bench_sample_path(args, path):
         t0 = time.perf_counter()
         data.collate_pretrain([next(it) for _ in range(batch)])
         times.append(time.perf_counter() - t0)
-    secs = statistics.median(times) / batch
     torch.set_num_threads(os.cpu_count() or 1)
-    return dict(bench="sample_path", recipe="dbt-dino", global_size=recipe["global_size"],
-                samples_per_s_per_core=1 / secs, n_local=len(samples[0]["local_crops"]))
+    return dict(bench="sample_path", impl="pyramid" if pyramid else "direct", recipe="dbt-dino",
+                encoding=dicom.read_header(path).file_meta.TransferSyntaxUID.name,
+                global_size=recipe["global_size"], n_local=len(samples[0]["local_crops"]),
+                samples_per_s_per_core=batch / statistics.median(times))
 
 
 # ------------------------------------------------------------------------ 6. detect

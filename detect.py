@@ -41,11 +41,11 @@ from torchvision.ops import box_iou
 from torchvision.ops import clip_boxes_to_image
 
 import cohorts
-import data
 import dicom
 import metrics
 import model
 import phantoms
+import preprocess
 import retinanet
 import utils
 
@@ -317,7 +317,7 @@ def predict_volume(det, anchors, vol, args, device, cache):
             scores.append(s.cpu())
     det.train(was_training)
     return dict(slices=torch.cat(slices), boxes=torch.cat(boxes), scores=torch.cat(scores),
-                mask=data.tissue_mask(image.numpy()))
+                mask=preprocess.tissue_mask(image.numpy()))
 
 
 def aggregate(dets, vol, s, t, max_keep=8, min_slices=2):

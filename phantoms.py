@@ -172,6 +172,17 @@ def write_phantom_dicom(path, shape=(60, 2457, 1996), encoding="native", seed=0,
     return Path(path)
 
 
+def cached_volume(folder, shape, encoding="native"):
+    """One phantom file of `shape` written once into `folder` and then reused: its path. bench.py's
+    full-size volumes take about 15 s each to write, so a crash mid-write leaves only a .tmp."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"phantom_{encoding}_{'x'.join(map(str, shape))}.dcm")
+    if not os.path.exists(path):
+        write_phantom_dicom(path + ".tmp", shape=shape, encoding=encoding)
+        os.replace(path + ".tmp", path)
+    return path
+
+
 def write_archive(root, patients=8, seed=0, shape=(24, 256, 192), lesion_rate=0.0):
     """A small BCS-DBT-like archive. lesion_rate: mean extra masses per view (Poisson), benign or
     cancer at even odds, as BCS-DBT's enriched val/test sets; in boxes.csv and labels.csv only."""

@@ -458,3 +458,14 @@ def draw_roc(curves, title, path):
         d.line([xy(f, t) for f, t in zip(fpr, tpr)], fill=colour, width=2)
         d.text((pad + size + 10, pad + 20 * n), label, fill=colour)
     save_png(img, path)
+
+
+def rss_peak_mib(reset=False):
+    """This process's peak resident memory since the last reset (Linux /proc; None elsewhere)."""
+    try:
+        if reset:
+            open("/proc/self/clear_refs", "w").write("5")
+        status = open("/proc/self/status")
+        return int(next(l.split()[1] for l in status if l.startswith("VmHWM:"))) / 1024
+    except OSError:
+        return None

@@ -44,7 +44,11 @@ def test_bench_quick_produces_the_tables(tmp_path, monkeypatch):
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert {r["bench"] for r in rows} == {"backbone", "precision", "embed", "pretrain", "losses",
-                                          "read", "sample_path", "detect"}
+                                          "read", "sample_path", "clahe", "detect"}
+    paths = [(r["impl"], r["encoding"].split()[0]) for r in rows if r["bench"] == "sample_path"]
+    assert paths == [("pyramid", "Explicit"), ("direct", "Explicit"), ("pyramid", "JPEG")]
+    clahe = [r for r in rows if r["bench"] == "clahe"]
+    assert len(clahe) == 1 and clahe[0]["shape"] == [512, 384] and clahe[0]["ms"] > 0
     losses = [r for r in rows if r["bench"] == "losses"]
     assert [r["impl"] for r in losses] == ["eager"]
     assert losses[0]["ms"] > 0 and losses[0]["loss_diff"] == 0

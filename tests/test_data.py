@@ -3,6 +3,7 @@ CLAHE and Otsu, the multi-crop augmentation, the pretraining stream, masking and
 offline."""
 import csv
 import functools
+import itertools
 import os
 import random
 import subprocess
@@ -14,10 +15,12 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 import dicom
 import phantoms
+import preprocess
 import utils
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -282,9 +285,37 @@ def test_clahe_matches_skimage():
     rng = np.random.default_rng(0)
     for img, kw in [(vol[1], {}), (rng.random((97, 131)), dict(clip_limit=0.02, kernel_size=16)),
                     (vol[1], dict(clip_limit=0)), (np.linspace(0, 1, 64 * 80).reshape(64, 80), {})]:
-        ours, ref = data.clahe(img, **kw), equalize_adapthist(img, **kw)
+        ours, ref = preprocess.clahe(img, **kw), equalize_adapthist(img, **kw)
         assert np.abs(ours - ref).mean() < 0.01, (kw, np.abs(ours - ref).mean())
-    assert (data.clahe(np.full((32, 32), 0.3)) == 0).all()
+    assert (preprocess.clahe(np.full((32, 32), 0.3)) == 0).all()
+
+
+def _clahe_images():
+    """(name, image, kwargs) for test_clahe_full_size_matches_skimage: sizes that are no multiple
+    of 8, odd sides, kernels given, and blocks of contrasting texture so that adjacent tiles' maps
+    differ by most of the grey range (a bilinear weight one pixel off then shows)."""
+    rng = np.random.default_rng(7)
+    blocks = np.kron(rng.random((16, 13)), np.ones((80, 80)))  # (1280, 1040) piecewise flat
+    big = np.clip(blocks[:1229, :998] + rng.normal(0, 0.08, (1229, 998)), 0, 1).astype(np.float32)
+    vol, _ = phantoms.make_phantom((3, 257, 199), glandular=0.5, seed=3)
+    return [("1229x998 default", big, {}),
+            ("1229x998 kernel 40x56", big, dict(kernel_size=(40, 56))),
+            ("phantom 257x199 kernel 24", vol[1], dict(kernel_size=24, clip_limit=0.02)),
+            ("odd 333x217 float64 kernel 31x17", rng.random((333, 217)) ** 3,
+             dict(kernel_size=(31, 17))),
+            ("kernel beyond image 37x17", rng.random((37, 17)).astype(np.float32),
+             dict(kernel_size=40)),
+            ("no clipping 301x255", big[:301, :255], dict(clip_limit=0, kernel_size=32))]
+
+
+def test_clahe_full_size_matches_skimage():
+    from skimage.exposure import equalize_adapthist
+    for name, img, kw in _clahe_images():
+        ours, ref = preprocess.clahe(img, **kw), equalize_adapthist(img, **kw)
+        assert ours.dtype == np.float32 and ours.shape == img.shape, name
+        assert np.abs(ours - ref).max() <= 0.01, (name, np.abs(ours - ref).max())
+    for shape in [(1229, 998), (33, 17)]:
+        assert (preprocess.clahe(np.full(shape, 0.7, np.float32), kernel_size=8) == 0).all()
 
 
 def test_otsu_matches_skimage():
@@ -293,13 +324,13 @@ def test_otsu_matches_skimage():
     rng = np.random.default_rng(1)
     for img in [vol[1], np.concatenate([rng.normal(0.2, 0.05, 500), rng.normal(0.7, 0.1, 300)])]:
         width = (img.max() - img.min()) / 256
-        assert abs(data.otsu_threshold(img) - threshold_otsu(img)) <= width
-    assert data.otsu_threshold(np.full(10, 0.25)) == 0.25
+        assert abs(preprocess.otsu_threshold(img) - threshold_otsu(img)) <= width
+    assert preprocess.otsu_threshold(np.full(10, 0.25)) == 0.25
 
 
 def test_tissue_mask_matches_phantom():
     vol, _ = phantoms.make_phantom((5, 128, 96), seed=5)
-    mask = data.tissue_mask(vol[2])
+    mask = preprocess.tissue_mask(vol[2])
     truth = vol[2] > 0
     assert (mask & truth).sum() / (mask | truth).sum() > 0.95  # IoU with the phantom's outline
 
@@ -349,25 +380,67 @@ def test_adjacent_pairs_in_thin_volumes(tmp_path):
     assert out["adjacent_valid"].tolist() == has + has  # crop-major: [crop 1 of all; crop 2 of all]
 
 
+PIXELS = ("global_crops", "local_crops", "adjacent")  # the crops, in the order MultiCrop cuts them
+
+
+def record_crops(multicrop):
+    """Spies on multicrop._crop: each call's (box, flip, size, pyramid level, crop before the
+    photometry), in call order."""
+    calls, crop = [], multicrop._crop
+
+    def spy(levels, box, flip, size):
+        out = crop(levels, box, flip, size)
+        calls.append((tuple(box), bool(flip), size, multicrop._level(box, size), out))
+        return out
+
+    multicrop._crop = spy
+    return calls
+
+
+def crop_levels(item, calls):
+    """{key: the pyramid level of each of its crops} for the item whose calls these are."""
+    n = len(item["local_crops"])
+    levels = [c[3] for c in calls]
+    return {"global_crops": levels[:2], "local_crops": levels[2:2 + n], "adjacent": levels[2 + n:]}
+
+
+def assert_crops_close(crops, ref, levels, where, level0=2.5e-7):
+    """Crops resampled from the slice itself (level 0) within level0 of ref (the direct path: a few
+    float32 ulps, as other CPUs' kernels round differently; the pyramid's own kernel: its float
+    rounding); from a smaller pyramid level, within mean abs 0.005, max 0.03."""
+    assert len(crops) == len(ref) == len(levels), where
+    for i, (x, want, level) in enumerate(zip(crops, ref, levels)):
+        d = (x - want).abs()
+        if level:
+            assert d.mean() <= 0.005 and d.max() <= 0.03, (where, i, level, d.mean(), d.max())
+        else:
+            assert d.max() <= level0, (where, i, d.max())
+
+
 def test_multicrop_reproduces_the_saved_samples(tmp_path):
     """MultiCrop makes the draws of PretrainStream.sample before the augmentation became its own
     class, in the same order: for the saved seeds every box, flip, mask and index equals
     tests/fixtures/multicrop.pt, and so does the stream's sample(), which goes through MultiCrop.
-    Crop pixels are float32 resampling: bit-identical on the machine that saved the fixture (and
-    to the old code run on another), but other CPUs' kernels round differently by a few ulps."""
+    The direct path (pyramid=False) gives the saved pixels to a few float32 ulps; the pyramid those
+    of crops at level 0 to its kernel's rounding (2e-5), of smaller levels (at these sizes,
+    dbt-dino's local crops) within its tolerance."""
     ref = torch.load(Path(__file__).parent / "fixtures" / "multicrop.pt", weights_only=True)
     path = phantoms.write_phantom_dicom(tmp_path / "v.dcm", (6, 140, 112), "native", seed=7)
     meta, mask = data.volume_index(path, tmp_path / "idx")
     S, stride = meta["n_frames"], meta["mask_stride"]
     read = functools.partial(data.read_slice, meta)
-    for recipe in ("dinov2", "dbt-dino", "mammodino"):
-        sizes = dict(global_size=28, local_size=14, n_local=3, **data.RECIPES[recipe])
+    used = set()  # (recipe, key) with a crop from a smaller pyramid level
+    for recipe, pyramid in itertools.product(("dinov2", "dbt-dino", "mammodino"), (False, True)):
+        sizes = dict(global_size=28, local_size=14, n_local=3, pyramid=pyramid,
+                     **data.RECIPES[recipe])
         multicrop = data.MultiCrop(**sizes)
         stream = data.PretrainStream(tmp_path, cache_dir=tmp_path / "idx", **sizes)
         made = {}
         for via_stream in (False, True):
+            calls = record_crops(stream.multicrop if via_stream else multicrop)
             rng = np.random.default_rng([11, 3])
             for k in range(3):
+                del calls[:]
                 if via_stream:
                     item = stream.sample(meta, mask, rng)
                 else:
@@ -375,12 +448,15 @@ def test_multicrop_reproduces_the_saved_samples(tmp_path):
                     item = multicrop(read(s), mask, stride, rng, s, S, read)
                 keys = {key.split("/")[2] for key in ref if key.startswith(f"{recipe}/{k}/")}
                 assert set(item) == keys, (recipe, k, set(item), keys)
+                levels = crop_levels(item, calls)
                 for key, v in item.items():
                     saved = ref[f"{recipe}/{k}/{key}"]
-                    where = (recipe, via_stream, k, key)
+                    where = (recipe, pyramid, via_stream, k, key)
                     assert v.dtype == saved.dtype and v.shape == saved.shape, where
-                    if key in ("global_crops", "local_crops", "adjacent"):  # a few ulps at most
-                        assert (v - saved).abs().max().item() <= 2.5e-7, where
+                    if key in PIXELS:
+                        level0 = 2e-5 if pyramid else 2.5e-7
+                        assert_crops_close(v, saved, levels[key], where, level0)
+                        used.update((recipe, key) for level in levels[key] if level)
                     else:
                         assert torch.equal(v, saved), where
                     # on one machine, the stream and MultiCrop alone are bit-identical
@@ -388,6 +464,69 @@ def test_multicrop_reproduces_the_saved_samples(tmp_path):
             # as many draws made: the next one matches (saved as the fixture saved it, in float32)
             next_draw = torch.tensor(rng.random())
             assert torch.equal(next_draw, ref[f"{recipe}/next_draw"]), (recipe, via_stream)
+    assert used == {("dbt-dino", "local_crops")}, used
+
+
+def test_pyramid_crops_match_the_direct_resize(tmp_path):
+    """On a 512 x 400 slice (global 112, local 24: pyramid levels 0, 1 and 2 all serve crops; not
+    upsampled from a smaller phantom, whose 2x2 blocks would make level 1 exact) the pyramid changes
+    no box, flip, tissue grid, slice or draw of the direct path (pyramid=False), and its crops
+    (before the photometry, which may stretch differences 2x) stay within mean abs 0.005, max 0.03
+    of the direct resize."""
+    path = phantoms.write_phantom_dicom(tmp_path / "v.dcm", (4, 512, 400), "native", seed=2)
+    meta, mask = data.volume_index(path, tmp_path / "idx")
+    read = functools.partial(data.read_slice, meta)
+    levels_seen = set()
+    for recipe in ("dbt-dino", "mammodino"):
+        sizes = dict(global_size=112, local_size=24, n_local=6, **data.RECIPES[recipe])
+        runs = {}
+        for pyramid in (False, True):
+            multicrop = data.MultiCrop(pyramid=pyramid, **sizes)
+            calls, rng = record_crops(multicrop), np.random.default_rng(5)
+            items = [multicrop(read(s), mask, meta["mask_stride"], rng, s, 4, read)
+                     for s in (0, 1, 3)]
+            runs[pyramid] = items, calls, rng.random()
+        (direct, direct_calls, next_direct), (ours, calls, next_ours) = runs[False], runs[True]
+        assert next_ours == next_direct  # the same number of draws
+        assert [c[:3] for c in calls] == [c[:3] for c in direct_calls]  # boxes, flips, sizes
+        for a, b in zip(ours, direct):
+            assert a.keys() == b.keys()
+            assert all(torch.equal(a[k], b[k]) for k in a if k not in PIXELS), recipe
+        for (_, _, h, w), _, size, level in (c[:4] for c in calls):  # the smallest level allowed
+            side = min(h, w) / (data.MultiCrop.MIP_MARGIN * size)  # 2**level <= side < 2**(level+1)
+            assert (level == 0 or side >= 2 ** level) and side < 2 ** (level + 1), (h, w, level)
+        crops, want = [c[4] for c in calls], [c[4] for c in direct_calls]
+        assert_crops_close(crops, want, [c[3] for c in calls], recipe, level0=2e-5)
+        levels_seen.update(c[3] for c in calls)
+    assert levels_seen == {0, 1, 2}, levels_seen
+
+
+def test_pyramid_level_and_resample_from_the_slice_itself():
+    """_half is the 2x2 mean (odd last row and column left out); _resample at level 0 is torch's
+    antialiased bicubic resize of the box, shrinking or enlarging, flipped or not."""
+    x = torch.rand(37, 30, generator=torch.Generator().manual_seed(0))
+    want = x[:36].reshape(18, 2, 15, 2).mean((1, 3))
+    assert torch.allclose(data._half(x), want, atol=1e-7)
+    for t, l, h, w in [(3, 5, 29, 22), (10, 2, 6, 5)]:
+        crop = F.interpolate(x[None, None, t:t + h, l:l + w], size=(9, 9), mode="bicubic",
+                             align_corners=False, antialias=True)[0, 0]
+        for flip in (False, True):
+            ours = data._resample(x, (t, l, h, w), 9, 0, flip)
+            assert torch.allclose(ours, crop.flip(-1) if flip else crop, atol=1e-6), (h, flip)
+
+
+def test_read_slice_is_read_dbt_for_every_variant(archive, tmp_path):
+    """read_slice (apply_voi on the mirrored view, no other copy) is dicom.read_dbt's canonical
+    slice bit for bit, for every encoding, VOI and MONOCHROME variant, mirrored or not."""
+    kinds = set()
+    for path in sorted(archive.rglob("*.dcm"))[:8]:
+        meta, _ = data.volume_index(path, tmp_path)
+        for s in (0, meta["n_frames"] - 1):
+            want = torch.from_numpy(dicom.read_dbt(path, frames=[s], meta=meta)[0][0])
+            assert torch.equal(data.read_slice(meta, s), want), (path, s)
+        kinds.add((meta["voi"][0][4], meta["invert"], meta["flip"]))
+    assert {k[0] for k in kinds} == {"LINEAR", "SIGMOID", "LINEAR_EXACT"}, kinds
+    assert {k[1] for k in kinds} == {k[2] for k in kinds} == {False, True}, kinds
 
 
 def test_sharding_two_ranks_two_workers(archive, tmp_path):

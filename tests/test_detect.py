@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torchvision.models.detection._utils import BoxCoder
 
 import cohorts
-import data
 import detect
 import metrics
 import model
 import phantoms
+import preprocess
 import retinanet
 import utils
 
@@ -166,7 +166,7 @@ def test_predict_volume_gives_boxes_in_original_pixels_and_official_orientation(
     torch.testing.assert_close(dets["boxes"], truth, atol=1.2, rtol=0)
     # rounded as the cache rounds
     central = detect.read_resized(vol, [S // 2], size)[0, 0].half().float()
-    assert np.array_equal(dets["mask"], data.tissue_mask(central.numpy()))
+    assert np.array_equal(dets["mask"], preprocess.tissue_mask(central.numpy()))
     assert not cache.store  # inference slices are not kept (tens of GB on BCS-DBT)
 
 
