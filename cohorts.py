@@ -10,7 +10,9 @@ val, split_volumes splits whole patients, seeded, stratified by any box.
 Our exam table (exams.csv), a row per exam: patient, exam, the four views of DBT-DINO §2.4 (RCC,
 LCC, RMLO, LMLO: paths relative to the table, or Study/Series/SOPInstanceUID on a PACS), and as
 needed density (a-d), years_to_cancer (empty: none), years_of_followup, split (train, val or test,
-one per patient; without it assign_splits draws 60/20/20 % of the patients, seeded).
+one per patient; without it assign_splits draws 60/20/20 % of the patients, seeded). From those,
+probe.py's risk targets: Mirai's labels and masks (risk_labels), the splits without exams lacking
+follow-up, DBT-DINO's balanced val set, and why a year cannot be scored (year_not_scored).
 """
 
 import math
@@ -19,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 import dicom
+import metrics
+import pacs
 import utils
 
 SPLIT_NAMES = {"train": "train", "validation": "val", "val": "val", "test": "test"}
@@ -147,6 +151,27 @@ def read_exams(source):
     return rows, path.parent
 
 
+def instance_uids(cell, where="view"):
+    """'StudyInstanceUID/SeriesInstanceUID/SOPInstanceUID' -> dict of pacs.UID_COLUMNS, checked."""
+    uids = cell.split("/")
+    if len(uids) != 3 or not all(len(u) <= 64 and pacs.UID.fullmatch(u) for u in uids):
+        raise ValueError(f"{where}: {cell[:80]!r} is not "
+                         "StudyInstanceUID/SeriesInstanceUID/SOPInstanceUID")
+    return dict(zip(pacs.UID_COLUMNS, uids))
+
+
+def manifest_instances(rows, manifest):
+    """{view cell: instance_uids(cell)} of a DICOMweb exam table, cells stripped in place; an empty
+    cell is a missing view (its exam is left out and counted), a malformed one names its row."""
+    instances = {}
+    for i, r in enumerate(rows):
+        for v in VIEWS:
+            r[v] = (r[v] or "").strip()
+            if r[v]:
+                instances[r[v]] = instance_uids(r[v], f"{manifest} row {i + 1} {v}")
+    return instances
+
+
 def assign_splits(rows, seed):
     """The table's `split` column, else 60/20/20 by patient, seeded; a patient's exams share one."""
     if "split" in rows[0]:
@@ -208,3 +233,67 @@ def risk_targets(rows):
                 raise ValueError(f"exam {r['exam']}: {name} {r.get(name)!r} is NaN or negative "
                                  "(years_to_cancer empty = none)")
     return np.array(ytc), np.array(yfu)
+
+
+# ----------------------------------------------------------------------------- risk: labels, splits
+def risk_labels(years_to_cancer, years_of_followup, years=metrics.YEARS):
+    """Mirai's get_label -> (y_label, y_mask), float32 (N, years).
+
+    A cancer within `years` (years_to_cancer < years; NaN or inf = none) has its event year
+    t = int(years_to_cancer): y_label[t:] = 1, observed through t. Otherwise y_label is 0 and
+    t = int(min(follow-up, years) - 1). The mask is 1 for years 0..t: follow-up <= 0 masks all."""
+    ytc = np.nan_to_num(np.asarray(years_to_cancer, dtype=float), nan=np.inf)
+    yfu = np.asarray(years_of_followup, dtype=float)
+    cancer = ytc < years
+    t = np.where(cancer, np.trunc(np.where(cancer, ytc, 0)), np.trunc(np.minimum(yfu, years) - 1))
+    k = np.arange(years)[None, :]  # (1, years)
+    y_label = (cancer[:, None] & (k >= t[:, None])).astype(np.float32)
+    y_mask = (k <= t[:, None]).astype(np.float32)
+    return y_label, y_mask
+
+
+def split_indices(split, task):
+    """train, val, test indices of a split array; an empty split is an error."""
+    parts = [np.flatnonzero(split == s) for s in ("train", "val", "test")]
+    empty = [s for s, p in zip(("train", "val", "test"), parts) if len(p) == 0]
+    if empty:
+        raise ValueError(f"{task}: the {' and '.join(empty)} split(s) are empty; add exams or a "
+                         "split column")
+    return parts
+
+
+def observed_splits(split, unobserved, rows):
+    """train, val, test indices without the exams that have no follow-up; none may be empty (an
+    empty val split leaves the LR search no loss, an empty test split nothing to report)."""
+    before = split_indices(split, "risk")
+    parts = [np.setdiff1d(p, unobserved) for p in before]
+    for name, exams, after in zip(("train", "val", "test"), before, parts):
+        if len(after) == 0:
+            raise ValueError(f"risk: all {len(exams)} exams of the {name} split have no follow-up "
+                             f"(years_of_followup 0, e.g. exam {rows[exams[0]]['exam']}); the "
+                             "split needs exams with follow-up")
+    return parts
+
+
+def balanced_val(va, cancer, seed):
+    """DBT-DINO's val set: the val cancers plus as many healthy val exams (else all of val)."""
+    pos, neg = va[cancer[va]], va[~cancer[va]]
+    if len(pos) == 0 or len(neg) == 0:
+        utils.log("risk: the val split lacks cancers or healthy exams; validating on all of it")
+        return va
+    healthy = np.random.default_rng(seed).choice(neg, min(len(pos), len(neg)), replace=False)
+    return np.sort(np.r_[pos, healthy])
+
+
+def year_not_scored(years_to_cancer, years_of_followup, year, rule):
+    """Why `year` has no AUROC by `rule` (metrics.risk_year_cases) on these exams: "no cancers
+    within 1 year" or "no exams ... (their negatives)", else None (it has both classes)."""
+    keep, positive = metrics.risk_year_cases(years_to_cancer, years_of_followup, year,
+                                             metrics.YEARS, rule)
+    span = f"{year} year" + "s" * (year > 1)
+    if not positive.any():
+        return f"no cancers within {span}"
+    if not (keep & ~positive).any():  # the rule's negatives, in its own words
+        later = "by then" if rule == "mirai" else f"within {metrics.YEARS} years"
+        return f"no exams followed {span} without a cancer {later}"
+    return None

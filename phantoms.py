@@ -5,8 +5,9 @@ breast with fat 0.3 and gland 0.5 from 3-D power-law noise (spectrum 1/f^beta) c
 quantile, so the glandular fraction g sets the density; plus skin, pectoral muscle (MLO), lesions, z
 blur and noise. An archive (write_archive) has one exam of four views a patient: BI-RADS density a-d
 (10/40/40/10 %) sets g ~ 0.1/0.25/0.5/0.75; a latent risk r ~ N(0, 1) shows only in the texture
-(beta = 3 + 0.3 r) and, with density, sets the yearly cancer hazard 0.03 exp(0.5 density + 0.8 r); a
-cancer within a year puts a mass in that breast's views; 15 % of views get benign calcifications.
+(beta = 3 + 0.3 r) and, with density, sets the yearly cancer hazard h exp(0.5 density + 0.8 r) (h =
+--hazard, 0.03; probe.py's cohort takes 0.08); follow-up is 2-8 years; a cancer within a year
+puts a mass in that breast's views; 15 % of views get benign calcifications.
 BCS-DBT's CSVs, keyed by PatientID, StudyUID, View:
   file-paths.csv  descriptive_path, classic_path
   labels.csv      Normal, Actionable, Benign, Cancer
@@ -183,10 +184,43 @@ def cached_volume(folder, shape, encoding="native"):
     return path
 
 
-def write_archive(root, patients=8, seed=0, shape=(24, 256, 192), lesion_rate=0.0):
-    """A small BCS-DBT-like archive. lesion_rate: mean extra masses per view (Poisson), benign or
-    cancer at even odds, as BCS-DBT's enriched val/test sets; in boxes.csv and labels.csv only."""
-    root, rng = Path(root), np.random.default_rng(seed)
+HAZARD = 0.03  # the base of the yearly cancer hazard (see the module docstring)
+VIEW_ORDER = ("LCC", "RCC", "LMLO", "RMLO")  # the order views are drawn and written in
+
+
+def plan_cohort(patients=8, seed=0, hazard=HAZARD):
+    """An archive's random draws, no pixels: per patient its exams.csv labels (years as the CSV
+    holds them) and per view its lesions, glandular fraction and phantom seed. write_archive draws
+    this, so a test can read a cohort's labels in milliseconds. hazard scales every patient's
+    yearly cancer hazard: onsets divide by hazard / HAZARD and every other draw stays."""
+    rng = np.random.default_rng(seed)
+    cohort = []
+    for p in range(patients):
+        density = int(rng.choice(4, p=[0.1, 0.4, 0.4, 0.1]))  # BI-RADS a-d prevalence
+        risk = rng.normal()  # latent risk, visible only through texture (beta): the probe learns it
+        rate = hazard * math.exp(0.5 * density + 0.8 * risk)
+        onset, followup = rng.exponential(1 / rate), rng.uniform(2, 8)
+        side = "LR"[rng.integers(2)]
+        views = []
+        for view in VIEW_ORDER:
+            cancer = ["cancer"] if onset < 1 and view[0] == side else []
+            lesions = cancer + (["benign"] if rng.random() < 0.15 else [])
+            g = [0.1, 0.25, 0.5, 0.75][density] * rng.uniform(0.8, 1.25)
+            views.append(dict(view=view, lesions=lesions, glandular=g,
+                              seed=int(rng.integers(2 ** 31))))
+        ytc = str(round(onset, 3)) if onset < followup else ""  # str(float), as csv writes it
+        yfu = str(round(min(onset, followup), 3))
+        cohort.append(dict(patient=f"SYN-P{p:05d}", density="abcd"[density], beta=3 + 0.3 * risk,
+                           years_to_cancer=ytc, years_of_followup=yfu, views=views))
+    return cohort
+
+
+def write_archive(root, patients=8, seed=0, shape=(24, 256, 192), lesion_rate=0.0,
+                  hazard=HAZARD):
+    """A small BCS-DBT-like archive of plan_cohort's patients. lesion_rate: mean extra masses per
+    view (Poisson), benign or cancer at even odds, as BCS-DBT's enriched val/test sets; in boxes.csv
+    and labels.csv only."""
+    root = Path(root)
     enrich = np.random.default_rng([seed, 1])  # own stream: lesion_rate 0 changes no other draw
     paths, labels = [], []  # rows of file-paths.csv, labels.csv,
     boxes, exams = [], []  # boxes.csv and exams.csv
@@ -195,23 +229,16 @@ def write_archive(root, patients=8, seed=0, shape=(24, 256, 192), lesion_rate=0.
                 ("rle", "LINEAR_EXACT", False), ("j2k", "LINEAR", False), ("rle", "SIGMOID", True),
                 ("j2k", "LINEAR_EXACT", False), ("rle", "LINEAR", False)]
     variants += [("j2k", "LINEAR", False)] * 8
-    for p in range(patients):
-        pid = f"SYN-P{p:05d}"
+    for p, patient in enumerate(plan_cohort(patients, seed, hazard)):
+        pid = patient["patient"]
         study = generate_uid(entropy_srcs=[str(seed), pid])
-        density = int(rng.choice(4, p=[0.1, 0.4, 0.4, 0.1]))  # BI-RADS a-d prevalence
-        risk = rng.normal()  # latent risk, visible only through texture (beta): the probe learns it
-        hazard = 0.03 * math.exp(0.5 * density + 0.8 * risk)
-        onset, followup = rng.exponential(1 / hazard), rng.uniform(2, 8)
-        side = "LR"[rng.integers(2)]
         exam = dict(patient=pid, exam=study)
-        for k, view in enumerate(("LCC", "RCC", "LMLO", "RMLO")):
-            cancer = ["cancer"] if onset < 1 and view[0] == side else []
-            lesions = cancer + (["benign"] if rng.random() < 0.15 else [])
+        for k, planned in enumerate(patient["views"]):
+            view = planned["view"]
             extra = enrich.integers(2, size=enrich.poisson(lesion_rate))  # 0 cancer, 1 benign
-            lesions += [("cancer", "benign mass")[int(c)] for c in extra]
-            g = [0.1, 0.25, 0.5, 0.75][density] * rng.uniform(0.8, 1.25)
-            vol, bxs = make_phantom(shape, g, view.endswith("MLO"), lesions, beta=3 + 0.3 * risk,
-                                    seed=int(rng.integers(2 ** 31)))
+            lesions = planned["lesions"] + [("cancer", "benign mass")[int(c)] for c in extra]
+            vol, bxs = make_phantom(shape, planned["glandular"], view.endswith("MLO"), lesions,
+                                    beta=patient["beta"], seed=planned["seed"])
             if view[0] == "R":  # right breasts are displayed with the chest wall on the right
                 vol = vol[:, :, ::-1]
                 for b in bxs:
@@ -228,9 +255,13 @@ def write_archive(root, patients=8, seed=0, shape=(24, 256, 192), lesion_rate=0.
                                Benign=int(cls == {"benign"}), Cancer=int("cancer" in cls)))
             boxes += [dict(key, Subject=pid, **b, AD=0, VolumeSlices=shape[0]) for b in bxs]
             exam[view] = rel
-        years_to_cancer = round(onset, 3) if onset < followup else ""
-        exams.append(dict(exam, density="abcd"[density], years_to_cancer=years_to_cancer,
-                          years_of_followup=round(min(onset, followup), 3)))
+        exams.append(dict(exam, **{k: patient[k] for k in ("density", "years_to_cancer",
+                                                           "years_of_followup")}))
+    _write_tables(root, paths, labels, boxes, exams)
+    return root
+
+
+def _write_tables(root, paths, labels, boxes, exams):
     box_fields = "PatientID StudyUID View Subject Slice X Y Width Height Class AD VolumeSlices"
     for name, rows, fields in [("file-paths", paths, None), ("labels", labels, None),
                                ("boxes", boxes, box_fields.split()), ("exams", exams, None)]:
@@ -238,19 +269,21 @@ def write_archive(root, patients=8, seed=0, shape=(24, 256, 192), lesion_rate=0.
             w = csv.DictWriter(fh, fieldnames=fields or list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-    return root
 
 
-def synthetic_archive(root=None, patients=8, seed=0, shape=(24, 256, 192), lesion_rate=0.0):
+def synthetic_archive(root=None, patients=8, seed=0, shape=(24, 256, 192), lesion_rate=0.0,
+                      hazard=HAZARD):
     """Create once (in a tmp dir, then os.replace) and return the archive folder. Its default name
-    holds every argument, so other shape or lesion flags never get one built with different ones."""
+    holds every argument, so other shape, lesion or hazard flags never get one built with different
+    ones (the defaults add nothing: older archives keep their names)."""
     shape_name = "x".join(map(str, shape)) + (f"-l{lesion_rate:g}" if lesion_rate else "")
+    shape_name += f"-h{hazard:g}" if hazard != HAZARD else ""
     root = Path(root or utils.cache_base() / f"synthetic-p{patients}-s{seed}-{shape_name}")
     if (root / "exams.csv").exists():
         return root
     tmp = Path(utils.tmp_name(root))
     shutil.rmtree(tmp, ignore_errors=True)
-    write_archive(tmp, patients, seed, shape, lesion_rate)
+    write_archive(tmp, patients, seed, shape, lesion_rate, hazard)
     try:
         os.replace(tmp, root)
     except OSError:  # another process won the race (or root is a non-empty folder): keep theirs
@@ -275,6 +308,8 @@ def get_args(argv=None):
     g.add_argument("--width", type=num(int, 16, 8192), default=192, help="columns per slice")
     g.add_argument("--lesion-rate", type=num(float, 0, 10), default=0.0,
                    help="mean extra masses per view (detection archives; BCS-DBT's are enriched)")
+    g.add_argument("--hazard", type=num(float, 0, 10, lo_open=True), default=HAZARD,
+                   help="base of the yearly cancer hazard, exp(0.5 density + 0.8 risk) times this")
     return p.parse_args(argv)
 
 
@@ -295,7 +330,7 @@ def synth_command(args):
         raise ValueError(f"{out}: exists and is not an archive written by phantoms.py; "
                          "choose another --out")
     shape = (args.slices, args.height, args.width)
-    root = synthetic_archive(out, args.patients, args.seed, shape, args.lesion_rate)
+    root = synthetic_archive(out, args.patients, args.seed, shape, args.lesion_rate, args.hazard)
     return f"wrote {root}: {4 * args.patients} volumes of {args.patients} patients"
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 from PIL import ImageDraw
+from PIL import ImageFont
 
 # --------------------------------------------------------- processes: distributed, logging, seeding
 SEED_MAX = 2**31 - 1  # --seed flags: numpy seeds are 32-bit, and rank and step are added to them
@@ -352,7 +353,6 @@ class JsonlWriter:
 # ---------------------------------------------------------- run figures: curves.png, confusion, ROC
 CURVE_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
                  (140, 86, 75)]
-COLOURS = CURVE_COLOURS[:5]
 
 
 def _number(v):
@@ -419,45 +419,116 @@ def draw_curves(path, records, panels, baselines=None, title="", columns=3):
 
 
 def draw_confusion(confusion, title, path):
-    """Counts in a 4 x 4 grid, shaded by the row (true class) fraction."""
-    cell, pad = 70, 60
-    img = Image.new("RGB", (pad + 4 * cell + 20, pad + 4 * cell + 40), "white")
+    """Counts in a 4 x 4 grid, shaded by the row (true class) fraction; the title may hold lines."""
+    cell, pad, top = 70, 70, 40 + 18 * title.count("\n")
+    big, small = font(14), font(13)
+    width = max(pad + 4 * cell + 20, title_width(title, big))  # a long title widens the figure
+    img = Image.new("RGB", (width, top + pad + 4 * cell + 40), "white")
     d = ImageDraw.Draw(img)
-    d.text((10, 8), title, fill="black")
-    d.text((pad + 2 * cell - 30, pad + 4 * cell + 15), "predicted", fill="black")
-    d.text((4, pad + 2 * cell), "true", fill="black")
+    d.multiline_text((10, 8), title, fill="black", font=big)
+    d.text((pad + 2 * cell - 50, top + pad + 4 * cell + 12), "predicted density", fill="black",
+           font=small)
+    d.text((4, top + pad - 40), "true density", fill="black", font=small)
     c = np.asarray(confusion, dtype=float)
     share = c / np.maximum(c.sum(1, keepdims=True), 1)
     for i in range(4):
-        d.text((pad + i * cell + cell // 2, pad - 15), "abcd"[i], fill="black")
-        d.text((pad - 15, pad + i * cell + cell // 2), "abcd"[i], fill="black")
+        d.text((pad + i * cell + cell // 2 - 4, top + pad - 22), "abcd"[i], fill="black", font=big)
+        d.text((pad - 22, top + pad + i * cell + cell // 2 - 8), "abcd"[i], fill="black", font=big)
         for j in range(4):
             shade = int(255 - 200 * share[i, j])
-            box = (pad + j * cell, pad + i * cell, pad + (j + 1) * cell, pad + (i + 1) * cell)
+            box = (pad + j * cell, top + pad + i * cell, pad + (j + 1) * cell,
+                   top + pad + (i + 1) * cell)
             d.rectangle(box, fill=(shade, shade, 255), outline="grey")
-            d.text((box[0] + cell // 2 - 8, box[1] + cell // 2 - 6), str(int(c[i, j])),
-                   fill="white" if shade < 128 else "black")
+            text = str(int(c[i, j]))
+            d.text((box[0] + (cell - d.textlength(text, font=big)) / 2, box[1] + cell // 2 - 8),
+                   text, fill="white" if shade < 128 else "black", font=big)
     save_png(img, path)
 
 
-def draw_roc(curves, title, path):
-    """One ROC curve per year; curves: {label: (fpr, tpr)}."""
-    size, pad = 400, 50
-    img = Image.new("RGB", (size + 2 * pad + 150, size + 2 * pad), "white")
+def font(size=14):
+    """Pillow's own scalable font at `size` px (Pillow 10.1+ with FreeType), else its bitmap one."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow 10.0's load_default takes no size
+        return ImageFont.load_default()
+
+
+def title_width(title, face):
+    """Pixels a figure needs for `title` (lines allowed) drawn at (10, 8), with a margin."""
+    return int(ImageDraw.Draw(Image.new("RGB", (1, 1))).multiline_textbbox((10, 8), title,
+                                                                           font=face)[2]) + 10
+
+
+ROC_TICKS = (0.0, 0.5, 1.0)  # both axes of roc.png: the corners and chance
+ROC_SIDE, ROC_LEFT, ROC_TOP = 300, 80, 90  # plot square, margin left of it and above it, px
+
+
+def roc_boxes(n_panels):
+    """The plot square (x0, y0, x1, y1) of each of draw_roc's panels, in pixels."""
+    width = ROC_LEFT + ROC_SIDE + 40  # a panel: y labels, the square, a gap
+    return [(ROC_LEFT + n * width, ROC_TOP, ROC_LEFT + n * width + ROC_SIDE, ROC_TOP + ROC_SIDE)
+            for n in range(n_panels)]
+
+
+def draw_roc(panels, title, path):
+    """roc.png: a square panel per entry of `panels`, {panel title: {legend label: (fpr, tpr), or
+    None for a year that has no curve}}, each curve in its own colour through the points given (as
+    metrics.roc_curve returns them: steps, diagonal only across tied scores). Ticks and labels at
+    0, 0.5 and 1 on both axes, axis names, the chance diagonal dashed, the legend under the square.
+    -> roc_boxes(len(panels)), the plot squares in pixels."""
+    boxes = roc_boxes(len(panels))
+    legend_rows = max([len(c) for c in panels.values()] + [1])
+    height = ROC_TOP + ROC_SIDE + 60 + 20 * legend_rows
+    width = max(boxes[-1][2] + 40 if boxes else 0, title_width(title, font(15)))
+    img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
+    d.multiline_text((10, 8), title, fill="black", font=font(15))
+    for (name, curves), box in zip(panels.items(), boxes):
+        _roc_axes(img, d, box, name)
+        x0, y0, x1, y1 = box
 
-    def xy(f, t):  # axes to pixels
-        return pad + f * size, pad + (1 - t) * size
-    d.rectangle((pad, pad, pad + size, pad + size), outline="black")
-    d.line([xy(0, 0), xy(1, 1)], fill="lightgrey")
-    d.text((pad, 15), title, fill="black")
-    d.text((pad + size // 2 - 40, pad + size + 15), "false positive rate", fill="black")
-    d.text((5, pad - 20), "true positive rate", fill="black")
-    for n, (label, (fpr, tpr)) in enumerate(curves.items()):
-        colour = COLOURS[n % len(COLOURS)]
-        d.line([xy(f, t) for f, t in zip(fpr, tpr)], fill=colour, width=2)
-        d.text((pad + size + 10, pad + 20 * n), label, fill=colour)
+        def px(f, t):  # rates to pixels, y up
+            return x0 + f * (x1 - x0), y1 - t * (y1 - y0)
+        for n, (label, curve) in enumerate(curves.items()):
+            colour = CURVE_COLOURS[n % len(CURVE_COLOURS)] if curve is not None else (120,) * 3
+            if curve is not None:
+                d.line([px(f, t) for f, t in zip(*curve)], fill=colour, width=2, joint="curve")
+                d.line((x0 - 60, y1 + 52 + 20 * n + 7, x0 - 40, y1 + 52 + 20 * n + 7),
+                       fill=colour, width=3)  # the legend's swatch
+            d.text((x0 - 34, y1 + 52 + 20 * n), label, fill=colour, font=font(13))
     save_png(img, path)
+    return boxes
+
+
+def _roc_axes(img, d, box, name):
+    """One ROC panel's frame: title, chance diagonal, ticks, tick labels, axis names."""
+    x0, y0, x1, y1 = box
+    small = font(13)
+    d.text((x0, y0 - 24), name, fill="black", font=font(14))
+    for k in range(0, 20, 2):  # the diagonal, dashed: every other twentieth
+        a, b = k / 20, (k + 1) / 20
+        d.line((x0 + a * (x1 - x0), y1 - a * (y1 - y0), x0 + b * (x1 - x0), y1 - b * (y1 - y0)),
+               fill=(150, 150, 150), width=1)
+    for t in ROC_TICKS:
+        x, y = x0 + t * (x1 - x0), y1 - t * (y1 - y0)
+        if 0 < t < 1:  # a faint grid line at chance helps read a curve off
+            d.line((x, y0, x, y1), fill=(225, 225, 225))
+            d.line((x0, y, x1, y), fill=(225, 225, 225))
+        d.line((x, y1, x, y1 + 6), fill="black", width=2)  # x ticks, outside the square
+        d.line((x0 - 6, y, x0, y), fill="black", width=2)  # y ticks
+        text = f"{t:g}"
+        w = d.textlength(text, font=small)
+        d.text((x - w / 2, y1 + 9), text, fill="black", font=small)
+        d.text((x0 - 10 - w, y - 8), text, fill="black", font=small)
+    d.rectangle(box, outline="black")
+    label = "false positive rate (1 - specificity)"
+    d.text(((x0 + x1 - d.textlength(label, font=small)) / 2, y1 + 28), label, fill="black",
+           font=small)
+    label = "true positive rate (sensitivity)"
+    side = Image.new("RGB", (int(d.textlength(label, font=small)) + 4, 18), "white")
+    ImageDraw.Draw(side).text((2, 1), label, fill="black", font=small)
+    side = side.rotate(90, expand=True)  # reads bottom to top, left of the tick labels
+    img.paste(side, (x0 - 60, (y0 + y1 - side.height) // 2))
 
 
 def rss_peak_mib(reset=False):

@@ -246,6 +246,35 @@ def test_synthetic_archive_name_holds_its_shape(tmp_path, monkeypatch):
     assert small == phantoms.synthetic_archive(patients=1, seed=0, shape=(4, 64, 48))
     vol, _ = dicom.read_dbt(next(other.rglob("*.dcm")))
     assert vol.shape == (3, 32, 40)
+    # the hazard too, but the default adds nothing: archives written before it keep their names
+    enriched = phantoms.synthetic_archive(patients=1, seed=0, shape=(4, 64, 48), hazard=0.08)
+    assert enriched.name == small.name + "-h0.08" and "-h" not in small.name
+
+
+def test_plan_cohort_is_the_written_exam_table_and_hazard_moves_only_onsets(tmp_path):
+    """Tests read a cohort's labels from plan_cohort without writing a volume: it must be exactly
+    what write_archive writes. A higher hazard divides each onset and changes no other draw."""
+    root = phantoms.write_archive(tmp_path / "a", patients=12, seed=3, shape=(1, 16, 16),
+                                  hazard=0.5)
+    columns = ("patient", "density", "years_to_cancer", "years_of_followup")
+    written = [[r[c] for c in columns] for r in utils.read_csv(root / "exams.csv")]
+    planned = phantoms.plan_cohort(12, 3, hazard=0.5)
+    assert written == [[p[c] for c in columns] for p in planned]
+    assert any(p["years_to_cancer"] for p in planned) and not all(p["years_to_cancer"]
+                                                                for p in planned)
+    low = phantoms.plan_cohort(12, 3)  # phantoms.HAZARD, 0.03
+    # as write_archive wrote them before plan_cohort and the hazard existed: explicit flags keep
+    # their archives
+    assert "".join(p["density"] for p in low) == "adccbacbdcbc"
+    assert [p["years_to_cancer"] for p in low] == [""] * 3 + ["2.515", "", "1.199"] + [""] * 3 + [
+        "1.549", "", ""]
+    first = low[0]["views"]  # and each view's draws: glandular fraction, phantom seed
+    assert first[0]["glandular"] == pytest.approx(0.101557, abs=1e-6)
+    assert [v["seed"] for v in first] == [202139720, 70197375, 244108804, 371155109]
+    assert [(p["density"], p["beta"]) for p in low] == [(p["density"], p["beta"]) for p in planned]
+    both = [(float(a["years_to_cancer"]), float(b["years_to_cancer"])) for a, b in zip(low, planned)
+            if a["years_to_cancer"] and b["years_to_cancer"]]  # 0.5 / 0.03 times earlier at 0.5
+    assert len(both) == 3 and all(a == pytest.approx(b * 0.5 / 0.03, abs=0.01) for a, b in both)
 
 
 def test_a_shard_of_only_unreadable_volumes_moves_on(tmp_path, volumes, monkeypatch):

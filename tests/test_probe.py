@@ -4,6 +4,8 @@ and show.py's explicit attention and one-line errors. CPU, tiny archives."""
 import argparse
 import csv
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -100,7 +102,7 @@ def test_feature_matrix_order_is_statistic_then_rcc_lcc_rmlo_lmlo():
 def test_risk_labels_hand_worked():
     ytc = [2.3, 0.4, np.nan, np.inf, 6.0, np.inf, np.inf]
     yfu = [2.3, 0.4, 3.7, 8.0, 6.0, 0.5, 0.0]
-    y_label, y_mask = probe.risk_labels(ytc, yfu)
+    y_label, y_mask = cohorts.risk_labels(ytc, yfu)
     assert y_label.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]] + [[0] * 5] * 5
     assert y_mask.tolist() == [[1, 1, 1, 0, 0],  # cancer at 2.3 y: observed through event year 2
                                [1, 0, 0, 0, 0],  # cancer at 0.4 y
@@ -308,6 +310,35 @@ def test_risk_ci_resamples_patients():
     year3 = _patient_bootstrap(lambda p, t, u: metrics.risk_auroc_by_year(p, t, u, 5, "mirai")[3],
                                (probs, ytc, yfu), patients, 100, 4)
     assert block["auroc_ci"][3] == pytest.approx(year3, abs=1e-12)
+    # risk_block bootstraps once for all years: each year's CI must still be its own pass's
+    for rule in metrics.RISK_RULES:
+        block = probe.risk_block(probs, ytc, yfu, patients, rule, n_boot=100, seed=4)
+        assert not block["not_scored"] and block["auroc_mean_years"] == [1, 2, 3, 4, 5]
+        whole = metrics.risk_auroc_by_year(probs, ytc, yfu, 5, rule)
+        for k in range(1, 6):
+            def year(p, t, u):
+                return metrics.risk_auroc_by_year(p, t, u, 5, rule)[k]
+            alone = _patient_bootstrap(year, (probs, ytc, yfu), patients, 100, 4)
+            assert block["auroc"][k] == whole[k]
+            assert block["auroc_ci"][k] == pytest.approx(alone, abs=1e-12)
+
+
+def test_default_cohort_scores_every_year_by_both_rules():
+    """`python probe.py --task risk`'s cohort, from phantoms.plan_cohort (its labels, no pixels):
+    the test split holds cancers and negatives for every year by both rules, at least 3 of each,
+    so a patient-bootstrap resample rarely lacks one and every year has a finite AUROC and CI."""
+    args = probe.get_args(["--task", "risk"])
+    assert args.data == "synthetic"
+    rows = [dict(p, exam=p["patient"])
+            for p in phantoms.plan_cohort(args.patients, args.data_seed, args.hazard)]
+    test = np.array(cohorts.assign_splits(rows, args.seed)) == "test"
+    ytc, yfu = cohorts.risk_targets(rows)
+    for rule in metrics.RISK_RULES:
+        for k in range(1, 6):
+            keep, positive = metrics.risk_year_cases(ytc[test], yfu[test], k, 5, rule)
+            n_pos, n_neg = int(positive.sum()), int((keep & ~positive).sum())
+            assert n_pos >= 3 and n_neg >= 3, (rule, k, n_pos, n_neg)
+            assert cohorts.year_not_scored(ytc[test], yfu[test], k, rule) is None
 
 
 
@@ -497,7 +528,8 @@ def test_default_runs_write_promised_outputs(runs, table):
     out, _ = runs
     keys = {"density": {"accuracy", "accuracy_ci", "macro_f1", "auroc_ovr", "confusion",
                         "binary_accuracy", "n_test"},
-            "risk": {"auroc", "auroc_ci", "auroc_mean", "rule", "n_test"}}
+            "risk": {"auroc", "auroc_ci", "auroc_mean", "rule", "n_test", "not_scored",
+                     "auroc_mean_years"}}
     for task, promised in keys.items():
         report = json.loads((out / task / "metrics.json").read_text())
         assert promised <= set(report) and report["n_test"] == 4
@@ -517,6 +549,86 @@ def test_default_runs_write_promised_outputs(runs, table):
     assert density["majority_rate"] == 0.0
     with pytest.raises(ValueError, match="already holds a run"):  # never overwritten silently
         probe.main(SMALL + ["--data", str(table), "--out", str(out / "density")])
+
+
+def _no_nan(text):
+    """json.loads that refuses NaN and Infinity, which strict JSON readers reject."""
+    def refuse(token):
+        raise ValueError(f"{token} in metrics.json")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("task", ["density", "risk"])
+def test_last_line_names_every_file_in_the_run_folder(runs, table, task, capsys):
+    out, _ = runs
+    run = out / f"last_{task}"
+    quick = SMALL + ["--data", str(table), "--trials", "2", "--epochs", "3", "--n-boot", "20",
+                     "--cache", str(out / "cache"), "--task", task, "--out", str(run),
+                     "--backbone", "random"]
+    probe.main(quick)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"wrote {run}: " + ", ".join(sorted(os.listdir(run)))
+    png = "confusion.png" if task == "density" else "roc.png"
+    assert {"args.json", "metrics.jsonl", "metrics.json", "predictions.csv", "head.pt",
+            png} == set(os.listdir(run))
+    Image.open(run / png).verify()
+    # which backbone, and what it has to beat
+    assert "RANDOMLY INITIALISED" in lines[-2] and "--backbone random baseline" in lines[-2]
+
+
+def test_a_year_the_test_split_cannot_score_is_named_not_nan(runs, table, tmp_path, capsys):
+    """The test split's cancer at 0.5 y moved to 1.2 y: year 1 has no positives by either rule."""
+    out, _ = runs
+    rows = utils.read_csv(table)
+    assert rows[6]["years_to_cancer"] == "0.5" and rows[6]["split"] == "test"
+    rows[6].update(years_to_cancer="1.2", years_of_followup="1.2")
+    moved = table.parent / "no_year_1.csv"  # beside the views, so the cached embeddings serve
+    moved.write_text(utils.csv_text(rows))
+    run = tmp_path / "risk"
+    probe.main(SMALL + ["--data", str(moved), "--trials", "2", "--epochs", "3", "--n-boot", "20",
+                        "--cache", str(out / "cache"), "--task", "risk", "--out", str(run),
+                        "--backbone", "random"])
+    printed = capsys.readouterr().out
+    why = "no cancers within 1 year in the test split (0 of 4 exams)"
+    assert f"AUROC 1y not scored: {why}" in printed.splitlines()
+    assert not re.search(r"\bnan\b", printed, re.IGNORECASE), printed
+    report = _no_nan((run / "metrics.json").read_text())
+    for block in [report] + list(report["by_rule"].values()):
+        assert block["auroc"]["1"] is None and block["not_scored"] == {"1": why}
+        assert all(isinstance(block["auroc"][k], float) for k in "2345")
+        assert block["auroc_mean_years"] == [2, 3, 4, 5] and block["auroc_mean"] is not None
+
+
+def test_roc_figure_has_ticks_labels_steps_diagonal_and_legend(tmp_path):
+    """roc.png read back by pixel: tick marks at 0, 0.5 and 1 outside both axes (none between),
+    a label under and beside each, a curve drawn as its steps, the chance diagonal, and the
+    legend in the curve's colour."""
+    steps = ([0, 0, 0.5, 0.5, 1], [0, 0.5, 0.5, 1, 1])  # up, right, up, right
+    panels = {"Mirai's rule": {"1y AUROC 0.75": steps, "2y not scored: no cancers": None}}
+    [(x0, y0, x1, y1)] = utils.draw_roc(panels, "title", tmp_path / "roc.png")
+    img = np.asarray(Image.open(tmp_path / "roc.png").convert("RGB")).astype(int)
+
+    def dark(x, y):  # black or nearly: ticks, labels
+        return img[round(y), round(x)].max() < 100
+
+    def at(fx, ty):  # rates to pixels
+        return x0 + fx * (x1 - x0), y1 - ty * (y1 - y0)
+    for t in utils.ROC_TICKS:
+        x, y = at(t, t)
+        assert dark(x, y1 + 4) and dark(x0 - 4, y), t  # the tick marks
+        assert any(dark(x + dx, y1 + dy) for dx in range(-8, 9) for dy in range(9, 24)), t
+        assert any(dark(x0 - dx, y + dy) for dx in range(10, 30) for dy in range(-8, 8)), t
+    for t in (0.25, 0.75):  # no tick between
+        x, y = at(t, t)
+        assert not dark(x, y1 + 4) and not dark(x0 - 4, y)
+    colour = list(utils.CURVE_COLOURS[0])
+    assert img[round(at(0.25, 0.5)[1]), round(at(0.25, 0.5)[0])].tolist() == colour  # a step
+    assert img[round(at(0.25, 0.25)[1]), round(at(0.25, 0.25)[0])].tolist() != colour  # no chord
+    x, y = at(0.525, 0.525)  # a dash of the diagonal, away from the grid line at 0.5
+    assert img[round(y), round(x)].tolist() == [150, 150, 150]
+    legend = img[y1 + 45:, :]
+    assert (legend == colour).all(-1).sum() > 20  # the label and swatch of the drawn curve
+    assert (legend == [120, 120, 120]).all(-1).sum() > 20  # the year not scored, in grey
 
 
 def test_compare_pvalues_equal_metrics(runs, capsys):
