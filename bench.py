@@ -563,16 +563,16 @@ def bench_read(args, device):
 def bench_clahe(args, path):
     """Ms of preprocess.clahe on one full-size slice on one thread (MammoDINO's per-image cost)."""
     image = dicom.read_dbt(path, frames=[1])[0][0]  # (H, W)
-    torch.set_num_threads(1)
     fns = {"clahe": lambda: preprocess.clahe(image)}
-    secs = interleaved(fns, 1 if args.quick else args.repeats, args.warmup, torch.device("cpu"))
-    torch.set_num_threads(os.cpu_count() or 1)
+    with utils.one_thread():
+        secs = interleaved(fns, 1 if args.quick else args.repeats, args.warmup,
+                           torch.device("cpu"))
     return dict(bench="clahe", shape=list(image.shape), ms=1e3 * secs["clahe"])
 
 
 def bench_sample_path(args, path, pyramid=True):
-    """Samples/s per core: read -> VOI -> crops (pyramid or direct) -> augmentation -> collate."""
-    torch.set_num_threads(1)  # per loader worker: tells how many workers one GPU needs
+    """Samples/s per core (one thread, as a loader worker has: tells how many workers one GPU
+    needs): read -> VOI -> crops (pyramid or direct) -> augmentation -> collate."""
     import pretrain
     preset = pretrain.PRESETS["tiny" if args.quick else "dbt-dino"]
     recipe = dict(data.RECIPES["dbt-dino"], global_size=preset["global_size"],
@@ -580,14 +580,13 @@ def bench_sample_path(args, path, pyramid=True):
     manifest = os.path.join(args.cache, "one-volume.csv")  # a --data manifest naming this volume
     Path(manifest).write_text(f"path\n{os.path.abspath(path)}\n")
     stream = data.PretrainStream(manifest, cache_dir=os.path.join(args.cache, "index"), **recipe)
-    batch, it = 4, iter(stream)
-    samples = [next(it) for _ in range(batch)]  # warm-up: indexes the volume and its tissue mask
-    times = []
-    for _ in range(2 if args.quick else 16):  # median over batches: samples vary with crop sizes
-        t0 = time.perf_counter()
-        data.collate_pretrain([next(it) for _ in range(batch)])
-        times.append(time.perf_counter() - t0)
-    torch.set_num_threads(os.cpu_count() or 1)
+    batch, it, times = 4, iter(stream), []
+    with utils.one_thread():
+        samples = [next(it) for _ in range(batch)]  # warm-up: indexes the volume, its tissue mask
+        for _ in range(2 if args.quick else 16):  # median over batches: crop sizes vary
+            t0 = time.perf_counter()
+            data.collate_pretrain([next(it) for _ in range(batch)])
+            times.append(time.perf_counter() - t0)
     return dict(bench="sample_path", impl="pyramid" if pyramid else "direct", recipe="dbt-dino",
                 encoding=dicom.read_header(path).file_meta.TransferSyntaxUID.name,
                 global_size=recipe["global_size"], n_local=len(samples[0]["local_crops"]),
@@ -786,6 +785,7 @@ def main(args):
         rows += goals(rows)
         print("\n" + table([r for r in rows if r["bench"] == "goals"]), flush=True)
     utils.atomic_write(args.out, json.dumps(dict(env, rows=rows), indent=1))
+    print(f"wrote {args.out}", flush=True)
     return rows
 
 

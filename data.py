@@ -628,12 +628,13 @@ class SkipCounter:
 
 
 # ------------------------------------------------------------------------ images for the probes
-def density_eval_set(root, size=112, max_exams=None):
-    """Central slice of every view of the first `max_exams` exams in exams.csv, canonical
-    orientation, resized -> images (n, 3, size, size), labels (density 0..3), groups (patient
-    index)."""
+def density_eval_set(root, size=112, max_exams=None, exclude=()):
+    """Central slice of every view of the first `max_exams` exams in exams.csv whose patient is
+    not in `exclude`, canonical orientation, resized -> images (n, 3, size, size), labels (density
+    0..3), groups (patient index)."""
     root = Path(root)
-    exams = utils.read_csv(root / "exams.csv")[:max_exams]
+    exams = [e for e in utils.read_csv(root / "exams.csv") if e["patient"] not in exclude]
+    exams = exams[:max_exams]
     images, labels = [], []
     groups, patients = [], {}  # patient index per image; patient id -> index
     for e in exams:

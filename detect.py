@@ -735,6 +735,7 @@ def main(args):
     result["backbone"] = source
     utils.atomic_write(os.path.join(args.out, "metrics.json"), json.dumps(result, indent=1) + "\n")
     _report(result, args.out)
+    utils.log(utils.folder_line(args.out))
     return result
 
 
@@ -779,6 +780,7 @@ def search(args):
         results.sort(key=lambda x: -x["val_mean_sensitivity"])
         utils.atomic_write(os.path.join(args.out, "trials.json"), json.dumps(results, indent=1) + "\n")
     utils.log(f"best trial: {results[0]} -> {args.out}/trial-{results[0]['trial']}")
+    utils.log(utils.folder_line(args.out))
     return results
 
 

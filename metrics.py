@@ -402,7 +402,8 @@ def density_probe_cv(feats, labels, groups, folds=5, ridge=10.0):
     classifier on frozen features (M, F), cross-validated in `folds` folds of whole patients
     (groups % folds), so every image is scored once. The majority-class rate is returned beside
     the accuracy: on a handful of phantom patients the accuracy is mostly noise, and the reader
-    should see how much. labels are 0..3 (BI-RADS a-d)."""
+    should see how much. labels are 0..3 (BI-RADS a-d); density_pred holds each image's
+    prediction, for paired comparisons between checkpoints."""
     feats = np.asarray(feats, np.float64)
     labels = np.asarray(labels)
     groups = np.asarray(groups)
@@ -417,7 +418,7 @@ def density_probe_cv(feats, labels, groups, folds=5, ridge=10.0):
         pred[~fit] = (x[~fit] @ w).argmax(1)
     majority = np.bincount(labels).max() / len(labels)
     return {"density_acc": accuracy(labels, pred), "density_majority": majority,
-            "density_n": len(labels)}
+            "density_n": len(labels), "density_pred": pred.tolist()}
 
 
 # --------------------------------------------------------- compare: paired tests between probe runs
@@ -501,6 +502,7 @@ def run_compare(args):
                   correction="benjamini-hochberg", tests=tests)
     text = json.dumps(utils.finite(result), indent=1) + "\n"
     utils.atomic_write(Path(args.out) / "compare.json", text)
+    utils.log(f"wrote {args.out}: compare.json")
     return result
 
 

@@ -7,11 +7,12 @@ lerp per chunk. otsu_threshold is skimage's threshold_otsu for float images, and
 rule (MammoDINO publishes none): Otsu, opening, the largest component, holes filled. data.py calls
 tissue_mask once per volume (its index); no pipeline applies clahe yet.
 """
-import contextlib
 
 import numpy as np
 import torch
 from scipy import ndimage
+
+import utils
 
 _CLAHE_PIXELS = 2 ** 17  # per chunk of rows: its buffers (512 KB each) stay in L2 from op to op
 _CLAHE_LANES = 4  # sub-histograms per tile, by column % 4: runs of one grey level (background)
@@ -32,7 +33,7 @@ def clahe(image, clip_limit=0.01, kernel_size=None, nbins=256):
     first (as skimage does 8 and 16 bits). Differs from skimage by float32 rounding in the
     bilinear sum: <= 1 grey level (6e-5). Torch ops over row chunks that stay in cache, on one
     thread: ~50 ms for 2457 x 1996 (skimage: ~450 ms)."""
-    with _one_thread():
+    with utils.one_thread():  # ops on cache-sized chunks: too small to share
         x, scale, u0, u1 = _clahe_input(image)
         if u1 <= u0:
             return np.zeros(x.shape, np.float32)
@@ -46,20 +47,6 @@ def clahe(image, clip_limit=0.01, kernel_size=None, nbins=256):
         maps *= 16383 / kpix  # skimage's map_histogram, rounding included
         maps = np.minimum(maps, 16383).astype(np.int64).reshape(*tiles, nbins)
         return _clahe_map(key, maps, ks)
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Run torch on one thread inside the block: clahe's ops on cache-sized chunks are too small
-    to share, and on a busy machine OpenMP's waiting made two threads 40x slower than one."""
-    threads = torch.get_num_threads()
-    if threads > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if threads > 1:
-            torch.set_num_threads(threads)
 
 
 def _clahe_input(image):

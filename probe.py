@@ -676,7 +676,7 @@ def run_probe(args, device):
     text = json.dumps(utils.finite(report), indent=1, allow_nan=False)  # strict JSON: no NaN
     utils.atomic_write(out / "metrics.json", text + "\n")
     utils.log(baseline_line(info["backbone"], args.backbone))
-    utils.log(f"wrote {out}: " + ", ".join(sorted(os.listdir(out))))  # the folder, as it is
+    utils.log(utils.folder_line(out))
     return report
 
 

@@ -11,6 +11,7 @@ Run-folder rules (pretrain.py, probe.py, detect.py, show.py, `metrics.py compare
 """
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -271,6 +272,23 @@ def check_resume_flags(path, saved, args, keys):
              for k in keys if saved.get(k) != getattr(args, k)]
     if diffs:
         raise ValueError(f"{path}: does not fit the flags: " + "; ".join(diffs))
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Torch on one thread inside the block, the caller's count restored after: for per-core
+    figures, and for small ops (on a busy machine OpenMP's waiting made two threads 40x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def folder_line(out):
+    """A run's last line: the folder and every file in it, as it is on disk."""
+    return f"wrote {out}: " + ", ".join(sorted(os.listdir(out)))
 
 
 def write_args(out, args, script=None, clear=(), **extra):

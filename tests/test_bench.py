@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import model
+import utils
 
 BENCH = Path(__file__).resolve().parents[1] / "bench.py"
 
@@ -99,3 +100,18 @@ def test_goals_take_the_best_row_of_ours_and_say_what_is_missing():
     assert (ckpt["measured"], ckpt["by"], ckpt["met"]) == (100.0, "batch 96", True)  # exactly: met
     assert all(r["measured"] is None and r["met"] is None for r in bench.goals([]))
     assert (ratio["measured"], ratio["met"]) == (1.25, True) and ratio["target"] == 1.2
+
+
+def test_one_thread_restores_the_callers_count_even_after_an_error():
+    """Per-core figures run on one thread; the caller's count comes back, whatever it was."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with utils.one_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(KeyError), utils.one_thread():
+            raise KeyError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -134,7 +134,9 @@ def test_cosine_schedule_formula_and_reference():
 
 def test_schedules_and_param_groups():
     args = pretrain.get_args(["--steps", "30", "--warmup", "5", "--freeze-last-layer", "3",
-                              "--teacher-temp-warmup", "10", "--batch-size", "256"])
+                              "--teacher-temp-warmup", "10", "--batch-size", "256",
+                              "--teacher-temp", "0.07"])  # DINOv2's; tiny's 0.01 is constant:
+    assert (pretrain.make_schedules(pretrain.get_args([]), 1)["teacher_temp"] == 0.01).all()
     sch = pretrain.make_schedules(args, world_size=1)
     assert abs(sch["lr"][5] - args.lr * 0.5) < 1e-12  # sqrt(256 / 1024) = 0.5, peak after warmup
     assert (sch["last_layer_lr"][:3] == 0).all() and sch["last_layer_lr"][3] == sch["lr"][3]
@@ -229,7 +231,8 @@ def run_steps(n, argv, batch, student_wrap=lambda s: s, world=1):
 
 def test_train_step_lowers_loss_on_a_fixed_batch():
     losses, teacher, _ = run_steps(5, ["--steps", "5", "--batch-size", "4"], fake_batch())
-    assert set(losses[0]) == {"dino_local", "dino_global", "ibot", "koleo", "loss"}
+    assert set(losses[0]) == {"dino_local", "dino_global", "ibot", "koleo", "loss",
+                              "target_entropy", "prototypes_used"}
     assert all(math.isfinite(v["loss"]) for v in losses)
     assert losses[-1]["loss"] < losses[0]["loss"], [v["loss"] for v in losses]
 
@@ -239,7 +242,9 @@ def test_train_step_adjacent_slice_term_and_nonfinite_guard():
     argv = ["--steps", "2", "--batch-size", "4", "--adjacent-weight", "0.5"]
     losses, _, _ = run_steps(1, argv, batch)
     assert losses[0]["adjacent"] > 0
-    assert abs(sum(v for k, v in losses[0].items() if k != "loss") - losses[0]["loss"]) < 1e-4
+    stats = pretrain.target_stats(torch.eye(2))  # the two diagnostics: not loss terms
+    terms = [v for k, v in losses[0].items() if k != "loss" and k not in stats]
+    assert abs(sum(terms) - losses[0]["loss"]) < 1e-4
     batch["global"][0, 0, 0, 0] = float("nan")
     with pytest.raises(SystemExit) as e:
         run_steps(1, ["--steps", "2", "--batch-size", "4"], batch)
@@ -329,6 +334,67 @@ def test_resume_auto_replays_the_uninterrupted_run_exactly(tmp_path, monkeypatch
     assert args["world_size"] == 1 and "torch" in args
 
 
+def test_tiny_preset_leaves_the_uniform_plateau(tmp_path):
+    """The tiny preset learns: its 300 steps on the phantoms (crops halved to 56 and 28 px, for
+    time) end with the DINO term (dino_local + dino_global) at least 0.2 below ln K, the teacher's
+    targets at least 1 nat sharper than uniform, and spread over at least 8 prototypes (means of the
+    last three logs). Measured on the 2-core CPU: 5.50 vs ln 512 = 6.24, entropy 4.27, 159 in use.
+    Planted LayerScale 1e-5 ends at 6.38 and 5.90 (uniform targets); planted centering that never
+    moves ends on one prototype (term 0.001): each fails here."""
+    run = tmp_path / "run"
+    pretrain.train(pretrain.get_args(["--out", str(run), "--eval-every", "0", "--global-size",
+                                      "56", "--local-size", "28", "--workers", "0"]))
+    logs = [r for r in map(json.loads, open(run / "metrics.jsonl")) if r["split"] == "train"]
+    assert logs[-1]["step"] == 300
+    last = {k: np.mean([r[k] for r in logs[-3:]]) for k in logs[-1] if k != "split"}
+    dino, ln_k = last["dino_local"] + last["dino_global"], math.log(512)
+    print({k: round(v, 3) for k, v in last.items()})
+    assert dino < ln_k - 0.2, f"DINO term {dino:.3f} on the ln K = {ln_k:.3f} plateau"
+    assert last["target_entropy"] < ln_k - 1, last  # targets differ from uniform
+    assert last["prototypes_used"] >= 8, last  # and from one prototype for every image
+
+
+def test_target_stats_tell_the_two_collapses_apart():
+    """Uniform targets: entropy ln K, all K in use; every row on one prototype: 0 and 1; sharp
+    rows on distinct prototypes (what learning needs): entropy 0, all in use."""
+    K = 8
+    for probs, entropy, used in [(torch.full((4, K), 1 / K), math.log(K), K),
+                                 (F.one_hot(torch.zeros(4, dtype=torch.long), K).float(), 0, 1),
+                                 (torch.eye(K), 0, K)]:
+        got = pretrain.target_stats(probs)
+        assert got["target_entropy"].item() == pytest.approx(entropy, abs=1e-6)
+        assert got["prototypes_used"].item() == pytest.approx(used, rel=1e-5)
+
+
+def test_probe_verdict_pairs_images_and_needs_the_ci_above_zero():
+    """The end-of-run verdict: gains are paired accuracy differences on the same images, a gain
+    counts only when its bootstrap CI (whole patients) lies above zero, and the held-out set's
+    patients are the ones training never saw (the bigger archive's first patients are the
+    training archive's)."""
+    labels = torch.tensor([0, 1, 1, 2] * 40)  # 40 patients of 4 views; majority class 1: 0.5
+    groups = torch.arange(160) // 4
+    eval_set = dict(labels=labels, groups=groups)
+    right, wrong = labels.tolist(), ((labels + 1) % 4).tolist()
+    half = [r if g % 2 else w for r, w, g in zip(right, wrong, groups.tolist())]  # 0.5 by patient
+
+    def records(first, last):
+        return [dict(step=0, split="val", density_pred=first), dict(step=9, split="train"),
+                dict(step=10, split="val", density_pred=last)]
+    result, line = pretrain.probe_verdict(records(half, right), eval_set, 10)
+    assert result["accuracy"] == 1.0 and result["gain_step0"] == 0.5
+    assert result["gain_majority"] == 0.5 and result["beat_step0"] and result["beat_majority"]
+    assert 0 < result["gain_step0_ci"][0] < 0.5 < result["gain_step0_ci"][1] <= 1
+    assert "training beat the step-0 backbone (0.500; gain +0.500" in line
+    result, line = pretrain.probe_verdict(records(half, half), eval_set, 10)
+    assert result["gain_step0"] == 0 and result["gain_step0_ci"] == [0, 0]  # same predictions
+    assert not result["beat_step0"] and "did NOT beat the step-0 backbone" in line
+    assert not result["beat_majority"]  # 0.5 vs 0.5, the CI straddles zero
+    assert pretrain.probe_verdict(records(half, right)[1:], eval_set, 10) is None  # no step 0
+    planned = [p["patient"] for p in phantoms.plan_cohort(8 + pretrain.HELDOUT_PATIENTS)]
+    assert planned[:8] == [p["patient"] for p in phantoms.plan_cohort(8)]
+    assert phantoms.plan_cohort(48)[:8] == phantoms.plan_cohort(8)  # same draws, same phantoms
+
+
 def test_density_probe_cross_validates_by_patient():
     """A backbone whose patch tokens carry the label is probed perfectly; shuffled labels not."""
     class Oracle(torch.nn.Module):  # every patch token = the image's first 4 pixels, one-hot
@@ -340,7 +406,8 @@ def test_density_probe_cross_validates_by_patient():
     groups = torch.arange(40) // 4
     feats = model.patch_mean_std(Oracle(), images, "cpu")  # (40, 8)
     out = metrics.density_probe_cv(feats.numpy(), labels.numpy(), groups.numpy())
-    assert out == {"density_acc": 1.0, "density_majority": 0.25, "density_n": 40}
+    assert out == {"density_acc": 1.0, "density_majority": 0.25, "density_n": 40,
+                   "density_pred": labels.tolist()}
     shuffled = labels[torch.randperm(40, generator=torch.Generator().manual_seed(0))]
     out = metrics.density_probe_cv(feats.numpy(), shuffled.numpy(), groups.numpy())
     assert out["density_acc"] < 0.75

@@ -36,10 +36,8 @@ SMALL = ["--slices", "4", "--height", "64", "--width", "48", "--size", "28", "--
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny tensors: one intra-op thread is faster than two, far faster on a shared, loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with utils.one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

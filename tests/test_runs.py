@@ -205,7 +205,7 @@ def test_device_cuda_without_cuda_is_one_line(capsys):
 
 
 def test_help_shows_the_value_each_flag_takes_for_the_preset(capsys):
-    for preset, steps, batch in [("tiny", 40, 8), ("dbt-dino", 60000, 160)]:
+    for preset, steps, batch in [("tiny", 300, 8), ("dbt-dino", 60000, 160)]:
         with pytest.raises(SystemExit):
             pretrain.get_args(["--preset", preset, "--help"])
         text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
