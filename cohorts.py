@@ -13,9 +13,19 @@ needed density (a-d), years_to_cancer (empty: none), years_of_followup, split (t
 one per patient; without it assign_splits draws 60/20/20 % of the patients, seeded). From those,
 probe.py's risk targets: Mirai's labels and masks (risk_labels), the splits without exams lacking
 follow-up, DBT-DINO's balanced val set, and why a year cannot be scored (year_not_scored).
+
+MammoDINO's five 2-D benchmarks as downloaded: read_vindr, read_rsna, read_cbis, read_cmmd and
+read_cdd_cesm -> (units, counts), a unit per image with patient, image path, laterality, official
+split and label cells checked against the published values (VOCAB; .xlsx read by utils.read_xlsx).
+task_labels makes one task's classes by the rule label_rule states (VinDr cancer = BI-RADS 5,
+CBIS-DDSM malignant if any abnormality is, RSNA and CMMD per breast); split_units keeps official
+splits, else splits patients seeded and stratified; tally: listed = scored + excluded + skipped.
 """
 
+import ast
 import math
+import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +51,8 @@ def _csvs(root, kind):
     return found
 
 
-def _rows(path, columns):
-    rows = utils.read_csv(path)
+def _rows(path, columns, sheet=None):
+    rows = utils.read_table(path, sheet)
     missing = [c for c in columns if rows and c not in rows[0]]
     if missing:
         raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
@@ -124,14 +134,27 @@ def split_volumes(volumes, val_fraction, test_fraction, seed):
     """{train, val, test}: the CSVs' split, else whole patients, seeded, stratified by any box."""
     if all(v["split"] for v in volumes) and {"train", "val"} <= {v["split"] for v in volumes}:
         return {s: [v for v in volumes if v["split"] == s] for s in ("train", "val", "test")}
+    positive = {}  # lesions are rare: unstratified, val could get none by chance
+    for v in volumes:
+        positive[v["patient"]] = positive.get(v["patient"], False) or bool(v["boxes"])
+    part = _split_patients(positive, val_fraction, test_fraction, seed)
+    return {s: [v for v in volumes if part[v["patient"]] == s] for s in ("train", "val", "test")}
+
+
+def _split_patients(stratum, val_fraction, test_fraction, seed, spread=False):
+    """{patient: train, val or test}: each stratum (stratum[patient], highest first) shuffled,
+    seeded, and cut by the fractions; with spread, each split with a fraction gets at least one
+    patient of every stratum that has enough of them for all."""
     rng, part = np.random.default_rng(seed), {}
-    positive = {v["patient"] for v in volumes if v["boxes"]}  # rare: val could get none by chance
-    for group in (sorted(positive), sorted({v["patient"] for v in volumes} - positive)):
+    for s in sorted(set(stratum.values()), reverse=True):
+        group = sorted(p for p, t in stratum.items() if t == s)
         group = [group[i] for i in rng.permutation(len(group))]
         n_test, n_val = round(len(group) * test_fraction), round(len(group) * val_fraction)
+        if spread and len(group) > (test_fraction > 0) + (val_fraction > 0):
+            n_test, n_val = max(n_test, int(test_fraction > 0)), max(n_val, int(val_fraction > 0))
         part.update({p: "test" if i < n_test else "val" if i < n_test + n_val else "train"
                      for i, p in enumerate(group)})
-    return {s: [v for v in volumes if part[v["patient"]] == s] for s in ("train", "val", "test")}
+    return part
 
 
 def read_exams(source):
@@ -297,3 +320,407 @@ def year_not_scored(years_to_cancer, years_of_followup, year, rule):
         later = "by then" if rule == "mirai" else f"within {metrics.YEARS} years"
         return f"no exams followed {span} without a cancer {later}"
     return None
+
+
+# ----------------------------------------------------------------------------- 2-D: the datasets
+LR, VIEWS_2D = ("L", "R"), ("CC", "MLO")
+DENSITY_CLASS = {"A": 0, "B": 1, "C": 2, "D": 3, "1": 0, "2": 1, "3": 2, "4": 3}
+LESION_TYPES = ("mass", "calcification", "both")  # the classes of lesion-type, in order
+VINDR_FINDINGS = ("No Finding", "Architectural Distortion", "Asymmetry", "Focal Asymmetry",
+                  "Global Asymmetry", "Mass", "Nipple Retraction", "Skin Retraction",
+                  "Skin Thickening", "Suspicious Calcification", "Suspicious Lymph Node")
+CDD_PATHOLOGY = "Pathology Classification/ Follow up"  # sic: a space after the slash
+# The columns each reader checks, with their published values ("": a blank cell is allowed)
+VOCAB = {
+    "vindr": {"laterality": LR, "view_position": VIEWS_2D, "split": ("training", "test"),
+              "breast_birads": tuple(f"BI-RADS {k}" for k in range(1, 6)),
+              "breast_density": tuple(f"DENSITY {c}" for c in "ABCD")},
+    "rsna": {"laterality": LR, "cancer": ("0", "1"), "BIRADS": ("", "0", "1", "2"),
+             "density": ("", "A", "B", "C", "D")},
+    "cbis-ddsm": {"left or right breast": ("LEFT", "RIGHT"), "image view": VIEWS_2D,
+                  "assessment": tuple("012345"),
+                  "pathology": ("BENIGN", "BENIGN_WITHOUT_CALLBACK", "MALIGNANT")},
+    "cmmd": {"LeftRight": LR, "abnormality": LESION_TYPES,
+             "classification": ("Benign", "Malignant")},
+    "cdd-cesm": {"Side": LR, "Type": ("DM", "CESM"), "View": VIEWS_2D,
+                 "BIRADS": ("",) + tuple("0123456"),
+                 "Breast density (ACR)": ("",) + tuple(DENSITY_CLASS),
+                 CDD_PATHOLOGY: ("Normal", "Benign", "Malignant")}}
+
+
+def _glob(root, *patterns):
+    """Paths matching the first pattern that matches in root, else one folder down."""
+    hits = (sorted(Path(root).glob(p)) or sorted(Path(root).glob(f"*/{p}")) for p in patterns)
+    return next((found for found in hits if found), [])
+
+
+def _one(root, what, *patterns):
+    found = _glob(root, *patterns)
+    if not found:
+        raise ValueError(f"{root}: no {what} {' or '.join(patterns)!r} (here or one folder down)")
+    return found[0]
+
+
+def _cell(r, column, allowed, at):
+    """r[column] with stray spaces and a float's ".0" dropped (RSNA writes BIRADS 0.0); a value
+    outside `allowed` is a one-line ValueError naming the row and the value."""
+    v = re.sub(r"^(\d+)\.0+$", r"\1", " ".join((r.get(column) or "").split()))
+    if v not in allowed:
+        raise ValueError(f"{at}: {column} {r.get(column)!r} is not one of "
+                         f"{', '.join(a or '(empty)' for a in allowed)}")
+    return v
+
+
+def _checked(path, dataset, ids=(), sheet=None):
+    """The rows of a table that must have rows and the columns ids + VOCAB[dataset], those cells
+    cleaned and checked by _cell, and `where` (file and row) for later messages."""
+    rows = _rows(path, tuple(ids) + tuple(VOCAB[dataset]), sheet)
+    if not rows:
+        raise ValueError(f"{path}: no rows below the header")
+    return [dict(r, where=f"{path} row {i + 1}", **{c: _cell(r, c, v, f"{path} row {i + 1}")
+                                                   for c, v in VOCAB[dataset].items()})
+            for i, r in enumerate(rows)]
+
+
+def _keep(units, skipped, root, path, r, **fields):
+    """A unit of row r and fields when its image file exists, else one more skipped."""
+    if path.is_file():
+        units.append(dict(r, image=path.relative_to(root).as_posix(), **fields))
+    else:
+        skipped["image file missing"] += 1
+
+
+def _counts(units, rows, skipped, **more):
+    """A reader's record: table rows read, images listed (kept + skipped), why some were not."""
+    return dict(rows=rows, images=len(units) + sum(skipped.values()), skipped=skipped, **more)
+
+
+def read_vindr(root):
+    """VinDr-Mammo (PhysioNet 1.0.0) -> (units, counts): a unit per row (image) of
+    breast-level_annotations.csv, images/<study_id>/<image_id>.dicom, with the official split and
+    `findings`: the image's finding_categories in finding_annotations.csv (None without that
+    file). VinDr has no patient id: the study stands for the patient."""
+    root = Path(root)
+    table = _one(root, "VinDr table", "breast-level_annotations.csv")
+    images, findings = _one(root, "folder", "images"), _vindr_findings(root)
+    rows, units, skipped = _checked(table, "vindr", ("study_id", "image_id")), [], Counter()
+    for r in rows:
+        _keep(units, skipped, root, images / r["study_id"] / f"{r['image_id']}.dicom", r,
+              dataset="vindr", patient=r["study_id"], view=r["view_position"],
+              split=r["split"].replace("training", "train"),
+              findings=None if findings is None else sorted(findings.get(r["image_id"], ())))
+    return units, _counts(units, len(rows), skipped)
+
+
+def _vindr_findings(root):
+    """image_id -> the set of its finding_categories (a Python-list string per box row), or None."""
+    found = _glob(root, "finding_annotations.csv")
+    if not found:
+        return None
+    out = {}
+    for i, r in enumerate(_rows(found[0], ("image_id", "finding_categories"))):
+        try:
+            cats = ast.literal_eval(r["finding_categories"].strip())
+        except (ValueError, SyntaxError):
+            cats = None
+        if not isinstance(cats, list) or not set(map(str, cats)) <= set(VINDR_FINDINGS):
+            raise ValueError(f"{found[0]} row {i + 1}: finding_categories "
+                             f"{r['finding_categories']!r} is not a list of "
+                             f"{', '.join(VINDR_FINDINGS)}")
+        out.setdefault(r["image_id"], set()).update(cats)
+    return out
+
+
+def read_rsna(root, views=VIEWS_2D):
+    """RSNA Screening Mammography (Kaggle 2022-23) -> (units, counts): a unit per row (image) of
+    train.csv, train_images/<patient_id>/<image_id>.dcm, with its breast's prediction_id
+    (<patient_id>_<L|R>, the competition's unit); no official split (the test labels are not
+    public). Views outside `views` (a few AT, LM, ML, LMO) are skipped, counted by view."""
+    root = Path(root)
+    table, images = _one(root, "RSNA table", "train.csv"), _one(root, "folder", "train_images")
+    rows = _checked(table, "rsna", ("patient_id", "image_id", "view"))
+    units, skipped = [], Counter()
+    for r in rows:
+        view = r["view"].strip()
+        if views is not None and view not in views:
+            skipped[f"view {view or '(empty)'}"] += 1
+            continue
+        _keep(units, skipped, root, images / r["patient_id"] / f"{r['image_id']}.dcm", r,
+              dataset="rsna", patient=r["patient_id"], view=view, split="",
+              prediction_id=f"{r['patient_id']}_{r['laterality']}")
+    return units, _counts(units, len(rows), skipped)
+
+
+def read_cbis(root):
+    """CBIS-DDSM (TCIA) -> (units, counts): a unit per full mammogram of the four
+    {mass,calc}_case_description_{train,test}_set.csv (a row per abnormality) with its rows'
+    pathology, assessment and density, lesion_type (which CSV) and the official split. The CSV
+    paths (Mass-Training_P_00001_LEFT_CC/<uid>/<uid>/000000.dcm) share only their folder with
+    the download's (CBIS-DDSM/<folder>/<date>/<series>/1-1.dcm): the image is that folder's .dcm."""
+    root = Path(root)
+    tables = _glob(root, "*case_description*_set.csv")
+    found = _glob(root, "CBIS-DDSM")
+    folders = {p.name: p for p in (found[0] if found else root).iterdir() if p.is_dir()}
+    if not tables or not any(f.startswith(("Mass-", "Calc-")) for f in folders):
+        raise ValueError(f"{root}: no *case_description*_set.csv or no image folder 'CBIS-DDSM' "
+                         "(or Mass-*, Calc-* folders)")
+    by_folder, n_rows = {}, 0
+    for table in tables:
+        for image, values in _cbis_rows(table):
+            u = by_folder.setdefault(image["folder"], dict(image, **{k: [] for k in values}))
+            for k, v in values.items():
+                u[k].append(v)
+            n_rows += 1
+    units, skipped = [], Counter()
+    for name, u in by_folder.items():
+        files = sorted(folders[name].rglob("*.dcm")) if name in folders else []
+        if files:
+            units.append(dict(u, image=files[0].relative_to(root).as_posix()))
+        else:
+            skipped["image folder missing"] += 1
+    return units, _counts(units, n_rows, skipped)
+
+
+def _cbis_rows(table):
+    """(the image's fields, the row's labels) per row of one CBIS-DDSM CSV; its name gives the
+    kind and split, and the mass CSVs say breast_density where the calc ones say breast density."""
+    name = table.name.lower()
+    kind = {"mass": "mass", "calc": "calcification"}.get(name[:4])
+    split = "test" if "_test" in name else "train" if "_train" in name else None
+    if kind is None or split is None:
+        raise ValueError(f"{table}: not a {{mass,calc}}_case_description_{{train,test}}_set.csv")
+    rows = _checked(table, "cbis-ddsm", ("patient_id", "image file path"))
+    density = next((c for c in ("breast_density", "breast density") if c in rows[0]), None)
+    if density is None:
+        raise ValueError(f"{table}: missing column breast_density (or 'breast density')")
+    prefix = f"{kind[:4].title()}-{'Test' if split == 'test' else 'Training'}_"
+    for r in rows:
+        folder = r["image file path"].strip().split("/")[0]  # the cell may end in a newline
+        if not folder.startswith(prefix):
+            raise ValueError(f"{r['where']}: image file path {r['image file path']!r} does not "
+                             f"start with {prefix}")
+        yield (dict(dataset="cbis-ddsm", patient=r["patient_id"].strip(), folder=folder,
+                    laterality=r["left or right breast"][0], view=r["image view"], split=split,
+                    lesion_type=kind, where=r["where"]),
+               dict(pathology=r["pathology"], assessment=r["assessment"],
+                    density=_cell(r, density, tuple("1234"), r["where"])))
+
+
+def _header_laterality(path):
+    ds = dicom.read_header(path)
+    return ds.get("ImageLaterality") or ds.get("Laterality") or ""
+
+
+def read_cmmd(root, laterality_of=_header_laterality):
+    """CMMD (TCIA) -> (units, counts): a unit per .dcm under CMMD/<ID1>/, joined on (ID1,
+    LeftRight) to its breast's row of CMMD_clinicaldata_revision.xlsx (or a CSV export). File
+    names carry no laterality: laterality_of(path) gives it, by default the header's
+    ImageLaterality (else Laterality), read without pixels; a file with neither is skipped. Only
+    breasts with a finding have a row: the others get listed=False. No official split."""
+    root = Path(root)
+    table = _one(root, "CMMD table", "CMMD_clinicaldata*.xlsx", "CMMD_clinicaldata*.csv")
+    images, rows, breasts = _one(root, "folder", "CMMD"), _checked(table, "cmmd", ("ID1",)), {}
+    for r in rows:
+        first = breasts.setdefault((r["ID1"].strip(), r["LeftRight"]), r)
+        if first["classification"] != r["classification"]:
+            raise ValueError(f"{r['where']}: {r['ID1']} {r['LeftRight']} is {r['classification']} "
+                             f"here but {first['classification']} at {first['where']}")
+    units, skipped = [], Counter()
+    for path in sorted(images.rglob("*.dcm")):
+        patient, lat = path.relative_to(images).parts[0], str(laterality_of(path)).strip()
+        if lat not in LR:
+            skipped["no laterality in the header"] += 1
+            continue
+        row = breasts.get((patient, lat))
+        units.append(dict(row or dict(where=str(path)), dataset="cmmd", patient=patient,
+                          laterality=lat, split="", listed=row is not None,
+                          image=path.relative_to(root).as_posix()))
+    seen = {(u["patient"], u["laterality"]) for u in units}
+    return units, _counts(units, len(rows), skipped, rows_without_images=len(set(breasts) - seen))
+
+
+def read_cdd_cesm(root, subtracted=False):
+    """CDD-CESM (TCIA) -> (units, counts): a unit per image of Radiology manual annotations.xlsx
+    (sheet all; or a CSV export; a row per finding, whose pathology, BIRADS and density the unit
+    collects): low-energy (Type DM, "Low energy images of CDD-CESM"), or with subtracted=True the
+    recombined ones (Type CESM, "Subtracted images of CDD-CESM"). Image_name (no extension, stray
+    spaces) matches a file name with spaces dropped and case ignored, so odd names (P281_L_DM_MLO2)
+    resolve as listed; Side and View say side and view. No official split."""
+    root = Path(root)
+    table = _one(root, "CDD-CESM table", "Radiology manual annotations*.xlsx",
+                 "Radiology manual annotations*.csv")
+    folder = _one(root, "folder", ("Subtracted" if subtracted else "Low energy")
+                  + " images of CDD-CESM")
+    files = {"".join(p.stem.split()).lower(): p for p in folder.iterdir() if p.is_file()}
+    rows, by_name = _checked(table, "cdd-cesm", ("Image_name", "Patient_ID"), sheet="all"), {}
+    for r in rows:
+        if r["Type"] != ("CESM" if subtracted else "DM"):
+            continue
+        u = by_name.setdefault("".join(r["Image_name"].split()).lower(), dict(
+            dataset="cdd-cesm", patient=r["Patient_ID"].strip(), laterality=r["Side"],
+            view=r["View"], split="", where=r["where"], pathology=[], birads=[], density=[]))
+        for k, column in (("pathology", CDD_PATHOLOGY), ("birads", "BIRADS"),
+                          ("density", "Breast density (ACR)")):
+            u[k].append(r[column])
+    units, skipped = [], Counter()
+    for name, u in by_name.items():
+        _keep(units, skipped, root, files.get(name, folder / name), u)
+    return units, _counts(units, len(rows), skipped)
+
+
+READERS = {"vindr": read_vindr, "rsna": read_rsna, "cbis-ddsm": read_cbis, "cmmd": read_cmmd,
+           "cdd-cesm": read_cdd_cesm}
+
+
+# ----------------------------------------------------------------------------- 2-D: labels, splits
+ANY_POSITIVE = ("cancer", "mass", "calcification")  # a breast has one if any of its images does
+BREAST_LEVEL = ("rsna", "cmmd")  # labelled per breast by their publishers; the rest per image
+RULES = {
+    "vindr": dict(cancer="breast_birads BI-RADS >= {b} (a proxy: VinDr has no pathology)",
+                  birads="breast_birads BI-RADS 1-5 -> 0-4", density="DENSITY A-D -> 0-3",
+                  mass="'Mass' among the image's finding_categories",
+                  calcification="'Suspicious Calcification' among the image's finding_categories"),
+    "rsna": dict(cancer="the cancer column (0/1)",
+                 birads="BIRADS 0 (recall), 1 (negative), 2 (normal); empty excluded",
+                 density="density A-D -> 0-3; empty excluded"),
+    "cbis-ddsm": {"cancer": "malignant if any abnormality of the image is MALIGNANT "
+                            "(BENIGN_WITHOUT_CALLBACK is benign)",
+                  "birads": "the image's highest assessment, 0-5",
+                  "density": "breast density 1-4 -> 0-3 (rows of an image must agree)",
+                  "lesion-type": "0 mass, 1 calcification: the CSV that lists the image"},
+    "cmmd": {"cancer": "classification Malignant 1, Benign 0", "mass": "abnormality mass or both",
+             "calcification": "abnormality calcification or both",
+             "lesion-type": "abnormality mass 0, calcification 1, both 2"},
+    "cdd-cesm": dict(cancer="malignant if any finding of the image is Malignant (Normal, Benign 0)",
+                     birads="the image's highest BIRADS, 0-6; none excluded",
+                     density="Breast density (ACR) A-D or 1-4 -> 0-3 (findings must agree)")}
+TASKS = {dataset: tuple(rules) for dataset, rules in RULES.items()}  # what each one's labels allow
+
+
+def label_rule(dataset, task, level=None, cancer_birads=5, unlisted_negative=False):
+    """The rule task_labels applies, in one line for metrics.json."""
+    rule = f"{dataset} {task}: " + RULES[dataset][task].format(b=cancer_birads)
+    if dataset == "cmmd":
+        negative = unlisted_negative and task != "lesion-type"
+        rule += f"; a breast without a row is {'negative' if negative else 'excluded'}"
+    if (level or ("breast" if dataset in BREAST_LEVEL else "image")) == "image":
+        return rule + "; per image"
+    return rule + "; per breast, " + ("positive if any image is" if task in ANY_POSITIVE
+                                       else "its images must agree")
+
+
+def task_labels(dataset, units, task, level=None, cancer_birads=5, unlisted_negative=False):
+    """A reader's units -> (scored units with `label`, excluded {reason: images}), by the rule
+    label_rule(dataset, task, ...) states. level "breast" (RSNA's and CMMD's default: their labels
+    are per breast) groups images by (patient, laterality) into units with `breast`
+    (<patient>_<L|R>, RSNA's prediction_id) and `images`. VinDr cancer is BI-RADS 5 (the RSNA
+    first-place solution's proxy), or >= cancer_birads. CMMD lists only breasts with a finding:
+    the others are excluded ("breast not listed"), or negative with unlisted_negative."""
+    if task not in TASKS[dataset]:
+        raise ValueError(f"{dataset} has no task {task!r} (it has {', '.join(TASKS[dataset])})")
+    level = level or ("breast" if dataset in BREAST_LEVEL else "image")
+    if level not in ("image", "breast") or cancer_birads not in range(1, 6):
+        raise ValueError(f"level {level!r} (image or breast) or cancer_birads {cancer_birads!r} "
+                         "(1-5) is wrong")
+    scored, excluded = [], Counter()
+    for u in units:
+        y = _label(dataset, task, u, cancer_birads, unlisted_negative)
+        if isinstance(y, str):
+            excluded[y] += 1
+        else:
+            scored.append(dict(u, label=y))
+    return (_breasts(scored, task, excluded) if level == "breast" else scored), excluded
+
+
+def _label(dataset, task, u, cancer_birads, unlisted_negative):
+    """One image's class by RULES, or why it has none (the readers checked every value)."""
+    if dataset == "vindr":
+        if task in ("cancer", "birads"):
+            b = int(u["breast_birads"][-1])
+            return int(b >= cancer_birads) if task == "cancer" else b - 1
+        if task == "density":
+            return DENSITY_CLASS[u["breast_density"][-1]]
+        if u["findings"] is None:
+            raise ValueError(f"{u['where']}: the {task} task needs finding_annotations.csv")
+        return int({"mass": "Mass", "calcification": "Suspicious Calcification"}[task]
+                   in u["findings"])
+    if dataset == "rsna":
+        v = u[{"cancer": "cancer", "birads": "BIRADS", "density": "density"}[task]]
+        return f"no {task}" if not v else DENSITY_CLASS[v] if task == "density" else int(v)
+    if dataset == "cmmd":
+        if not u["listed"]:
+            return 0 if unlisted_negative and task != "lesion-type" else "breast not listed"
+        if task == "cancer":
+            return int(u["classification"] == "Malignant")
+        if task == "lesion-type":
+            return LESION_TYPES.index(u["abnormality"])
+        return int(u["abnormality"] in (task, "both"))
+    if task == "cancer":  # CBIS-DDSM and CDD-CESM: a list per image, a value per row
+        return int(any(p.upper() == "MALIGNANT" for p in u["pathology"]))
+    if task == "lesion-type":
+        return LESION_TYPES.index(u["lesion_type"])
+    values = {v for v in u["assessment" if dataset == "cbis-ddsm" and task == "birads" else task]
+              if v}
+    if task == "birads":
+        return max(map(int, values)) if values else "no birads"
+    classes = {DENSITY_CLASS[v] for v in values}
+    return classes.pop() if len(classes) == 1 else "rows disagree on density" if classes \
+        else "no density"
+
+
+def _breasts(scored, task, excluded):
+    """Images -> breasts: positive if any image is (ANY_POSITIVE), else the images must agree."""
+    groups = {}
+    for u in scored:
+        groups.setdefault((u["patient"], u["laterality"]), []).append(u)
+    out = []
+    for (patient, lat), images in groups.items():
+        labels = {u["label"] for u in images}
+        if len(labels) > 1 and task not in ANY_POSITIVE:
+            excluded["images of the breast disagree"] += len(images)
+            continue
+        out.append(dict(dataset=images[0]["dataset"], patient=patient, laterality=lat,
+                        breast=f"{patient}_{lat}", split=images[0]["split"], label=max(labels),
+                        images=[u["image"] for u in images]))
+    return out
+
+
+def _n_images(u):
+    return len(u["images"]) if "images" in u else 1
+
+
+def split_units(units, seed, val_fraction=0.2, test_fraction=0.2):
+    """Labelled units -> ({train, val, test: units, `split` set}, excluded {reason: images}).
+
+    Where every unit has an official split (VinDr's split column, CBIS-DDSM's train and test
+    CSVs), test is kept as given and val drawn from the training patients (val_fraction of them;
+    test_fraction is unused); a patient in both official splits keeps only their test units, the
+    others are excluded. Otherwise whole patients go, seeded, stratified by label (a patient's
+    highest), each label's to every split with a fraction when it has patients enough."""
+    official = all(u["split"] for u in units)
+    tested = {u["patient"] for u in units if official and u["split"] == "test"}
+    leaked = [u for u in units if u["patient"] in tested and u["split"] != "test"]
+    units = [u for u in units if u["patient"] not in tested or u["split"] == "test"]
+    stratum = {}
+    for u in units:
+        if u["patient"] not in tested:
+            stratum[u["patient"]] = max(stratum.get(u["patient"], u["label"]), u["label"])
+    part = _split_patients(stratum, val_fraction, 0.0 if official else test_fraction, seed,
+                           spread=True)
+    out = {s: [] for s in ("train", "val", "test")}
+    for u in units:
+        s = "test" if u["patient"] in tested else part[u["patient"]]
+        out[s].append(dict(u, split=s))
+    leak = sum(map(_n_images, leaked))
+    return out, {"patient also in the official test split": leak} if leak else {}
+
+
+def tally(counts, scored, excluded):
+    """The accounting for metrics.json: images listed = scored + excluded + skipped, checked."""
+    n_scored, n_excluded, n_skipped = (sum(map(_n_images, scored)), sum(excluded.values()),
+                                       sum(counts["skipped"].values()))
+    if n_scored + n_excluded + n_skipped != counts["images"]:
+        raise ValueError(f"{counts['images']} images listed but {n_scored} scored + {n_excluded} "
+                         f"excluded + {n_skipped} skipped")
+    return dict(rows_read=counts["rows"], images=counts["images"], scored_units=len(scored),
+                scored_images=n_scored, excluded=excluded, skipped=counts["skipped"])

@@ -21,6 +21,8 @@ import random
 import subprocess
 import time
 import uuid
+import xml.etree.ElementTree as ET
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +162,90 @@ def atomic_write(path, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def read_table(path, sheet=None):
+    """Rows (dicts) of a table: an .xlsx by its suffix (its first sheet, or `sheet`), else a CSV."""
+    if Path(path).suffix.lower() == ".xlsx":
+        return read_xlsx(path, sheet)
+    return read_csv(path)
+
+
+def read_xlsx(path, sheet=None):
+    """Rows (dicts, header = first row) of an .xlsx's first sheet, or of the one named `sheet`.
+
+    An .xlsx is a zip of XML: xl/workbook.xml names the sheets, its .rels maps them to worksheets,
+    whose cells hold a number, a shared-string index or an inline string, each placed by its
+    reference ("C5") so absent cells read "". Numbers read as a CSV export writes them (61, not
+    61.0); empty rows go. Not a zip, or no sheet: a one-line ValueError naming the file."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            strings = [_xml_text(si) for si in _xml(zf, "xl/sharedStrings.xml")] \
+                if "xl/sharedStrings.xml" in names else []
+            grid = _sheet_cells(_xml(zf, _sheet_member(zf, names, sheet, path)), strings)
+    except (zipfile.BadZipFile, KeyError, IndexError, ET.ParseError) as e:
+        raise ValueError(f"{path}: not a readable .xlsx ({type(e).__name__}: {e})") from None
+    grid = [r for r in grid if any(x.strip() for x in r)]  # formatted but empty rows
+    return [{h: r[j] if j < len(r) else "" for j, h in enumerate(grid[0]) if h}
+            for r in grid[1:]] if grid else []
+
+
+def _xml(zf, member):
+    """A member's XML, namespaces dropped from tags and attributes (r:id -> id, strict OOXML)."""
+    root = ET.fromstring(zf.read(member))
+    for e in root.iter():
+        e.tag = e.tag.rsplit("}", 1)[-1]
+        e.attrib = {k.rsplit("}", 1)[-1]: v for k, v in e.attrib.items()}
+    return root
+
+
+def _xml_text(item):
+    """A string item's text: its <t>, or its rich-text runs' (phonetic <rPh> runs left out)."""
+    return "".join(t.text or "" for t in item.findall("t") + item.findall("r/t"))
+
+
+def _sheet_member(zf, names, sheet, path):
+    """The zip member of the workbook's first sheet, or of the sheet named `sheet`."""
+    sheets = []
+    if {"xl/workbook.xml", "xl/_rels/workbook.xml.rels"} <= names:
+        target = {r.get("Id"): r.get("Target") for r in _xml(zf, "xl/_rels/workbook.xml.rels")}
+        for s in _xml(zf, "xl/workbook.xml").iter("sheet"):
+            t = target[s.get("id")]  # relative to xl/, or absolute in the zip
+            sheets.append((s.get("name", ""), t[1:] if t.startswith("/") else "xl/" + t))
+    if not sheets:
+        raise ValueError(f"{path}: no sheet in the workbook")
+    found = [m for name, m in sheets if sheet is None or name.lower() == sheet.lower()]
+    if not found:
+        raise ValueError(f"{path}: no sheet {sheet!r} (it has {', '.join(n for n, _ in sheets)})")
+    return found[0]
+
+
+def _sheet_cells(root, strings):
+    """A worksheet's rows as lists of cell texts, each cell at its reference's column."""
+    grid = []
+    for row in root.iter("row"):
+        cells, col = [], -1
+        for c in row.iter("c"):
+            letters = (c.get("r") or "").rstrip("0123456789").upper()  # "AB12" -> "AB"
+            col = sum(26 ** k * (ord(ch) - 64) for k, ch in enumerate(letters[::-1])) - 1 \
+                if letters else col + 1
+            cells += [""] * (col + 1 - len(cells))
+            cells[col] = _cell_text(c, strings)
+        grid.append(cells)
+    return grid
+
+
+def _cell_text(c, strings):
+    kind, v = c.get("t"), c.findtext("v") or ""
+    if kind == "s":
+        return strings[int(v)]
+    if kind == "inlineStr":
+        return "".join(_xml_text(x) for x in c.findall("is"))
+    if kind in (None, "n") and v:  # stored as the shortest exact decimal: 0.10000000000000001
+        x = float(v)
+        return str(int(x)) if x.is_integer() and abs(x) < 1e15 else repr(x)
+    return v  # str (a formula's text), b (0/1), e (#N/A)
 
 
 def csv_text(rows, columns=None):
