@@ -628,6 +628,27 @@ class SkipCounter:
 
 
 # ------------------------------------------------------------------------ images for the probes
+def breast_view(path, size):
+    """A 2-D view (MG, DX, CR; or a DBT volume's central slice) as a backbone input: displayed
+    (the first VOI window, MONOCHROME1 inverted), mirrored so the chest wall is on the left, cut to
+    the breast's bounding box (preprocess.tissue_mask), resized keeping its aspect ratio to fit
+    size x size and placed top-left on black (the chest wall stays at the left edge) ->
+    (3, size, size) float32 in [0, 1]. An image without tissue keeps its whole frame."""
+    meta = dicom.index_volume(path)  # orientation decided on the central slice
+    x, _ = dicom.read_dbt(path, frames=[meta["n_frames"] // 2], meta=meta)  # (1, H, W)
+    x = x[0]
+    rows, cols = np.nonzero(preprocess.tissue_mask(x))
+    if len(rows):
+        x = x[rows.min():rows.max() + 1, cols.min():cols.max() + 1]  # (h, w) the breast
+    scale = size / max(x.shape)
+    h, w = (max(1, min(size, round(n * scale))) for n in x.shape)
+    small = F.interpolate(torch.from_numpy(np.ascontiguousarray(x))[None, None], size=(h, w),
+                          mode="bilinear", antialias=True)[0, 0]  # (h, w)
+    out = torch.zeros(size, size)  # (size, size) black around the breast, as in the image
+    out[:h, :w] = small.clamp(0, 1)
+    return out.expand(3, -1, -1)  # (3, size, size) grey replicated, as DBT-DINO feeds slices
+
+
 def density_eval_set(root, size=112, max_exams=None, exclude=()):
     """Central slice of every view of the first `max_exams` exams in exams.csv whose patient is
     not in `exclude`, canonical orientation, resized -> images (n, 3, size, size), labels (density

@@ -749,3 +749,22 @@ def test_seeds_past_32_bits_are_hashed_not_refused_or_wrapped():
     assert np.random.rand() != a  # not wrapped onto the seed of step 0
     utils.seed_everything(2**32 + 5)
     assert np.random.rand() == a
+
+
+@pytest.mark.parametrize("laterality,mono1", [("L", False), ("R", True)])
+def test_breast_view_crops_the_breast_and_keeps_its_aspect(tmp_path, laterality, mono1):
+    """A 2-D view: displayed, chest wall left, cut to the breast's box, resized to fit keeping
+    its aspect, top-left on black; a right breast stored MONOCHROME1 gives the left one's input."""
+    img = np.zeros((80, 60), np.float32)  # (H, W) a 40 x 30 breast against the chest wall
+    img[10:50, :30] = np.linspace(0.9, 0.4, 30)[None, :]  # brighter at the chest wall
+    img[20:30, 5:15] = 1.0
+    vol = img[None, :, ::-1] if laterality == "R" else img[None]  # (1, H, W) as displayed
+    path = tmp_path / "view.dcm"
+    phantoms.write_bto(path, phantoms.quantize(vol, 10, mono1), laterality, "CC",
+                       monochrome1=mono1)
+    out = data.breast_view(path, size=32)  # (3, 32, 32)
+    shown = np.round(img * 1023) / 1023  # the stored levels, displayed
+    want = F.interpolate(torch.from_numpy(shown[10:50, :30])[None, None], size=(32, 24),
+                         mode="bilinear", antialias=True)[0, 0]  # 40 x 30 -> 32 x 24
+    assert out.shape == (3, 32, 32) and torch.equal(out[0], out[2])
+    assert (out[0] - F.pad(want, (0, 8))).abs().max() < 1e-5  # the rest of the frame black
