@@ -543,7 +543,7 @@ def read_once(path, which):
 def bench_read(args, device):
     """Time and peak memory (each in a fresh process) of one slice against a full decode, native
     and JPEG 2000; the sample path (bench_sample_path) native with and without the crop pyramid,
-    and JPEG 2000; CLAHE on one full-size slice."""
+    and JPEG 2000; CLAHE on one full-size slice; mammodino's sample path with CLAHE, native."""
     rows, repeats = [], 1 if args.quick else args.repeats
     for enc in ("native", "j2k"):
         shape = (8, 512, 384) if args.quick else FULL_SIZE
@@ -557,7 +557,8 @@ def bench_read(args, device):
                          mem_ratio=m1 / mf))
     native = path.replace("phantom_j2k_", "phantom_native_")  # both written in the loop above
     rows += [bench_sample_path(args, native, pyramid) for pyramid in (True, False)]
-    return rows + [bench_sample_path(args, path), bench_clahe(args, native)]  # path: j2k
+    rows += [bench_sample_path(args, path), bench_clahe(args, native)]  # path: j2k
+    return rows + [bench_sample_path(args, native, name="mammodino", clahe=True)]
 
 
 def bench_clahe(args, path):
@@ -570,13 +571,13 @@ def bench_clahe(args, path):
     return dict(bench="clahe", shape=list(image.shape), ms=1e3 * secs["clahe"])
 
 
-def bench_sample_path(args, path, pyramid=True):
+def bench_sample_path(args, path, pyramid=True, name="dbt-dino", clahe=False):
     """Samples/s per core (one thread, as a loader worker has: tells how many workers one GPU
-    needs): read -> VOI -> crops (pyramid or direct) -> augmentation -> collate."""
+    needs): read -> VOI (-> CLAHE) -> crops (pyramid or direct) -> augmentation -> collate."""
     import pretrain
-    preset = pretrain.PRESETS["tiny" if args.quick else "dbt-dino"]
-    recipe = dict(data.RECIPES["dbt-dino"], global_size=preset["global_size"],
-                  local_size=preset["local_size"], pyramid=pyramid)
+    preset = pretrain.PRESETS["tiny" if args.quick else name]
+    recipe = dict(data.RECIPES[name], global_size=preset["global_size"],
+                  local_size=preset["local_size"], pyramid=pyramid, clahe=clahe)
     manifest = os.path.join(args.cache, "one-volume.csv")  # a --data manifest naming this volume
     Path(manifest).write_text(f"path\n{os.path.abspath(path)}\n")
     stream = data.PretrainStream(manifest, cache_dir=os.path.join(args.cache, "index"), **recipe)
@@ -587,7 +588,7 @@ def bench_sample_path(args, path, pyramid=True):
             t0 = time.perf_counter()
             data.collate_pretrain([next(it) for _ in range(batch)])
             times.append(time.perf_counter() - t0)
-    return dict(bench="sample_path", impl="pyramid" if pyramid else "direct", recipe="dbt-dino",
+    return dict(bench="sample_path", impl="pyramid" if pyramid else "direct", recipe=name, clahe=clahe,
                 encoding=dicom.read_header(path).file_meta.TransferSyntaxUID.name,
                 global_size=recipe["global_size"], n_local=len(samples[0]["local_crops"]),
                 samples_per_s_per_core=batch / statistics.median(times))

@@ -307,11 +307,13 @@ class PretrainStream(torch.utils.data.IterableDataset):
 
     Items: MultiCrop's dict (global_crops, local_crops, global_tissue, slice_index, adjacent),
     volume (int) and skipped (path -> reason, the skips not yet passed on). **crop: MultiCrop's
-    keywords (patch_size, global_size, ..., adjacent_k); dicomweb: remote_source's keywords."""
+    keywords (patch_size, global_size, ..., adjacent_k); dicomweb: remote_source's keywords.
+    clahe: each slice read (the sampled one and its neighbour) goes through preprocess.clahe
+    once, before any crop (MammoDINO's preprocessing)."""
 
     def __init__(self, source, *, seed=0, cache_dir=None, slices_per_volume=4, shuffle_buffer=16,
-                 dicomweb=None, **crop):
-        self.client, self.prefetch = None, 0
+                 dicomweb=None, clahe=False, **crop):
+        self.client, self.prefetch, self.clahe = None, 0, clahe
         if pacs.is_dicomweb(source):  # self.paths: "study/series/instance" labels for skips, logs
             self.rows, self.client, self.prefetch = remote_source(source, **(dicomweb or {}))
             self.paths = ["/".join(r[c] for c in pacs.UID_COLUMNS) for r in self.rows]
@@ -479,7 +481,14 @@ class PretrainStream(torch.utils.data.IterableDataset):
         S = meta["n_frames"]
         s = int(rng.integers(S))  # drawn before the crops' draws
         read = functools.partial(read_slice, meta)
+        if self.clahe:
+            read = functools.partial(clahe_slice, read)
         return self.multicrop(read(s), mask, meta["mask_stride"], rng, s, S, read)
+
+
+def clahe_slice(read, s):
+    """read(s), a displayed slice (H, W) tensor, through preprocess.clahe: (H, W) in [0, 1]."""
+    return torch.from_numpy(preprocess.clahe(read(s).numpy()))
 
 
 # ------------------------------------------------------------------------ iBOT masks and collate

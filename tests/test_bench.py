@@ -46,8 +46,11 @@ def test_bench_quick_produces_the_tables(tmp_path, monkeypatch):
     rows = json.loads(out.read_text())["rows"]
     assert {r["bench"] for r in rows} == {"backbone", "precision", "embed", "pretrain", "losses",
                                           "read", "sample_path", "clahe", "detect"}
-    paths = [(r["impl"], r["encoding"].split()[0]) for r in rows if r["bench"] == "sample_path"]
-    assert paths == [("pyramid", "Explicit"), ("direct", "Explicit"), ("pyramid", "JPEG")]
+    paths = [(r["recipe"], r["impl"], r["encoding"].split()[0], r["clahe"]) for r in rows
+             if r["bench"] == "sample_path"]
+    assert paths == [("dbt-dino", "pyramid", "Explicit", False), ("dbt-dino", "direct", "Explicit",
+                     False), ("dbt-dino", "pyramid", "JPEG", False),
+                     ("mammodino", "pyramid", "Explicit", True)]
     clahe = [r for r in rows if r["bench"] == "clahe"]
     assert len(clahe) == 1 and clahe[0]["shape"] == [512, 384] and clahe[0]["ms"] > 0
     losses = [r for r in rows if r["bench"] == "losses"]

@@ -581,6 +581,29 @@ def test_stream_deterministic(archive, tmp_path):
     assert all(torch.equal(x["global_crops"], y["global_crops"]) for x, y in zip(a, b))
 
 
+def test_stream_clahe_equalises_each_slice_read_before_cropping(archive, tmp_path):
+    """clahe=True: the same draws as without, on preprocess.clahe of each slice read (the
+    neighbour too), so its crops equal MultiCrop's of the equalised slices."""
+    kw = dict(cache_dir=tmp_path, global_size=28, local_size=14, n_local=1, adjacent_k=1)
+    plain, equalised = (data.PretrainStream(archive, clahe=c, **kw) for c in (False, True))
+    meta, mask = plain._index(plain.paths[0], plain.paths[0])
+    for rng_seed in (0, 1):
+        got = equalised.sample(meta, mask, np.random.default_rng(rng_seed))
+        rng = np.random.default_rng(rng_seed)
+        s = int(rng.integers(meta["n_frames"]))
+
+        def read(k):
+            return torch.from_numpy(preprocess.clahe(data.read_slice(meta, k).numpy()))
+        want = plain.multicrop(read(s), mask, meta["mask_stride"], rng, s, meta["n_frames"],
+                               read)
+        assert got["slice_index"][0] == s
+        for k in ("slice_index", "global_crops", "local_crops", "adjacent"):
+            assert torch.equal(got[k], want[k]), k
+    unequalised = plain.sample(meta, mask, np.random.default_rng(0))["global_crops"]
+    assert not torch.equal(unequalised, equalised.sample(meta, mask, np.random.default_rng(0))[
+        "global_crops"])
+
+
 def test_collate_and_masking(archive, tmp_path):
     ds = data.PretrainStream(archive, cache_dir=tmp_path, global_size=56, local_size=28, n_local=3,
                              adjacent_k=1, tissue_aware=True)
