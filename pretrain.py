@@ -172,8 +172,8 @@ def get_args(argv=None):
                    "metrics.jsonl every N")
     g.add_argument("--eval-every", type=steps, default=d["eval_every"], help="quick density probe "
                    "every N steps, at the last and, on a fresh start, at step 0 (0 = never)")
-    g.add_argument("--eval-exams", type=count, default=100, help="exams (4 views each) in the "
-                   "quick density probe")
+    g.add_argument("--eval-exams", type=count, default=100, help="exams of --data (4 views "
+                   "each) in the quick density probe; on the phantoms it takes 40 held-out patients")
     g.add_argument("--save-every", type=count, default=d["save_every"], help="ckpt.pt every N "
                    "steps (also the data stream reseed point)")
     g = p.add_argument_group("speed")
