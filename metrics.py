@@ -1,8 +1,10 @@
 """The figures a run reports, and the paired tests that compare runs (numpy, scipy).
 
-In file order: classification (auroc, accuracy, confusion_matrix, macro_f1, risk_auroc_by_year,
-roc_curve), paired tests (delong_test, mcnemar, benjamini_hochberg), bootstrap_ci, detection (the
-DBTex evaluator dbtex_evaluate / dbtex_froc, density_probe_cv), and the `compare` and `dbtex` CLIs.
+In file order: classification (auroc, accuracy, confusion_matrix, macro_f1, weighted_f1,
+risk_auroc_by_year, roc_curve), paired tests (delong_test, mcnemar, benjamini_hochberg),
+bootstrap_ci, the probes' reports with CIs by patient (patient_ci, density_report, class_report),
+detection (the DBTex evaluator dbtex_evaluate / dbtex_froc, density_probe_cv), and the `compare` and
+`dbtex` CLIs.
 Each rule is written out in full by the function that applies it; in brief:
 - Risk AUROC for year k (risk_year_cases): Mirai's rule (compute_auc_x_year_auc) counts cancers
   diagnosed after year k as negatives; DBT-DINO's leaves them out, and its negatives need no cancer
@@ -29,6 +31,7 @@ the file, column and row.
 import argparse
 import csv
 import json
+import math
 import os
 import time
 import warnings
@@ -103,6 +106,14 @@ def macro_f1(y_true, y_pred):
     c = confusion_matrix(y_true, y_pred)
     tp = np.diag(c)
     return float(np.mean(2 * tp / (c.sum(0) + c.sum(1))))  # 2TP+FP+FN = col + row sum, never 0
+
+
+def weighted_f1(y_true, y_pred):
+    """Mean F1 over the labels, weighted by each label's count in y_true (scikit-learn's
+    average="weighted": a label only predicted weighs 0)."""
+    c = confusion_matrix(y_true, y_pred)
+    tp, support = np.diag(c), c.sum(1)  # true counts per label
+    return float((2 * tp / (c.sum(0) + support) * support).sum() / support.sum())
 
 
 RISK_RULES = ("mirai", "dbt-dino")
@@ -260,6 +271,69 @@ def bootstrap_ci(statistic, *arrays, n_boot=1000, alpha=0.05, seed=0, groups=Non
         raise ValueError("bootstrap_ci: statistic undefined on every resample")
     low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
     return float(statistic(*arrays)), float(low), float(high)
+
+
+# ------------------------------------------------------------ probe reports: CIs by patient
+def nanmean(values):
+    """The mean of the finite values; NaN when there is none."""
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def patient_ci(statistic, *arrays, groups, n_boot, seed):
+    """[estimate, low, high] by patient bootstrap; NaN when undefined (a class absent from test)."""
+    def defined(*a):
+        v = statistic(*a)
+        if not np.isfinite(v):
+            raise ValueError("undefined on this resample")
+        return v
+    try:
+        with warnings.catch_warnings():  # resamples without positives are expected on small sets
+            warnings.simplefilter("ignore")
+            return list(bootstrap_ci(defined, *arrays, n_boot=n_boot, seed=seed, groups=groups))
+    except ValueError:
+        return [float(statistic(*arrays)), math.nan, math.nan]
+
+
+def density_report(y, probs, patients, subgroups, n_boot, seed, train_majority):
+    """probe.py's metrics.json for density: accuracy (+ CI by patient), macro F1, one-vs-rest AUROC, confusion,
+    A/B vs C/D, and majority_rate, the accuracy of always predicting `train_majority` (the train
+    split's commonest class: the test set's own would peek at the test labels)."""
+    pred = probs.argmax(1)
+    ovr = {c: auroc(y == k, probs[:, k]) if 0 < (y == k).sum() < len(y) else math.nan
+           for k, c in enumerate("abcd")}
+    kw = dict(n_boot=n_boot, seed=seed)
+    report = {"accuracy": accuracy(y, pred),
+              "accuracy_ci": patient_ci(accuracy, y, pred, groups=patients, **kw)[1:],
+              "macro_f1": macro_f1(y, pred),
+              "auroc_ovr": dict(ovr, mean=nanmean(list(ovr.values()))),
+              "confusion": confusion_matrix(y, pred, labels=range(4)).tolist(),
+              "binary_accuracy": accuracy(y >= 2, pred >= 2), "n_test": len(y),
+              "majority_rate": float(np.mean(y == train_majority))}
+    report["subgroups"] = {}
+    for col, values in subgroups.items():
+        per_value = report["subgroups"][col] = {}
+        for v in sorted(set(values)):
+            at = values == v  # (n_test,): the test exams with this value
+            ci = patient_ci(accuracy, y[at], pred[at], groups=patients[at], **kw)
+            per_value[v] = dict(zip(("accuracy", "low", "high"), ci), n=int(at.sum()))
+    return report
+
+
+def class_report(y, probs, patients, n_boot, seed):
+    """A 2-D benchmark task's figures on its test units, CIs by patient bootstrap. Binary (probs
+    (n,), of class 1): auroc, auroc_ci. Multi-class (probs (n, C)): accuracy, macro_f1 and
+    weighted_f1 (MammoDINO names neither F1: both, labelled), each with _ci, and confusion (C x C,
+    rows true)."""
+    y, probs, kw = np.asarray(y), np.asarray(probs), dict(groups=patients, n_boot=n_boot, seed=seed)
+    if probs.ndim == 1:
+        return {"auroc": auroc(y, probs), "auroc_ci": patient_ci(auroc, y, probs, **kw)[1:]}
+    pred, report = probs.argmax(1), {}
+    for name, fn in (("accuracy", accuracy), ("macro_f1", macro_f1), ("weighted_f1", weighted_f1)):
+        report[name] = fn(y, pred)
+        report[f"{name}_ci"] = patient_ci(fn, y, pred, **kw)[1:]
+    report["confusion"] = confusion_matrix(y, pred, labels=range(probs.shape[1])).tolist()
+    return report
 
 
 # --------------------------------- detection: DBTex evaluation (duke_dbt_data.evaluate, 2021-01-04)

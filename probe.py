@@ -44,7 +44,6 @@ import random
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -382,52 +381,6 @@ def lr_search(make_head, loss_fn, train, val, *, lr_range, trials, epochs, batch
 
 
 # ----------------------------------------------------------------------------- reports
-def _nanmean(values):
-    finite = [v for v in values if math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else math.nan
-
-
-def _ci(statistic, *arrays, groups, n_boot, seed):
-    """[estimate, low, high] by patient bootstrap; NaN when undefined (a class absent from test)."""
-    def defined(*a):
-        v = statistic(*a)
-        if not np.isfinite(v):
-            raise ValueError("undefined on this resample")
-        return v
-    try:
-        with warnings.catch_warnings():  # resamples without positives are expected on small sets
-            warnings.simplefilter("ignore")
-            return list(metrics.bootstrap_ci(defined, *arrays, n_boot=n_boot, seed=seed,
-                                             groups=groups))
-    except ValueError:
-        return [float(statistic(*arrays)), math.nan, math.nan]
-
-
-def density_report(y, probs, patients, subgroups, n_boot, seed, train_majority):
-    """metrics.json for density: accuracy (+ CI by patient), macro F1, one-vs-rest AUROC, confusion,
-    A/B vs C/D, and majority_rate, the accuracy of always predicting `train_majority` (the train
-    split's commonest class: the test set's own would peek at the test labels)."""
-    pred = probs.argmax(1)
-    ovr = {c: metrics.auroc(y == k, probs[:, k]) if 0 < (y == k).sum() < len(y) else math.nan
-           for k, c in enumerate("abcd")}
-    kw = dict(n_boot=n_boot, seed=seed)
-    report = {"accuracy": metrics.accuracy(y, pred),
-              "accuracy_ci": _ci(metrics.accuracy, y, pred, groups=patients, **kw)[1:],
-              "macro_f1": metrics.macro_f1(y, pred),
-              "auroc_ovr": dict(ovr, mean=_nanmean(list(ovr.values()))),
-              "confusion": metrics.confusion_matrix(y, pred, labels=range(4)).tolist(),
-              "binary_accuracy": metrics.accuracy(y >= 2, pred >= 2), "n_test": len(y),
-              "majority_rate": float(np.mean(y == train_majority))}
-    report["subgroups"] = {}
-    for col, values in subgroups.items():
-        per_value = report["subgroups"][col] = {}
-        for v in sorted(set(values)):
-            at = values == v  # (n_test,): the test exams with this value
-            ci = _ci(metrics.accuracy, y[at], pred[at], groups=patients[at], **kw)
-            per_value[v] = dict(zip(("accuracy", "low", "high"), ci), n=int(at.sum()))
-    return report
-
-
 def risk_block(probs, ytc, yfu, patients, rule, n_boot, seed, where="the test split"):
     """Per-year AUROC by `rule` with patient-bootstrap CIs, and their mean over the scored years. A
     year without positives or negatives is None, its reason in not_scored. One bootstrap pass
@@ -442,7 +395,7 @@ def risk_block(probs, ytc, yfu, patients, rule, n_boot, seed, where="the test sp
     def mean(p, t, u):
         seen.append(metrics.risk_auroc_by_year(p, t, u, metrics.YEARS, rule))
         return float(np.mean([seen[-1][k] for k in scored])) if scored else math.nan
-    mean_ci = _ci(mean, probs, ytc, yfu, groups=patients, n_boot=n_boot, seed=seed)
+    mean_ci = metrics.patient_ci(mean, probs, ytc, yfu, groups=patients, n_boot=n_boot, seed=seed)
     auroc, ci = dict.fromkeys(years), dict.fromkeys(years)  # None: not scored
     for k in scored:
         values = [r[k] for r in seen[:n_boot] if math.isfinite(r[k])]
@@ -537,7 +490,8 @@ def run_density(args, rows, split, x, writer, backbone=""):
         probs = torch.softmax(head(z[te]), 1).double().numpy()  # (n_test, 4)
     groups = {c: np.array([rows[i][c] for i in te]) for c in args.subgroups}
     majority = int(np.bincount(y[tr], minlength=4).argmax())  # ties: the first class
-    report = density_report(y[te], probs, patients[te], groups, args.n_boot, args.seed, majority)
+    report = metrics.density_report(y[te], probs, patients[te], groups, args.n_boot, args.seed,
+                                    majority)
     preds = [dict(patient=rows[i]["patient"], exam=rows[i]["exam"], density="abcd"[y[i]],
                   pred="abcd"[int(p.argmax())], **{f"p_{c}": f"{v:.6f}" for c, v in zip("abcd", p)})
              for i, p in zip(te, probs)]

@@ -281,6 +281,31 @@ def test_auroc_accuracy_f1_confusion_vs_sklearn():
         metrics.auroc([1, 1, 1], [0.2, 0.5, 0.1])
 
 
+def test_weighted_f1_and_class_report_vs_sklearn():
+    """weighted F1 against scikit-learn; class_report's figures equal scikit-learn's on the same
+    predictions, and its CIs are bootstrap_ci's over whole patients."""
+    for seed in range(20):
+        a, b = np.random.default_rng(seed).integers(0, 4, (2, 50))
+        b[:3] = 4  # a label only predicted: weight 0
+        assert abs(metrics.weighted_f1(a, b) - f1_score(a, b, average="weighted")) < 1e-12
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 60)
+    probs = rng.random((60, 3)) + 0.8 * np.eye(3)[y]  # (60, 3) better than chance
+    patients = np.arange(60) // 3  # 20 patients of 3 units
+    report = metrics.class_report(y, probs, patients, n_boot=100, seed=1)
+    pred = probs.argmax(1)
+    assert report["accuracy"] == pytest.approx(accuracy_score(y, pred), abs=1e-9)
+    assert report["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"), abs=1e-9)
+    assert report["weighted_f1"] == pytest.approx(f1_score(y, pred, average="weighted"), abs=1e-9)
+    assert report["confusion"] == sk_confusion_matrix(y, pred).tolist()
+    want = metrics.bootstrap_ci(metrics.weighted_f1, y, pred, n_boot=100, seed=1, groups=patients)
+    assert report["weighted_f1_ci"] == list(want[1:])
+    binary = metrics.class_report(y == 2, probs[:, 2], patients, n_boot=100, seed=1)
+    assert binary["auroc"] == pytest.approx(roc_auc_score(y == 2, probs[:, 2]), abs=1e-9)
+    low, high = binary["auroc_ci"]
+    assert low < binary["auroc"] < high and set(binary) == {"auroc", "auroc_ci"}
+
+
 def delong_placement_oracle(y, a, b):
     """O(m n) DeLong: psi(x, z) = 1 if x > z, 1/2 if equal, per (positive, negative) pair; V10/V01
     are row/column means of psi, S = cov(V10)/m + cov(V01)/n."""

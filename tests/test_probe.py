@@ -281,8 +281,8 @@ def test_density_ci_resamples_patients_and_majority_is_the_training_class():
     patients = np.array([r["patient"] for r in rows])
     y = rng.integers(0, 4, len(rows))
     pred = np.where(rng.random(len(rows)) < 0.6, y, (y + 1) % 4)
-    report = probe.density_report(y, np.eye(4)[pred], patients, {}, n_boot=200, seed=3,
-                                  train_majority=3)
+    report = metrics.density_report(y, np.eye(4)[pred], patients, {}, n_boot=200, seed=3,
+                                    train_majority=3)
     expected = _patient_bootstrap(metrics.accuracy, (y, pred), patients, 200, 3)
     assert report["accuracy_ci"] == pytest.approx(expected, abs=1e-12)
     by_exam = metrics.bootstrap_ci(metrics.accuracy, y, pred, n_boot=200, seed=3)[1:]
