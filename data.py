@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import dicom
 import pacs
@@ -642,10 +643,15 @@ def breast_view(path, size):
     (the first VOI window, MONOCHROME1 inverted), mirrored so the chest wall is on the left, cut to
     the breast's bounding box (preprocess.tissue_mask), resized keeping its aspect ratio to fit
     size x size and placed top-left on black (the chest wall stays at the left edge) ->
-    (3, size, size) float32 in [0, 1]. An image without tissue keeps its whole frame."""
-    meta = dicom.index_volume(path)  # orientation decided on the central slice
-    x, _ = dicom.read_dbt(path, frames=[meta["n_frames"] // 2], meta=meta)  # (1, H, W)
-    x = x[0]
+    (3, size, size) float32 in [0, 1]. An image without tissue keeps its whole frame. A .jpg or
+    .png (CDD-CESM's) is read by Pillow as grey levels / 255, mirrored by the same rule."""
+    if Path(path).suffix.lower() in (".jpg", ".jpeg", ".png"):
+        with Image.open(path) as im:
+            x = np.asarray(im.convert("L"), np.float32) / 255  # (H, W)
+        x = x[:, ::-1] if dicom.edge_side(x) == "R" else x
+    else:
+        meta = dicom.index_volume(path)  # orientation decided on the central slice
+        x = dicom.read_dbt(path, frames=[meta["n_frames"] // 2], meta=meta)[0][0]  # (H, W)
     rows, cols = np.nonzero(preprocess.tissue_mask(x))
     if len(rows):
         x = x[rows.min():rows.max() + 1, cols.min():cols.max() + 1]  # (h, w) the breast

@@ -16,6 +16,7 @@ import pydicom
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import data
 import dicom
@@ -791,3 +792,8 @@ def test_breast_view_crops_the_breast_and_keeps_its_aspect(tmp_path, laterality,
                          mode="bilinear", antialias=True)[0, 0]  # 40 x 30 -> 32 x 24
     assert out.shape == (3, 32, 32) and torch.equal(out[0], out[2])
     assert (out[0] - F.pad(want, (0, 8))).abs().max() < 1e-5  # the rest of the frame black
+    jpeg = tmp_path / "view.png"  # CDD-CESM's images are JPEG: Pillow's grey levels, same rule
+    Image.fromarray(np.round(vol[0] * 255).astype(np.uint8)).save(jpeg)
+    want = F.interpolate(torch.from_numpy(np.round(img[10:50, :30] * 255) / 255)[None, None],
+                         size=(32, 24), mode="bilinear", antialias=True)[0, 0]
+    assert (data.breast_view(jpeg, size=32)[0] - F.pad(want, (0, 8))).abs().max() < 1e-5
