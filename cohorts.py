@@ -570,6 +570,22 @@ def read_cdd_cesm(root, subtracted=False):
 
 READERS = {"vindr": read_vindr, "rsna": read_rsna, "cbis-ddsm": read_cbis, "cmmd": read_cmmd,
            "cdd-cesm": read_cdd_cesm}
+# The table each download has and no other (here or one folder down, as the readers look)
+MARKERS = {"dbt": ("exams.csv", "*file-paths*.csv"), "vindr": ("breast-level_annotations.csv",),
+           "rsna": ("train.csv",), "cbis-ddsm": ("*case_description*_set.csv",),
+           "cmmd": ("CMMD_clinicaldata*.xlsx", "CMMD_clinicaldata*.csv"),
+           "cdd-cesm": ("Radiology manual annotations*.xlsx", "Radiology manual annotations*.csv")}
+
+
+def detect_dataset(root):
+    """Which download a folder holds, from its tables (MARKERS): one name, or a one-line error
+    when none or several match (then --dataset says which)."""
+    found = [name for name, patterns in MARKERS.items() if _glob(root, *patterns)]
+    if len(found) != 1:
+        what = f"tables of {', '.join(found)}" if found else "none of the known tables"
+        raise ValueError(f"{root}: holds {what}; name the dataset with --dataset "
+                         f"({', '.join(MARKERS)})")
+    return found[0]
 
 
 # ----------------------------------------------------------------------------- 2-D: labels, splits

@@ -2,6 +2,7 @@
 (write_2d_archive), read back by cohorts.py's reader as a real download is, with every task's
 classes in every split, the layout quirks really in the files, and the labels visible in pixels."""
 import csv
+import shutil
 import functools
 import hashlib
 import zipfile
@@ -13,6 +14,7 @@ from PIL import Image
 from scipy import ndimage
 
 import cohorts
+import data
 import dicom
 import metrics
 import phantoms
@@ -327,3 +329,32 @@ def test_cli_writes_then_reuses_a_2d_archive(tmp_path):
     (tmp_path / "b" / "x").write_text("")
     with pytest.raises(ValueError, match="not an archive written by phantoms.py"):
         phantoms.synth_command(phantoms.get_args(argv[:2] + ["--out", str(tmp_path / "b")]))
+
+
+# ----------------------------------------------------------------------------- detection, image path
+def test_the_layout_is_detected_from_its_tables(archive, tmp_path):
+    """Each archive names its dataset; a DBT archive is dbt; none or two: one line saying so."""
+    for dataset, (root, _, _) in archive.items():
+        assert cohorts.detect_dataset(root) == dataset
+    assert cohorts.detect_dataset(phantoms.write_archive(tmp_path / "dbt", 1, 0, (2, 32, 24))) \
+        == "dbt"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds none of the known tables; name the dataset"):
+        cohorts.detect_dataset(tmp_path / "empty")
+    both = tmp_path / "both"
+    shutil.copytree(archive["vindr"][0], both)
+    shutil.copy(archive["rsna"][0] / "train.csv", both)
+    with pytest.raises(ValueError, match="holds tables of vindr, rsna; name the dataset"):
+        cohorts.detect_dataset(both)
+
+
+@pytest.mark.parametrize("dataset", phantoms.DATASETS_2D)
+def test_breast_view_of_every_layout_puts_the_breast_against_the_left_edge(archive, dataset):
+    """data.breast_view on each dataset's images (DICOM of every display variant, CDD-CESM's
+    JPEG): a (3, 64, 64) input whose breast touches the left edge and fills a side."""
+    root, units, _ = archive[dataset]
+    for unit in units[:8]:
+        x = data.breast_view(root / unit["image"], size=64)[0].numpy()  # (64, 64)
+        rows, cols = np.nonzero(x > 0.05)
+        assert x.shape == (64, 64) and cols.min() == 0, unit["image"]
+        assert max(rows.max(), cols.max()) >= 60, unit["image"]  # resized to fit, not shrunk
