@@ -331,7 +331,7 @@ def test_cli_writes_then_reuses_a_2d_archive(tmp_path):
         phantoms.synth_command(phantoms.get_args(argv[:2] + ["--out", str(tmp_path / "b")]))
 
 
-# ----------------------------------------------------------------------------- detection, image path
+# ------------------------------------------------------------------------ detection, image path
 def test_the_layout_is_detected_from_its_tables(archive, tmp_path):
     """Each archive names its dataset; a DBT archive is dbt; none or two: one line saying so."""
     for dataset, (root, _, _) in archive.items():
