@@ -757,13 +757,14 @@ def get_args(argv=None):
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     num = utils.number
     g = p.add_argument_group("run folder")
-    g.add_argument("--out", help="output folder: new, empty, or an archive this command wrote "
+    g.add_argument("--out", default=argparse.SUPPRESS,  # its default depends on --dataset
+                   help="output folder: new, empty, or an archive this command wrote "
                    f"(then reused); none given: {utils.cache_base() / 'synthetic'} for dbt, "
                    "synthetic_2d_archive's folder for the others")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=("dbt",) + DATASETS_2D, default="dbt",
                    help="dbt: BCS-DBT's layout; else that 2-D benchmark's download layout")
-    g.add_argument("--patients", type=num(int, 1, 100000),
+    g.add_argument("--patients", type=num(int, 1, 100000), default=argparse.SUPPRESS,
                    help="patients, 4 views each (2-D: as their dataset has them); none given: 8 "
                    f"for dbt, else {', '.join(f'{k} {v}' for k, v in PATIENTS_2D.items())}")
     g.add_argument("--seed", type=num(int, 0, utils.SEED_MAX), default=0, help="random seed")
@@ -776,10 +777,9 @@ def get_args(argv=None):
     g.add_argument("--hazard", type=num(float, 0, 10, lo_open=True), default=HAZARD,
                    help="base of the yearly cancer hazard, exp(0.5 density + 0.8 risk) times this")
     args = p.parse_args(argv)
-    if args.patients is None:
-        args.patients = PATIENTS_2D.get(args.dataset, 8)
-    if args.out is None and args.dataset == "dbt":
-        args.out = str(utils.cache_base() / "synthetic")
+    args.patients = getattr(args, "patients", None) or PATIENTS_2D.get(args.dataset, 8)
+    dbt_out = str(utils.cache_base() / "synthetic") if args.dataset == "dbt" else None
+    args.out = getattr(args, "out", None) or dbt_out
     return args
 
 

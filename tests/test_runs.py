@@ -212,6 +212,10 @@ def test_help_shows_the_value_each_flag_takes_for_the_preset(capsys):
         assert "(default: None)" not in text
         assert f"total iterations (default: {steps})" in text
         assert f"(global batch = this x world size) (default: {batch})" in text
+    with pytest.raises(SystemExit):  # phantoms.py: --out and --patients depend on --dataset
+        phantoms.get_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "none given: 8 for dbt, else vindr 50" in text
 
 
 # 6. skipped files are counted ---------------------------------------------------------------------
