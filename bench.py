@@ -588,8 +588,8 @@ def bench_sample_path(args, path, pyramid=True, name="dbt-dino", clahe=False):
             t0 = time.perf_counter()
             data.collate_pretrain([next(it) for _ in range(batch)])
             times.append(time.perf_counter() - t0)
-    return dict(bench="sample_path", impl="pyramid" if pyramid else "direct", recipe=name, clahe=clahe,
-                encoding=dicom.read_header(path).file_meta.TransferSyntaxUID.name,
+    return dict(bench="sample_path", impl="pyramid" if pyramid else "direct", recipe=name,
+                clahe=clahe, encoding=dicom.read_header(path).file_meta.TransferSyntaxUID.name,
                 global_size=recipe["global_size"], n_local=len(samples[0]["local_crops"]),
                 samples_per_s_per_core=batch / statistics.median(times))
 

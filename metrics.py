@@ -296,9 +296,10 @@ def patient_ci(statistic, *arrays, groups, n_boot, seed):
 
 
 def density_report(y, probs, patients, subgroups, n_boot, seed, train_majority):
-    """probe.py's metrics.json for density: accuracy (+ CI by patient), macro F1, one-vs-rest AUROC, confusion,
-    A/B vs C/D, and majority_rate, the accuracy of always predicting `train_majority` (the train
-    split's commonest class: the test set's own would peek at the test labels)."""
+    """probe.py's metrics.json for density: accuracy (+ CI by patient), macro F1, one-vs-rest
+    AUROC, confusion, A/B vs C/D, and majority_rate, the accuracy of always predicting
+    `train_majority` (the train split's commonest class: the test set's own would peek at the
+    test labels)."""
     pred = probs.argmax(1)
     ovr = {c: auroc(y == k, probs[:, k]) if 0 < (y == k).sum() < len(y) else math.nan
            for k, c in enumerate("abcd")}

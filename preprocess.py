@@ -5,7 +5,8 @@ resize: the tile histograms are one bincount over tile-offset bins, a chunk of r
 stays in cache; clipping is vectorised over all tiles; the bilinear mapping is two gathers and a
 lerp per chunk. otsu_threshold is skimage's threshold_otsu for float images, and tissue_mask our
 rule (MammoDINO publishes none): Otsu, opening, the largest component, holes filled. data.py calls
-tissue_mask once per volume (its index); no pipeline applies clahe yet.
+tissue_mask once per volume (its index); data.PretrainStream(clahe=True) applies clahe to each
+slice read, but no recipe turns it on yet.
 """
 
 import numpy as np

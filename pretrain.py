@@ -72,6 +72,7 @@ MIN_LR = 1e-6
 CLIP_GRAD = 3.0
 PATCH_EMBED_LR_MULT = 0.2
 WARMUP_TEACHER_TEMP, TEACHER_TEMP = 0.04, 0.07  # DINO's advice: > 0.07 is unstable, warm up
+HELDOUT_PATIENTS = 40  # phantom patients the quick probe is fit and scored on: 160 images
 # Presets set the defaults of the flags below; explicit flags override them. Steps are iterations.
 PRESETS = {
     # tiny learns on a CPU in a minute by three departures, found by experiment (docs/dinov2.md):
@@ -86,7 +87,8 @@ PRESETS = {
                      batch_size=160, steps=60000, lr=0.004, warmup=12500, teacher_temp_warmup=37500,
                      freeze_last_layer=1250, drop_path=0.3, prototypes=65536, head_hidden=2048,
                      head_bottleneck=256, log_every=10, eval_every=2500, save_every=2500,
-                     workers=10, centering="centering", layerscale=1e-5, teacher_temp=0.07),
+                     workers=10, centering="centering", layerscale=1e-5,
+                     teacher_temp=TEACHER_TEMP),
 }
 PRESETS["mammodino"] = dict(PRESETS["dbt-dino"], recipe="mammodino", global_size=224, local_size=98)
 MODELS = sorted(list(model.PRESETS) + [m + "_reg" for m in model.PRESETS if m != "tiny"])
@@ -148,7 +150,7 @@ def get_args(argv=None):
     g.add_argument("--teacher-temp", type=utils.number(float, 0, 1, lo_open=True),
                    default=d["teacher_temp"], help="teacher temperature after its warm-up")
     g.add_argument("--teacher-temp-warmup", type=steps, default=d["teacher_temp_warmup"],
-                   help="iterations of linear teacher temp min(0.04, --teacher-temp) -> "
+                   help=f"iterations of linear teacher temp {WARMUP_TEACHER_TEMP} -> "
                    "--teacher-temp")
     g.add_argument("--freeze-last-layer", type=steps, default=d["freeze_last_layer"],
                    help="iterations with the prototype layer frozen")
@@ -173,7 +175,8 @@ def get_args(argv=None):
     g.add_argument("--eval-every", type=steps, default=d["eval_every"], help="quick density probe "
                    "every N steps, at the last and, on a fresh start, at step 0 (0 = never)")
     g.add_argument("--eval-exams", type=count, default=100, help="exams of --data (4 views "
-                   "each) in the quick density probe; on the phantoms it takes 40 held-out patients")
+                   "each) in the quick density probe; on the phantoms it takes "
+                   f"{HELDOUT_PATIENTS} held-out patients")
     g.add_argument("--save-every", type=count, default=d["save_every"], help="ckpt.pt every N "
                    "steps (also the data stream reseed point)")
     g = p.add_argument_group("speed")
@@ -368,8 +371,8 @@ def make_schedules(args, world_size):
         "last_layer_lr": last_layer_lr,
         "wd": cosine_schedule(args.wd, args.wd_end, args.steps),
         "momentum": cosine_schedule(args.momentum, 1.0, args.steps),
-        # linear 0.04 -> 0.07, then constant (DINOv2 builds it with total = warmup; past the end
-        # its scheduler returns the final value)
+        # linear 0.04 -> --teacher-temp (DINOv2: 0.07), then constant (DINOv2 builds it with
+        # total = warmup; past the end its scheduler returns the final value)
         "teacher_temp": cosine_schedule(args.teacher_temp, args.teacher_temp, args.steps,
                                         temp_warmup, WARMUP_TEACHER_TEMP),
     }
@@ -546,9 +549,6 @@ def load_resume(path, args, device):
                          "ckpt.pt, --init starts from backbone weights such as backbone.pth")
     utils.check_resume_flags(path, ckpt["args"], args, RESUME_SETTINGS)
     return ckpt
-
-
-HELDOUT_PATIENTS = 40  # phantom patients the quick probe is fit and scored on: 160 images
 
 
 def probe_set(args, source):

@@ -1,5 +1,6 @@
-"""cohorts.py's 2-D benchmark tables (and utils.read_xlsx): the five readers on each download's
-layout, each label rule against hand-computed labels, the splits, the accounting, one-line errors."""
+"""cohorts.py's 2-D benchmark tables (and utils.read_xlsx): the five readers on each
+download's layout, each label rule against hand-computed labels, the splits, the accounting,
+one-line errors."""
 import csv
 import zipfile
 from xml.sax.saxutils import escape

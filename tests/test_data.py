@@ -654,7 +654,8 @@ def test_synth_archive_and_cli(tmp_path, archive):
     d = data.density_eval_set(archive, size=32)
     assert d["images"].shape == (8, 3, 32, 32) and d["groups"].tolist() == [0] * 4 + [1] * 4
     held_out = data.density_eval_set(archive, size=32, exclude={"SYN-P00000"})
-    assert torch.equal(held_out["images"], d["images"][4:]) and held_out["groups"].tolist() == [0] * 4
+    assert torch.equal(held_out["images"], d["images"][4:])
+    assert held_out["groups"].tolist() == [0] * 4
     out = tmp_path / "cli"
     env = dict(os.environ, PYTHONPATH=str(Path(data.__file__).parent))
     subprocess.run([sys.executable, phantoms.__file__, "--out", str(out), "--patients", "1",
