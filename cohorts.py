@@ -12,7 +12,7 @@ LCC, RMLO, LMLO: paths relative to the table, or Study/Series/SOPInstanceUID on 
 needed density (a-d), years_to_cancer (empty: none), years_of_followup, split (train, val or test,
 one per patient; without it assign_splits draws 60/20/20 % of the patients, seeded). From those,
 probe.py's risk targets: Mirai's labels and masks (risk_labels), the splits without exams lacking
-follow-up, DBT-DINO's balanced val set, and why a year cannot be scored (year_not_scored).
+follow-up and DBT-DINO's balanced val set (why a year cannot be scored: metrics.py).
 
 MammoDINO's five 2-D benchmarks as downloaded: read_vindr, read_rsna, read_cbis, read_cmmd and
 read_cdd_cesm -> (units, counts), a unit per image with patient, image path, laterality, official
@@ -308,20 +308,6 @@ def balanced_val(va, cancer, seed):
     return np.sort(np.r_[pos, healthy])
 
 
-def year_not_scored(years_to_cancer, years_of_followup, year, rule):
-    """Why `year` has no AUROC by `rule` (metrics.risk_year_cases) on these exams: "no cancers
-    within 1 year" or "no exams ... (their negatives)", else None (it has both classes)."""
-    keep, positive = metrics.risk_year_cases(years_to_cancer, years_of_followup, year,
-                                             metrics.YEARS, rule)
-    span = f"{year} year" + "s" * (year > 1)
-    if not positive.any():
-        return f"no cancers within {span}"
-    if not (keep & ~positive).any():  # the rule's negatives, in its own words
-        later = "by then" if rule == "mirai" else f"within {metrics.YEARS} years"
-        return f"no exams followed {span} without a cancer {later}"
-    return None
-
-
 # ----------------------------------------------------------------------------- 2-D: the datasets
 LR, VIEWS_2D = ("L", "R"), ("CC", "MLO")
 DENSITY_CLASS = {"A": 0, "B": 1, "C": 2, "D": 3, "1": 0, "2": 1, "3": 2, "4": 3}
@@ -557,7 +543,8 @@ def read_cdd_cesm(root, subtracted=False):
         if r["Type"] != ("CESM" if subtracted else "DM"):
             continue
         u = by_name.setdefault("".join(r["Image_name"].split()).lower(), dict(
-            dataset="cdd-cesm", patient=r["Patient_ID"].strip(), laterality=r["Side"],
+            dataset="cdd-cesm", Image_name=" ".join(r["Image_name"].split()),
+            patient=r["Patient_ID"].strip(), laterality=r["Side"],
             view=r["View"], split="", where=r["where"], pathology=[], birads=[], density=[]))
         for k, column in (("pathology", CDD_PATHOLOGY), ("birads", "BIRADS"),
                           ("density", "Breast density (ACR)")):
@@ -611,6 +598,16 @@ RULES = {
                      birads="the image's highest BIRADS, 0-6; none excluded",
                      density="Breast density (ACR) A-D or 1-4 -> 0-3 (findings must agree)")}
 TASKS = {dataset: tuple(rules) for dataset, rules in RULES.items()}  # what each one's labels allow
+
+
+def classes(dataset, task):
+    """A task's class names in label order (a binary task's: 0, 1)."""
+    if task == "density":
+        return ("A", "B", "C", "D")
+    if task == "birads":  # VinDr's labels 0-4 are BI-RADS 1-5
+        return {"vindr": tuple("12345"), "rsna": tuple("012"), "cbis-ddsm": tuple("012345"),
+                "cdd-cesm": tuple("0123456")}[dataset]
+    return LESION_TYPES if (dataset, task) == ("cmmd", "lesion-type") else ("0", "1")
 
 
 def label_rule(dataset, task, level=None, cancer_birads=5, unlisted_negative=False):
@@ -740,3 +737,39 @@ def tally(counts, scored, excluded):
                          f"excluded + {n_skipped} skipped")
     return dict(rows_read=counts["rows"], images=counts["images"], scored_units=len(scored),
                 scored_images=n_scored, excluded=excluded, skipped=counts["skipped"])
+
+
+# ------------------------------------------------------------------------ 2-D: probe.py's units
+IMAGE_IDS = {"vindr": ("study_id", "image_id"), "rsna": ("patient_id", "image_id"),
+             "cbis-ddsm": ("folder",), "cmmd": ("image",), "cdd-cesm": ("Image_name",)}
+
+
+def unit_ids(dataset, u):
+    """The dataset's own id columns of a scored unit (an image, or a breast with `images`)."""
+    if "images" in u:
+        if dataset == "cmmd":
+            return {"ID1": u["patient"], "LeftRight": u["laterality"]}
+        return {"prediction_id" if dataset == "rsna" else "breast": u["breast"]}
+    return {c: " ".join(str(u[c]).split()) for c in IMAGE_IDS[dataset]}
+
+
+def unit_images(u):
+    return u["images"] if "images" in u else [u["image"]]  # a breast's, or the image itself
+
+
+def drop_unreadable(parts, images, records, counts):
+    """Units keep their readable images; units with none are dropped. The unreadable ones move to
+    counts' skipped ("unreadable image"). -> {split: units}, each unit's `rows` into images."""
+    where = {im: k for k, im in enumerate(images)}
+    bad = sum(where[im] not in records for im in images)
+    if bad:
+        counts["skipped"]["unreadable image"] += bad
+    out = {}
+    for s, units in parts.items():
+        out[s] = []
+        for u in units:
+            rows = [where[im] for im in unit_images(u) if where[im] in records]
+            if rows:
+                out[s].append(dict(u, rows=rows, images=[images[k] for k in rows])
+                              if "images" in u else dict(u, rows=rows))
+    return out

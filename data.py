@@ -664,6 +664,23 @@ def breast_view(path, size):
     return out.expand(3, -1, -1)  # (3, size, size) grey replicated, as DBT-DINO feeds slices
 
 
+class ViewReader(torch.utils.data.Dataset):
+    """One 2-D image per item, decoded and cut by breast_view on a loader worker: (i, (3, size,
+    size) view) or (i, message naming the file) when it cannot be read."""
+
+    def __init__(self, paths, size):
+        self.paths, self.size = [str(p) for p in paths], size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return i, breast_view(self.paths[i], self.size)
+        except (ValueError, OSError) as e:  # pydicom's and Pillow's read errors are both
+            return i, f"{self.paths[i]}: {e}"
+
+
 def density_eval_set(root, size=112, max_exams=None, exclude=()):
     """Central slice of every view of the first `max_exams` exams in exams.csv whose patient is
     not in `exclude`, canonical orientation, resized -> images (n, 3, size, size), labels (density

@@ -3,7 +3,8 @@
 In file order: classification (auroc, accuracy, confusion_matrix, macro_f1, weighted_f1,
 risk_auroc_by_year, roc_curve), paired tests (delong_test, mcnemar, benjamini_hochberg),
 bootstrap_ci, the probes' reports with CIs by patient (patient_ci, density_report, class_report),
-detection (the DBTex evaluator dbtex_evaluate / dbtex_froc, density_probe_cv), and the `compare` and
+detection (the DBTex evaluator dbtex_evaluate / dbtex_froc, density_probe_cv), probe.py's risk
+report (year_not_scored, risk_block, risk_report, risk_lines, roc_panels), and the `compare` and
 `dbtex` CLIs.
 Each rule is written out in full by the function that applies it; in brief:
 - Risk AUROC for year k (risk_year_cases): Mirai's rule (compute_auc_x_year_auc) counts cancers
@@ -22,10 +23,11 @@ Each rule is written out in full by the function that applies it; in brief:
 
     python metrics.py dbtex --labels labels.csv --boxes boxes.csv --predictions predictions.csv
     python metrics.py compare RUN_A RUN_B [RUN_C ...] [--rule mirai|dbt-dino] [--out DIR]
-`compare` tests every pair of probe.py runs on their common test exams (McNemar on density
-accuracy, DeLong on each year's risk AUROC, Benjamini-Hochberg over all the tests), prints a table
-and writes compare.json. Array functions raise ValueError naming the argument; table readers name
-the file, column and row.
+`compare` groups probe.py runs by what they scored (run_task) and tests every pair of a group on
+their common test units (McNemar on accuracy: density and 2-D multi-class tasks; DeLong on AUROC:
+2-D binary tasks and each year of risk), Benjamini-Hochberg over all the tests of all the tasks,
+prints a table and writes compare.json. Array functions raise ValueError naming the argument;
+table readers name the file, column and row.
 """
 
 import argparse
@@ -496,21 +498,123 @@ def density_probe_cv(feats, labels, groups, folds=5, ridge=10.0):
             "density_n": len(labels), "density_pred": pred.tolist()}
 
 
-# --------------------------------------------------------- compare: paired tests between probe runs
+# ------------------------------------------------------------------ probe.py's risk reports
 YEARS = 5  # the risk horizon of probe.py's heads: one AUROC per year 1..5
 
 
+def year_not_scored(years_to_cancer, years_of_followup, year, rule):
+    """Why `year` has no AUROC by `rule` (risk_year_cases) on these exams: "no cancers
+    within 1 year" or "no exams ... (their negatives)", else None (it has both classes)."""
+    keep, positive = risk_year_cases(years_to_cancer, years_of_followup, year,
+                                             YEARS, rule)
+    span = f"{year} year" + "s" * (year > 1)
+    if not positive.any():
+        return f"no cancers within {span}"
+    if not (keep & ~positive).any():  # the rule's negatives, in its own words
+        later = "by then" if rule == "mirai" else f"within {YEARS} years"
+        return f"no exams followed {span} without a cancer {later}"
+    return None
+
+
+def risk_block(probs, ytc, yfu, patients, rule, n_boot, seed, where="the test split"):
+    """Per-year AUROC by `rule` with patient-bootstrap CIs, and their mean over the scored years. A
+    year without positives or negatives is None, its reason in not_scored. One bootstrap pass
+    serves all: bootstrap_ci draws its resamples from the seed alone, so the per-year AUROCs seen
+    on its resamples give each year the CI a pass of its own would (tests/test_probe.py)."""
+    years = range(1, YEARS + 1)
+    why = {k: year_not_scored(ytc, yfu, k, rule) for k in years}
+    not_scored = {k: f"{w} in {where} (0 of {len(ytc)} exams)" for k, w in why.items() if w}
+    scored = [k for k in years if k not in not_scored]
+    seen = []  # per call, {year: AUROC}: the n_boot resamples first, in order
+
+    def mean(p, t, u):
+        seen.append(risk_auroc_by_year(p, t, u, YEARS, rule))
+        return float(np.mean([seen[-1][k] for k in scored])) if scored else math.nan
+    mean_ci = patient_ci(mean, probs, ytc, yfu, groups=patients, n_boot=n_boot, seed=seed)
+    auroc, ci = dict.fromkeys(years), dict.fromkeys(years)  # None: not scored
+    for k in scored:
+        values = [r[k] for r in seen[:n_boot] if math.isfinite(r[k])]
+        auroc[k] = seen[-1][k]  # the last call: all the exams
+        ci[k] = np.quantile(values, [0.025, 0.975]).tolist() if values else [math.nan] * 2
+    return {"auroc": auroc, "auroc_ci": ci, "auroc_mean": mean_ci[0] if scored else None,
+            "auroc_mean_ci": mean_ci[1:] if scored else None, "auroc_mean_years": scored,
+            "not_scored": not_scored, "rule": rule}
+
+
+def risk_report(probs, ytc, yfu, patients, density, rule, n_boot, seed):
+    """json for risk: the chosen rule's per-year AUROC on top, both rules in by_rule, and
+    per density class by both rules (DBT-DINO Table 4)."""
+    by_rule = {r: risk_block(probs, ytc, yfu, patients, r, n_boot, seed)
+               for r in RISK_RULES}
+    report = dict(by_rule[rule], n_test=len(probs), n_cancer=int((ytc < YEARS).sum()),
+                  by_rule=by_rule)
+    report["by_density"] = {r: {d: risk_block(probs[density == d], ytc[density == d],
+                                              yfu[density == d], patients[density == d], r, n_boot,
+                                              seed, f"the test split's density {d} exams")
+                                for d in sorted(set(density))} for r in RISK_RULES}
+    return report
+
+
+def risk_lines(report, rule):
+    """The risk figures as printed: a row per year and the mean, a column per rule (`rule` first),
+    each AUROC with its CI; then each year not scored and why (once if both rules agree)."""
+    rules = [rule] + [r for r in RISK_RULES if r != rule]
+    blocks = [report["by_rule"][r] for r in rules]
+
+    def cell(value, ci):  # as wide as the column heads
+        if value is None:
+            return f"{'not scored':<22}"
+        ci = f"({ci[0]:.3f}-{ci[1]:.3f})" if ci and np.isfinite(ci).all() else "(no CI)"
+        return f"{value:.3f} {ci:<16}"
+    lines = [f"risk: AUROC by year (95% CI, patient bootstrap), {report['n_test']} test exams, "
+             f"{report['n_cancer']} with cancer within {YEARS} years",
+             "  year  " + "".join(f"{r + ' rule':<22}" for r in rules)]
+    lines += [f"  {k}y    " + "".join(cell(b["auroc"][k], b["auroc_ci"][k]) for b in blocks)
+              for k in range(1, YEARS + 1)]
+    lines.append("  mean  " + "".join(cell(b["auroc_mean"], b["auroc_mean_ci"]) for b in blocks))
+    reasons = {}  # (year, reason) -> the rules giving it
+    for r, b in zip(rules, blocks):
+        if b["not_scored"] and b["auroc_mean_years"]:
+            years = ", ".join(map(str, b["auroc_mean_years"]))
+            lines.append(f"mean ({r} rule): of years {years} only, the scored ones")
+        for k, why in b["not_scored"].items():
+            reasons.setdefault((k, why), []).append(r)
+    for (k, why), by in sorted(reasons.items()):
+        which = "" if len(by) == len(rules) else f" ({by[0]} rule)"
+        lines.append(f"AUROC {k}y not scored{which}: {why}")
+    return [line.rstrip() for line in lines]
+
+
+def roc_panels(probs, ytc, yfu, report):
+    """draw_roc's panels: per rule, a curve per scored year, labelled with its AUROC."""
+    panels = {}
+    for rule in RISK_RULES:
+        block, curves = report["by_rule"][rule], {}
+        for k, value in block["auroc"].items():
+            if value is None:  # the reason in full is printed and in json
+                short = "no cancers" if "no cancers" in block["not_scored"][k] else "no negatives"
+                curves[f"{k}y not scored: {short}"] = None
+                continue
+            keep, label = risk_year_cases(ytc, yfu, k, YEARS, rule)
+            curves[f"{k}y AUROC {value:.2f}"] = roc_curve(label[keep], probs[keep, k - 1])
+        panels[{"mirai": "Mirai's rule", "dbt-dino": "DBT-DINO's rule"}[rule]] = curves
+    return panels
+
+
+# --------------------------------------------------------- compare: paired tests between probe runs
 def load_run(folder):
-    """(metrics.json, {exam: predictions.csv row}) of a finished probe.py run folder."""
+    """(metrics.json, {unit: predictions.csv row}) of a finished probe.py run folder: a DBT run's
+    units are exams, a 2-D run's its id_columns joined by "/" (e.g. VinDr study_id/image_id)."""
     folder = Path(folder)
     try:
         report = json.loads((folder / "metrics.json").read_text())
+        ids = report.get("id_columns", ["exam"]) if isinstance(report, dict) else ["exam"]
         with open(folder / "predictions.csv", newline="", encoding="utf-8-sig") as fh:
-            preds = {r["exam"]: r for r in csv.DictReader(fh)}
+            preds = {"/".join(r[c] for c in ids): r for r in csv.DictReader(fh)}
     except FileNotFoundError as e:
         missing = Path(e.filename).name
         raise FileNotFoundError(f"{folder}: not a finished probe run ({missing} missing)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error, KeyError):
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error, KeyError, TypeError):
         msg = f"{folder}: metrics.json or predictions.csv is not a probe run's"
         raise ValueError(msg) from None
     if not isinstance(report, dict) or "task" not in report:
@@ -518,14 +622,51 @@ def load_run(folder):
     return report, preds
 
 
+def run_task(report):
+    """What a run scored, as compare groups runs: "density", or "vindr cancer per image"."""
+    if "dataset" not in report:
+        return report["task"]
+    return f"{report['dataset']} {report['task']} per {report.get('level', 'image')}"
+
+
 def pair_tests(task, preds, names, exams, rule):
-    """Every pair of runs on the common exams: McNemar (density) or DeLong per year (risk)."""
+    """Every pair of runs on the common units: McNemar on accuracy (density, a 2-D multi-class
+    task: prob_<class> columns, the highest is the prediction), DeLong on AUROC (a 2-D binary task:
+    prob) or on each year's AUROC (risk)."""
     pairs = [(a, b) for a in range(len(names)) for b in range(a + 1, len(names))]
-    if task == "density":
-        correct = [np.array([p[e]["pred"] == p[e]["density"] for e in exams]) for p in preds]
+    first = preds[0][exams[0]]
+    if task == "density" or any(c.startswith("prob_") for c in first):
+        if task == "density":
+            correct = [np.array([p[e]["pred"] == p[e]["density"] for e in exams]) for p in preds]
+        else:
+            classes = [c for c in first if c.startswith("prob_")]
+            correct = [np.array([max(classes, key=lambda c: float(p[e][c])) == "prob_" +
+                                 p[e]["label"] for e in exams]) for p in preds]
         return [dict(a=names[a], b=names[b], metric="accuracy", value_a=float(correct[a].mean()),
                      value_b=float(correct[b].mean()), p=mcnemar(correct[a], correct[b]))
                 for a, b in pairs]
+    if "prob" in first:
+        y = np.array([int(first_label(preds, e)) for e in exams])
+        tests = []
+        for a, b in pairs:
+            auc_a, auc_b, p = delong_test(y, *([float(r[e]["prob"]) for e in exams]
+                                               for r in (preds[a], preds[b])))
+            tests.append(dict(a=names[a], b=names[b], metric="auroc", value_a=auc_a,
+                              value_b=auc_b, p=p))
+        return tests
+    return _risk_tests(preds, names, exams, rule, pairs)
+
+
+def first_label(preds, unit):
+    """A unit's label, the same in every run (else the runs used different label rules)."""
+    labels = {p[unit]["label"] for p in preds}
+    if len(labels) > 1:
+        raise ValueError(f"compare: unit {unit} has labels {', '.join(sorted(labels))} in "
+                         "different runs (different label rules?)")
+    return labels.pop()
+
+
+def _risk_tests(preds, names, exams, rule, pairs):
     tests = []
     first = preds[0]
     ytc = np.array([float(first[e]["years_to_cancer"] or "inf") for e in exams])
@@ -546,39 +687,54 @@ def pair_tests(task, preds, names, exams, rule):
 
 
 def run_compare(args):
-    """`metrics.py compare`: the table on stdout and compare.json in --out."""
-    runs = [load_run(r) for r in args.runs]
-    tasks = {rep.get("task") for rep, _ in runs}
-    if len(tasks) != 1:
-        found = ", ".join(map(str, sorted(map(str, tasks))))
-        raise ValueError(f"compare: the runs are of different tasks ({found})")
-    task = tasks.pop()
+    """`metrics.py compare`: runs grouped by what they scored (run_task), every pair within a
+    group tested on its common units, Benjamini-Hochberg over all the tests of all the groups;
+    the table on stdout and compare.json in --out."""
     names = [Path(r).name or str(r) for r in args.runs]  # folder names read best, when distinct
     names = names if len(set(names)) == len(names) else [str(r) for r in args.runs]
-    exams = sorted(set.intersection(*(set(p) for _, p in runs)))
-    if not exams:
-        raise ValueError("compare: the runs share no test exams")
-    tests = pair_tests(task, [p for _, p in runs], names, exams, args.rule)
-    if not tests:
-        raise ValueError("compare: no comparison is defined on the common exams")
+    groups = {}
+    for name, (report, preds) in zip(names, map(load_run, args.runs)):
+        groups.setdefault(run_task(report), []).append((name, preds))
+    alone = [task for task, runs in groups.items() if len(runs) < 2]
+    if alone:
+        raise ValueError(f"compare: one run only of {', '.join(alone)}; each task compared needs "
+                         f"two (the runs are of {', '.join(groups)})")
+    tests, common = [], {}
+    for task, runs in groups.items():
+        units = sorted(set.intersection(*(set(p) for _, p in runs)))
+        if not units:
+            raise ValueError(f"compare: the {task} runs share no test units")
+        found = pair_tests(task, [p for _, p in runs], [n for n, _ in runs], units, args.rule)
+        if not found:
+            raise ValueError(f"compare: no comparison is defined on the common {task} units")
+        tests += [dict(t, task=task) for t in found]
+        common[task] = len(units)
     for t, q in zip(tests, benjamini_hochberg([t["p"] for t in tests])):
         t["p_bh"] = float(q)
-    rule = f", {args.rule} rule" if task == "risk" else ""
-    lines = [f"{task}: {len(exams)} common test exams" + rule,
-             f"{'metric':<13} {'A':<28} {'B':<28} {'A':>7} {'B':>7} {'p':>8} {'p (BH)':>8}"]
-    lines += [f"{t['metric']:<13} {t['a'][-28:]:<28} {t['b'][-28:]:<28} {t['value_a']:7.3f} "
-              f"{t['value_b']:7.3f} {t['p']:8.4f} {t['p_bh']:8.4f}" for t in tests]
-    print("\n".join(lines))
+    print_compare(tests, common, args.rule if "risk" in groups else None)
     utils.check_run_folder(args.out, "compare.json", args.overwrite)
     os.makedirs(args.out, exist_ok=True)
-    result = dict(task=task, runs=[str(r) for r in args.runs], n_common=len(exams),
-                  rule=args.rule if task == "risk" else None,
-                  test="mcnemar" if task == "density" else "delong",
+    kinds = sorted({"delong" if t["metric"].startswith("auroc") else "mcnemar" for t in tests})
+    result = dict(task=", ".join(groups), runs=[str(r) for r in args.runs],
+                  n_common=common if len(common) > 1 else common[next(iter(common))],
+                  rule=args.rule if "risk" in groups else None, test="+".join(kinds),
                   correction="benjamini-hochberg", tests=tests)
     text = json.dumps(utils.finite(result), indent=1) + "\n"
     utils.atomic_write(Path(args.out) / "compare.json", text)
     utils.log(f"wrote {args.out}: compare.json")
     return result
+
+
+def print_compare(tests, common, rule):
+    """The table: a header per task compared, a row per test."""
+    lines = []
+    for task, n in common.items():
+        lines += [f"{task}: {n} common test units" + (f", {rule} rule" if task == "risk" else ""),
+                  f"{'metric':<13} {'A':<28} {'B':<28} {'A':>7} {'B':>7} {'p':>8} {'p (BH)':>8}"]
+        lines += [f"{t['metric']:<13} {t['a'][-28:]:<28} {t['b'][-28:]:<28} {t['value_a']:7.3f} "
+                  f"{t['value_b']:7.3f} {t['p']:8.4f} {t['p_bh']:8.4f}"
+                  for t in tests if t["task"] == task]
+    print("\n".join(lines))
 
 
 # ------------------------------------------------------------------------ command line
@@ -596,8 +752,9 @@ def get_args(argv=None):
     g = p.add_argument_group("rule")
     g.add_argument("--radius", type=float, default=100.0, help="minimum hit radius in px "
                    f"(DBT-DINO's variant: {DBT_DINO_RADIUS:g} in 518-px coordinates)")
-    c = sub.add_parser("compare", help="McNemar (density) or DeLong (risk) between probe.py runs, "
-                       "Benjamini-Hochberg corrected", formatter_class=fmt)
+    c = sub.add_parser("compare", help="McNemar (accuracy) or DeLong (AUROC) between probe.py "
+                       "runs of the same task, Benjamini-Hochberg corrected over all",
+                       formatter_class=fmt)
     c.add_argument("runs", nargs="+",
                    help="probe.py run folders holding metrics.json and predictions.csv")
     g = c.add_argument_group("tests")

@@ -34,6 +34,7 @@ import csv
 import email.utils
 import fcntl
 import hashlib
+import math
 import http.client
 import os
 import random
@@ -618,6 +619,33 @@ class Client:
         if not resp.isclosed():
             self._drop()
         return size
+
+
+def check_fetchable(client, candidates, workers, reused=0):
+    """Fetch the first fetchable of `candidates` before the loader forks: a refused login stops here
+    after one request, and its size tells whether the cache holds one pinned volume per worker. If
+    none can be fetched and no exam was reused, the server is taken for unreachable."""
+    reasons = []
+    for uids in candidates:
+        try:
+            path, pin = client.fetch(uids)
+            break
+        except FetchError as e:
+            reasons.append(str(e))
+    else:
+        if reasons and not reused:
+            raise ValueError(f"{client.url}: none of the first {len(reasons)} instances could be "
+                             "fetched: " + "; ".join(reasons))
+        return
+    try:
+        size = path.stat().st_size
+    finally:
+        client.cache.unpin(pin)
+    n = max(workers, 1)
+    if n * size > client.cache.cap:
+        raise ValueError(f"--cache-bytes {client.cache.cap} cannot hold the {n} volumes read at "
+                         f"once (one per loader worker, about {size / 2**20:.0f} MiB each): use at "
+                         f"least {math.ceil(n * size / 2**20)}M")
 
 
 def _is_dicom(path):

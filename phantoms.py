@@ -329,7 +329,7 @@ def synthetic_archive(root=None, patients=8, seed=0, shape=(24, 256, 192), lesio
 
 # ----------------------------------------------------------------------------- 2-D archives
 DATASETS_2D = ("vindr", "rsna", "cbis-ddsm", "cmmd", "cdd-cesm")
-PATIENTS_2D = {"vindr": 50, "rsna": 60, "cbis-ddsm": 60, "cmmd": 48, "cdd-cesm": 40}
+PATIENTS_2D = {"vindr": 150, "rsna": 150, "cbis-ddsm": 150, "cmmd": 200, "cdd-cesm": 150}
 TABLE_2D = {"vindr": "breast-level_annotations.csv", "rsna": "train.csv",  # after the images
             "cbis-ddsm": "mass_case_description_train_set.csv",
             "cmmd": "CMMD_clinicaldata_revision.xlsx",
@@ -346,7 +346,8 @@ STATES_2D = {
                   ("mass", W), ("mass", B), ("mass", M)),
     "cmmd": (("calcification", B), ("mass", B), ("both", B), ("calcification", M), ("mass", M),
              ("both", M)),
-    "cdd-cesm": (None, ("calcification", W), ("mass", B), ("calcification", M), ("both", M))}
+    # a malignant mass in every cancer: calcifications alone are invisible at the tiny ViT's 112 px
+    "cdd-cesm": (None, ("calcification", W), ("mass", B), ("mass", M), ("both", M))}
 
 
 def plan_2d(dataset, patients, seed=0):
@@ -391,8 +392,10 @@ def _add_finding(img, kind, strength, rng):
     y, x = np.ogrid[:H, :W]
     if kind == "mass":
         spikes = 1 + 0.3 * strength * np.sin(7 * np.arctan2(y - cy, x - cx) + rng.uniform(0, 7))
-        d = np.hypot(y - cy, x - cx) / ((6 + 8 * strength) * scale * spikes)
-        dense = 0.55 + 0.25 * strength  # denser than gland (0.5), whatever lies behind it
+        # radius 6-26 px at 256 rows, density 0.55-0.95: at the tiny ViT's 112 px a random one's
+        # features tell malignant from benign masses (CV AUROC 0.59 at 6-14 px, 0.94 at 6-26)
+        d = np.hypot(y - cy, x - cx) / ((6 + 20 * strength) * scale * spikes)
+        dense = 0.55 + 0.4 * strength  # denser than gland (0.5), whatever lies behind it
         img += np.clip(dense - img, 0.05, None) * 0.5 * erfc((d - 1) * 3) * breast  # erfc margin
         return breast & (d <= 1)
     n = int(4 + 21 * strength)  # 4, 12, 25 specks

@@ -1,10 +1,23 @@
-"""Frozen-backbone probes on DBT exams: breast density and 5-year risk (DBT-DINO §2.4, §6.2).
+"""Frozen-backbone probes: DBT density and 5-year risk (DBT-DINO §2.4, §6.2), MammoDINO's 2-D tasks.
 
     python probe.py --data exams.csv --backbone dbt_dino.pth              # density head, tested
     python probe.py --task risk --data exams.csv --backbone dbt_dino.pth  # 5-year risk head
     python probe.py embed --data exams.csv --backbone dbt_dino.pth        # fill the cache only
     python metrics.py compare RUN_A RUN_B [--rule mirai|dbt-dino]         # p-values of two runs
     python show.py --image X.dcm --backbone dbt_dino.pth                  # attention maps
+    python probe.py --task cancer --data /data/vindr-mammo                # a 2-D benchmark
+    python probe.py --task cancer --data synthetic --dataset rsna         # its phantom, ~20 s
+
+MammoDINO's 2-D benchmarks (VinDr-Mammo, RSNA, CBIS-DDSM, CMMD, CDD-CESM): --data is the folder as
+downloaded, its layout told by its tables (--dataset overrides). cohorts.py reads them, labels by
+the task's rule (cohorts.RULES; --cancer-birads, --level, --cesm-subtracted, --cmmd-unlisted; in
+metrics.json as label_rule) and splits (official where published, else by patient, seeded and
+stratified). Each image is cut to its breast (data.breast_view: first VOI window, MONOCHROME1
+inverted, chest wall left, tissue box, aspect kept, --size square) and embedded once, cached per
+file. The linear head learns on the train images (two classes: logistic loss; more: cross-entropy
+weighted n / (C n_c)); a breast scores the mean of its images. metrics.json: auroc, or accuracy,
+macro_f1, weighted_f1 (MammoDINO names neither F1) and confusion, CIs by patient bootstrap, and the
+counts (images listed = scored + excluded + skipped); predictions.csv has the dataset's own ids.
 
 Embedding: each slice of an exam's four views goes once through the frozen backbone, stretched to a
 square, grey repeated to 3 channels. Per view, patch tokens are summarised jointly over slices and
@@ -66,6 +79,7 @@ FEATURES = {"patch-mean-std": ("patch_mean", "patch_std"), "patch-mean": ("patch
             "patch-all": ("patch_mean", "patch_std", "patch_min", "patch_max")}
 TASKS = {"density": dict(epochs=75, lr=(1e-5, 1e-2)), "risk": dict(epochs=100, lr=(1e-5, 1e-3))}
 PRECISIONS = ("autocast", "bf16-weights", "fp32")
+DBT_PATIENTS = 160  # --data synthetic: see get_args
 PREPROCESS_VERSION = 2  # the cache key holds it: bump when display, resize or statistics change
 
 
@@ -75,7 +89,9 @@ def aggregate(patch_tokens, cls_tokens):
     tokens (S, D) over slices -> six (D,) tensors. Std is unbiased (torch's, as theirs)."""
     p = patch_tokens.reshape(-1, patch_tokens.shape[-1])  # (S*N, D)
     return {"patch_mean": p.mean(0), "patch_std": p.std(0), "patch_min": p.amin(0),
-            "patch_max": p.amax(0), "cls_mean": cls_tokens.mean(0), "cls_std": cls_tokens.std(0)}
+            "patch_max": p.amax(0), "cls_mean": cls_tokens.mean(0),
+            "cls_std": cls_tokens.std(0) if len(cls_tokens) > 1  # one image: undefined
+            else torch.full_like(cls_tokens[0], math.nan)}
 
 
 def _prepare(backbone, device, precision):
@@ -169,27 +185,10 @@ def exam_file(folder, row, root):
     """An exam's cache file, named by patient, exam and views: for local files, each one's resolved
     path, size and mtime (a file copied over a view, or a cohort with the same IDs and paths, never
     hits); for DICOMweb (root None), the UIDs alone (immutable): any server URL or proxy hits."""
-    views = [f"dicomweb:{row[v]}" if root is None else _file_identity(Path(root) / row[v])
+    views = [f"dicomweb:{row[v]}" if root is None else utils.file_identity(Path(root) / row[v])
              for v in cohorts.VIEWS]
     ident = json.dumps([row["patient"], row["exam"]] + views)
     return Path(folder) / f"{hashlib.sha1(ident.encode()).hexdigest()[:20]}.pt"
-
-
-def _file_identity(path):
-    """[resolved path, size, mtime in ns]; a missing file has no size (its exam is skipped)."""
-    path = path.resolve()
-    try:
-        st = path.stat()
-    except OSError:
-        return [str(path), None, None]
-    return [str(path), st.st_size, st.st_mtime_ns]
-
-
-def _cached(file):
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception:  # a file from another version, or damaged on disk: embed again
-        return None
 
 
 def embed_exams(net, rows, root, folder, device, *, size, chunk, workers, precision, batch=128,
@@ -203,7 +202,7 @@ def embed_exams(net, rows, root, folder, device, *, size, chunk, workers, precis
     # named before any view is read: a file replaced while it is embedded gets a new name next run
     files = [exam_file(folder, r, root) for r in rows]
     for j, r in enumerate(rows):
-        record = _cached(files[j])  # None when absent or unreadable
+        record = utils.load_cached(files[j])  # None when absent or unreadable
         if record is not None:
             out[j] = record
             continue
@@ -217,7 +216,7 @@ def embed_exams(net, rows, root, folder, device, *, size, chunk, workers, precis
     Path(folder).mkdir(parents=True, exist_ok=True)
     if client and todo:  # a few instances, first views first (the first exam's may all be absent)
         cells = list(dict.fromkeys(rows[j][v] for v in cohorts.VIEWS for j in todo[:3]))[:3]
-        check_remote(client, [cohorts.instance_uids(c) for c in cells], workers, reused)
+        pacs.check_fetchable(client, [cohorts.instance_uids(c) for c in cells], workers, reused)
     for start in range(0, len(todo), batch):  # batches bound memory; each exam is saved when done
         part = todo[start:start + batch]
         cells = [rows[j][v] for j in part for v in cohorts.VIEWS]
@@ -242,33 +241,6 @@ def _absent_views(row, root):
         return [f"view {v} names no instance" for v in cohorts.VIEWS if not row[v]]
     return [f"view file missing: {root / row[v]}" for v in cohorts.VIEWS
             if not (root / row[v]).exists()]
-
-
-def check_remote(client, candidates, workers, reused=0):
-    """Fetch the first fetchable of `candidates` before the loader forks: a refused login stops here
-    after one request, and its size tells whether the cache holds one pinned volume per worker. If
-    none can be fetched and no exam was reused, the server is taken for unreachable."""
-    reasons = []
-    for uids in candidates:
-        try:
-            path, pin = client.fetch(uids)
-            break
-        except pacs.FetchError as e:
-            reasons.append(str(e))
-    else:
-        if reasons and not reused:
-            raise ValueError(f"{client.url}: none of the first {len(reasons)} instances could be "
-                             "fetched: " + "; ".join(reasons))
-        return
-    try:
-        size = path.stat().st_size
-    finally:
-        client.cache.unpin(pin)
-    n = max(workers, 1)
-    if n * size > client.cache.cap:
-        raise ValueError(f"--cache-bytes {client.cache.cap} cannot hold the {n} volumes read at "
-                         f"once (one per loader worker, about {size / 2**20:.0f} MiB each): use at "
-                         f"least {math.ceil(n * size / 2**20)}M")
 
 
 def feature_matrix(records, features):
@@ -380,92 +352,6 @@ def lr_search(make_head, loss_fn, train, val, *, lr_range, trials, epochs, batch
     return best
 
 
-# ----------------------------------------------------------------------------- reports
-def risk_block(probs, ytc, yfu, patients, rule, n_boot, seed, where="the test split"):
-    """Per-year AUROC by `rule` with patient-bootstrap CIs, and their mean over the scored years. A
-    year without positives or negatives is None, its reason in not_scored. One bootstrap pass
-    serves all: bootstrap_ci draws its resamples from the seed alone, so the per-year AUROCs seen
-    on its resamples give each year the CI a pass of its own would (tests/test_probe.py)."""
-    years = range(1, metrics.YEARS + 1)
-    why = {k: cohorts.year_not_scored(ytc, yfu, k, rule) for k in years}
-    not_scored = {k: f"{w} in {where} (0 of {len(ytc)} exams)" for k, w in why.items() if w}
-    scored = [k for k in years if k not in not_scored]
-    seen = []  # per call, {year: AUROC}: the n_boot resamples first, in order
-
-    def mean(p, t, u):
-        seen.append(metrics.risk_auroc_by_year(p, t, u, metrics.YEARS, rule))
-        return float(np.mean([seen[-1][k] for k in scored])) if scored else math.nan
-    mean_ci = metrics.patient_ci(mean, probs, ytc, yfu, groups=patients, n_boot=n_boot, seed=seed)
-    auroc, ci = dict.fromkeys(years), dict.fromkeys(years)  # None: not scored
-    for k in scored:
-        values = [r[k] for r in seen[:n_boot] if math.isfinite(r[k])]
-        auroc[k] = seen[-1][k]  # the last call: all the exams
-        ci[k] = np.quantile(values, [0.025, 0.975]).tolist() if values else [math.nan] * 2
-    return {"auroc": auroc, "auroc_ci": ci, "auroc_mean": mean_ci[0] if scored else None,
-            "auroc_mean_ci": mean_ci[1:] if scored else None, "auroc_mean_years": scored,
-            "not_scored": not_scored, "rule": rule}
-
-
-def risk_report(probs, ytc, yfu, patients, density, rule, n_boot, seed):
-    """metrics.json for risk: the chosen rule's per-year AUROC on top, both rules in by_rule, and
-    per density class by both rules (DBT-DINO Table 4)."""
-    by_rule = {r: risk_block(probs, ytc, yfu, patients, r, n_boot, seed)
-               for r in metrics.RISK_RULES}
-    report = dict(by_rule[rule], n_test=len(probs), n_cancer=int((ytc < metrics.YEARS).sum()),
-                  by_rule=by_rule)
-    report["by_density"] = {r: {d: risk_block(probs[density == d], ytc[density == d],
-                                              yfu[density == d], patients[density == d], r, n_boot,
-                                              seed, f"the test split's density {d} exams")
-                                for d in sorted(set(density))} for r in metrics.RISK_RULES}
-    return report
-
-
-def risk_lines(report, rule):
-    """The risk figures as printed: a row per year and the mean, a column per rule (`rule` first),
-    each AUROC with its CI; then each year not scored and why (once if both rules agree)."""
-    rules = [rule] + [r for r in metrics.RISK_RULES if r != rule]
-    blocks = [report["by_rule"][r] for r in rules]
-
-    def cell(value, ci):  # as wide as the column heads
-        if value is None:
-            return f"{'not scored':<22}"
-        ci = f"({ci[0]:.3f}-{ci[1]:.3f})" if ci and np.isfinite(ci).all() else "(no CI)"
-        return f"{value:.3f} {ci:<16}"
-    lines = [f"risk: AUROC by year (95% CI, patient bootstrap), {report['n_test']} test exams, "
-             f"{report['n_cancer']} with cancer within {metrics.YEARS} years",
-             "  year  " + "".join(f"{r + ' rule':<22}" for r in rules)]
-    lines += [f"  {k}y    " + "".join(cell(b["auroc"][k], b["auroc_ci"][k]) for b in blocks)
-              for k in range(1, metrics.YEARS + 1)]
-    lines.append("  mean  " + "".join(cell(b["auroc_mean"], b["auroc_mean_ci"]) for b in blocks))
-    reasons = {}  # (year, reason) -> the rules giving it
-    for r, b in zip(rules, blocks):
-        if b["not_scored"] and b["auroc_mean_years"]:
-            years = ", ".join(map(str, b["auroc_mean_years"]))
-            lines.append(f"mean ({r} rule): of years {years} only, the scored ones")
-        for k, why in b["not_scored"].items():
-            reasons.setdefault((k, why), []).append(r)
-    for (k, why), by in sorted(reasons.items()):
-        which = "" if len(by) == len(rules) else f" ({by[0]} rule)"
-        lines.append(f"AUROC {k}y not scored{which}: {why}")
-    return [line.rstrip() for line in lines]
-
-
-def roc_panels(probs, ytc, yfu, report):
-    """draw_roc's panels: per rule, a curve per scored year, labelled with its AUROC."""
-    panels = {}
-    for rule in metrics.RISK_RULES:
-        block, curves = report["by_rule"][rule], {}
-        for k, value in block["auroc"].items():
-            if value is None:  # the reason in full is printed and in metrics.json
-                short = "no cancers" if "no cancers" in block["not_scored"][k] else "no negatives"
-                curves[f"{k}y not scored: {short}"] = None
-                continue
-            keep, label = metrics.risk_year_cases(ytc, yfu, k, metrics.YEARS, rule)
-            curves[f"{k}y AUROC {value:.2f}"] = metrics.roc_curve(label[keep], probs[keep, k - 1])
-        panels[{"mirai": "Mirai's rule", "dbt-dino": "DBT-DINO's rule"}[rule]] = curves
-    return panels
-
-
 # ----------------------------------------------------------------------------- the two tasks
 def _standardise(x, train):
     """x standardised by the train rows' mean and std -> (z, mean, std)."""
@@ -473,21 +359,36 @@ def _standardise(x, train):
     return (x - mu) / sd, mu, sd
 
 
+def fit_linear(args, x, y, tr, va, n_classes, writer, weight=None):
+    """A linear head on features standardised by the train rows, its LR by lr_search: two classes
+    take one logit and the logistic loss, more take cross-entropy (`weight`: per class). ->
+    (probs of every row: (M,) of class 1 or (M, C), head, (mean, std), the search's best)."""
+    z, mu, sd = _standardise(x, tr)
+    yt, out = torch.as_tensor(np.asarray(y)), 1 if n_classes == 2 else n_classes
+
+    def loss(logits, target):
+        if out == 1:
+            return F.binary_cross_entropy_with_logits(logits[:, 0], target.float())
+        return F.cross_entropy(logits, target, weight=weight)
+    task = TASKS.get(args.task, TASKS["density"])  # the 2-D tasks: density's epochs and range
+    best = lr_search(lambda: nn.Linear(z.shape[1], out), loss, (z[tr], (yt[tr],)),
+                     (z[va], (yt[va],)), lr_range=task["lr"], trials=args.trials,
+                     epochs=args.epochs or task["epochs"], batch_size=args.batch_size,
+                     seed=args.seed, writer=writer)
+    head = nn.Linear(z.shape[1], out)
+    head.load_state_dict(best["state"])
+    with torch.no_grad():
+        logits = head(z)  # (M, out)
+        probs = torch.sigmoid(logits[:, 0]) if out == 1 else torch.softmax(logits, 1)
+    return probs.double().numpy(), head, (mu, sd), best
+
+
 def run_density(args, rows, split, x, writer, backbone=""):
     y, patients = cohorts.density_targets(rows), np.array([r["patient"] for r in rows])
     tr, va, te = cohorts.split_indices(split, "density")
     tr = tr[cohorts.stratified_subset(y[tr], args.fraction, args.seed)]
-    z, mu, sd = _standardise(x, tr)
-    yt = torch.from_numpy(y)
-    task = TASKS["density"]
-    best = lr_search(lambda: nn.Linear(z.shape[1], 4), F.cross_entropy, (z[tr], (yt[tr],)),
-                     (z[va], (yt[va],)), lr_range=task["lr"], trials=args.trials,
-                     epochs=args.epochs or task["epochs"], batch_size=args.batch_size,
-                     seed=args.seed, writer=writer)
-    head = nn.Linear(z.shape[1], 4)
-    head.load_state_dict(best["state"])
-    with torch.no_grad():
-        probs = torch.softmax(head(z[te]), 1).double().numpy()  # (n_test, 4)
+    probs, head, (mu, sd), best = fit_linear(args, x, y, tr, va, 4, writer)
+    probs = probs[te]  # (n_test, 4)
     groups = {c: np.array([rows[i][c] for i in te]) for c in args.subgroups}
     majority = int(np.bincount(y[tr], minlength=4).argmax())  # ties: the first class
     report = metrics.density_report(y[te], probs, patients[te], groups, args.n_boot, args.seed,
@@ -534,18 +435,195 @@ def run_risk(args, rows, split, x, writer, backbone=""):
     with torch.no_grad():
         probs = head(z[te]).double().numpy()  # (n_test, 5)
     density = np.array([(rows[i].get("density") or "?") for i in te])
-    report = risk_report(probs, ytc[te], yfu[te], patients[te], density, args.rule, args.n_boot,
-                         args.seed)
+    report = metrics.risk_report(probs, ytc[te], yfu[te], patients[te], density, args.rule,
+                                 args.n_boot, args.seed)
     preds = [dict(patient=rows[i]["patient"], exam=rows[i]["exam"], density=d,
                   years_to_cancer="" if math.isinf(ytc[i]) else ytc[i], years_of_followup=yfu[i],
                   **{f"p{k + 1}": f"{v:.6f}" for k, v in enumerate(p)})
              for i, p, d in zip(te, probs, density)]
     title = (f"risk: {len(te)} test exams, {report['n_cancer']} with cancer within "
              f"{metrics.YEARS} years\nbackbone: {backbone}")
-    utils.draw_roc(roc_panels(probs, ytc[te], yfu[te], report), title, Path(args.out) / "roc.png")
-    for line in risk_lines(report, args.rule):
+    panels = metrics.roc_panels(probs, ytc[te], yfu[te], report)
+    utils.draw_roc(panels, title, Path(args.out) / "roc.png")
+    for line in metrics.risk_lines(report, args.rule):
         utils.log(line)
     return report, preds, head, (mu, sd), best, len(tr)
+
+
+# ----------------------------------------------------------------------------- 2-D benchmarks
+def image_file(folder, path):
+    """A 2-D image's cache file, named as exam_file names an exam's (path, size, mtime)."""
+    ident = json.dumps(["2d"] + utils.file_identity(Path(path)))
+    return Path(folder) / f"{hashlib.sha1(ident.encode()).hexdigest()[:20]}.pt"
+
+
+@torch.inference_mode()
+def embed_images(net, paths, folder, device, *, size, chunk, workers, precision):
+    """{index into paths: aggregate() of the image} for every readable 2-D image, each cached in an
+    atomic file of its own (image_file): a second task on the same images embeds nothing. Loader
+    workers decode and cut each view (data.ViewReader); unreadable ones are logged and counted.
+    -> (records, dict(reused, embedded, skipped, seconds))."""
+    files = [image_file(folder, p) for p in paths]
+    out = {i: r for i, r in enumerate(map(utils.load_cached, files)) if r is not None}
+    todo = [i for i in range(len(paths)) if i not in out]
+    utils.log(f"embeddings: {len(out)} images reused from {folder}, {len(todo)} to embed")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    net, dtype, amp = _prepare(net, device, precision)
+    loader = torch.utils.data.DataLoader(data.ViewReader([paths[i] for i in todo], size),
+                                         batch_size=None, num_workers=workers if todo else 0,
+                                         pin_memory=device.type == "cuda")
+    skipped, batch, t0, wait = 0, [], time.perf_counter(), 0.0
+    progress, every, views = utils.Progress(len(todo)), max(1, len(todo) // 10), iter(loader)
+    for n in range(1, len(todo) + 1):
+        t = time.perf_counter()
+        k, item = next(views)
+        wait += time.perf_counter() - t  # blocked on the decoding workers
+        if isinstance(item, str):
+            utils.log(f"skipped unreadable image: {item}")
+            skipped += 1
+        else:
+            batch.append((todo[k], item))
+        if batch and (len(batch) == chunk or n == len(todo)):  # a forward pass of `chunk` views
+            x = torch.stack([view for _, view in batch]).to(device, dtype)  # (B, 3, size, size)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                o = net.forward_features(x)
+            for (i, _), patches, cls in zip(batch, o["x_norm_patchtokens"].float(),
+                                            o["x_norm_clstoken"].float()):  # (N, D), (D,)
+                out[i] = {s: v.cpu() for s, v in aggregate(patches[None], cls[None]).items()}
+                utils.save_checkpoint(files[i], out[i])
+            batch = []
+        if n % every == 0 or n == len(todo):
+            spent = time.perf_counter() - t0
+            line = progress.line(n, {}, n / spent, 1000 * spent / n, 1000 * wait / n)  # per image
+            utils.log("embed " + line.replace("img/s", "images/s").replace("/step", "/image"))
+    embedded = len(todo) - skipped
+    utils.log(f"embeddings: {len(out) - embedded} reused, {embedded} embedded, {skipped} "
+              "unreadable")
+    return out, dict(reused=len(out) - embedded, embedded=embedded, skipped=skipped,
+                     seconds=time.perf_counter() - t0)
+
+
+def read_units(args, dataset, root):
+    if dataset == "cdd-cesm":  # low-energy images, or the subtracted ones
+        return cohorts.read_cdd_cesm(root, args.cesm_subtracted)
+    return cohorts.READERS[dataset](root)
+
+
+def read_2d(args, dataset, root):
+    """A 2-D download -> (its units split {train, val, test}, the counts, excluded, the rule)."""
+    units, counts = read_units(args, dataset, root)
+    kw = dict(level=args.level or None, cancer_birads=args.cancer_birads,
+              unlisted_negative=args.cmmd_unlisted == "negative")
+    scored, excluded = cohorts.task_labels(dataset, units, args.task, **kw)
+    parts, leaked = cohorts.split_units(scored, args.seed)
+    excluded.update(leaked)
+    rule = cohorts.label_rule(dataset, args.task, **kw)
+    if args.cesm_subtracted and dataset == "cdd-cesm":
+        rule += "; subtracted (CESM) images"
+    return parts, counts, excluded, rule
+
+
+def image_rows(parts, classes):
+    """Per split, the feature rows of its units' images and each image's unit label; the class
+    weights n / (C n_c) of the train images (0 for a class train lacks)."""
+    rows = {s: [k for u in units for k in u["rows"]] for s, units in parts.items()}
+    y = {s: [u["label"] for u in units for _ in u["rows"]] for s, units in parts.items()}
+    n = np.bincount(y["train"], minlength=len(classes))
+    weight = np.where(n > 0, len(y["train"]) / (len(classes) * np.maximum(n, 1)), 0.0)
+    for c in np.flatnonzero(n == 0):
+        utils.log(f"class {classes[c]} has no train images: the head cannot learn it")
+    return rows, y, torch.tensor(weight, dtype=torch.float32)
+
+
+def run_2d(args, device, dataset, root):
+    """probe.py on a 2-D benchmark: read, label, split, embed each image once (cached), a linear
+    head on the train images, scored per unit (a breast: the mean of its images' probabilities)."""
+    backbone = model.load_backbone(args.backbone, args.arch, args.weights)
+    parts, counts, excluded, rule = read_2d(args, dataset, root)
+    classes = cohorts.classes(dataset, args.task)
+    stale = utils.check_run_folder(args.out, "metrics.json", args.overwrite, "probe.py",
+                                   ("predictions.csv", "head.pt", "confusion.png", "roc.png"))
+    images = sorted({im for units in parts.values() for u in units
+                     for im in cohorts.unit_images(u)})
+    records, info = embeddings(args, backbone, None, root, device, images=images)
+    parts = cohorts.drop_unreadable(parts, images, records, counts)
+    test = parts["test"]
+    tally = cohorts.tally(counts, [u for units in parts.values() for u in units], excluded)
+    empty = [s for s, units in parts.items() if not units]
+    if empty:
+        raise ValueError(f"{dataset} {args.task}: no scored units in the {', '.join(empty)} "
+                         f"split(s) ({tally['scored_units']} in all); too few patients")
+    keep = cohorts.stratified_subset(np.array([u["label"] for u in parts["train"]]),
+                                     args.fraction, args.seed)
+    parts["train"] = [parts["train"][i] for i in keep]
+    rows, y, weight = image_rows(parts, classes)
+    stats = FEATURES[args.features]
+    order = rows["train"] + rows["val"] + rows["test"]
+    x = torch.stack([torch.cat([records[k][s] for s in stats]) for k in order]).float()  # (M, F)
+    if not torch.isfinite(x).all():
+        raise ValueError(f"--features {args.features}: cls-std is undefined for one image; "
+                         "choose another")
+    n_tr, n_va = len(rows["train"]), len(rows["val"])
+    utils.write_args(args.out, args, "probe.py", stale, embeddings=info)
+    writer = utils.JsonlWriter(Path(args.out) / "metrics.jsonl")
+    writer.truncate_after(-1)
+    probs, head, (mu, sd), best = fit_linear(
+        args, x, y["train"] + y["val"] + y["test"], np.arange(n_tr), np.arange(n_tr, n_tr + n_va),
+        len(classes), writer, weight)
+    probs, at = probs[n_tr + n_va:], np.cumsum([0] + [len(u["rows"]) for u in test])
+    unit_probs = np.stack([probs[a:b].mean(0) for a, b in zip(at[:-1], at[1:])])  # (n,) or (n, C)
+    labels, patients = np.array([u["label"] for u in test]), np.array([u["patient"] for u in test])
+    report = metrics.class_report(labels, unit_probs, patients, args.n_boot, args.seed)
+    what = "breasts" if "images" in test[0] else "images"
+    report.update(dataset=dataset, task=args.task, level=what[:-1], label_rule=rule,
+                  classes=list(classes), id_columns=list(cohorts.unit_ids(dataset, test[0])),
+                  counts=tally, units={s: len(u) for s, u in parts.items()},
+                  train_images=n_tr, class_weights=weight.tolist() if len(classes) > 2 else None,
+                  features=args.features, fraction=args.fraction, lr=best["lr"],
+                  best_epoch=best["epoch"] + 1, val_loss=best["val_loss"],
+                  backbone=info["backbone"], size=info["size"])
+    report_2d(args, report, test, unit_probs, head, (mu, sd))
+    return report
+
+
+def report_2d(args, report, test, probs, head, standardise):
+    """The 2-D run's screen lines, figure, predictions.csv, head.pt and (last) metrics.json."""
+    out, classes, c = Path(args.out), report["classes"], report["counts"]
+    utils.log(f"{report['dataset']}: {c['rows_read']} rows read, {c['images']} images listed: "
+              f"{c['scored_images']} scored ({c['scored_units']} {report['level']}s), "
+              f"{sum(c['excluded'].values())} excluded {dict(c['excluded'])}, "
+              f"{sum(c['skipped'].values())} skipped {dict(c['skipped'])}")
+    utils.log(f"label rule: {report['label_rule']}")
+    head_line = f"{report['dataset']} {report['task']}, {len(test)} test {report['level']}s: "
+    if probs.ndim == 1:
+        low, high = report["auroc_ci"]
+        head_line += f"AUROC {report['auroc']:.3f} (95% CI {low:.3f}-{high:.3f})"
+        curve = metrics.roc_curve(np.array([u["label"] for u in test]), probs)
+        utils.draw_roc({"test": {f"AUROC {report['auroc']:.3f}": curve}},
+                       f"{head_line}\nbackbone: {report['backbone']}", out / "roc.png")
+    else:
+        head_line += ", ".join(f"{k.replace('_', ' ')} {report[k]:.3f} (95% CI "
+                               f"{report[k + '_ci'][0]:.3f}-{report[k + '_ci'][1]:.3f})"
+                               for k in ("accuracy", "macro_f1", "weighted_f1"))
+        utils.draw_confusion(report["confusion"], f"{head_line}\nbackbone: {report['backbone']}",
+                             out / "confusion.png", classes, report["task"])
+    utils.log(head_line)
+    # full precision: the metrics recomputed from this file are the same to the last digit
+    columns = [f"prob_{k}" for k in classes] if probs.ndim == 2 else ["prob"]
+    preds = [dict(cohorts.unit_ids(report["dataset"], u), patient=u["patient"],
+                  label=classes[u["label"]],
+                  **dict(zip(columns, map(repr, np.atleast_1d(p).tolist()))))
+             for u, p in zip(test, probs)]
+    utils.atomic_write(out / "predictions.csv", utils.csv_text(preds))
+    utils.save_checkpoint(out / "head.pt", {"task": report["task"], "features": args.features,
+                                            "head": head.state_dict(), "classes": classes,
+                                            "feature_mean": standardise[0],
+                                            "feature_std": standardise[1], "lr": report["lr"]})
+    text = json.dumps(utils.finite(report), indent=1, allow_nan=False)
+    utils.atomic_write(out / "metrics.json", text + "\n")
+    utils.log(baseline_line(report["backbone"], args.backbone))
+    utils.log(utils.folder_line(out))
 
 
 # ----------------------------------------------------------------------------- probe and embed
@@ -558,8 +636,8 @@ def load_source(args):
                          "is --data itself)")
     if args.data == "synthetic":
         shape = (args.slices, args.height, args.width)
-        folder = phantoms.synthetic_archive(None, args.patients, args.data_seed, shape,
-                                            hazard=args.hazard)
+        folder = phantoms.synthetic_archive(None, args.patients or DBT_PATIENTS, args.data_seed,
+                                            shape, hazard=args.hazard)
         return *cohorts.read_exams(folder), None
     return *cohorts.read_exams(args.data), None
 
@@ -580,8 +658,9 @@ def remote_exams(args):
     return rows, root, client
 
 
-def embeddings(args, backbone, rows, root, device, client=None):
-    """Announce the backbone (net, description) in one loud line and embed every exam, cached."""
+def embeddings(args, backbone, rows, root, device, client=None, images=None):
+    """Announce the backbone (net, description) in one loud line and embed every exam, or with
+    `images` (paths under root) every 2-D image, cached."""
     net, desc = backbone
     print(f"*** {baseline_line(desc, args.backbone)} ***", flush=True)
     if args.compile:  # before a bf16-weights copy (copies stay compiled); get_args refuses DenseNet
@@ -589,13 +668,40 @@ def embeddings(args, backbone, rows, root, device, client=None):
     size = args.size or net.config["img_size"]
     key = cache_key(net, size, args.precision, device)
     folder = Path(args.cache or utils.cache_base() / "embeddings") / key
-    records, counts = embed_exams(net, rows, root, folder, device, size=size, chunk=args.chunk,
-                                  workers=args.workers, precision=args.precision, client=client)
+    kw = dict(size=size, chunk=args.chunk, workers=args.workers, precision=args.precision)
+    if images is not None:
+        records, counts = embed_images(net, [root / im for im in images], folder, device, **kw)
+    else:
+        records, counts = embed_exams(net, rows, root, folder, device, client=client, **kw)
     source = dict(source=client.url) if client else {}  # redacted: never user info
     return records, dict(counts, backbone=desc, size=size, cache=str(folder), **source)
 
 
+def which_data(args):
+    """--data and --dataset -> (dbt or a 2-D dataset, its folder: None for dbt), the task checked
+    against what its labels allow. A 2-D phantom is written once (phantoms.synthetic_2d_archive)."""
+    if args.data == "synthetic" or pacs.is_dicomweb(args.data) or not Path(args.data).is_dir():
+        dataset = args.dataset or "dbt"
+    else:
+        dataset = args.dataset or cohorts.detect_dataset(args.data)
+    tasks = tuple(TASKS) if dataset == "dbt" else cohorts.TASKS[dataset]
+    if args.task not in tasks:
+        raise ValueError(f"--task {args.task}: {dataset} has the tasks {', '.join(tasks)}")
+    if dataset == "dbt":
+        return dataset, None
+    if pacs.is_dicomweb(args.data):
+        raise ValueError(f"--dataset {dataset}: a DICOMweb --data holds DBT exams only")
+    if args.data == "synthetic":
+        return dataset, phantoms.synthetic_2d_archive(dataset, args.patients or None,
+                                                      args.data_seed, size=(args.height,
+                                                                            args.width))
+    return dataset, Path(args.data)
+
+
 def run_probe(args, device):
+    dataset, root = which_data(args)
+    if dataset != "dbt":
+        return run_2d(args, device, dataset, root)
     backbone = model.load_backbone(args.backbone, args.arch, args.weights)  # bad file: fails first
     rows, root, client = load_source(args)
     absent = [c for c in args.subgroups if c not in rows[0]]
@@ -642,9 +748,15 @@ def baseline_line(description, spec):
 
 
 def run_embed(args, device):
+    dataset, root = which_data(args)
     backbone = model.load_backbone(args.backbone, args.arch, args.weights)
-    rows, root, client = load_source(args)
-    _, info = embeddings(args, backbone, rows, root, device, client)
+    if dataset == "dbt":
+        rows, root, client = load_source(args)
+        _, info = embeddings(args, backbone, rows, root, device, client)
+    else:  # every image the table lists
+        units, _ = read_units(args, dataset, root)
+        _, info = embeddings(args, backbone, None, root, device,
+                             images=sorted({u["image"] for u in units}))
     print(json.dumps(info))
     return info
 
@@ -658,10 +770,17 @@ def get_args(argv=None):
     p.add_argument("command", nargs="?", default="probe", choices=["probe", "embed"],
                    help="probe: train and test a head (--task); embed: fill the cache only "
                    "(compare runs: metrics.py compare; attention maps: show.py)")
-    p.add_argument("--task", default="density", choices=sorted(TASKS), help="what the head learns")
+    by_dataset = "; ".join(f"{k} {', '.join(v)}" for k, v in cohorts.TASKS.items())
+    tasks = sorted(set(TASKS).union(*cohorts.TASKS.values()))
+    p.add_argument("--task", default="density", choices=tasks,
+                   help=f"what the head learns: dbt density, risk; {by_dataset}")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="synthetic", help="exam table CSV, folder with exams.csv, "
-                   "synthetic, or dicomweb+http(s)://host/prefix (a PACS; the table: --manifest)")
+    g.add_argument("--data", default="synthetic", help="exam table CSV, folder with exams.csv, a "
+                   "2-D dataset's folder as downloaded, synthetic, or dicomweb+http(s)://host/"
+                   "prefix (a PACS; the table: --manifest)")
+    g.add_argument("--dataset", default="", choices=["", "dbt", *cohorts.READERS],
+                   help="what --data holds ('' = dbt for a table or synthetic, else detected from "
+                   "the folder's tables); with --data synthetic, a phantom in its layout")
     utils.add_dicomweb_flags(g, "dicomweb --data: the exam table, each view cell StudyInstanceUID/"
                              "SeriesInstanceUID/SOPInstanceUID, the only instances ever requested")
     g = p.add_argument_group("synthetic archive (--data synthetic)")
@@ -670,13 +789,27 @@ def get_args(argv=None):
     # year 5 needs exams followed 5 years without one (21 %: follow-up is 2-8 y). 160 patients put
     # 32 in test, 6.6 expected of each: P(none) ~ exp(-6.6) = 0.1 %; seed 0 has 5 and 7 (checked
     # in tests/test_probe.py). 8 slices a view, not 24, write and embed 3x faster: ~3 min cold.
-    g.add_argument("--patients", type=num(int, 2), default=160, help="patients")
+    g.add_argument("--patients", type=num(int, 0), default=0,
+                   help=f"patients; 0 = {DBT_PATIENTS} for dbt, else phantoms.PATIENTS_2D")
     g.add_argument("--data-seed", type=num(int, 0), default=0, help="archive seed")
     g.add_argument("--hazard", type=num(float, 0, 10, lo_open=True), default=0.08,
                    help="base of the yearly cancer hazard (phantoms.py; its own default 0.03)")
     g.add_argument("--slices", type=num(int, 1), default=8, help="slices per view")
     g.add_argument("--height", type=num(int, 16), default=256, help="rows per slice")
     g.add_argument("--width", type=num(int, 16), default=192, help="columns per slice")
+    rules = "; ".join(f"{d} {t}: {r.format(b='--cancer-birads')}" for d, by_task in
+                      cohorts.RULES.items() for t, r in by_task.items())
+    g = p.add_argument_group("2-D label rules (cohorts.RULES; each in metrics.json's label_rule)",
+                             rules)
+    g.add_argument("--level", default="", choices=["", "image", "breast"], help="the scored unit "
+                   "('' = breast for rsna and cmmd, whose labels are per breast, else image); a "
+                   "breast's probability is the mean of its images'")
+    g.add_argument("--cancer-birads", type=num(int, 1, 5), default=5,
+                   help="vindr cancer: breast_birads at least this (a proxy: VinDr has no biopsy)")
+    g.add_argument("--cesm-subtracted", action="store_true",
+                   help="cdd-cesm: the subtracted (CESM) images, not the low-energy (DM) ones")
+    g.add_argument("--cmmd-unlisted", default="exclude", choices=["exclude", "negative"],
+                   help="cmmd: a breast the table does not list (no finding recorded)")
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default="", help="a model.load_pretrained file, densenet121, "
                    "random (an untrained ViT of --arch, tiny for auto), or '' for the newest "

@@ -277,6 +277,24 @@ def finite(x):
     return x.item() if isinstance(x, np.generic) else x
 
 
+def file_identity(path):
+    """[resolved path, size, mtime in ns]; a missing file has no size (its exam is skipped)."""
+    path = path.resolve()
+    try:
+        st = path.stat()
+    except OSError:
+        return [str(path), None, None]
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def load_cached(file):
+    """A cached torch file's contents, or None (absent, another version's, or damaged)."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception:  # a file from another version, or damaged on disk: embed again
+        return None
+
+
 def save_checkpoint(path, state):
     """Write-then-rename, so a preempted save never leaves a half-written file behind."""
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -403,10 +421,11 @@ class Progress:
         done = max(step - self.start, 1)  # resumed: only steps run here count towards the rate
         eta_min = int((time.monotonic() - self.t0) / done * max(self.total - step, 0) / 60)
         terms = " ".join(f"{k} {float(v):.4g}" for k, v in values.items())
-        parts = [f"step {step}/{self.total}", terms]
+        parts = [f"step {step}/{self.total}"] + ([terms] if terms else [])
         if lr is not None:
             parts.append(f"lr {float(lr):.1e}")
-        parts += [f"{images_per_s:.0f} img/s", f"{step_ms:.0f} ms/step", f"data {data_ms:.0f} ms",
+        rate = f"{images_per_s:.0f}" if images_per_s >= 10 else f"{images_per_s:.2g}"  # 1.1, not 1
+        parts += [f"{rate} img/s", f"{step_ms:.0f} ms/step", f"data {data_ms:.0f} ms",
                   f"eta {eta_min // 60}h{eta_min % 60:02d}m"]
         if mem_gb is not None:
             parts.append(f"mem {mem_gb:.1f}G")
@@ -522,23 +541,27 @@ def draw_curves(path, records, panels, baselines=None, title="", columns=3):
     return boxes
 
 
-def draw_confusion(confusion, title, path):
-    """Counts in a 4 x 4 grid, shaded by the row (true class) fraction; the title may hold lines."""
-    cell, pad, top = 70, 70, 40 + 18 * title.count("\n")
+def draw_confusion(confusion, title, path, classes="abcd", what="density"):
+    """Counts in an N x N grid (rows true, columns predicted), shaded by the row (true class)
+    fraction; classes: N short names; what: the axes' noun; the title may hold lines."""
+    n, cell, pad, top = len(classes), 70, 90, 40 + 18 * title.count("\n")
     big, small = font(14), font(13)
-    width = max(pad + 4 * cell + 20, title_width(title, big))  # a long title widens the figure
-    img = Image.new("RGB", (width, top + pad + 4 * cell + 40), "white")
+    width = max(pad + n * cell + 20, title_width(title, big))  # a long title widens the figure
+    img = Image.new("RGB", (width, top + pad + n * cell + 40), "white")
     d = ImageDraw.Draw(img)
     d.multiline_text((10, 8), title, fill="black", font=big)
-    d.text((pad + 2 * cell - 50, top + pad + 4 * cell + 12), "predicted density", fill="black",
-           font=small)
-    d.text((4, top + pad - 40), "true density", fill="black", font=small)
+    d.text((pad + n * cell // 2 - 50, top + pad + n * cell + 12), f"predicted {what}",
+           fill="black", font=small)
+    d.text((4, top + pad - 40), f"true {what}", fill="black", font=small)
     c = np.asarray(confusion, dtype=float)
     share = c / np.maximum(c.sum(1, keepdims=True), 1)
-    for i in range(4):
-        d.text((pad + i * cell + cell // 2 - 4, top + pad - 22), "abcd"[i], fill="black", font=big)
-        d.text((pad - 22, top + pad + i * cell + cell // 2 - 8), "abcd"[i], fill="black", font=big)
-        for j in range(4):
+    for i in range(n):
+        name = str(classes[i])[:8]
+        d.text((pad + i * cell + (cell - d.textlength(name, font=small)) / 2, top + pad - 22),
+               name, fill="black", font=small)
+        d.text((pad - 4 - d.textlength(name, font=small), top + pad + i * cell + cell // 2 - 8),
+               name, fill="black", font=small)
+        for j in range(n):
             shade = int(255 - 200 * share[i, j])
             box = (pad + j * cell, top + pad + i * cell, pad + (j + 1) * cell,
                    top + pad + (i + 1) * cell)

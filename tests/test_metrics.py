@@ -438,6 +438,8 @@ def test_progress_line_and_eta():
     assert line == ("step 200/1000 | loss 9.812 dino 7.1 koleo -0.31 | lr 3.2e-04 | 412 img/s | "
                     "38 ms/step | data 2 ms | eta 0h08m | mem 21.3G")
     assert "mem" not in p.line(200, {"loss": 1.0}, 1, 1, 1)
+    # no loss terms (probe.py's embedding), and a slow rate keeps its first digits
+    assert p.line(200, {}, 1.123, 890, 0).startswith("step 200/1000 | 1.1 img/s | 890 ms/step")
 
 
 def test_jsonl_writer_parses_line_by_line(tmp_path):

@@ -869,11 +869,11 @@ def test_remote_volume_reader_reads_what_the_local_one_reads_and_pins_only_while
     size = files[rows[4]["SOPInstanceUID"]].stat().st_size
     small = _client(proxy, rows + [ghost], tmp_path / "small", cap=int(1.5 * size))
     # the first that can be fetched tells the size
-    probe.check_remote(small, [ghost, rows[4]], workers=1)
+    pacs.check_fetchable(small, [ghost, rows[4]], workers=1)
     need = math.ceil(2 * size / 2**20)
     with pytest.raises(ValueError,
                        match=f"cannot hold the 2 volumes read at once.*at least {need}M"):
-        probe.check_remote(small, [rows[4]], workers=2)
+        pacs.check_fetchable(small, [rows[4]], workers=2)
     assert not small.cache.usage()[2]
     # nothing fetchable and nothing reused: stop at once rather than retry every instance of the
     # table in turn
@@ -881,5 +881,5 @@ def test_remote_volume_reader_reads_what_the_local_one_reads_and_pins_only_while
                        retries=2, backoff=0.01, timeout=2)
     with pytest.raises(ValueError,
                        match="none of the first 2 instances could be fetched.*Connection"):
-        probe.check_remote(gone, rows[:2], workers=1)
-    probe.check_remote(gone, rows[:2], workers=1, reused=3)  # cached exams can still be probed
+        pacs.check_fetchable(gone, rows[:2], workers=1)
+    pacs.check_fetchable(gone, rows[:2], workers=1, reused=3)  # cached exams: still probed

@@ -21,6 +21,7 @@ import phantoms
 import utils
 
 SIZE = (128, 96)  # small images (fine specks need the pixels): the five archives write in ~5 s
+PATIENTS = {"vindr": 50, "rsna": 60, "cbis-ddsm": 60, "cmmd": 48, "cdd-cesm": 40}  # fewer than PATIENTS_2D: faster
 CLASSES = {"birads": {"vindr": range(5), "rsna": range(3), "cbis-ddsm": range(6),
                       "cdd-cesm": range(1, 6)},
            "density": range(4), "lesion-type": {"cbis-ddsm": range(2), "cmmd": range(3)}}
@@ -28,10 +29,10 @@ CLASSES = {"birads": {"vindr": range(5), "rsna": range(3), "cbis-ddsm": range(6)
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    """dataset -> (root, units, counts) of its default-sized archive (PATIENTS_2D), read back."""
+    """dataset -> (root, units, counts) of its archive (PATIENTS patients), read back."""
     base, out = tmp_path_factory.mktemp("archives"), {}
     for dataset in phantoms.DATASETS_2D:
-        root = phantoms.write_2d_archive(base / dataset, dataset, seed=0, size=SIZE)
+        root = phantoms.write_2d_archive(base / dataset, dataset, PATIENTS[dataset], size=SIZE)
         out[dataset] = (root, *cohorts.READERS[dataset](root))
     return out
 
@@ -64,7 +65,7 @@ def read_csv_rows(path):
 def test_every_listed_image_is_read_and_every_task_has_its_classes_in_every_split(archive,
                                                                                    dataset):
     root, units, counts = archive[dataset]
-    n = phantoms.PATIENTS_2D[dataset]
+    n = PATIENTS[dataset]
     files = {"vindr": "images/*/*.dicom", "rsna": "train_images/*/*.dcm",
              "cbis-ddsm": "CBIS-DDSM/*/*/1.000000-full mammogram images-*/1-1.dcm",
              "cmmd": "CMMD/*/*/*/1-*.dcm", "cdd-cesm": "Low energy images of CDD-CESM/*.jpg"}
@@ -185,7 +186,7 @@ def test_cmmd_laterality_only_in_the_header(archive):
     rows = utils.read_xlsx(table)
     assert list(rows[0]) == ["ID1", "LeftRight", "Age", "number", "abnormality",
                              "classification", "subtype"]
-    assert counts["rows"] == len(rows) == phantoms.PATIENTS_2D["cmmd"]
+    assert counts["rows"] == len(rows) == PATIENTS["cmmd"]
     assert {r["abnormality"] for r in rows} == {"mass", "calcification", "both"}
     subtypes = {r["subtype"] for r in rows}
     assert "" in subtypes and len(subtypes) > 1 and subtypes <= {"", *phantoms.CMMD_SUBTYPES}
@@ -225,9 +226,10 @@ def breast_mean(img):
 
 
 def blob(img):
-    """How far the brightest smoothed spot stands above the breast's 90th percentile."""
+    """How far the brightest smoothed spot stands above the breast's median (a large mass moves
+    the upper percentiles)."""
     v = ndimage.gaussian_filter(img, 1.0)[img > 0.15]
-    return v.max() - np.percentile(v, 90)
+    return v.max() - np.median(v)
 
 
 def specks(img):

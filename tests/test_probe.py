@@ -299,7 +299,7 @@ def test_risk_ci_resamples_patients():
     ytc = np.where(rng.random(len(rows)) < 0.35, rng.uniform(0, 5, len(rows)), np.inf)
     yfu = np.where(np.isinf(ytc), rng.uniform(0.5, 8, len(rows)), ytc)
     probs = np.sort(rng.random((len(rows), 5)), 1)
-    block = probe.risk_block(probs, ytc, yfu, patients, "mirai", n_boot=100, seed=4)
+    block = metrics.risk_block(probs, ytc, yfu, patients, "mirai", n_boot=100, seed=4)
 
     def mean(p, t, u):
         return np.mean(list(metrics.risk_auroc_by_year(p, t, u, 5, "mirai").values()))
@@ -310,7 +310,7 @@ def test_risk_ci_resamples_patients():
     assert block["auroc_ci"][3] == pytest.approx(year3, abs=1e-12)
     # risk_block bootstraps once for all years: each year's CI must still be its own pass's
     for rule in metrics.RISK_RULES:
-        block = probe.risk_block(probs, ytc, yfu, patients, rule, n_boot=100, seed=4)
+        block = metrics.risk_block(probs, ytc, yfu, patients, rule, n_boot=100, seed=4)
         assert not block["not_scored"] and block["auroc_mean_years"] == [1, 2, 3, 4, 5]
         whole = metrics.risk_auroc_by_year(probs, ytc, yfu, 5, rule)
         for k in range(1, 6):
@@ -328,7 +328,8 @@ def test_default_cohort_scores_every_year_by_both_rules():
     args = probe.get_args(["--task", "risk"])
     assert args.data == "synthetic"
     rows = [dict(p, exam=p["patient"])
-            for p in phantoms.plan_cohort(args.patients, args.data_seed, args.hazard)]
+            for p in phantoms.plan_cohort(args.patients or probe.DBT_PATIENTS, args.data_seed,
+                                          args.hazard)]
     test = np.array(cohorts.assign_splits(rows, args.seed)) == "test"
     ytc, yfu = cohorts.risk_targets(rows)
     for rule in metrics.RISK_RULES:
@@ -336,7 +337,7 @@ def test_default_cohort_scores_every_year_by_both_rules():
             keep, positive = metrics.risk_year_cases(ytc[test], yfu[test], k, 5, rule)
             n_pos, n_neg = int(positive.sum()), int((keep & ~positive).sum())
             assert n_pos >= 3 and n_neg >= 3, (rule, k, n_pos, n_neg)
-            assert cohorts.year_not_scored(ytc[test], yfu[test], k, rule) is None
+            assert metrics.year_not_scored(ytc[test], yfu[test], k, rule) is None
 
 
 

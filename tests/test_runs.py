@@ -215,7 +215,8 @@ def test_help_shows_the_value_each_flag_takes_for_the_preset(capsys):
     with pytest.raises(SystemExit):  # phantoms.py: --out and --patients depend on --dataset
         phantoms.get_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: None)" not in text and "none given: 8 for dbt, else vindr 50" in text
+    want = f"none given: 8 for dbt, else vindr {phantoms.PATIENTS_2D['vindr']}"
+    assert "(default: None)" not in text and want in text
 
 
 # 6. skipped files are counted ---------------------------------------------------------------------
