@@ -468,3 +468,64 @@ def test_bad_tables_are_one_line_errors_naming_file_and_value(tmp_path):
         cohorts.read_cmmd(root)
     with pytest.raises(ValueError, match="cmmd has no task 'birads'"):
         cohorts.task_labels("cmmd", [], "birads")
+
+
+# ----------------------------------------------------------------------------- broken rules
+def _label_with(swap):
+    """cohorts._label with the rule of one (dataset, task) replaced: swap(the right label, the
+    unit, the arguments) -> the broken one."""
+    right = cohorts._label
+
+    def broken(dataset, task, u, cancer_birads, unlisted_negative):
+        args = [dataset, task, u, cancer_birads, unlisted_negative]
+        return swap(right, args)
+    return broken
+
+
+def _for(dataset, task, wrong):
+    """Break the (dataset, task) rule only: wrong(right label function, args) -> the label."""
+    return lambda mp: mp.setattr(cohorts, "_label", _label_with(
+        lambda right, a: wrong(right, a) if a[:2] == [dataset, task] else right(*a)))
+
+
+BROKEN = {  # each rule test, and a plausible way to get its rule wrong
+    "vindr cancer >= 4 by default": (test_vindr_cancer_is_birads_5_unless_asked_for_4, _for(
+        "vindr", "cancer", lambda right, a: right(*a[:3], 4 if a[3] == 5 else a[3], a[4]))),
+    "vindr mass from the calcification findings": (
+        test_vindr_birads_density_mass_calcification,
+        _for("vindr", "mass", lambda right, a: right(a[0], "calcification", *a[2:]))),
+    "rsna scored per image by default": (
+        test_rsna_cancer_is_per_breast_by_prediction_id,
+        lambda mp: mp.setattr(cohorts, "BREAST_LEVEL", ("cmmd",))),
+    "cbis BENIGN_WITHOUT_CALLBACK as malignant": (
+        test_cbis_image_is_malignant_if_any_abnormality_is,
+        _for("cbis-ddsm", "cancer", lambda right, a: int(any(
+            p in ("MALIGNANT", "BENIGN_WITHOUT_CALLBACK") for p in a[2]["pathology"])))),
+    "cbis lesion-type from the wrong CSV": (
+        test_cbis_lesion_type_birads_density_and_official_split,
+        _for("cbis-ddsm", "lesion-type", lambda right, a: 1 - right(*a))),
+    "cmmd laterality not from the header": (
+        test_cmmd_cancer_per_breast_with_laterality_from_the_header,
+        lambda mp: mp.setattr(cohorts.dicom, "read_header", lambda p: {"Laterality": "R"})),
+    "cmmd unlisted breasts negative by default": (
+        test_cmmd_cancer_per_breast_with_laterality_from_the_header,
+        _for("cmmd", "cancer", lambda right, a: right(*a[:4], True))),
+    "cdd-cesm subtracted images by default": (
+        test_cdd_cesm_low_energy_by_default_subtracted_on_request,
+        lambda mp: mp.setattr(cohorts.read_cdd_cesm, "__defaults__", (True,))),
+    "cdd-cesm a benign finding as cancer": (
+        test_cdd_cesm_low_energy_by_default_subtracted_on_request,
+        _for("cdd-cesm", "cancer", lambda right, a: int(any(
+            p in ("Malignant", "Benign") for p in a[2]["pathology"])))),
+}
+
+
+@pytest.mark.parametrize("broken", sorted(BROKEN))
+def test_each_rule_test_fails_when_its_rule_is_broken(broken, tmp_path, monkeypatch):
+    rule_test, plant = BROKEN[broken]
+    (tmp_path / "right").mkdir()
+    (tmp_path / "broken").mkdir()
+    rule_test(tmp_path / "right")  # passes as the code stands
+    plant(monkeypatch)
+    with pytest.raises((AssertionError, KeyError)):  # a wrong label, or a unit of the wrong kind
+        rule_test(tmp_path / "broken")

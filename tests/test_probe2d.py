@@ -66,6 +66,7 @@ def test_every_task_equals_sklearn_from_predictions_and_counts_add_up(runs, data
             assert report["auroc"] == pytest.approx(skm.roc_auc_score(y, prob), abs=1e-9)
             assert (folder / "roc.png").exists() and len(report["auroc_ci"]) == 2
             continue
+        assert all(len(report[f"{k}_ci"]) == 2 for k in ("accuracy", "macro_f1", "weighted_f1"))
         prob = np.array([[float(r[f"prob_{k}"]) for k in classes] for r in rows])
         pred = prob.argmax(1)
         assert report["accuracy"] == pytest.approx(skm.accuracy_score(y, pred), abs=1e-9)
@@ -202,6 +203,15 @@ def test_bad_input_is_one_line(runs, tmp_path, monkeypatch, capsys):
     (rsna / "train.csv").write_text(text[0] + "\n")
     assert "train.csv: no rows below the header" in cli_error(
         monkeypatch, capsys, ["--data", str(rsna), "--task", "cancer"] + FAST)
+    vindr = tmp_path / "vindr"
+    phantoms.write_2d_archive(vindr, "vindr", 10, size=(64, 48))
+    table = vindr / "breast-level_annotations.csv"
+    table.write_text(table.read_text().replace("BI-RADS 1", "BI-RADS 6", 1))
+    assert "breast_birads 'BI-RADS 6' is not one of BI-RADS 1" in cli_error(
+        monkeypatch, capsys, ["--data", str(vindr), "--task", "cancer"] + FAST)
+    (vindr / "images").rename(vindr / "moved")
+    assert "no folder 'images'" in cli_error(
+        monkeypatch, capsys, ["--data", str(vindr), "--task", "cancer"] + FAST)
     assert "holds none of the known tables" in cli_error(
         monkeypatch, capsys, ["--data", str(tmp_path / "cmmd" / "CMMD"), "--task", "cancer"])
 
