@@ -26,7 +26,8 @@ Each rule is written out in full by the function that applies it; in brief:
 `compare` groups probe.py runs by what they scored (run_task) and tests every pair of a group on
 their common test units (McNemar on accuracy: density and 2-D multi-class tasks; DeLong on AUROC:
 2-D binary tasks and each year of risk), Benjamini-Hochberg over all the tests of all the tasks,
-prints a table and writes compare.json. Array functions raise ValueError naming the argument;
+prints a table and writes compare.json, compare.md (each run's headline metric with its CI, each
+pair's p-values) and radar.png (a polygon per backbone, an axis per task: MammoDINO's Figure 2). Array functions raise ValueError naming the argument;
 table readers name the file, column and row.
 """
 
@@ -689,12 +690,13 @@ def _risk_tests(preds, names, exams, rule, pairs):
 def run_compare(args):
     """`metrics.py compare`: runs grouped by what they scored (run_task), every pair within a
     group tested on its common units, Benjamini-Hochberg over all the tests of all the groups;
-    the table on stdout and compare.json in --out."""
+    the table on stdout; compare.json, compare.md (the table) and radar.png in --out."""
     names = [Path(r).name or str(r) for r in args.runs]  # folder names read best, when distinct
     names = names if len(set(names)) == len(names) else [str(r) for r in args.runs]
-    groups = {}
+    groups, reports = {}, {}
     for name, (report, preds) in zip(names, map(load_run, args.runs)):
         groups.setdefault(run_task(report), []).append((name, preds))
+        reports[name] = report
     alone = [task for task, runs in groups.items() if len(runs) < 2]
     if alone:
         raise ValueError(f"compare: one run only of {', '.join(alone)}; each task compared needs "
@@ -711,7 +713,9 @@ def run_compare(args):
         common[task] = len(units)
     for t, q in zip(tests, benjamini_hochberg([t["p"] for t in tests])):
         t["p_bh"] = float(q)
-    print_compare(tests, common, args.rule if "risk" in groups else None)
+    table = compare_table(groups, reports, tests)
+    counts = "".join(f"{task}: {n} common test units\n" for task, n in common.items())
+    print(counts + table + (f"risk: {args.rule} rule\n" if "risk" in groups else ""), end="")
     utils.check_run_folder(args.out, "compare.json", args.overwrite)
     os.makedirs(args.out, exist_ok=True)
     kinds = sorted({"delong" if t["metric"].startswith("auroc") else "mcnemar" for t in tests})
@@ -719,22 +723,67 @@ def run_compare(args):
                   n_common=common if len(common) > 1 else common[next(iter(common))],
                   rule=args.rule if "risk" in groups else None, test="+".join(kinds),
                   correction="benjamini-hochberg", tests=tests)
+    utils.atomic_write(Path(args.out) / "compare.md", table)
+    axes, polygons = radar_values(groups, reports)
+    centre = utils.draw_radar(axes, polygons, f"{', '.join(HEADLINE_NAMES)} by task and backbone",
+                              Path(args.out) / "radar.png")
+    result["radar"] = dict(axes=axes, polygons=polygons, centre=centre)
     text = json.dumps(utils.finite(result), indent=1) + "\n"
     utils.atomic_write(Path(args.out) / "compare.json", text)
-    utils.log(f"wrote {args.out}: compare.json")
+    utils.log(utils.folder_line(args.out))
     return result
 
 
-def print_compare(tests, common, rule):
-    """The table: a header per task compared, a row per test."""
-    lines = []
-    for task, n in common.items():
-        lines += [f"{task}: {n} common test units" + (f", {rule} rule" if task == "risk" else ""),
-                  f"{'metric':<13} {'A':<28} {'B':<28} {'A':>7} {'B':>7} {'p':>8} {'p (BH)':>8}"]
-        lines += [f"{t['metric']:<13} {t['a'][-28:]:<28} {t['b'][-28:]:<28} {t['value_a']:7.3f} "
-                  f"{t['value_b']:7.3f} {t['p']:8.4f} {t['p_bh']:8.4f}"
-                  for t in tests if t["task"] == task]
-    print("\n".join(lines))
+HEADLINE_NAMES = ("AUROC", "macro F1", "accuracy")  # radar.png's radius, by kind of task
+TABLE_METRICS = ("auroc", "auroc_mean", "accuracy", "macro_f1", "weighted_f1")  # compare.md's
+
+
+def headline(report):
+    """The metric a task is drawn by on radar.png: AUROC (2-D binary; risk: the mean over the
+    scored years), macro F1 (2-D multi-class, as MammoDINO's BI-RADS F1), accuracy (DBT density)."""
+    if report["task"] == "risk":
+        return "auroc_mean"
+    if "auroc" in report:
+        return "auroc"
+    return "macro_f1" if "dataset" in report else "accuracy"
+
+
+def radar_values(groups, reports):
+    """radar.png's axes (the tasks compared) and a polygon per backbone (with its --features when
+    the runs differ in them): its headline value per axis, None where it has no run. A backbone
+    with two runs of one task gets a polygon per run folder."""
+    several = len({r.get("features") for r in reports.values()}) > 1
+    polygons = {}
+    for k, (task, runs) in enumerate(groups.items()):
+        seen = set()
+        for name, _ in runs:
+            rep = reports[name]
+            key = rep.get("backbone") or name
+            key = f"{key}, {rep.get('features')}" if several else key
+            key = f"{key} ({name})" if key in seen else key
+            seen.add(key)
+            polygons.setdefault(key, [None] * len(groups))[k] = rep.get(headline(rep))
+    return list(groups), polygons
+
+
+def compare_table(groups, reports, tests):
+    """compare.md: every metric of every run with its 95% CI (the headline, radar.png's, first),
+    then every pair's p-values."""
+    lines = ["| task | run | backbone | metric | value | 95% CI |", "|---|---|---|---|---|---|"]
+    for task, runs in groups.items():
+        for name, _ in runs:
+            rep = reports[name]
+            numbers = [k for k in TABLE_METRICS if isinstance(rep.get(k), (int, float))]
+            for metric in dict.fromkeys([headline(rep)] + numbers):  # risk's auroc: by year
+                ci = rep.get(f"{metric}_ci") or [math.nan, math.nan]
+                value = rep.get(metric, math.nan)
+                lines.append(f"| {task} | {name} | {rep.get('backbone', '')} | {metric} | "
+                             f"{value:.3f} | {ci[0]:.3f}-{ci[1]:.3f} |")
+    lines += ["", "| task | metric | A | B | A value | B value | p | p (BH) |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {t['task']} | {t['metric']} | {t['a']} | {t['b']} | {t['value_a']:.3f} | "
+              f"{t['value_b']:.3f} | {t['p']:.4f} | {t['p_bh']:.4f} |" for t in tests]
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------ command line

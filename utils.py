@@ -597,6 +597,56 @@ def roc_boxes(n_panels):
             for n in range(n_panels)]
 
 
+RADAR_RADIUS, RADAR_MARGIN = 200, 130  # px: the rim (value 1), and room for the axis labels
+
+
+def radar_point(centre, k, n, value, radius=RADAR_RADIUS):
+    """Pixel of `value` (0 at the centre, 1 on the rim) on axis k of n: axis 0 points up, the
+    others follow clockwise, as in MammoDINO's Figure 2."""
+    angle = -math.pi / 2 + 2 * math.pi * k / n
+    return centre[0] + radius * value * math.cos(angle), centre[1] + radius * value * math.sin(angle)
+
+
+def draw_radar(axes, polygons, title, path):
+    """radar.png: one axis per entry of `axes` (labels), rings at 0.25 .. 1, and one polygon per
+    entry of `polygons` ({legend label: a value in [0, 1] per axis, None where it has none}), its
+    vertices dotted, in CURVE_COLOURS order; the legend under the plot. -> the centre in pixels."""
+    top = 40 + 18 * title.count("\n")
+    side = 2 * (RADAR_RADIUS + RADAR_MARGIN)
+    centre = (side // 2, top + side // 2)
+    img = Image.new("RGB", (max(side, title_width(title, font(15))), top + side + 20 *
+                            len(polygons) + 10), "white")
+    d = ImageDraw.Draw(img)
+    d.multiline_text((10, 8), title, fill="black", font=font(15))
+    n = len(axes)
+    for ring in (0.25, 0.5, 0.75, 1.0):  # circles: any number of axes, even one or two
+        r = RADAR_RADIUS * ring
+        d.ellipse((centre[0] - r, centre[1] - r, centre[0] + r, centre[1] + r), outline=(200,) * 3)
+    for ring in (0.5, 1.0):  # the scale, beside axis 0, under the dots drawn later
+        d.text((centre[0] + 4, centre[1] - RADAR_RADIUS * ring - 14), f"{ring:g}",
+               fill=(150,) * 3, font=font(11))
+    for k, label in enumerate(axes):
+        d.line([centre, radar_point(centre, k, n, 1.0)], fill=(200,) * 3)
+        x, y = radar_point(centre, k, n, 1.12)
+        width = d.textlength(label, font=font(12))
+        d.text((x - width / 2, y - 7), label, fill="black", font=font(12))
+    points = {label: [radar_point(centre, k, n, v) for k, v in enumerate(values) if v is not None]
+              for label, values in polygons.items()}
+    for m, label in enumerate(points):  # outlines first: no line covers another polygon's dots
+        if len(points[label]) > 1:
+            d.line(points[label] + points[label][:1], fill=CURVE_COLOURS[m % len(CURVE_COLOURS)],
+                   width=2)
+    for m, label in enumerate(points):
+        colour = CURVE_COLOURS[m % len(CURVE_COLOURS)]
+        for x, y in points[label]:  # the values themselves, dotted: a test reads them back
+            d.ellipse((x - 4, y - 4, x + 4, y + 4), fill=colour)
+        y = top + side + 20 * m
+        d.line((10, y + 7, 30, y + 7), fill=colour, width=3)
+        d.text((36, y), label, fill=colour, font=font(13))
+    save_png(img, path)
+    return centre
+
+
 def draw_roc(panels, title, path):
     """roc.png: a square panel per entry of `panels`, {panel title: {legend label: (fpr, tpr), or
     None for a year that has no curve}}, each curve in its own colour through the points given (as

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
@@ -571,3 +572,22 @@ def test_csv_text_quotes_an_id_holding_a_comma():
     assert [dict(r) for r in csv.DictReader(io.StringIO(utils.csv_text(preds)))] == preds
     lines = utils.csv_text(preds, ["exam", "patient"]).splitlines()
     assert lines == ["exam,patient", '"CC, ""left"" 2019",P1', "E2,P2"]
+
+
+def test_radar_vertices_sit_at_their_axis_angle_and_radius(tmp_path):
+    """radar.png read back: each value's dot where an independent computation puts it: axis k of n
+    at 2 pi k / n clockwise from 12 o'clock, value v at v x the rim's radius from the centre."""
+    axes = ["vindr cancer", "rsna cancer", "cbis-ddsm birads", "cmmd lesion-type", "density"]
+    polygons = {"A": [0.9, 0.5, 0.7, 0.3, 0.6], "B": [0.4, 0.8, None, 0.65, 0.2]}
+    cx, cy = utils.draw_radar(axes, polygons, "radar", tmp_path / "radar.png")
+    img = np.asarray(Image.open(tmp_path / "radar.png").convert("RGB"))
+    for colour, values in zip(utils.CURVE_COLOURS, polygons.values()):
+        for k, v in enumerate(values):
+            if v is None:
+                continue
+            theta = 2 * np.pi * k / len(axes)
+            x = cx + utils.RADAR_RADIUS * v * np.sin(theta)
+            y = cy - utils.RADAR_RADIUS * v * np.cos(theta)
+            assert img[round(y), round(x)].tolist() == list(colour), (k, v)
+    rim = img[round(cy - utils.RADAR_RADIUS), round(cx)]  # the 1.0 ring crosses axis 0 there
+    assert rim.tolist() != [255, 255, 255]

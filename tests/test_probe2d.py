@@ -10,12 +10,14 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from sklearn import metrics as skm
 
 import cohorts
 import metrics
 import phantoms
 import probe
+import utils
 
 SIZE = (128, 96)  # rows, columns of the phantom images
 PATIENTS = {"vindr": 25, "rsna": 24, "cbis-ddsm": 24, "cmmd": 30, "cdd-cesm": 25}
@@ -167,6 +169,23 @@ def test_compare_pairs_2d_runs_by_task_with_delong_mcnemar_and_bh(runs, tmp_path
     assert [t["p_bh"] for t in result["tests"]] == pytest.approx(
         metrics.benjamini_hochberg([delong["p"], mcnemar["p"]]).tolist(), abs=1e-12)
     assert result["task"] == "vindr cancer per image, vindr density per image"
+    # radar.png: each run's headline value (metrics.json: auroc, macro_f1) on its task's axis
+    img = np.asarray(Image.open(tmp_path / "cmp" / "radar.png").convert("RGB"))
+    cx, cy = result["radar"]["centre"]
+    runs_by_features = {"patch-mean-std": (folders["cancer"], folders["density"]),
+                        "patch-all": (again["cancer"], again["density"])}
+    dots = []
+    for m, features in enumerate(runs_by_features):  # polygons in the order runs were given
+        for k, (folder, metric) in enumerate(zip(runs_by_features[features],
+                                                 ("auroc", "macro_f1"))):
+            v = json.loads((folder / "metrics.json").read_text())[metric]
+            theta = 2 * np.pi * k / 2  # axis k of 2, clockwise from 12 o'clock
+            dots.append((cx + utils.RADAR_RADIUS * v * np.sin(theta),
+                         cy - utils.RADAR_RADIUS * v * np.cos(theta), utils.CURVE_COLOURS[m]))
+    for x, y, colour in dots:
+        if all(np.hypot(x - a, y - b) > 9 for a, b, c in dots if c != colour):  # not covered
+            assert img[round(y), round(x)].tolist() == list(colour)
+    assert "| vindr density per image | density | " in (tmp_path / "cmp" / "compare.md").read_text()
     with pytest.raises(ValueError, match="one run only of vindr density per image"):
         metrics.main(["compare", str(folders["cancer"]), str(again["cancer"]),
                       str(folders["density"]), "--out", str(tmp_path / "cmp2")])
