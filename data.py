@@ -82,7 +82,8 @@ class MultiCrop:
     volume of n_slices, mask its tissue mask subsampled by `stride`, rng a numpy Generator. Returns
     global_crops (2, 3, G, G), local_crops (n_local, 3, L, L), global_tissue (2, G/p, G/p) (tissue
     fraction per patch), slice_index [s, s'] and, for adjacent_k > 0, adjacent (2, 3, G, G): the
-    global crops' boxes and flips on slice s' = read(s').
+    pair, global crop 1's box and flip cut from slice s and from s' = read(s'), each with the mild
+    PAIR_PHOTO (no blur or solarize, jitter 0.8-1.2): MammoDINO's "conservative" transforms.
 
     Geometry: torchvision's RandomResizedCrop (area fraction uniform in scale, aspect log-uniform in
     [3/4, 4/3], 10 tries, then its centred fallback), bicubic antialiased resize, flip with p 0.5.
@@ -95,7 +96,8 @@ class MultiCrop:
     Photometry, DINOv2's as released (dinov2/data/augmentations.py): colour jitter with p 0.8
     (brightness, contrast factors uniform in [0.6, 1.4], random order), Gaussian blur (9 taps, sigma
     in [0.1, 2]), solarize. Its GaussianBlur(p) blurs with probability 1 - p: global crop 1 is never
-    blurred, global crop 2 with p 0.9 (and solarized with p 0.2), locals with p 0.5.
+    blurred, global crop 2 with p 0.9 (and solarized with p 0.2), locals with p 0.5. The main
+    crops keep this whatever the recipe; only the adjacent pair is milder.
 
     MammoDINO (Methodology: "Breast tissue-aware augmentation", "DBT adjacent slice loss") publishes
     no rule; ours: with tissue_aware, a crop is centred on a uniformly drawn tissue pixel and kept
@@ -104,10 +106,13 @@ class MultiCrop:
     +-1..+-adjacent_k inside the volume.
 
     Draws, all from rng, in the order tests/fixtures/multicrop.pt pins: global boxes, flips, global
-    photometry; per local crop box, flip, photometry; s'; the adjacent pair's photometry."""
+    photometry; per local crop box, flip, photometry; s'; the seed of the pair's photometry."""
 
     GLOBAL_PHOTO = ((0.0, 0.0), (0.9, 0.2))  # (blur p, solarize p) of global crops 1 and 2
     LOCAL_PHOTO = (0.5, 0.0)
+    # MammoDINO's "conservative tissue-aware transforms" for the adjacent pair (its numbers are not
+    # public; ours): no blur, no solarize, brightness and contrast in [0.8, 1.2] (DINOv2: 0.6-1.4)
+    PAIR_PHOTO, PAIR_JITTER = (0.0, 0.0), 0.2
     MIP_MARGIN = 2.5  # a level serves crops whose box there is >= MIP_MARGIN x the output side
 
     def __init__(self, *, patch_size=14, global_size=112, local_size=56, n_local=8,
@@ -141,7 +146,15 @@ class MultiCrop:
             k = self.adjacent_k
             inside = [d for d in range(-k, k + 1) if d and 0 <= s + d < n_slices]
             s2 = s + inside[int(rng.integers(len(inside)))] if inside else s
-            out["adjacent"] = self._global_views([read(s2)], boxes, flips, rng)
+            # the pair: global crop 1's box and flip on s and on s', each with the mild photometry,
+            # drawn from a generator of its own (one draw here), so the pair's recipe can change
+            # without moving any later sample's crops
+            pair_rng = np.random.default_rng(int(rng.integers(2 ** 63)))
+            pair = [self._crop(view, boxes[0], flips[0], self.global_size)
+                    for view in (levels, [read(s2)])]
+            out["adjacent"] = _grey_stack([self._photo(x, pair_rng, *self.PAIR_PHOTO,
+                                                       self.PAIR_JITTER) for x in pair])
+
         out["slice_index"] = torch.tensor([s, s2])
         return out
 
@@ -200,13 +213,13 @@ class MultiCrop:
         grid = F.adaptive_avg_pool2d(m[None, None], self.global_size // self.patch_size)[0, 0]
         return grid.flip(-1) if flip else grid
 
-    def _photo(self, x, rng, blur_p, solarize_p):
+    def _photo(self, x, rng, blur_p, solarize_p, jitter=0.4):
         """Grey version of DINOv2's colour augmentation: (1, h, w) -> (1, h, w), the one channel
         that _grey_stack repeats to 3."""
         # ColorJitter(brightness .4, contrast .4) in random order, clamped after each; its
         # saturation and hue (and RandomGrayscale) do nothing on grey
         if rng.random() < 0.8:
-            b, c = rng.uniform(0.6, 1.4, 2)
+            b, c = rng.uniform(1 - jitter, 1 + jitter, 2)
             for op in rng.permutation(2):
                 x = (x * b if op == 0 else (x - x.mean()) * c + x.mean()).clamp(0, 1)
         if rng.random() < blur_p:
@@ -553,10 +566,10 @@ def collate_pretrain(samples, *, patch_size=14, mask_probability=0.5, mask_ratio
     out = {"skipped": {p: r for s in samples for p, r in s.get("skipped", {}).items()},
            "global": crop_major("global_crops"),  # (2B, 3, G, G)
            "local": crop_major("local_crops"),  # (n_local*B, 3, L, L)
-           "adjacent": crop_major("adjacent") if "adjacent" in samples[0] else None}  # as global
+           "adjacent": crop_major("adjacent") if "adjacent" in samples[0] else None}  # s; s'
     if out["adjacent"] is not None:  # (2B,) 0 where s' = s (a single-slice image): no adjacent term
         has_neighbour = [float(s["slice_index"][0] != s["slice_index"][1]) for s in samples]
-        out["adjacent_valid"] = torch.tensor(has_neighbour).repeat(2)  # crop-major, like the crops
+        out["adjacent_valid"] = torch.tensor(has_neighbour).repeat(2)  # per row: s views, s' views
     B, G = len(samples), out["global"].shape[-1]
     n = G // patch_size  # patch grid side
     N, n_masked = n * n, int(2 * B * mask_probability)

@@ -275,9 +275,9 @@ def koleo_loss(x, eps=1e-8):
 def adjacent_slice_loss(student_s, student_adj, teacher_s, teacher_adj, valid,
                         student_temp=STUDENT_TEMP):
     """MammoDINO: DINO cross-entropy of the student on slice s against the teacher on the adjacent
-    slice (same crop geometry: rows pair without the cross-view swap), and the reverse, averaged.
-    student_*: (2B, K) logits, teacher_*: (2B, K) probs, crop-major. valid (2B,): 0 for a
-    single-slice image, which has no neighbour; the mean is over valid rows."""
+    slice (the pair shares its crop box and flip and has milder photometry: data.MultiCrop), and
+    the reverse, averaged. student_*: (B, K) logits, teacher_*: (B, K) probs, a row per image.
+    valid (B,): 0 for a single-slice image, which has no neighbour; the mean is over valid rows."""
     def cross_entropy(s, t):  # (2B,)
         return -(t * F.log_softmax(at_least_fp32(s) / student_temp, dim=-1)).sum(-1)
     per_row = 0.5 * (cross_entropy(student_s, teacher_adj) + cross_entropy(student_adj, teacher_s))
@@ -455,7 +455,7 @@ def train_step(student, teacher, batch, centers, optimizer, sched, args):
     glob = batch["global"]  # (2B, 3, G, G)
     masks = batch["masks"]  # (2B, N)
     idx = batch["mask_indices"]  # (M,)
-    adjacent = batch.get("adjacent") if args.adjacent_weight > 0 else None  # (2B, 3, G, G): s +- d
+    adjacent = batch.get("adjacent") if args.adjacent_weight > 0 else None  # (2B, 3, G, G): s, s'
     device = glob.device.type
     amp = torch.autocast(device, dtype=torch.bfloat16, enabled=args.amp and device == "cuda")
     extra = [adjacent] if adjacent is not None else []
@@ -475,8 +475,9 @@ def train_step(student, teacher, batch, centers, optimizer, sched, args):
         adjacent_loss = loss_fn(adjacent_slice_loss, args.compile)
         # hand-made batches carry no adjacent_valid: every row counts
         valid = batch.get("adjacent_valid", torch.ones(len(glob), device=glob.device))
-        losses["adjacent"] = args.adjacent_weight * adjacent_loss(s_global, s_logits[2], t_global,
-                                                                  t_probs[1], valid)
+        s_pair, t_pair = s_logits[2].chunk(2), t_probs[1].chunk(2)  # (B, K) each: s, then s'
+        losses["adjacent"] = args.adjacent_weight * adjacent_loss(*s_pair, *t_pair,
+                                                                  valid.chunk(2)[0])
     total = sum(losses.values())
     # 0-d tensors: no host sync here
     values = {k: torch.as_tensor(v, device=glob.device).detach().float() for k, v in losses.items()}

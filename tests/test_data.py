@@ -381,13 +381,14 @@ def test_adjacent_pairs(archive, tmp_path, monkeypatch):
     ds = data.PretrainStream(archive, cache_dir=tmp_path, global_size=56, local_size=28, n_local=1,
                              adjacent_k=2)
     # geometry only
-    monkeypatch.setattr(ds.multicrop, "_photo", lambda x, rng, blur, sol: x.expand(3, -1, -1))
+    monkeypatch.setattr(ds.multicrop, "_photo", lambda x, rng, *photo: x.expand(3, -1, -1))
     items = [i for i, _ in zip(ds, range(24))]
     for i in items:
         s, s2 = i["slice_index"].tolist()
         assert 1 <= abs(s - s2) <= 2 and i["adjacent"].shape == i["global_crops"].shape
-    same = np.mean([(i["global_crops"] - i["adjacent"]).abs().mean() for i in items])
-    other = np.mean([(a["global_crops"] - b["adjacent"]).abs().mean()
+        assert torch.equal(i["adjacent"][0], i["global_crops"][0])  # s: global crop 1's geometry
+    same = np.mean([(i["adjacent"][0] - i["adjacent"][1]).abs().mean() for i in items])
+    other = np.mean([(a["adjacent"][0] - b["adjacent"][1]).abs().mean()
                      for a, b in zip(items, items[1:])])
     assert same < 0.5 * other  # same crop box on a neighbouring slice, not a fresh crop
 
@@ -453,7 +454,8 @@ def test_multicrop_reproduces_the_saved_samples(tmp_path):
     tests/fixtures/multicrop.pt, and so does the stream's sample(), which goes through MultiCrop.
     The direct path (pyramid=False) gives the saved pixels to a few float32 ulps; the pyramid those
     of crops at level 0 to its kernel's rounding (2e-5), of smaller levels (at these sizes,
-    dbt-dino's local crops) within its tolerance."""
+    dbt-dino's local crops) within its tolerance. mammodino's entries were saved again when its
+    adjacent pair got its own photometry (issue 22): its first sample's main crops did not move."""
     ref = torch.load(Path(__file__).parent / "fixtures" / "multicrop.pt", weights_only=True)
     path = phantoms.write_phantom_dicom(tmp_path / "v.dcm", (6, 140, 112), "native", seed=7)
     meta, mask = data.volume_index(path, tmp_path / "idx")

@@ -127,10 +127,12 @@ def expected_terms(args, batch, s_out, t_out, centers):
     ibot = sum(per_patch[image_of == i].mean() for i in masked) / (2 * B)
     # KoLeo on the backbone CLS tokens of each global crop separately
     koleo = args.koleo_weight * (koleo64(s_cls[:B]) + koleo64(s_cls[B:]))
-    # adjacent slice, symmetrised: student(s) vs teacher(s') and student(s') vs teacher(s), same
-    # crop rows, over the rows of images that have a neighbouring slice (image 0's crops have none)
-    has = batch["adjacent_valid"].bool()
-    adjacent = args.adjacent_weight * 0.5 * (ce(ta, s_glob)[has].mean() + ce(tg, s_adj)[has].mean())
+    # adjacent slice, symmetrised: student(s) vs teacher(s') and student(s') vs teacher(s), the
+    # pair's rows [s of B images; s' of B], over the images that have a neighbouring slice (image
+    # 0 has none)
+    has = batch["adjacent_valid"][:B].bool()
+    adjacent = args.adjacent_weight * 0.5 * (ce(ta[B:], s_adj[:B])[has].mean()
+                                             + ce(ta[:B], s_adj[B:])[has].mean())
     terms = dict(dino_global=dino_global, dino_local=dino_local, ibot=args.ibot_weight * ibot,
                  koleo=koleo, adjacent=adjacent)
     terms = {k: float(v) for k, v in terms.items()}
@@ -224,6 +226,31 @@ def test_blur_and_solarize_probabilities_per_crop(multicrop, monkeypatch):
         count = len(v)
         assert sigma_ok(int(blurred.sum()), count, p_blur), (name, int(blurred.sum()), count)
         assert sigma_ok(int(solarized.sum()), count, p_sol), (name, int(solarized.sum()), count)
+
+
+def test_adjacent_pair_is_conservative_and_the_main_crops_unchanged(monkeypatch):
+    """mammodino's pair (adjacent_k > 0) on a white slice and its white neighbour, counted as above:
+    the pair is never blurred or solarized and its brightness stays in [0.8, 1] (jitter 0.8-1.2;
+    a white pixel only darkens), while the main crops keep DINOv2's schedule and 0.6-1.4 jitter."""
+    monkeypatch.setattr(data, "gaussian_blur", lambda x, sigma, *a, **kw: torch.full_like(x, 0.55))
+    mc = data.MultiCrop(global_size=G, local_size=L, n_local=N_LOCAL, adjacent_k=1)
+    white, rng, n = torch.ones(64, 48), np.random.default_rng(3), 600
+    items = [mc(white, np.ones((64, 48), bool), 1, rng, 0, 2, lambda s: white) for _ in range(n)]
+    assert all(it["slice_index"].tolist() == [0, 1] for it in items)
+    crops = {"global1": (torch.stack([it["global_crops"][0] for it in items]), (0.0, 0.0)),
+             "global2": (torch.stack([it["global_crops"][1] for it in items]), (0.9, 0.2)),
+             "local": (torch.cat([it["local_crops"] for it in items]), (0.5, 0.0)),
+             "pair s": (torch.stack([it["adjacent"][0] for it in items]), (0.0, 0.0)),
+             "pair s'": (torch.stack([it["adjacent"][1] for it in items]), (0.0, 0.0))}
+    for name, (x, (p_blur, p_sol)) in crops.items():
+        v = x[:, 0, 0, 0]  # constant crops: one value each
+        blurred = ((v - 0.55).abs() < 1e-4) | ((v - 0.45).abs() < 1e-4)
+        solarized = ((v - 0.45).abs() < 1e-4) | (v <= 0.4 + 1e-6)
+        assert sigma_ok(int(blurred.sum()), len(v), p_blur), (name, int(blurred.sum()))
+        assert sigma_ok(int(solarized.sum()), len(v), p_sol), (name, int(solarized.sum()))
+        plain = v[~blurred & ~solarized]
+        low = 0.8 if name.startswith("pair") else 0.6  # the recipe's stated jitter ranges
+        assert plain.min() >= low - 1e-6 and plain.min() < low + 0.03, (name, plain.min())
 
 
 def test_colour_jitter_probability_and_factor_range(multicrop):
