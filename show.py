@@ -1,5 +1,8 @@
 """Attention and PCA maps of a backbone on one DBT slice, after DINO's visualize_attention.py.
 
+    python show.py --image view.dcm --backbone runs/demo/backbone.pth     # attention.png
+    python show.py --image /dicom/folder --backbone runs/demo/backbone.pth  # + attention in tissue
+
 `python show.py --image X.dcm [--backbone F] [--slice S]` stretches one slice (the central one by
 default) to the backbone's square input, as the probes do, and writes attention.png, three panels:
 the slice the model sees; per head, the last block's attention from the CLS token to each patch,
@@ -7,9 +10,17 @@ scaled to its maximum, as DINO draws it (registers left out: they are no place i
 first three principal components of the normed patch features as R, G, B, as DINOv2 draws it. The
 block calls fused SDPA, which never forms the attention matrix, so last_block_attention recomputes
 softmax(q k^T / sqrt(hd)) from its q and k.
+
+Attention inside tissue, a number for MammoDINO's qualitative claim that its features "concentrate
+on clinically meaningful tissue regions": per image, the share of the last block's CLS-to-patch
+attention that falls on breast tissue (tissue_share: each patch weighted by its tissue fraction,
+preprocess.tissue_mask; averaged over heads). --image may be a folder (or a CSV manifest): the
+share of every volume's chosen slice goes to tissue_attention.csv, their mean with a bootstrap 95%
+CI to tissue_attention.json and the screen; attention.png shows the first.
 """
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -23,7 +34,9 @@ from PIL import Image
 from PIL import ImageDraw
 
 import dicom
+import metrics
 import model
+import preprocess
 import utils
 
 
@@ -40,6 +53,26 @@ def last_block_attention(vit, x):
     q, k, v = blk.attn.qkv(h).reshape(B, T, 3, nh, D // nh).permute(2, 0, 3, 1, 4).unbind(0)
     attn = torch.softmax(q @ k.transpose(-2, -1) * (D // nh) ** -0.5, dim=-1)  # (B, nh, T, T)
     return {"attn": attn, "q": q, "k": k, "v": v, "block_input": h}
+
+
+def tissue_share(cls_attention, tissue):
+    """The share of CLS attention on tissue: cls_attention (nh, N) the CLS token's attention to the
+    N patches (registers left out), tissue (N,) each patch's tissue fraction in [0, 1] -> the mean
+    over heads of sum(a * f) / sum(a) (renormalised over the patches: CLS and registers take some)."""
+    a = cls_attention.double()
+    return float(((a * tissue.double()).sum(-1) / a.sum(-1)).mean())
+
+
+def attention_in_tissue(vit, x, image):
+    """tissue_share of one input x (1, 3, S, S) whose displayed slice before resizing is `image`
+    (H, W): the tissue mask of the slice, resized with it and pooled to the patch grid."""
+    grid = x.shape[-1] // vit.patch_size
+    mask = torch.from_numpy(preprocess.tissue_mask(image).astype(np.float32))[None, None]
+    mask = F.interpolate(mask, x.shape[-2:], mode="nearest")  # (1, 1, S, S), as the slice went
+    tissue = F.adaptive_avg_pool2d(mask, grid).flatten()  # (N,) fraction per patch
+    with torch.inference_mode():
+        attn = last_block_attention(vit, x)["attn"][0]  # (nh, T, T)
+    return tissue_share(attn[:, 0, 1 + vit.num_register_tokens:], tissue)
 
 
 def _heat(grey, a):
@@ -88,24 +121,51 @@ def attention_figure(vit, x, title, panel=336):
     return img
 
 
+def model_input(path, slice_, size):
+    """One slice (-1: the central one) as the probes stretch it -> (x (1, 3, size, size), the
+    displayed slice (H, W), its index, the volume's slice count)."""
+    n = dicom.index_volume(path)["n_frames"]
+    s = n // 2 if slice_ < 0 else slice_
+    if s >= n:
+        raise ValueError(f"--slice {s}: {path} has {n} slices")
+    img, _ = dicom.read_dbt(path, frames=[s])  # (1, H, W)
+    x = F.interpolate(torch.from_numpy(img)[None], (size, size), mode="bilinear", antialias=True)
+    return x.clamp(0, 1).expand(-1, 3, -1, -1), img[0], s, n  # (1, 3, size, size)
+
+
 def run_show(args):
     net, desc = model.load_backbone(args.backbone, args.arch, args.weights)
     print(f"*** backbone: {desc} ***", flush=True)
     if not isinstance(net, model.ViT):
         raise ValueError("show needs a ViT backbone (DenseNet-121 has no attention)")
-    n = dicom.index_volume(args.image)["n_frames"]
-    s = n // 2 if args.slice < 0 else args.slice
-    if s >= n:
-        raise ValueError(f"--slice {s}: {args.image} has {n} slices")
-    img, _ = dicom.read_dbt(args.image, frames=[s])
-    size = args.size or net.config["img_size"]
-    x = F.interpolate(torch.from_numpy(img)[None], (size, size), mode="bilinear", antialias=True)
-    x = x.clamp(0, 1).expand(-1, 3, -1, -1)  # (1, 3, size, size)
-    utils.check_run_folder(args.out, "attention.png", args.overwrite)
+    net, size = net.float().eval(), args.size or net.config["img_size"]
+    paths = [args.image] if Path(args.image).is_file() and not args.image.endswith(".csv") \
+        else dicom.scan(args.image)
+    x, img, s, n = model_input(paths[0], args.slice, size)  # a bad first file fails before --out
+    utils.check_run_folder(args.out, "attention.png", args.overwrite,
+                           outputs=("tissue_attention.csv", "tissue_attention.json"))
     os.makedirs(args.out, exist_ok=True)
-    title = f"{Path(args.image).name}, slice {s}/{n}: {desc}"
-    utils.save_png(attention_figure(net.float(), x, title), Path(args.out) / "attention.png")
-    utils.log(f"wrote {args.out}/attention.png")
+    title = f"{Path(paths[0]).name}, slice {s}/{n}: {desc}"
+    utils.save_png(attention_figure(net, x, title), Path(args.out) / "attention.png")
+    rows, skipped = [], 0
+    for path in paths:
+        try:
+            x, img, s, n = model_input(path, args.slice, size)
+        except (ValueError, OSError) as e:  # a folder's unreadable file: said and counted
+            utils.log(f"skipped {path}: {e}")
+            skipped += 1
+            continue
+        rows.append(dict(image=path, slice=s, share=attention_in_tissue(net, x, img)))
+    shares = np.array([r["share"] for r in rows])
+    mean, low, high = metrics.bootstrap_ci(np.mean, shares, n_boot=1000, seed=0) \
+        if len(rows) > 1 else (float(shares.mean()), math.nan, math.nan)
+    summary = dict(backbone=desc, images=len(rows), skipped=skipped, mean=mean, ci=[low, high])
+    utils.atomic_write(Path(args.out) / "tissue_attention.csv", utils.csv_text(rows))
+    utils.atomic_write(Path(args.out) / "tissue_attention.json",
+                       json.dumps(utils.finite(summary), indent=1) + "\n")
+    utils.log(f"attention inside tissue: {mean:.3f} (95% CI {low:.3f}-{high:.3f}) over "
+              f"{len(rows)} images, {skipped} skipped")
+    utils.log(utils.folder_line(args.out))
 
 
 def get_args(argv=None):
@@ -119,12 +179,13 @@ def get_args(argv=None):
     g.add_argument("--size", type=utils.number(int, 0), default=0, help="input side, a multiple of "
                    "14; 0 = the backbone's own (tiny 112, hub ViT 518)")
     g = p.add_argument_group("data")
-    g.add_argument("--image", required=True, help="a DICOM volume or 2-D image")
+    g.add_argument("--image", required=True, help="a DICOM volume or 2-D image; or a folder or "
+                   ".csv manifest of them (attention.png of the first, attention in tissue of all)")
     g.add_argument("--slice", type=utils.number(int, -1), default=-1,
                    help="slice index (-1 = central)")
     g = p.add_argument_group("run folder")
     g.add_argument("--out", default="", help="run folder ('' = runs/show-<date-time>)")
-    g.add_argument("--overwrite", action="store_true", help="replace attention.png in --out")
+    g.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     args = p.parse_args(argv)
     if args.size % 14:
         p.error(f"argument --size: {args.size} is not a multiple of the ViT patch size 14")

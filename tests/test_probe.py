@@ -25,6 +25,7 @@ import dicom
 import metrics
 import model
 import phantoms
+import preprocess
 import probe
 import show
 import utils
@@ -706,6 +707,56 @@ def test_show_writes_attention_png_for_a_saved_backbone(archive, tmp_path, monke
     said = capsys.readouterr().out
     assert "runs/demo/backbone.pth (tiny, 112 px, newest runs/*/backbone.pth)" in said
     assert Image.open(tmp_path / "fig" / "attention.png").size == (3 * 336 + 40, 336 + 50)
+
+
+def test_tissue_share_equals_a_hand_computation(monkeypatch):
+    """tissue_share on a made attention map: head 0 (sums to 0.9: CLS and registers take the rest)
+    0.1, 0.2, 0.3, 0.3 on patches of tissue fraction 1, 0, 0.5, 0 -> (0.1 + 0.15) / 0.9; head 1
+    uniform 0.25 -> (0.25 + 0.125) / 1; the share is their mean."""
+    a = torch.tensor([[0.1, 0.2, 0.3, 0.3], [0.25, 0.25, 0.25, 0.25]])
+    f = torch.tensor([1.0, 0.0, 0.5, 0.0])
+    assert show.tissue_share(a, f) == pytest.approx(0.5 * (0.25 / 0.9 + 0.375), abs=1e-7)  # fp32
+    # through attention_in_tissue: a 4 x 4 grid whose left half is tissue; head 0 looks only at
+    # patch (0, 0), head 1 at every patch alike: shares 1 and 0.5
+    vit = model.build("tiny", img_size=56).eval()
+    T = 1 + vit.num_register_tokens + 16
+    attn = torch.zeros(1, 2, T, T)
+    attn[0, 0, 0, 1 + vit.num_register_tokens] = 1.0
+    attn[0, 1, 0, 1 + vit.num_register_tokens:] = 1 / 16
+    monkeypatch.setattr(show, "last_block_attention", lambda net, x: {"attn": attn})
+    half = np.zeros((40, 30), bool)
+    half[:, :15] = True
+    monkeypatch.setattr(show.preprocess, "tissue_mask", lambda image: half)
+    share = show.attention_in_tissue(vit, torch.zeros(1, 3, 56, 56), np.zeros((40, 30)))
+    assert share == pytest.approx(0.75, abs=1e-12)
+
+
+def test_show_scores_attention_in_tissue_over_a_folder(archive, tmp_path):
+    volumes = sorted(archive.rglob("*.dcm"))
+    show.run_show(show.get_args(["--image", str(archive), "--backbone", "random", "--size", "56",
+                                 "--out", str(tmp_path / "fig")]))
+    with open(tmp_path / "fig" / "tissue_attention.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    summary = json.loads((tmp_path / "fig" / "tissue_attention.json").read_text())
+    assert [r["image"] for r in rows] == [str(v) for v in volumes]
+    shares = [float(r["share"]) for r in rows]
+    assert all(0 < s < 1 for s in shares) and summary["images"] == len(volumes)
+    assert summary["mean"] == pytest.approx(np.mean(shares), abs=1e-9)
+    assert summary["ci"][0] <= summary["mean"] <= summary["ci"][1]
+    assert (tmp_path / "fig" / "attention.png").exists()
+    # the first volume's share, recomputed: its central slice, its tissue mask cut into 4 x 4
+    # blocks of the 56-px input, the attention of the same random ViT
+    img = dicom.read_dbt(volumes[0], frames=[dicom.index_volume(volumes[0])["n_frames"] // 2])[0]
+    x = F.interpolate(torch.from_numpy(img)[None], (56, 56), mode="bilinear", antialias=True)
+    mask = preprocess.tissue_mask(img[0])
+    rows_at = (np.arange(56) * mask.shape[0] / 56).astype(int)  # nearest, as F.interpolate does
+    cols_at = (np.arange(56) * mask.shape[1] / 56).astype(int)
+    f = mask[rows_at][:, cols_at].reshape(4, 14, 4, 14).mean((1, 3)).flatten()
+    vit = model.load_backbone("random", "auto", "")[0].eval()  # show.py's --backbone random
+    with torch.no_grad():
+        a = show.last_block_attention(vit, x.clamp(0, 1).expand(-1, 3, -1, -1))["attn"][0, :, 0]
+    a = a[:, 1 + vit.num_register_tokens:].double().numpy()  # (nh, 16)
+    assert shares[0] == pytest.approx(float(((a * f).sum(1) / a.sum(1)).mean()), abs=1e-6)
 
 
 def test_show_bad_input_is_one_line_and_nonzero_exit(tmp_path):
