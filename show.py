@@ -16,7 +16,8 @@ on clinically meaningful tissue regions": per image, the share of the last block
 attention that falls on breast tissue (tissue_share: each patch weighted by its tissue fraction,
 preprocess.tissue_mask; averaged over heads). --image may be a folder (or a CSV manifest): the
 share of every volume's chosen slice goes to tissue_attention.csv, their mean with a bootstrap 95%
-CI to tissue_attention.json and the screen; attention.png shows the first.
+CI to tissue_attention.json and the screen, beside the share attention spread evenly would get (the
+tissue fraction); attention.png shows the first.
 """
 
 import argparse
@@ -65,14 +66,15 @@ def tissue_share(cls_attention, tissue):
 
 def attention_in_tissue(vit, x, image):
     """tissue_share of one input x (1, 3, S, S) whose displayed slice before resizing is `image`
-    (H, W): the tissue mask of the slice, resized with it and pooled to the patch grid."""
+    (H, W): the tissue mask of the slice, resized with it and pooled to the patch grid. -> (share,
+    the tissue fraction of the input: the share attention spread evenly would get)."""
     grid = x.shape[-1] // vit.patch_size
     mask = torch.from_numpy(preprocess.tissue_mask(image).astype(np.float32))[None, None]
     mask = F.interpolate(mask, x.shape[-2:], mode="nearest")  # (1, 1, S, S), as the slice went
     tissue = F.adaptive_avg_pool2d(mask, grid).flatten()  # (N,) fraction per patch
     with torch.inference_mode():
         attn = last_block_attention(vit, x)["attn"][0]  # (nh, T, T)
-    return tissue_share(attn[:, 0, 1 + vit.num_register_tokens:], tissue)
+    return tissue_share(attn[:, 0, 1 + vit.num_register_tokens:], tissue), float(tissue.mean())
 
 
 def _heat(grey, a):
@@ -155,16 +157,19 @@ def run_show(args):
             utils.log(f"skipped {path}: {e}")
             skipped += 1
             continue
-        rows.append(dict(image=path, slice=s, share=attention_in_tissue(net, x, img)))
+        share, fraction = attention_in_tissue(net, x, img)
+        rows.append(dict(image=path, slice=s, share=share, tissue_fraction=fraction))
     shares = np.array([r["share"] for r in rows])
+    even = float(np.mean([r["tissue_fraction"] for r in rows]))  # attention spread evenly
     mean, low, high = metrics.bootstrap_ci(np.mean, shares, n_boot=1000, seed=0) \
         if len(rows) > 1 else (float(shares.mean()), math.nan, math.nan)
-    summary = dict(backbone=desc, images=len(rows), skipped=skipped, mean=mean, ci=[low, high])
+    summary = dict(backbone=desc, images=len(rows), skipped=skipped, mean=mean, ci=[low, high],
+                   even_attention=even)
     utils.atomic_write(Path(args.out) / "tissue_attention.csv", utils.csv_text(rows))
     utils.atomic_write(Path(args.out) / "tissue_attention.json",
                        json.dumps(utils.finite(summary), indent=1) + "\n")
     utils.log(f"attention inside tissue: {mean:.3f} (95% CI {low:.3f}-{high:.3f}) over "
-              f"{len(rows)} images, {skipped} skipped")
+              f"{len(rows)} images, {skipped} skipped; attention spread evenly: {even:.3f}")
     utils.log(utils.folder_line(args.out))
 
 

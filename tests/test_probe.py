@@ -727,8 +727,8 @@ def test_tissue_share_equals_a_hand_computation(monkeypatch):
     half = np.zeros((40, 30), bool)
     half[:, :15] = True
     monkeypatch.setattr(show.preprocess, "tissue_mask", lambda image: half)
-    share = show.attention_in_tissue(vit, torch.zeros(1, 3, 56, 56), np.zeros((40, 30)))
-    assert share == pytest.approx(0.75, abs=1e-12)
+    share, even = show.attention_in_tissue(vit, torch.zeros(1, 3, 56, 56), np.zeros((40, 30)))
+    assert share == pytest.approx(0.75, abs=1e-12) and even == 0.5
 
 
 def test_show_scores_attention_in_tissue_over_a_folder(archive, tmp_path):
@@ -743,6 +743,8 @@ def test_show_scores_attention_in_tissue_over_a_folder(archive, tmp_path):
     assert all(0 < s < 1 for s in shares) and summary["images"] == len(volumes)
     assert summary["mean"] == pytest.approx(np.mean(shares), abs=1e-9)
     assert summary["ci"][0] <= summary["mean"] <= summary["ci"][1]
+    fractions = [float(r["tissue_fraction"]) for r in rows]
+    assert summary["even_attention"] == pytest.approx(np.mean(fractions), abs=1e-9)
     assert (tmp_path / "fig" / "attention.png").exists()
     # the first volume's share, recomputed: its central slice, its tissue mask cut into 4 x 4
     # blocks of the 56-px input, the attention of the same random ViT
@@ -757,6 +759,7 @@ def test_show_scores_attention_in_tissue_over_a_folder(archive, tmp_path):
         a = show.last_block_attention(vit, x.clamp(0, 1).expand(-1, 3, -1, -1))["attn"][0, :, 0]
     a = a[:, 1 + vit.num_register_tokens:].double().numpy()  # (nh, 16)
     assert shares[0] == pytest.approx(float(((a * f).sum(1) / a.sum(1)).mean()), abs=1e-6)
+    assert fractions[0] == pytest.approx(f.mean(), abs=1e-6)
 
 
 def test_show_bad_input_is_one_line_and_nonzero_exit(tmp_path):
