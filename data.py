@@ -320,15 +320,22 @@ class PretrainStream(torch.utils.data.IterableDataset):
     """Endless multi-crop samples, one random slice per draw, sharded by volume over (rank, worker).
 
     Items: MultiCrop's dict (global_crops, local_crops, global_tissue, slice_index, adjacent),
-    volume (int) and skipped (path -> reason, the skips not yet passed on). **crop: MultiCrop's
+    volume (int), source (int: which of several sources) and skipped (path -> reason, the skips not
+    yet passed on). source: a folder, manifest or DICOMweb URL, or a list of local ones drawn by
+    `weights` (_mix). **crop: MultiCrop's
     keywords (patch_size, global_size, ..., adjacent_k); dicomweb: remote_source's keywords.
     clahe: each slice read (the sampled one and its neighbour) goes through preprocess.clahe
     once, before any crop (MammoDINO's preprocessing)."""
 
     def __init__(self, source, *, seed=0, cache_dir=None, slices_per_volume=4, shuffle_buffer=16,
-                 dicomweb=None, clahe=False, **crop):
+                 dicomweb=None, clahe=False, weights=None, **crop):
         self.client, self.prefetch, self.clahe = None, 0, clahe
-        if pacs.is_dicomweb(source):  # self.paths: "study/series/instance" labels for skips, logs
+        sources = list(source) if isinstance(source, (list, tuple)) else [source]
+        source = sources[0]
+        self.source_of, self.draw_p = None, None  # one source: volumes by permutation (shard)
+        if len(sources) > 1:
+            self._mix(sources, weights)
+        elif pacs.is_dicomweb(source):  # self.paths: "study/series/instance" labels for skips
             self.rows, self.client, self.prefetch = remote_source(source, **(dicomweb or {}))
             self.paths = ["/".join(r[c] for c in pacs.UID_COLUMNS) for r in self.rows]
             # hits, misses, bytes fetched, samples drawn: one row per process (0 = main, w + 1 =
@@ -350,6 +357,33 @@ class PretrainStream(torch.utils.data.IterableDataset):
             reasons = "; ".join(list(self.skipped.values())[:3])
             raise ValueError(f"{pacs.redact(source)}: no readable DICOM among the first "
                              f"{len(first)} of {len(self.paths)} volumes. {reasons}")
+
+    def _mix(self, sources, weights):
+        """Several local sources: volumes drawn with replacement so that source s is drawn with
+        probability weights[s] / sum(weights) (default: equal), however many files each holds
+        (MammoDINO mixes 42,000 mammograms with 1.35 million DBT slices)."""
+        if any(pacs.is_dicomweb(s) for s in sources):
+            raise ValueError("several --data sources: folders or manifests only (a DICOMweb source "
+                             "streams alone)")
+        weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(sources) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"--data-weights {weights}: one weight >= 0 per --data source "
+                             f"({len(sources)}), not all 0")
+        found = [dicom.scan(s) for s in sources]
+        self.paths = [p for paths in found for p in paths]
+        counts = np.array([len(paths) for paths in found])
+        self.source_of = np.repeat(np.arange(len(found)), counts)  # (n_volumes,)
+        share = np.array(weights) / sum(weights)
+        self.draw_p = share[self.source_of] / counts[self.source_of]  # (n_volumes,), sums to 1
+
+    def volume_draws(self, epoch, rank=0, world=1, worker=0, workers=1):
+        """The volumes one (rank, worker) reads in an epoch: its shard, or with several sources
+        as many draws by draw_p, seeded by (seed, epoch, rank, worker)."""
+        if self.draw_p is None:
+            return self.shard(epoch, rank, world, worker, workers)
+        n = math.ceil(len(self.paths) / (world * workers))
+        rng = np.random.default_rng([self.seed, epoch, rank, worker, 1])
+        return rng.choice(len(self.paths), size=n, p=self.draw_p).tolist()
 
     @property
     def n_skipped(self):
@@ -461,14 +495,16 @@ class PretrainStream(torch.utils.data.IterableDataset):
         while True:
             rng = np.random.default_rng([self.seed, epoch, rank, worker])
             produced = 0
-            volumes = self.shard(epoch, rank, world, worker, workers)
+            volumes = self.volume_draws(epoch, rank, world, worker, workers)
             for v, path, pin in self._resident(volumes, row):
                 # bad local files fail again (logged once): history-free
                 index = self._index(path, self.paths[v]) if path else None
                 try:
                     for _ in range(self.slices_per_volume if index else 0):  # then it retires
                         try:
-                            item = dict(self.sample(*index, rng), volume=v)
+                            item = dict(self.sample(*index, rng), volume=v,
+                                        source=0 if self.source_of is None else
+                                        int(self.source_of[v]))
                         except ValueError as e:  # e.g. a corrupt frame deep inside a fine file
                             self._skip(self.paths[v], e)
                             break
@@ -566,7 +602,8 @@ def collate_pretrain(samples, *, patch_size=14, mask_probability=0.5, mask_ratio
     out = {"skipped": {p: r for s in samples for p, r in s.get("skipped", {}).items()},
            "global": crop_major("global_crops"),  # (2B, 3, G, G)
            "local": crop_major("local_crops"),  # (n_local*B, 3, L, L)
-           "adjacent": crop_major("adjacent") if "adjacent" in samples[0] else None}  # s; s'
+           "adjacent": crop_major("adjacent") if "adjacent" in samples[0] else None,  # s; s'
+           "source": torch.tensor([s.get("source", 0) for s in samples])}  # (B,) --data index
     if out["adjacent"] is not None:  # (2B,) 0 where s' = s (a single-slice image): no adjacent term
         has_neighbour = [float(s["slice_index"][0] != s["slice_index"][1]) for s in samples]
         out["adjacent_valid"] = torch.tensor(has_neighbour).repeat(2)  # per row: s views, s' views

@@ -120,9 +120,13 @@ def get_args(argv=None):
     g.add_argument("--separate-ibot-head", action="store_true",
                    help="own head for patches (vitl/g recipe)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="synthetic", help="DICOM archive root, a .csv manifest, "
-                   "'synthetic' (phantoms from data.py, under $DBT_DINO_CACHE) or "
-                   "dicomweb+https://host/prefix (with --manifest)")
+    g.add_argument("--data", nargs="+", default=["synthetic"], help="DICOM archive root, a .csv "
+                   "manifest, 'synthetic' (phantoms from data.py, under $DBT_DINO_CACHE) or "
+                   "dicomweb+https://host/prefix (with --manifest); several local ones are mixed "
+                   "by --data-weights (the first holds the probe's exams.csv)")
+    g.add_argument("--data-weights", nargs="+", type=utils.number(float, 0), default=[],
+                   help="each --data source's share of the volumes drawn, however many files it "
+                   "holds (MammoDINO: 2-D mammograms and DBT); none = equal shares")
     utils.add_dicomweb_flags(g, "dicomweb sources: CSV of StudyInstanceUID, SeriesInstanceUID, "
                              "SOPInstanceUID, the only instances ever requested")
     g.add_argument("--samples-per-volume", type=count, default=4, help="samples drawn from each "
@@ -198,6 +202,12 @@ def get_args(argv=None):
                 "use --koleo-weight 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("argument --device: cuda was asked for, but this machine has no usable CUDA device")
+    if args.data_weights and len(args.data_weights) != len(args.data):
+        p.error(f"argument --data-weights: {len(args.data_weights)} weights for "
+                f"{len(args.data)} --data sources")
+    if args.data_weights and not sum(args.data_weights) > 0:
+        p.error("argument --data-weights: all are 0")
+    args.sources, args.data = args.data, args.data[0]  # the first: the probe's, --resume's
     return args
 
 
@@ -660,12 +670,14 @@ def train(args):
     # ---------------- data ----------------
     recipe = dict(data.RECIPES[args.recipe], global_size=args.global_size,
                   local_size=args.local_size)
-    source = phantoms.synthetic_archive() if args.data == "synthetic" else args.data
+    sources = [str(phantoms.synthetic_archive()) if s == "synthetic" else s for s in args.sources]
+    source = sources[0]  # its exams.csv, if any, feeds the density probe
     remote = dict(manifest=args.manifest, cache_bytes=args.cache_bytes,
                   credentials=args.dicomweb_credentials or None,
                   ca_bundle=args.dicomweb_ca_bundle or None)
     patch = student.backbone.patch_size
-    stream = data.PretrainStream(source, patch_size=patch, seed=args.seed, **recipe,
+    stream = data.PretrainStream(sources if len(sources) > 1 else source, patch_size=patch,
+                                 seed=args.seed, **recipe, weights=args.data_weights or None,
                                  slices_per_volume=args.samples_per_volume, dicomweb=remote)
     collate = functools.partial(data.collate_pretrain, patch_size=patch,
                                 tissue_masking=recipe.get("tissue_aware", False))
@@ -703,12 +715,22 @@ def train(args):
         dist.destroy_process_group()
 
 
+def source_share(drawn, args, device):
+    """With several --data sources: {"source_share": each one's share of the samples drawn so far
+    by every rank in this process's run}, for metrics.jsonl beside the weights asked for."""
+    if len(args.sources) < 2:
+        return {}
+    total = utils.all_reduce(drawn.to(device)).cpu()  # on the device: NCCL reduces CUDA tensors
+    return {"source_share": (total / total.sum().clamp_min(1)).tolist()}
+
+
 def run_loop(args, ddp, student, teacher, optimizer, centers, schedules, stream, collate,
              eval_set, writer, start, device):
     """The training iterations from `start`: step, log every --log-every, probe, checkpoint."""
     rank, world = utils.rank_world()
     progress, skips = utils.Progress(args.steps, start), data.SkipCounter(stream)
     window = []  # (step s, data s) since the last progress line
+    drawn = torch.zeros(len(args.sources), dtype=torch.float64)  # samples per --data source
     if eval_set is not None and start == 0:  # the starting backbone: what training must beat
         quick_probe(0, teacher, eval_set, device, writer)
     for it in range(start, args.steps):
@@ -726,6 +748,7 @@ def run_loop(args, ddp, student, teacher, optimizer, centers, schedules, stream,
             e.rank_specific = True
             raise
         skips.add(batch.pop("skipped", {}))
+        drawn += torch.bincount(batch.pop("source"), minlength=len(drawn)).double()
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
                  for k, v in batch.items()}
         t1 = time.perf_counter()
@@ -748,8 +771,9 @@ def run_loop(args, ddp, student, teacher, optimizer, centers, schedules, stream,
             mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             images_per_s = args.batch_size * world / step_s
             utils.log(progress.line(step, values, images_per_s, 1e3 * step_s, 1e3 * data_s, mem))
+            share = source_share(drawn, args, device)  # a collective, like the loss terms
             if writer:
-                writer.write(dict(step=step, split="train", time=time.time(), **values))
+                writer.write(dict(step=step, split="train", time=time.time(), **values, **share))
             window = []
             skips.check(args.max_skip_fraction)
         if eval_set is not None and (step % args.eval_every == 0 or step == args.steps):

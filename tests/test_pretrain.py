@@ -165,8 +165,12 @@ def test_get_args_defaults_round_trip():
     argv = []
     for k, v in vars(args).items():
         flag = "--" + k.replace("_", "-")
+        if k == "sources":  # derived: every --data source (args.data is the first)
+            continue
         if isinstance(v, bool):
             argv += [flag] if v else []
+        elif isinstance(v, list):
+            argv += [flag, *map(str, v)] if v else []
         else:
             argv += [flag, str(v)]
     assert vars(pretrain.get_args(argv)) == vars(args)

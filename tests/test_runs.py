@@ -12,9 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+import data
 import phantoms
 import pretrain
 import utils
@@ -310,3 +312,48 @@ def test_torchrun_bad_input_is_said_once(tmp_path):
     assert errors == ["error: /nonexistent: not a folder or a .csv manifest"], run.stderr
     # our line comes before anything torchrun adds
     assert "Traceback" not in run.stderr.split(errors[0])[0]
+
+
+# 10. several --data sources, mixed by weight -------------------------------------------------------
+
+def test_sources_are_drawn_by_weight_not_by_file_count(archive, tmp_path):
+    """One 1-file folder and the 4-volume archive, weights 0.03 and 0.97: over 10,000 volume draws
+    (the stream's own, over epochs, 2 ranks x 2 workers) each source's share is within 3 standard
+    errors of its weight, not of its file count's 1/5; items and batches say their source."""
+    one = tmp_path / "one"
+    one.mkdir()
+    phantoms.write_phantom_dicom(one / "v.dcm", (2, 64, 48), seed=4)
+    kw = dict(cache_dir=tmp_path / "c", global_size=28, local_size=14, n_local=1)
+    ds = data.PretrainStream([one, archive], weights=[0.03, 0.97], **kw)
+    assert len(ds.paths) == 5 and ds.source_of.tolist() == [0, 1, 1, 1, 1]
+    draws, epoch = [], 0
+    while len(draws) < 10_000:
+        for rank, worker in ((0, 0), (0, 1), (1, 0), (1, 1)):
+            draws += ds.volume_draws(epoch, rank, 2, worker, 2)
+        epoch += 1
+    first = (ds.source_of[np.array(draws[:10_000])] == 0).mean()
+    assert abs(first - 0.03) <= 3 * np.sqrt(0.03 * 0.97 / 10_000), first
+    even = data.PretrainStream([one, archive], **kw)  # no weights: equal shares
+    draws = [v for e in range(2000) for v in even.volume_draws(e)][:10_000]
+    assert abs((even.source_of[np.array(draws)] == 0).mean() - 0.5) <= 3 * np.sqrt(0.25 / 10_000)
+    items = [item for item, _ in zip(ds, range(8))]
+    assert {i["source"] for i in items} <= {0, 1}
+    batch = data.collate_pretrain(items[:4], patch_size=14)
+    assert batch["source"].tolist() == [i["source"] for i in items[:4]]
+
+
+def test_a_mixed_run_logs_each_sources_share(archive, tmp_path):
+    one = tmp_path / "one"
+    one.mkdir()
+    phantoms.write_phantom_dicom(one / "v.dcm", (2, 64, 48), seed=4)
+    out = tmp_path / "run"
+    pretrain.train(pretrain.get_args(["--data", str(archive), str(one), "--data-weights", "3",
+                                      "1", "--out", str(out), "--steps", "2", "--workers", "0",
+                                      *SMALL]))
+    logs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    shares = [r["source_share"] for r in logs if r["split"] == "train"]
+    assert len(shares) == 2 and all(len(s) == 2 and abs(sum(s) - 1) < 1e-9 for s in shares)
+    args = json.loads((out / "args.json").read_text())
+    assert args["data"] == str(archive) and args["sources"] == [str(archive), str(one)]
+    with pytest.raises(SystemExit):
+        pretrain.get_args(["--data", str(archive), str(one), "--data-weights", "1"])
