@@ -1,6 +1,11 @@
 """Lets plain `pytest` (not only `python -m pytest`) import the repo's flat modules from any working directory;
-the saved_run fixture (backbone.pth files where detect.py and probe.py look for one) is shared by their tests, and
-torch_compile by the tests of --compile."""
+the saved_run fixture (backbone.pth files where detect.py and probe.py look for one) is shared by their tests,
+torch_compile by the tests of --compile, and inproc (a script's command line run in this process) by the tests of
+one-line errors."""
+import contextlib
+import io
+import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,3 +44,19 @@ def torch_compile():
     except Exception as e:  # the toolchain's own message says what is missing
         pytest.fail(f"torch.compile cannot run on this machine (needs g++ and the Python headers): {e}")
     assert ok, "torch.compile ran but computed 2 * 1 + 1 wrongly"
+
+
+def inproc(script, *argv):
+    """A script's command line without a new interpreter (2 s of imports saved): run here as __main__, its
+    exit status and what it wrote -> the same CompletedProcess."""
+    out, err, saved, code = io.StringIO(), io.StringIO(), sys.argv, 0
+    sys.argv = [script, *map(str, argv)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+    except SystemExit as e:  # sys.exit("error: ...") prints the text and exits 1, as Python does
+        code = e.code if isinstance(e.code, int) else 1
+        err.write("" if isinstance(e.code, int) or e.code is None else f"{e.code}\n")
+    finally:
+        sys.argv = saved
+    return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())

@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import bench
 import model
 import utils
+from conftest import inproc
 
 BENCH = Path(__file__).resolve().parents[1] / "bench.py"
 
@@ -30,8 +31,7 @@ def test_vit_flops_match_torch_flop_counter(name, H, W):
 
 
 def test_bad_flag_is_one_line():
-    run = subprocess.run([sys.executable, str(BENCH), "backbone", "--size", "100"],
-                         capture_output=True, text=True, timeout=120)
+    run = inproc("bench.py", "backbone", "--size", "100")
     assert run.returncode == 2 and "--size" in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
 

@@ -7,8 +7,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +27,7 @@ import preprocess
 import probe
 import show
 import utils
+from conftest import inproc
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--slices", "4", "--height", "64", "--width", "48", "--size", "28", "--workers", "0"]
@@ -486,8 +485,7 @@ def test_bad_input_one_line_and_nonzero_exit(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             probe.get_args(argv)
         assert e.value.code == 2 and flag in capsys.readouterr().err
-    r = subprocess.run([sys.executable, str(ROOT / "probe.py"), "--data",
-                        str(tmp_path / "none.csv")], capture_output=True, text=True, cwd=tmp_path)
+    r = inproc("probe.py", "--data", tmp_path / "none.csv")
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0
     assert "none.csv: no exam table" in r.stderr
     # a spreadsheet's "Unicode text"
@@ -764,8 +762,7 @@ def test_show_scores_attention_in_tissue_over_a_folder(archive, tmp_path):
 
 def test_show_bad_input_is_one_line_and_nonzero_exit(tmp_path):
     for argv, code, says in [([], 2, "--image"), (["--image", "gone.dcm"], 1, "gone.dcm")]:
-        r = subprocess.run([sys.executable, str(ROOT / "show.py"), *argv], capture_output=True,
-                           text=True, cwd=tmp_path)
+        r = inproc("show.py", *argv)
         assert r.returncode == code and r.stderr.strip().count("\n") == 0 and says in r.stderr
         assert "Traceback" not in r.stderr
 

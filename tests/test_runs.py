@@ -2,11 +2,8 @@
 
 Each test feeds one bad input and checks the exact refusal: the message, the exit code, and no
 traceback."""
-import contextlib
-import io
 import json
 import os
-import runpy
 import shutil
 import subprocess
 import sys
@@ -20,6 +17,7 @@ import data
 import phantoms
 import pretrain
 import utils
+from conftest import inproc
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--global-size", "28", "--local-size", "14", "--prototypes", "64", "--head-hidden", "32",
@@ -32,22 +30,6 @@ def cli(script, *argv, cwd=None):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)],
                           capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
-
-
-def inproc(script, *argv):
-    """cli() without a new interpreter (2 s of imports saved): the script run here as __main__, its
-    exit status and what it wrote -> the same CompletedProcess."""
-    out, err, saved, code = io.StringIO(), io.StringIO(), sys.argv, 0
-    sys.argv = [script, *map(str, argv)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            runpy.run_path(str(ROOT / script), run_name="__main__")
-    except SystemExit as e:  # sys.exit("error: ...") prints the text and exits 1, as Python does
-        code = e.code if isinstance(e.code, int) else 1
-        err.write("" if isinstance(e.code, int) or e.code is None else f"{e.code}\n")
-    finally:
-        sys.argv = saved
-    return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
 
 
 def one_line(run, code, *fragments):
