@@ -128,6 +128,35 @@ def _embed_one(net, item, device, size, chunk, dtype, amp):
     return {k: v.cpu() for k, v in aggregate(torch.cat(patches), torch.cat(cls)).items()}
 
 
+def decoded(loader, total, what, stats):
+    """The readable items of a loader of `total` (index, item) pairs, logging each unreadable one
+    (a message) and raising an Exception item (a refused login, a full cache: every further one
+    would fail). stats (a dict) gains wait_seconds (blocked on the decoding workers), skipped and
+    units (slices, or images: the rate's); a progress line per tenth, timed after the caller's work
+    on the item."""
+    progress, every, batches = utils.Progress(total), max(1, total // 10), iter(loader)
+    t0 = time.perf_counter()
+    for n in range(1, total + 1):
+        t = time.perf_counter()
+        i, item = next(batches)
+        stats["wait_seconds"] += time.perf_counter() - t
+        if isinstance(item, Exception):
+            raise item
+        if isinstance(item, str):
+            utils.log(f"skipped unreadable {what}: {item}")
+            stats["skipped"] += 1
+        else:
+            stats["units"] += len(item["stored"]) if isinstance(item, dict) else 1
+            yield i, item
+        if n % every == 0 or n == total:
+            spent = time.perf_counter() - t0
+            line = progress.line(n, {}, stats["units"] / spent, 1000 * spent / n,
+                                 1000 * stats["wait_seconds"] / n)  # ms per view or image
+            unit = "slices" if what == "view" else "images"
+            utils.log("embed " + line.replace("img/s", f"{unit}/s").replace("/step", f"/{what}"))
+    stats["seconds"] = time.perf_counter() - t0
+
+
 @torch.inference_mode()
 def embed_volumes(backbone, paths, device, *, size=518, chunk=75, workers=2, precision="autocast",
                   client=None):
@@ -142,29 +171,10 @@ def embed_volumes(backbone, paths, device, *, size=518, chunk=75, workers=2, pre
     reader = data.VolumeReader(paths) if client is None else data.RemoteVolumeReader(client, paths)
     loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=workers,
                                          pin_memory=device.type == "cuda")
-    features, stats = [None] * len(paths), dict(slices=0, seconds=0.0, wait_seconds=0.0, skipped=0)
-    progress, t0 = utils.Progress(len(paths)), time.perf_counter()
-    every = max(1, len(paths) // 10)  # progress lines per run
-    batches = iter(loader)
-    for n in range(1, len(paths) + 1):
-        t = time.perf_counter()
-        i, item = next(batches)
-        stats["wait_seconds"] += time.perf_counter() - t
-        if isinstance(item, Exception):  # a refused login or a full cache: every further one fails
-            raise item
-        if isinstance(item, str):
-            utils.log(f"skipped unreadable view: {item}")
-            stats["skipped"] += 1
-        else:  # .cpu() in _embed_one waits for the device
-            features[i] = _embed_one(net, item, device, size, chunk, dtype, amp)
-            stats["slices"] += len(item["stored"])
-        if n % every == 0 or n == len(paths):
-            spent = time.perf_counter() - t0
-            rate, wait = stats["slices"] / spent, stats["wait_seconds"] / spent
-            line = progress.line(n, {"slices/s": rate, "data_wait": wait}, rate, 1000 * spent / n,
-                                 1000 * stats["wait_seconds"] / n)
-            utils.log("embed " + line)
-    stats["seconds"] = time.perf_counter() - t0
+    features, stats = [None] * len(paths), dict(units=0, seconds=0.0, wait_seconds=0.0, skipped=0)
+    for i, item in decoded(loader, len(paths), "view", stats):  # .cpu() in _embed_one: synced
+        features[i] = _embed_one(net, item, device, size, chunk, dtype, amp)
+    stats["slices"] = stats.pop("units")
     return features, stats
 
 
@@ -465,42 +475,35 @@ def embed_images(net, paths, folder, device, *, size, chunk, workers, precision)
     -> (records, dict(reused, embedded, skipped, seconds))."""
     files = [image_file(folder, p) for p in paths]
     out = {i: r for i, r in enumerate(map(utils.load_cached, files)) if r is not None}
-    todo = [i for i in range(len(paths)) if i not in out]
-    utils.log(f"embeddings: {len(out)} images reused from {folder}, {len(todo)} to embed")
+    todo, reused = [i for i in range(len(paths)) if i not in out], len(out)
+    utils.log(f"embeddings: {reused} images reused from {folder}, {len(todo)} to embed")
     Path(folder).mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     net, dtype, amp = _prepare(net, device, precision)
     loader = torch.utils.data.DataLoader(data.ViewReader([paths[i] for i in todo], size),
                                          batch_size=None, num_workers=workers if todo else 0,
                                          pin_memory=device.type == "cuda")
-    skipped, batch, t0, wait = 0, [], time.perf_counter(), 0.0
-    progress, every, views = utils.Progress(len(todo)), max(1, len(todo) // 10), iter(loader)
-    for n in range(1, len(todo) + 1):
-        t = time.perf_counter()
-        k, item = next(views)
-        wait += time.perf_counter() - t  # blocked on the decoding workers
-        if isinstance(item, str):
-            utils.log(f"skipped unreadable image: {item}")
-            skipped += 1
-        else:
-            batch.append((todo[k], item))
-        if batch and (len(batch) == chunk or n == len(todo)):  # a forward pass of `chunk` views
-            x = torch.stack([view for _, view in batch]).to(device, dtype)  # (B, 3, size, size)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                o = net.forward_features(x)
-            for (i, _), patches, cls in zip(batch, o["x_norm_patchtokens"].float(),
-                                            o["x_norm_clstoken"].float()):  # (N, D), (D,)
-                out[i] = {s: v.cpu() for s, v in aggregate(patches[None], cls[None]).items()}
-                utils.save_checkpoint(files[i], out[i])
-            batch = []
-        if n % every == 0 or n == len(todo):
-            spent = time.perf_counter() - t0
-            line = progress.line(n, {}, n / spent, 1000 * spent / n, 1000 * wait / n)  # per image
-            utils.log("embed " + line.replace("img/s", "images/s").replace("/step", "/image"))
-    embedded = len(todo) - skipped
-    utils.log(f"embeddings: {len(out) - embedded} reused, {embedded} embedded, {skipped} "
-              "unreadable")
-    return out, dict(reused=len(out) - embedded, embedded=embedded, skipped=skipped,
+    stats, batch = dict(units=0, seconds=0.0, wait_seconds=0.0, skipped=0), []
+    t0 = time.perf_counter()
+
+    def forward():  # one pass over `chunk` views, each saved as it comes
+        x = torch.stack([view for _, view in batch]).to(device, dtype)  # (B, 3, size, size)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            o = net.forward_features(x)
+        for (i, _), patches, cls in zip(batch, o["x_norm_patchtokens"].float(),
+                                        o["x_norm_clstoken"].float()):  # (N, D), (D,)
+            out[i] = {s: v.cpu() for s, v in aggregate(patches[None], cls[None]).items()}
+            utils.save_checkpoint(files[i], out[i])
+        batch.clear()
+    for k, view in decoded(loader, len(todo), "image", stats):
+        batch.append((todo[k], view))
+        if len(batch) == chunk:
+            forward()
+    if batch:
+        forward()
+    embedded = len(out) - reused
+    utils.log(f"embeddings: {reused} reused, {embedded} embedded, {stats['skipped']} unreadable")
+    return out, dict(reused=reused, embedded=embedded, skipped=stats["skipped"],
                      seconds=time.perf_counter() - t0)
 
 
