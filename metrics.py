@@ -691,10 +691,14 @@ def run_compare(args):
     """`metrics.py compare`: runs grouped by what they scored (run_task), every pair within a
     group tested on its common units, Benjamini-Hochberg over all the tests of all the groups;
     the table on stdout; compare.json, compare.md (the table) and radar.png in --out."""
-    names = [Path(r).name or str(r) for r in args.runs]  # folder names read best, when distinct
-    names = names if len(set(names)) == len(names) else [str(r) for r in args.runs]
+    attention = tissue_attention(args.runs)  # show.py folders: scored apart, not paired
+    runs = [r for r in args.runs if str(r) not in attention]
+    names = [Path(r).name or str(r) for r in runs]  # folder names read best, when distinct
+    names = names if len(set(names)) == len(names) else [str(r) for r in runs]
     groups, reports = {}, {}
-    for name, (report, preds) in zip(names, map(load_run, args.runs)):
+    if attention and not runs:
+        return attention_only(args, attention)
+    for name, (report, preds) in zip(names, map(load_run, runs)):
         groups.setdefault(run_task(report), []).append((name, preds))
         reports[name] = report
     alone = [task for task, runs in groups.items() if len(runs) < 2]
@@ -715,7 +719,8 @@ def run_compare(args):
         t["p_bh"] = float(q)
     table = compare_table(groups, reports, tests)
     counts = "".join(f"{task}: {n} common test units\n" for task, n in common.items())
-    print(counts + table + (f"risk: {args.rule} rule\n" if "risk" in groups else ""), end="")
+    print(counts + table + attention_table(attention)
+          + (f"risk: {args.rule} rule\n" if "risk" in groups else ""), end="")
     utils.check_run_folder(args.out, "compare.json", args.overwrite)
     os.makedirs(args.out, exist_ok=True)
     kinds = sorted({"delong" if t["metric"].startswith("auroc") else "mcnemar" for t in tests})
@@ -723,11 +728,55 @@ def run_compare(args):
                   n_common=common if len(common) > 1 else common[next(iter(common))],
                   rule=args.rule if "risk" in groups else None, test="+".join(kinds),
                   correction="benjamini-hochberg", tests=tests)
+    if attention:
+        result["tissue_attention"] = attention
+        table += attention_table(attention)
     utils.atomic_write(Path(args.out) / "compare.md", table)
     axes, polygons = radar_values(groups, reports)
     centre = utils.draw_radar(axes, polygons, f"{', '.join(HEADLINE_NAMES)} by task and backbone",
                               Path(args.out) / "radar.png")
     result["radar"] = dict(axes=axes, polygons=polygons, centre=centre)
+    text = json.dumps(utils.finite(result), indent=1) + "\n"
+    utils.atomic_write(Path(args.out) / "compare.json", text)
+    utils.log(utils.folder_line(args.out))
+    return result
+
+
+def tissue_attention(folders):
+    """{folder: show.py's tissue_attention.json} of the folders that hold one (a show.py run)."""
+    out = {}
+    for folder in map(str, folders):
+        file = Path(folder) / "tissue_attention.json"
+        if file.exists():
+            try:
+                out[folder] = json.loads(file.read_text())
+            except json.JSONDecodeError:
+                raise ValueError(f"{file}: not show.py's tissue_attention.json") from None
+    return out
+
+
+def attention_table(attention):
+    """compare.md's section for show.py runs: each backbone's mean share of attention on tissue."""
+    if not attention:
+        return ""
+    lines = ["", "| show.py run | backbone | images | attention in tissue | 95% CI | spread evenly |",
+             "|---|---|---|---|---|---|"]
+    for folder, a in attention.items():
+        low, high = a.get("ci") or [math.nan, math.nan]
+        lines.append(f"| {folder} | {a.get('backbone', '')} | {a.get('images')} | "
+                     f"{a.get('mean', math.nan):.3f} | {low:.3f}-{high:.3f} | "
+                     f"{a.get('even_attention', math.nan):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def attention_only(args, attention):
+    """compare given show.py folders only: the attention table, compare.md and compare.json."""
+    table = attention_table(attention)
+    print(table, end="")
+    utils.check_run_folder(args.out, "compare.json", args.overwrite)
+    os.makedirs(args.out, exist_ok=True)
+    utils.atomic_write(Path(args.out) / "compare.md", table)
+    result = dict(runs=[str(r) for r in args.runs], tissue_attention=attention)
     text = json.dumps(utils.finite(result), indent=1) + "\n"
     utils.atomic_write(Path(args.out) / "compare.json", text)
     utils.log(utils.folder_line(args.out))
@@ -804,8 +853,8 @@ def get_args(argv=None):
     c = sub.add_parser("compare", help="McNemar (accuracy) or DeLong (AUROC) between probe.py "
                        "runs of the same task, Benjamini-Hochberg corrected over all",
                        formatter_class=fmt)
-    c.add_argument("runs", nargs="+",
-                   help="probe.py run folders holding metrics.json and predictions.csv")
+    c.add_argument("runs", nargs="+", help="probe.py run folders (metrics.json, predictions.csv); "
+                   "show.py folders add their attention in tissue (tissue_attention.json)")
     g = c.add_argument_group("tests")
     g.add_argument("--rule", default="mirai", choices=RISK_RULES,
                    help="risk runs: the per-year AUROC rule")

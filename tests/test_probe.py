@@ -758,6 +758,16 @@ def test_show_scores_attention_in_tissue_over_a_folder(archive, tmp_path):
     a = a[:, 1 + vit.num_register_tokens:].double().numpy()  # (nh, 16)
     assert shares[0] == pytest.approx(float(((a * f).sum(1) / a.sum(1)).mean()), abs=1e-6)
     assert fractions[0] == pytest.approx(f.mean(), abs=1e-6)
+    # compare lists each show.py run's mean with its CI, as its tissue_attention.json says
+    show.run_show(show.get_args(["--image", str(archive), "--backbone", "random", "--size", "28",
+                                 "--out", str(tmp_path / "fig28")]))
+    result = metrics.main(["compare", str(tmp_path / "fig"), str(tmp_path / "fig28"), "--out",
+                           str(tmp_path / "cmp")])
+    other = json.loads((tmp_path / "fig28" / "tissue_attention.json").read_text())
+    assert result["tissue_attention"] == {str(tmp_path / "fig"): summary,
+                                          str(tmp_path / "fig28"): other}
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert f"| {summary['mean']:.3f} | {summary['ci'][0]:.3f}-{summary['ci'][1]:.3f} |" in table
 
 
 def test_show_bad_input_is_one_line_and_nonzero_exit(tmp_path):
