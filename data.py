@@ -37,6 +37,10 @@ RECIPES = {
 }
 RECIPES["mammodino"] = dict(RECIPES["dinov2"], tissue_aware=True, min_tissue_global=0.5,
                             min_tissue_local=0.3, adjacent_k=2)
+# What each recipe does to a displayed slice (VOI window to [0, 1]: the intensity normalisation)
+# before any crop. MammoDINO standardises inputs with CLAHE; pretrain.py records it beside the
+# backbone, and probe.py applies the same to the backbone's inputs.
+PREPROCESS = {"dinov2": "none", "dbt-dino": "none", "mammodino": "clahe"}
 
 
 # ------------------------------------------------------------------------ per-volume index
@@ -688,13 +692,15 @@ class SkipCounter:
 
 
 # ------------------------------------------------------------------------ images for the probes
-def breast_view(path, size):
+def breast_view(path, size, clahe=False):
     """A 2-D view (MG, DX, CR; or a DBT volume's central slice) as a backbone input: displayed
     (the first VOI window, MONOCHROME1 inverted), mirrored so the chest wall is on the left, cut to
     the breast's bounding box (preprocess.tissue_mask), resized keeping its aspect ratio to fit
     size x size and placed top-left on black (the chest wall stays at the left edge) ->
     (3, size, size) float32 in [0, 1]. An image without tissue keeps its whole frame. A .jpg or
-    .png (CDD-CESM's) is read by Pillow as grey levels / 255, mirrored by the same rule."""
+    .png (CDD-CESM's) is read by Pillow as grey levels / 255, mirrored by the same rule. clahe: the
+    displayed image through preprocess.clahe before the cut (the tissue box still found on the
+    displayed one), as the mammodino recipe trains."""
     if Path(path).suffix.lower() in (".jpg", ".jpeg", ".png"):
         with Image.open(path) as im:
             x = np.asarray(im.convert("L"), np.float32) / 255  # (H, W)
@@ -702,7 +708,8 @@ def breast_view(path, size):
     else:
         meta = dicom.index_volume(path)  # orientation decided on the central slice
         x = dicom.read_dbt(path, frames=[meta["n_frames"] // 2], meta=meta)[0][0]  # (H, W)
-    rows, cols = np.nonzero(preprocess.tissue_mask(x))
+    rows, cols = np.nonzero(preprocess.tissue_mask(x))  # on the displayed image, as pretraining
+    x = preprocess.clahe(x) if clahe else x  # then the whole image, before the cut (as a slice)
     if len(rows):
         x = x[rows.min():rows.max() + 1, cols.min():cols.max() + 1]  # (h, w) the breast
     scale = size / max(x.shape)
@@ -718,15 +725,15 @@ class ViewReader(torch.utils.data.Dataset):
     """One 2-D image per item, decoded and cut by breast_view on a loader worker: (i, (3, size,
     size) view) or (i, message naming the file) when it cannot be read."""
 
-    def __init__(self, paths, size):
-        self.paths, self.size = [str(p) for p in paths], size
+    def __init__(self, paths, size, clahe=False):
+        self.paths, self.size, self.clahe = [str(p) for p in paths], size, clahe
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
         try:
-            return i, breast_view(self.paths[i], self.size)
+            return i, breast_view(self.paths[i], self.size, self.clahe)
         except (ValueError, OSError) as e:  # pydicom's and Pillow's read errors are both
             return i, f"{self.paths[i]}: {e}"
 

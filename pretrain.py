@@ -52,7 +52,7 @@ From the repo root (--resume auto continues after a crash; --preset mammodino ru
 --init: a hub file, DINOv2's teacher_checkpoint.pth (head reused if it fits), dbt_dino.pth or our
 ckpt.pt/backbone.pth. --out: args.json, metrics.jsonl, ckpt.pt, backbone.pth (teacher), curves.png.
 """
-import argparse, copy, functools, math, os, sys, time
+import argparse, copy, functools, json, math, os, sys, time
 
 import numpy as np
 import torch
@@ -623,10 +623,14 @@ def save_run(args, step, student, teacher, optimizer, centers, writer):
                  bottleneck=args.head_bottleneck, separate_ibot_head=args.separate_ibot_head)
     utils.save_checkpoint(os.path.join(args.out, "ckpt.pt"), dict(
         version=1, step=step, config=student.backbone.config, args=vars(args), heads=heads,
+        preprocess=data.PREPROCESS[args.recipe],
         student=student.state_dict(), teacher=teacher.state_dict(),
         optimizer=optimizer.state_dict(), loss_state=centers))
-    # the teacher backbone alone, hub keys: what probe.py, detect.py and DINOv2's code load
+    # the teacher backbone alone, hub keys: what probe.py, detect.py and DINOv2's code load; its
+    # preprocessing beside it (a key inside would break strict loading by DINOv2's code)
     utils.save_checkpoint(os.path.join(args.out, "backbone.pth"), teacher.backbone.state_dict())
+    utils.atomic_write(os.path.join(args.out, "backbone.json"), json.dumps(
+        dict(preprocess=data.PREPROCESS[args.recipe], recipe=args.recipe, step=step)) + "\n")
     # from metrics.jsonl (the steps before a resume too); density_acc against the majority class
     title = (f"pretrain.py --preset {args.preset} --model {args.model}: {args.out}, "
              f"step {step}/{args.steps}")
@@ -648,7 +652,7 @@ def train(args):
     stale = []  # a fresh run, or a --resume from elsewhere, never lands silently on another run
     if ckpt is None or os.path.dirname(os.path.abspath(resume)) != os.path.abspath(args.out):
         stale = utils.check_run_folder(args.out, "ckpt.pt", args.overwrite, "pretrain.py",
-                                       ("backbone.pth", "curves.png"))
+                                       ("backbone.pth", "backbone.json", "curves.png"))
 
     # ---------------- student, teacher, optimizer, loss state ----------------
     student, teacher = build_models(args, device)
@@ -668,17 +672,14 @@ def train(args):
     schedules = make_schedules(args, world)
 
     # ---------------- data ----------------
-    recipe = dict(data.RECIPES[args.recipe], global_size=args.global_size,
-                  local_size=args.local_size)
+    recipe = dict(data.RECIPES[args.recipe])
     sources = [str(phantoms.synthetic_archive()) if s == "synthetic" else s for s in args.sources]
     source = sources[0]  # its exams.csv, if any, feeds the density probe
     remote = dict(manifest=args.manifest, cache_bytes=args.cache_bytes,
                   credentials=args.dicomweb_credentials or None,
                   ca_bundle=args.dicomweb_ca_bundle or None)
     patch = student.backbone.patch_size
-    stream = data.PretrainStream(sources if len(sources) > 1 else source, patch_size=patch,
-                                 seed=args.seed, **recipe, weights=args.data_weights or None,
-                                 slices_per_volume=args.samples_per_volume, dicomweb=remote)
+    stream = build_stream(args, sources, patch, remote)
     collate = functools.partial(data.collate_pretrain, patch_size=patch,
                                 tissue_masking=recipe.get("tissue_aware", False))
     has_labels = os.path.exists(os.path.join(source, "exams.csv"))  # density labels (data.py)
@@ -713,6 +714,17 @@ def train(args):
              writer, start, device)
     if world > 1:
         dist.destroy_process_group()
+
+
+def build_stream(args, sources, patch, remote=None):
+    """The training stream: --recipe's crops, and its preprocessing (data.PREPROCESS: CLAHE for
+    mammodino, once per slice read), over one source or several mixed by --data-weights."""
+    recipe = dict(data.RECIPES[args.recipe], global_size=args.global_size,
+                  local_size=args.local_size)
+    return data.PretrainStream(sources if len(sources) > 1 else sources[0], patch_size=patch,
+                               seed=args.seed, **recipe, weights=args.data_weights or None,
+                               slices_per_volume=args.samples_per_volume, dicomweb=remote,
+                               clahe=data.PREPROCESS[args.recipe] == "clahe")
 
 
 def source_share(drawn, args, device):

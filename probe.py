@@ -71,6 +71,7 @@ import metrics
 import model
 import pacs
 import phantoms
+import preprocess
 import utils
 
 STATS = ("patch_mean", "patch_std", "patch_min", "patch_max", "cls_mean", "cls_std")
@@ -104,21 +105,26 @@ def _prepare(backbone, device, precision):
     return net, torch.float32, precision == "autocast" and device.type == "cuda"
 
 
-def display_chunks(item, device, chunk):
+def display_chunks(item, device, chunk, clahe=False):
     """One VolumeReader item's slices as displayed, `chunk` at a time: (c, H, W) in [0, 1] on
-    `device`, mirrored by the volume's own decision to the canonical side, as dicom.read_dbt."""
+    `device`, mirrored by the volume's own decision to the canonical side, as dicom.read_dbt; with
+    clahe, each slice through preprocess.clahe (on the CPU) as pretrain.py's mammodino recipe."""
     stored = item["stored"].to(device, non_blocking=True)  # (S, H, W) integers: 2 bytes a pixel
     rows, sigmoid = item["rows"].to(device), item["sigmoid"].to(device)
     for start in range(0, len(stored), chunk):
         part = slice(start, start + chunk)
         x = dicom.display(stored[part], rows[part], sigmoid[part], item["invert"])  # (c, H, W)
-        yield x.flip(-1) if item["flip"] else x
+        x = x.flip(-1) if item["flip"] else x
+        if clahe:
+            x = torch.stack([torch.from_numpy(preprocess.clahe(s.float().cpu().numpy()))
+                             for s in x]).to(device)
+        yield x
 
 
-def _embed_one(net, item, device, size, chunk, dtype, amp):
+def _embed_one(net, item, device, size, chunk, dtype, amp, clahe=False):
     """One volume's six aggregate() statistics, on the CPU."""
     patches, cls = [], []
-    for x in display_chunks(item, device, chunk):
+    for x in display_chunks(item, device, chunk, clahe):
         # DBT-DINO stretches each slice to a square, grey repeated to 3 channels, no ImageNet norm
         x = F.interpolate(x[:, None], (size, size), mode="bilinear", antialias=True).clamp(0, 1)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -159,7 +165,7 @@ def decoded(loader, total, what, stats):
 
 @torch.inference_mode()
 def embed_volumes(backbone, paths, device, *, size=518, chunk=75, workers=2, precision="autocast",
-                  client=None):
+                  client=None, clahe=False):
     """Embed DBT volumes with a frozen backbone -> (features, stats).
 
     paths: local files, or with a pacs.Client `client`, dicts of an instance's three UIDs. features:
@@ -173,21 +179,23 @@ def embed_volumes(backbone, paths, device, *, size=518, chunk=75, workers=2, pre
                                          pin_memory=device.type == "cuda")
     features, stats = [None] * len(paths), dict(units=0, seconds=0.0, wait_seconds=0.0, skipped=0)
     for i, item in decoded(loader, len(paths), "view", stats):  # .cpu() in _embed_one: synced
-        features[i] = _embed_one(net, item, device, size, chunk, dtype, amp)
+        features[i] = _embed_one(net, item, device, size, chunk, dtype, amp, clahe)
     stats["slices"] = stats.pop("units")
     return features, stats
 
 
 # ----------------------------------------------------------------------------- the per-exam cache
-def cache_key(net, size, precision, device):
-    """Weights (each tensor's bytes) + preprocessing: a new file, size or precision never hits."""
+def cache_key(net, size, precision, device, preprocess="none"):
+    """Weights (each tensor's bytes) + preprocessing: a new file, size, precision or --preprocess
+    never hits."""
     h = hashlib.sha1()
     for k, v in sorted(net.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     cpu_or_cuda = "bf16-autocast" if device.type == "cuda" else "fp32"
     effective = {"autocast": cpu_or_cuda}.get(precision, precision)
-    h.update(json.dumps([type(net).__name__, size, effective, PREPROCESS_VERSION]).encode())
+    extra = [] if preprocess == "none" else [preprocess]  # keys made before --preprocess: kept
+    h.update(json.dumps([type(net).__name__, size, effective, PREPROCESS_VERSION] + extra).encode())
     return h.hexdigest()[:16]
 
 
@@ -202,7 +210,7 @@ def exam_file(folder, row, root):
 
 
 def embed_exams(net, rows, root, folder, device, *, size, chunk, workers, precision, batch=128,
-                client=None):
+                client=None, preprocess="none"):
     """{row index: {view: {stat: (D,)}}} for every readable exam, one atomic cache file per exam, so
     a rerun embeds only what is missing. Exams with a missing, unreadable or unfetchable view are
     left out and counted. With a pacs.Client, view cells name instances (root unused)."""
@@ -232,7 +240,7 @@ def embed_exams(net, rows, root, folder, device, *, size, chunk, workers, precis
         cells = [rows[j][v] for j in part for v in cohorts.VIEWS]
         views = [cohorts.instance_uids(c) if client else root / c for c in cells]
         feats, _ = embed_volumes(net, views, device, size=size, chunk=chunk, workers=workers,
-                                 precision=precision, client=client)
+                                 precision=precision, client=client, clahe=preprocess == "clahe")
         for a, j in enumerate(part):
             views = feats[4 * a:4 * a + 4]
             if any(v is None for v in views):
@@ -468,7 +476,8 @@ def image_file(folder, path):
 
 
 @torch.inference_mode()
-def embed_images(net, paths, folder, device, *, size, chunk, workers, precision):
+def embed_images(net, paths, folder, device, *, size, chunk, workers, precision,
+                 preprocess="none"):
     """{index into paths: aggregate() of the image} for every readable 2-D image, each cached in an
     atomic file of its own (image_file): a second task on the same images embeds nothing. Loader
     workers decode and cut each view (data.ViewReader); unreadable ones are logged and counted.
@@ -480,7 +489,8 @@ def embed_images(net, paths, folder, device, *, size, chunk, workers, precision)
     Path(folder).mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     net, dtype, amp = _prepare(net, device, precision)
-    loader = torch.utils.data.DataLoader(data.ViewReader([paths[i] for i in todo], size),
+    views = data.ViewReader([paths[i] for i in todo], size, clahe=preprocess == "clahe")
+    loader = torch.utils.data.DataLoader(views,
                                          batch_size=None, num_workers=workers if todo else 0,
                                          pin_memory=device.type == "cuda")
     stats, batch = dict(units=0, seconds=0.0, wait_seconds=0.0, skipped=0), []
@@ -669,15 +679,32 @@ def embeddings(args, backbone, rows, root, device, client=None, images=None):
     if args.compile:  # before a bf16-weights copy (copies stay compiled); get_args refuses DenseNet
         model.compile_blocks(net, log=utils.log)  # its measured gain: model.compile_blocks
     size = args.size or net.config["img_size"]
-    key = cache_key(net, size, args.precision, device)
+    how = preprocessing(args)
+    key = cache_key(net, size, args.precision, device, how)
     folder = Path(args.cache or utils.cache_base() / "embeddings") / key
-    kw = dict(size=size, chunk=args.chunk, workers=args.workers, precision=args.precision)
+    kw = dict(size=size, chunk=args.chunk, workers=args.workers, precision=args.precision,
+              preprocess=how)
     if images is not None:
         records, counts = embed_images(net, [root / im for im in images], folder, device, **kw)
     else:
         records, counts = embed_exams(net, rows, root, folder, device, client=client, **kw)
     source = dict(source=client.url) if client else {}  # redacted: never user info
-    return records, dict(counts, backbone=desc, size=size, cache=str(folder), **source)
+    return records, dict(counts, backbone=desc, size=size, cache=str(folder), preprocess=how,
+                         **source)
+
+
+def preprocessing(args):
+    """--preprocess, where auto is what the backbone was trained with (its backbone.json; none
+    when nothing is recorded); a choice that differs from the recorded one is said once."""
+    recorded = utils.recorded_preprocess(args.backbone)
+    if args.preprocess == "auto":
+        how = recorded or "none"
+        said = "as the backbone was trained" if recorded else "the backbone records none"
+        utils.log(f"preprocessing: {how} ({said})")
+        return how
+    if recorded and recorded != args.preprocess:
+        utils.log(f"--preprocess {args.preprocess}: the backbone was trained with {recorded}")
+    return args.preprocess
 
 
 def which_data(args):
@@ -822,6 +849,9 @@ def get_args(argv=None):
                    help="DenseNet-121 state dict (torchvision's file); '' = random")
     g.add_argument("--size", type=num(int, 0), default=0, help="input side; 0 = the backbone's own "
                    "(tiny 112, hub ViT 518, DenseNet 224)")
+    g.add_argument("--preprocess", default="auto", choices=["auto", "none", "clahe"],
+                   help="what each displayed slice or image goes through before the backbone; "
+                   "auto: the backbone's own (pretrain.py's backbone.json), else none")
     g = p.add_argument_group("speed")
     g.add_argument("--chunk", type=num(int, 1), default=75, help="slices per forward pass")
     g.add_argument("--workers", type=num(int, 0), default=2, help="decoding loader workers")

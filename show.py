@@ -123,15 +123,17 @@ def attention_figure(vit, x, title, panel=336):
     return img
 
 
-def model_input(path, slice_, size):
-    """One slice (-1: the central one) as the probes stretch it -> (x (1, 3, size, size), the
-    displayed slice (H, W), its index, the volume's slice count)."""
+def model_input(path, slice_, size, clahe=False):
+    """One slice (-1: the central one) as the probes stretch it (with clahe, through
+    preprocess.clahe first, as the mammodino recipe trains) -> (x (1, 3, size, size), the displayed
+    slice (H, W), its index, the volume's slice count)."""
     n = dicom.index_volume(path)["n_frames"]
     s = n // 2 if slice_ < 0 else slice_
     if s >= n:
         raise ValueError(f"--slice {s}: {path} has {n} slices")
     img, _ = dicom.read_dbt(path, frames=[s])  # (1, H, W)
-    x = F.interpolate(torch.from_numpy(img)[None], (size, size), mode="bilinear", antialias=True)
+    seen = preprocess.clahe(img[0])[None] if clahe else img  # (1, H, W) what the backbone sees
+    x = F.interpolate(torch.from_numpy(seen)[None], (size, size), mode="bilinear", antialias=True)
     return x.clamp(0, 1).expand(-1, 3, -1, -1), img[0], s, n  # (1, 3, size, size)
 
 
@@ -141,9 +143,13 @@ def run_show(args):
     if not isinstance(net, model.ViT):
         raise ValueError("show needs a ViT backbone (DenseNet-121 has no attention)")
     net, size = net.float().eval(), args.size or net.config["img_size"]
+    recorded = utils.recorded_preprocess(args.backbone)
+    clahe = (recorded if args.preprocess == "auto" else args.preprocess) == "clahe"
+    utils.log(f"preprocessing: {'clahe' if clahe else 'none'} (the backbone records "
+              f"{recorded or 'none'})")
     paths = [args.image] if Path(args.image).is_file() and not args.image.endswith(".csv") \
         else dicom.scan(args.image)
-    x, img, s, n = model_input(paths[0], args.slice, size)  # a bad first file fails before --out
+    x, img, s, n = model_input(paths[0], args.slice, size, clahe)  # a bad file: before --out
     utils.check_run_folder(args.out, "attention.png", args.overwrite,
                            outputs=("tissue_attention.csv", "tissue_attention.json"))
     os.makedirs(args.out, exist_ok=True)
@@ -152,7 +158,7 @@ def run_show(args):
     rows, skipped = [], 0
     for path in paths:
         try:
-            x, img, s, n = model_input(path, args.slice, size)
+            x, img, s, n = model_input(path, args.slice, size, clahe)
         except (ValueError, OSError) as e:  # a folder's unreadable file: said and counted
             utils.log(f"skipped {path}: {e}")
             skipped += 1
@@ -183,6 +189,8 @@ def get_args(argv=None):
     g.add_argument("--arch", default="auto", help="model.build name of --backbone (auto: by width)")
     g.add_argument("--size", type=utils.number(int, 0), default=0, help="input side, a multiple of "
                    "14; 0 = the backbone's own (tiny 112, hub ViT 518)")
+    g.add_argument("--preprocess", default="auto", choices=["auto", "none", "clahe"],
+                   help="auto: what the backbone was trained with (its backbone.json), else none")
     g = p.add_argument_group("data")
     g.add_argument("--image", required=True, help="a DICOM volume or 2-D image; or a folder or "
                    ".csv manifest of them (attention.png of the first, attention in tissue of all)")

@@ -327,6 +327,20 @@ def backbone_file(spec):
     return "", "no --backbone, no runs/*/backbone.pth"
 
 
+def recorded_preprocess(spec):
+    """The preprocessing the --backbone (backbone_file's choice) was trained with, as pretrain.py
+    records it beside backbone.pth (backbone.json: none or clahe), or None where nothing is said
+    (a random ViT, an official checkpoint)."""
+    path = backbone_file(spec)[0] if spec != "densenet121" else ""
+    sidecar = Path(path).with_suffix(".json") if path else None
+    if sidecar is None or not sidecar.is_file():
+        return None
+    try:
+        return json.loads(sidecar.read_text())["preprocess"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{sidecar}: not pretrain.py's backbone.json (no preprocess)") from None
+
+
 # -------------------------------------------------------- run folders, progress line, metrics.jsonl
 RUN_FILES = ("ckpt.pt", "metrics.jsonl", "args.json")  # in every run folder: a new run would mix
 

@@ -434,3 +434,58 @@ def test_mammodino_preset_end_to_end(tmp_path):
     assert last["split"] == "data" and last["skipped"] == 0 and last["volumes"] == 8
     assert all(r["adjacent"] > 0 and math.isfinite(r["loss"]) for r in logs)
     assert json.load(open(out / "args.json"))["recipe"] == "mammodino"
+
+
+def test_mammodino_trains_on_clahe_of_each_slice_the_other_recipes_on_the_slice(tmp_path,
+                                                                                monkeypatch):
+    """pretrain.build_stream's sample for --recipe mammodino equals MultiCrop's on slices put
+    through scikit-image's CLAHE (clip 0.01, the same draws); dinov2's and dbt-dino's equal it on
+    the displayed slices themselves, bit for bit."""
+    import functools
+    import data
+    from skimage.exposure import equalize_adapthist
+    monkeypatch.setenv("DBT_DINO_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "v").mkdir()
+    path = phantoms.write_phantom_dicom(tmp_path / "v" / "v.dcm", (4, 96, 72), "native", seed=1)
+    for recipe in ("mammodino", "dinov2", "dbt-dino"):
+        args = pretrain.get_args(["--recipe", recipe, "--global-size", "28", "--local-size", "14"])
+        stream = pretrain.build_stream(args, [str(tmp_path / "v")], 14)
+        meta, mask = data.volume_index(path, stream.cache_dir)
+        item = stream.sample(meta, mask, np.random.default_rng(5))
+        raw = functools.partial(data.read_slice, meta)
+
+        def clahe(s):  # the oracle: scikit-image on the displayed slice
+            return torch.from_numpy(equalize_adapthist(raw(s).numpy(), clip_limit=0.01)
+                                    .astype(np.float32))
+        read = clahe if recipe == "mammodino" else raw
+        rng = np.random.default_rng(5)
+        s, S = int(rng.integers(meta["n_frames"])), meta["n_frames"]
+        want = stream.multicrop(read(s), mask, meta["mask_stride"], rng, s, S, read)
+        unprocessed = stream.multicrop(raw(s), mask, meta["mask_stride"], _after_slice(5, S), s,
+                                       S, raw)
+        for key in ("global_crops", "local_crops") + (("adjacent",) if "adjacent" in item else ()):
+            gap = (item[key] - want[key]).abs().max().item()
+            assert gap <= (1e-3 if recipe == "mammodino" else 0.0), (recipe, key, gap)
+        moved = (item["global_crops"] - unprocessed["global_crops"]).abs().max().item()
+        assert (moved > 0.05) == (recipe == "mammodino"), (recipe, moved)
+
+
+def _after_slice(seed, S):
+    """A generator in the state the stream's is in after drawing the slice."""
+    rng = np.random.default_rng(seed)
+    rng.integers(S)
+    return rng
+
+
+def test_a_run_records_its_preprocessing_beside_the_backbone(tmp_path, monkeypatch):
+    monkeypatch.setenv("DBT_DINO_CACHE", str(tmp_path / "cache"))
+    archive = phantoms.synthetic_archive(tmp_path / "a", patients=1, seed=3, shape=(2, 64, 48))
+    for recipe, want in (("mammodino", "clahe"), ("dinov2", "none")):
+        out = tmp_path / recipe
+        pretrain.train(pretrain.get_args(TINY + [
+            "--recipe", recipe, "--data", str(archive), "--out", str(out), "--steps", "1",
+            "--batch-size", "2", "--workers", "0", "--eval-every", "0", "--device", "cpu"]))
+        said = json.loads((out / "backbone.json").read_text())
+        assert said["preprocess"] == want and said["recipe"] == recipe
+        assert torch.load(out / "ckpt.pt", weights_only=True)["preprocess"] == want
+        assert pretrain.utils.recorded_preprocess(str(out / "backbone.pth")) == want

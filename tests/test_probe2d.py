@@ -14,6 +14,7 @@ from PIL import Image
 from sklearn import metrics as skm
 
 import cohorts
+import data
 import metrics
 import phantoms
 import probe
@@ -244,3 +245,39 @@ def test_class_weights_come_from_the_train_images(runs):
     n = np.bincount([u["label"] for u in parts["train"]], minlength=4)
     assert n.min() > 0 and report["train_images"] == n.sum()
     assert report["class_weights"] == pytest.approx((n.sum() / (4 * n)).tolist(), rel=1e-6)
+
+
+def test_the_backbones_preprocessing_is_applied_unless_told_otherwise(tmp_path, monkeypatch,
+                                                                     capsys):
+    """A backbone whose backbone.json says clahe (pretrain.py --recipe mammodino) is embedded with
+    CLAHE by default: the cached features equal the backbone on data.breast_view(..., clahe=True);
+    --preprocess none embeds without, into other cache entries, and says the mismatch once."""
+    root = phantoms.write_2d_archive(tmp_path / "cdd", "cdd-cesm", 10, size=(64, 48))
+    (tmp_path / "run").mkdir()
+    torch.manual_seed(1)
+    net = probe.model.build("tiny").eval()
+    probe.utils.save_checkpoint(tmp_path / "run" / "backbone.pth", net.state_dict())
+    (tmp_path / "run" / "backbone.json").write_text('{"preprocess": "clahe"}\n')
+    argv = ["--data", str(root), "--task", "cancer", "--backbone", str(tmp_path / "run" /
+            "backbone.pth"), "--cache", str(tmp_path / "cache")] + FAST[4:]
+    shapes, clahe = [], data.preprocess.clahe  # CLAHE's inputs: whole images, before the cut
+    monkeypatch.setattr(data.preprocess, "clahe", lambda x: shapes.append(x.shape) or clahe(x))
+    probe.main(argv + ["--out", str(tmp_path / "a")])
+    monkeypatch.setattr(data.preprocess, "clahe", clahe)
+    images = sorted((root / "Low energy images of CDD-CESM").iterdir())
+    assert len(shapes) == json.loads((tmp_path / "a" / "args.json").read_text())["embeddings"][
+        "embedded"] == len(images) and set(shapes) == {(64, 48)}
+    probe.main(argv + ["--out", str(tmp_path / "b"), "--preprocess", "none"])
+    said = capsys.readouterr().out
+    infos = [json.loads((tmp_path / r / "args.json").read_text())["embeddings"] for r in "ab"]
+    assert [i["preprocess"] for i in infos] == ["clahe", "none"]
+    assert infos[0]["cache"] != infos[1]["cache"] and infos[1]["embedded"] > 0
+    assert said.count("--preprocess none: the backbone was trained with clahe") == 1
+    image = images[0]
+    for info, clahe in zip(infos, (True, False)):
+        x = data.breast_view(image, 56, clahe=clahe)[None]  # (1, 3, 56, 56)
+        with torch.no_grad():
+            out = net.forward_features(x)
+        want = out["x_norm_patchtokens"][0].mean(0)
+        got = torch.load(probe.image_file(info["cache"], image), weights_only=True)["patch_mean"]
+        assert torch.allclose(got, want, atol=1e-5), clahe

@@ -62,8 +62,8 @@ def finished(tmp_path_factory, archive):
 def test_a_run_folder_holds_its_curves(finished):
     """curves.png shows the logged terms (utils.draw_curves is tested alone in test_metrics)."""
     from PIL import Image
-    assert sorted(p.name for p in finished.iterdir()) == ["args.json", "backbone.pth", "ckpt.pt",
-                                                          "curves.png", "metrics.jsonl"]
+    assert sorted(p.name for p in finished.iterdir()) == [
+        "args.json", "backbone.json", "backbone.pth", "ckpt.pt", "curves.png", "metrics.jsonl"]
     assert Image.open(finished / "curves.png").size[0] > 600
 
 
