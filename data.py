@@ -738,10 +738,10 @@ class ViewReader(torch.utils.data.Dataset):
             return i, f"{self.paths[i]}: {e}"
 
 
-def density_eval_set(root, size=112, max_exams=None, exclude=()):
+def density_eval_set(root, size=112, max_exams=None, exclude=(), clahe=False):
     """Central slice of every view of the first `max_exams` exams in exams.csv whose patient is
-    not in `exclude`, canonical orientation, resized -> images (n, 3, size, size), labels (density
-    0..3), groups (patient index)."""
+    not in `exclude`, canonical orientation (with clahe: through preprocess.clahe, as the backbone
+    trains), resized -> images (n, 3, size, size), labels (density 0..3), groups (patient index)."""
     root = Path(root)
     exams = [e for e in utils.read_csv(root / "exams.csv") if e["patient"] not in exclude]
     exams = exams[:max_exams]
@@ -752,6 +752,7 @@ def density_eval_set(root, size=112, max_exams=None, exclude=()):
             meta = dicom.parse_headers(root / e[col])  # one header parse per view
             x = dicom.orient(meta)  # (H, W) the displayed central slice, decoded once for both uses
             x = np.ascontiguousarray(x[:, ::-1] if meta["flip"] else x)  # chest wall left
+            x = preprocess.clahe(x) if clahe else x
             x = F.interpolate(torch.from_numpy(x)[None, None], size=(size, size), mode="bilinear",
                               antialias=True)[0]  # (1, size, size)
             images.append(x[0].clamp(0, 1).expand(3, -1, -1))  # (3, size, size)

@@ -567,12 +567,13 @@ def probe_set(args, source):
     archive drawn from the same seed (its first patients are the training ones, removed), so the
     probe is fit and scored on patients training never saw. On --data: the first --eval-exams exams
     of the training archive itself, DBT-DINO's checkpoint check, said to be not held out."""
+    clahe = data.PREPROCESS[args.recipe] == "clahe"  # the probe sees what training sees
     if args.data != "synthetic":
-        return dict(data.density_eval_set(source, args.global_size, args.eval_exams),
+        return dict(data.density_eval_set(source, args.global_size, args.eval_exams, clahe=clahe),
                     what="exams of the training archive, NOT held out")
     trained = {e["patient"] for e in utils.read_csv(os.path.join(source, "exams.csv"))}
     bigger = phantoms.synthetic_archive(patients=len(trained) + HELDOUT_PATIENTS)
-    return dict(data.density_eval_set(bigger, args.global_size, exclude=trained),
+    return dict(data.density_eval_set(bigger, args.global_size, exclude=trained, clahe=clahe),
                 what=f"held-out phantom patients, {len(trained)} training patients removed")
 
 

@@ -50,6 +50,7 @@ def test_bench_quick_produces_the_tables(tmp_path, monkeypatch):
              if r["bench"] == "sample_path"]
     assert paths == [("dbt-dino", "pyramid", "Explicit", False), ("dbt-dino", "direct", "Explicit",
                      False), ("dbt-dino", "pyramid", "JPEG", False),
+                     ("mammodino", "pyramid", "Explicit", False),
                      ("mammodino", "pyramid", "Explicit", True)]
     clahe = [r for r in rows if r["bench"] == "clahe"]
     assert len(clahe) == 1 and clahe[0]["shape"] == [512, 384] and clahe[0]["ms"] > 0

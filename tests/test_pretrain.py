@@ -489,3 +489,23 @@ def test_a_run_records_its_preprocessing_beside_the_backbone(tmp_path, monkeypat
         assert said["preprocess"] == want and said["recipe"] == recipe
         assert torch.load(out / "ckpt.pt", weights_only=True)["preprocess"] == want
         assert pretrain.utils.recorded_preprocess(str(out / "backbone.pth")) == want
+
+
+def test_the_density_probe_sees_what_the_recipe_trains_on(tmp_path, monkeypatch):
+    """pretrain.probe_set under --recipe mammodino: each view's central slice through CLAHE before
+    the resize (scikit-image's, as the oracle); under dinov2 the slice itself."""
+    import dicom
+    from skimage.exposure import equalize_adapthist
+    monkeypatch.setenv("DBT_DINO_CACHE", str(tmp_path / "cache"))
+    root = phantoms.synthetic_archive(tmp_path / "a", patients=2, seed=3, shape=(2, 64, 48))
+    first = pretrain.utils.read_csv(root / "exams.csv")[0]["LCC"]
+    meta = dicom.parse_headers(root / first)
+    x = dicom.orient(meta)
+    x = np.ascontiguousarray(x[:, ::-1] if meta["flip"] else x)
+    for recipe, view in (("mammodino", equalize_adapthist(x, clip_limit=0.01)), ("dinov2", x)):
+        args = pretrain.get_args(["--recipe", recipe, "--global-size", "28", "--data", str(root),
+                                  "--eval-exams", "1"])
+        got = pretrain.probe_set(args, str(root))["images"][0, 0]
+        want = F.interpolate(torch.from_numpy(np.float32(view))[None, None], size=(28, 28),
+                             mode="bilinear", antialias=True)[0, 0].clamp(0, 1)
+        assert (got - want).abs().max() <= 1e-3, recipe
