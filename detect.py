@@ -82,6 +82,8 @@ def get_args(argv=None):
                    "runs/*/backbone.pth, else random")
     archs = sorted(model.PRESETS) + [k + "_reg" for k in model.PRESETS if k != "tiny"]
     g.add_argument("--model", default="tiny", choices=archs, help="architecture of --backbone")
+    g.add_argument("--preprocess", default="auto", choices=["auto", "none", "clahe"],
+                   help="auto: what the backbone was trained with (its backbone.json), else none")
     g.add_argument("--image-size", type=whole, default=0, help="slice side in px, a multiple of "
                    "14; 0: 518 (DBT-DINO) for hub ViTs, 336 for tiny on a CPU (why: main())")
     g.add_argument("--channels", type=whole, default=0, help="neck/head width, a multiple of 32; "
@@ -151,10 +153,12 @@ def get_args(argv=None):
 
 
 # --- data: slices in the official BCS-DBT orientation, augmentation, batches --------------------
-def read_resized(vol, frames, size):
-    """Slices `frames` of a volume in the official BCS-DBT orientation, resized (aspect not kept, as
-    DBT-DINO) -> (n, 1, size, size) float32 in [0, 1]."""
+def read_resized(vol, frames, size, clahe=False):
+    """Slices `frames` of a volume in the official BCS-DBT orientation (with clahe: each through
+    preprocess.clahe, as the mammodino recipe trains), resized (aspect not kept, as DBT-DINO) ->
+    (n, 1, size, size) float32 in [0, 1]."""
     x, _ = dicom.read_dbt(vol["path"], frames=frames, view=vol["view"])  # (n, H, W)
+    x = np.stack([preprocess.clahe(s) for s in x]) if clahe else x
     return F.interpolate(torch.from_numpy(x)[:, None], size=(size, size), mode="bilinear",
                          align_corners=False, antialias=True)
 
@@ -261,14 +265,14 @@ class SliceCache:
     """Resized slices (fp16). Training keeps its few slices in memory (keep=True); inference reads
     every slice of every volume, tens of GB on BCS-DBT, so those are rounded alike and dropped."""
 
-    def __init__(self, size):
-        self.size, self.store = size, {}  # store: (path, frame) -> (1, S, S) fp16
+    def __init__(self, size, clahe=False):
+        self.size, self.store, self.clahe = size, {}, clahe  # store: (path, frame) -> (1, S, S)
 
     def get(self, vol, frames, keep=True):
         got = {f: self.store[vol["path"], f] for f in frames if (vol["path"], f) in self.store}
         missing = [f for f in frames if f not in got]
         if missing:
-            got.update(zip(missing, read_resized(vol, missing, self.size).half()))
+            got.update(zip(missing, read_resized(vol, missing, self.size, self.clahe).half()))
             if keep:
                 self.store.update({(vol["path"], f): got[f] for f in missing})
         return torch.stack([got[f] for f in frames]).float()  # (n, 1, S, S)
@@ -692,6 +696,10 @@ def main(args):
     args.image_size = args.image_size or (retinanet.REF if hub else 336)
     args.channels = args.channels or (256 if hub else 64)
     backbone, source = load_backbone(args)  # checked before the slow, one-off phantom archive
+    recorded = utils.recorded_preprocess(args.backbone)
+    clahe = (recorded if args.preprocess == "auto" else args.preprocess) == "clahe"
+    utils.log(f"preprocessing: {'clahe' if clahe else 'none'} (the backbone records "
+              f"{recorded or 'none'})")
     args.backbone = utils.backbone_file(args.backbone)[0] or "random"  # resume checks the file
     if args.data == "synthetic":
         S, H, W = args.synthetic_size
@@ -726,7 +734,7 @@ def main(args):
     utils.log(f"{root}: {sizes}; {args.image_size} px on {device}")
     grids = retinanet.grid_sizes(args.image_size, backbone.patch_size)
     anchors = retinanet.make_anchors(args.image_size, grids).to(device)
-    cache = SliceCache(args.image_size)
+    cache = SliceCache(args.image_size, clahe)
     state, timing = train(det, anchors, split, cache, args, device, ckpt)
     if state["best"] is not None:
         det.load_state_dict(state["best"], strict=False)

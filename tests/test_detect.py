@@ -15,6 +15,7 @@ from torchvision.models.detection._utils import BoxCoder
 
 import cohorts
 import detect
+import dicom
 import metrics
 import model
 import phantoms
@@ -124,6 +125,26 @@ def test_mapped_back_boxes_land_on_the_lesion_in_the_official_orientation(tmp_pa
     assert x <= centre[0] <= x + w and y <= centre[1] <= y + h
     box = torch.tensor([[x, y, x + w, y + h]], dtype=torch.float32)
     torch.testing.assert_close(detect.to_original(vol, detect.to_model(vol, box, size), size), box)
+
+
+def test_slices_go_through_the_backbones_clahe(tmp_path):
+    """read_resized(clahe=True): each slice in the official orientation through CLAHE (scikit-
+    image's, the oracle), then resized; SliceCache passes it on; a backbone whose backbone.json
+    says clahe gets it by default (utils.recorded_preprocess)."""
+    from skimage.exposure import equalize_adapthist
+    path = phantoms.write_phantom_dicom(tmp_path / "v.dcm", (3, 84, 70), "native", seed=2)
+    vol = dict(path=str(path), view="lcc", rows=84, cols=70, n_slices=3)
+    raw = dicom.read_dbt(path, frames=[1], view="lcc")[0][0]
+    want = F.interpolate(torch.from_numpy(np.float32(equalize_adapthist(raw, clip_limit=0.01)))
+                         [None, None], size=(56, 56), mode="bilinear", antialias=True)[0, 0]
+    got = detect.read_resized(vol, [1], 56, clahe=True)[0, 0]
+    assert (got - want).abs().max() <= 1e-3
+    assert (detect.read_resized(vol, [1], 56)[0, 0] - want).abs().max() > 0.05  # CLAHE did work
+    cached = detect.SliceCache(56, clahe=True).get(vol, [1])[0, 0]
+    assert (cached - got).abs().max() <= 1e-3  # fp16 storage
+    (tmp_path / "backbone.pth").write_bytes(b"")
+    (tmp_path / "backbone.json").write_text('{"preprocess": "clahe"}')
+    assert utils.recorded_preprocess(str(tmp_path / "backbone.pth")) == "clahe"
 
 
 class _LesionFinder(torch.nn.Module):
