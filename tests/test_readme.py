@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-MAX_CHARS = 14_000  # one screen of prose and tables: the 2-D benchmarks' table took it past 12,000
+MAX_CHARS = 14_500  # prose and tables: the 2-D benchmarks' table and the CLAHE figures took it past 12,000
 # one keyword per component the table must cover (matched, case-insensitive, against a row's first cell)
 COMPONENTS = {
     "DINO loss and centering": "dino loss",
