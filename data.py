@@ -374,6 +374,9 @@ class PretrainStream(torch.utils.data.IterableDataset):
             raise ValueError(f"--data-weights {weights}: one weight >= 0 per --data source "
                              f"({len(sources)}), not all 0")
         found = [dicom.scan(s) for s in sources]
+        empty = [str(s) for s, paths in zip(sources, found) if not paths]
+        if empty:
+            raise ValueError(f"--data {', '.join(empty)}: no DICOM files to mix in")
         self.paths = [p for paths in found for p in paths]
         counts = np.array([len(paths) for paths in found])
         self.source_of = np.repeat(np.arange(len(found)), counts)  # (n_volumes,)

@@ -322,6 +322,11 @@ def test_sources_are_drawn_by_weight_not_by_file_count(archive, tmp_path):
     assert {i["source"] for i in items} <= {0, 1}
     batch = data.collate_pretrain(items[:4], patch_size=14)
     assert batch["source"].tolist() == [i["source"] for i in items[:4]]
+    (tmp_path / "none").mkdir()
+    with pytest.raises(ValueError, match="no DICOM files to mix in"):
+        data.PretrainStream([one, tmp_path / "none"], **kw)
+    with pytest.raises(ValueError, match="one weight >= 0 per --data source"):
+        data.PretrainStream([one, archive], weights=[1.0], **kw)
 
 
 def test_a_mixed_run_logs_each_sources_share(archive, tmp_path):
