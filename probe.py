@@ -715,7 +715,7 @@ def which_data(args):
     else:
         dataset = args.dataset or cohorts.detect_dataset(args.data)
     tasks = tuple(TASKS) if dataset == "dbt" else cohorts.TASKS[dataset]
-    if args.task not in tasks:
+    if args.command == "probe" and args.task not in tasks:  # embed: every image, no task
         raise ValueError(f"--task {args.task}: {dataset} has the tasks {', '.join(tasks)}")
     if dataset == "dbt":
         return dataset, None

@@ -206,6 +206,10 @@ def test_bad_input_is_one_line(runs, tmp_path, monkeypatch, capsys):
     root, _ = runs["cmmd"]
     assert "cmmd has the tasks cancer, mass, calcification, lesion-type" in cli_error(
         monkeypatch, capsys, ["--data", str(root), "--task", "density"])
+    # embed needs no task: the default (density) does not stop it on cmmd
+    info = probe.main(["embed", "--data", str(root), "--cache", str(tmp_path / "c"), "--workers",
+                       "0"] + FAST[:6])
+    assert info["embedded"] > 0 and info["skipped"] == 0
     bad = tmp_path / "cmmd"
     phantoms.write_2d_archive(bad, "cmmd", 12, size=(64, 48))
     (bad / "CMMD_clinicaldata_revision.xlsx").write_text("ID1,LeftRight\n")
