@@ -82,8 +82,7 @@ def get_args(argv=None):
                    "runs/*/backbone.pth, else random")
     archs = sorted(model.PRESETS) + [k + "_reg" for k in model.PRESETS if k != "tiny"]
     g.add_argument("--model", default="tiny", choices=archs, help="architecture of --backbone")
-    g.add_argument("--preprocess", default="auto", choices=["auto", "none", "clahe"],
-                   help="auto: what the backbone was trained with (its backbone.json), else none")
+    utils.add_preprocess_flag(g)
     g.add_argument("--image-size", type=whole, default=0, help="slice side in px, a multiple of "
                    "14; 0: 518 (DBT-DINO) for hub ViTs, 336 for tiny on a CPU (why: main())")
     g.add_argument("--channels", type=whole, default=0, help="neck/head width, a multiple of 32; "
@@ -696,10 +695,7 @@ def main(args):
     args.image_size = args.image_size or (retinanet.REF if hub else 336)
     args.channels = args.channels or (256 if hub else 64)
     backbone, source = load_backbone(args)  # checked before the slow, one-off phantom archive
-    recorded = utils.recorded_preprocess(args.backbone)
-    clahe = (recorded if args.preprocess == "auto" else args.preprocess) == "clahe"
-    utils.log(f"preprocessing: {'clahe' if clahe else 'none'} (the backbone records "
-              f"{recorded or 'none'})")
+    clahe = utils.preprocessing(args.backbone, args.preprocess) == "clahe"
     args.backbone = utils.backbone_file(args.backbone)[0] or "random"  # resume checks the file
     if args.data == "synthetic":
         S, H, W = args.synthetic_size

@@ -27,8 +27,8 @@ Each rule is written out in full by the function that applies it; in brief:
 their common test units (McNemar on accuracy: density and 2-D multi-class tasks; DeLong on AUROC:
 2-D binary tasks and each year of risk), Benjamini-Hochberg over all the tests of all the tasks,
 prints a table and writes compare.json, compare.md (each run's headline metric with its CI, each
-pair's p-values) and radar.png (a polygon per backbone, an axis per task: MammoDINO's Figure 2). Array functions raise ValueError naming the argument;
-table readers name the file, column and row.
+pair's p-values) and radar.png (a polygon per backbone, an axis per task: MammoDINO's Figure 2).
+Array functions raise ValueError naming the argument; table readers name the file, column and row.
 """
 
 import argparse
@@ -693,11 +693,11 @@ def run_compare(args):
     the table on stdout; compare.json, compare.md (the table) and radar.png in --out."""
     attention = tissue_attention(args.runs)  # show.py folders: scored apart, not paired
     runs = [r for r in args.runs if str(r) not in attention]
+    if attention and not runs:
+        return attention_only(args, attention)
     names = [Path(r).name or str(r) for r in runs]  # folder names read best, when distinct
     names = names if len(set(names)) == len(names) else [str(r) for r in runs]
     groups, reports = {}, {}
-    if attention and not runs:
-        return attention_only(args, attention)
     for name, (report, preds) in zip(names, map(load_run, runs)):
         groups.setdefault(run_task(report), []).append((name, preds))
         reports[name] = report
@@ -721,8 +721,7 @@ def run_compare(args):
     counts = "".join(f"{task}: {n} common test units\n" for task, n in common.items())
     print(counts + table + attention_table(attention)
           + (f"risk: {args.rule} rule\n" if "risk" in groups else ""), end="")
-    utils.check_run_folder(args.out, "compare.json", args.overwrite)
-    os.makedirs(args.out, exist_ok=True)
+    out = compare_folder(args)
     kinds = sorted({"delong" if t["metric"].startswith("auroc") else "mcnemar" for t in tests})
     result = dict(task=", ".join(groups), runs=[str(r) for r in args.runs],
                   n_common=common if len(common) > 1 else common[next(iter(common))],
@@ -731,14 +730,25 @@ def run_compare(args):
     if attention:
         result["tissue_attention"] = attention
         table += attention_table(attention)
-    utils.atomic_write(Path(args.out) / "compare.md", table)
     axes, polygons = radar_values(groups, reports)
     centre = utils.draw_radar(axes, polygons, f"{', '.join(HEADLINE_NAMES)} by task and backbone",
-                              Path(args.out) / "radar.png")
+                              out / "radar.png")
     result["radar"] = dict(axes=axes, polygons=polygons, centre=centre)
-    text = json.dumps(utils.finite(result), indent=1) + "\n"
-    utils.atomic_write(Path(args.out) / "compare.json", text)
-    utils.log(utils.folder_line(args.out))
+    return write_compare(out, table, result)
+
+
+def compare_folder(args):
+    """--out, checked (a finished compare is replaced only with --overwrite) and made."""
+    utils.check_run_folder(args.out, "compare.json", args.overwrite)
+    os.makedirs(args.out, exist_ok=True)
+    return Path(args.out)
+
+
+def write_compare(out, table, result):
+    """compare.md, then compare.json (last: it marks a finished compare); -> result."""
+    utils.atomic_write(out / "compare.md", table)
+    utils.atomic_write(out / "compare.json", json.dumps(utils.finite(result), indent=1) + "\n")
+    utils.log(utils.folder_line(out))
     return result
 
 
@@ -759,8 +769,8 @@ def attention_table(attention):
     """compare.md's section for show.py runs: each backbone's mean share of attention on tissue."""
     if not attention:
         return ""
-    lines = ["", "| show.py run | backbone | images | attention in tissue | 95% CI | spread evenly |",
-             "|---|---|---|---|---|---|"]
+    lines = ["", "| show.py run | backbone | images | attention in tissue | 95% CI "
+             "| spread evenly |", "|---|---|---|---|---|---|"]
     for folder, a in attention.items():
         low, high = a.get("ci") or [math.nan, math.nan]
         lines.append(f"| {folder} | {a.get('backbone', '')} | {a.get('images')} | "
@@ -773,14 +783,8 @@ def attention_only(args, attention):
     """compare given show.py folders only: the attention table, compare.md and compare.json."""
     table = attention_table(attention)
     print(table, end="")
-    utils.check_run_folder(args.out, "compare.json", args.overwrite)
-    os.makedirs(args.out, exist_ok=True)
-    utils.atomic_write(Path(args.out) / "compare.md", table)
     result = dict(runs=[str(r) for r in args.runs], tissue_attention=attention)
-    text = json.dumps(utils.finite(result), indent=1) + "\n"
-    utils.atomic_write(Path(args.out) / "compare.json", text)
-    utils.log(utils.folder_line(args.out))
-    return result
+    return write_compare(compare_folder(args), table, result)
 
 
 HEADLINE_NAMES = ("AUROC", "macro F1", "accuracy")  # radar.png's radius, by kind of task

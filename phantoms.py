@@ -44,9 +44,7 @@ import math
 import os
 import shutil
 import sys
-import zipfile
 from pathlib import Path
-from xml.sax.saxutils import escape
 
 import numpy as np
 from PIL import Image
@@ -457,42 +455,6 @@ def _write_csv(path, header, rows):
         w.writerows(rows)
 
 
-def write_xlsx(path, header, rows, sheet="Sheet1"):
-    """One sheet as Excel writes it (a zip of XML): text in the shared strings, numbers as
-    numbers, None or "" an absent cell; 26 columns at most."""
-    strings, xml = {}, []
-    for i, row in enumerate([header] + rows, 1):
-        cells = [f'<c r="{chr(65 + j)}{i}" t="s"><v>{strings.setdefault(v, len(strings))}</v></c>'
-                 if isinstance(v, str) else f'<c r="{chr(65 + j)}{i}"><v>{v}</v></c>'
-                 for j, v in enumerate(row) if v not in (None, "")]
-        xml.append(f'<row r="{i}">{"".join(cells)}</row>')
-    ns = "http://schemas.openxmlformats.org/"
-    main, rel = f'xmlns="{ns}spreadsheetml/2006/main"', f"{ns}officeDocument/2006/relationships"
-    rels, ct = f'<Relationships xmlns="{ns}package/2006/relationships">', \
-        "application/vnd.openxmlformats-officedocument.spreadsheetml."
-    parts = {
-        "[Content_Types].xml": f'<Types xmlns="{ns}package/2006/content-types"><Default Extension='
-        '"rels" ContentType="application/vnd.openxmlformats-package.relationships+xml"/><Default '
-        'Extension="xml" ContentType="application/xml"/><Override PartName="/xl/workbook.xml" '
-        f'ContentType="{ct}sheet.main+xml"/><Override PartName="/xl/worksheets/sheet1.xml" '
-        f'ContentType="{ct}worksheet+xml"/><Override PartName="/xl/sharedStrings.xml" '
-        f'ContentType="{ct}sharedStrings+xml"/></Types>',
-        "_rels/.rels": f'{rels}<Relationship Id="rId1" Type="{rel}/officeDocument" '
-        'Target="xl/workbook.xml"/></Relationships>',
-        "xl/workbook.xml": f'<workbook {main} xmlns:r="{rel}"><sheets><sheet name='
-        f'"{escape(sheet)}" sheetId="1" r:id="rId1"/></sheets></workbook>',
-        "xl/_rels/workbook.xml.rels": f'{rels}<Relationship Id="rId1" Type="{rel}/worksheet" '
-        f'Target="worksheets/sheet1.xml"/><Relationship Id="rId2" Type="{rel}/sharedStrings" '
-        'Target="sharedStrings.xml"/></Relationships>',
-        "xl/sharedStrings.xml": f'<sst {main} count="{len(strings)}">' + "".join(
-            f'<si><t xml:space="preserve">{escape(s)}</t></si>' for s in strings) + "</sst>",
-        "xl/worksheets/sheet1.xml": f'<worksheet {main}><sheetData>{"".join(xml)}</sheetData>'
-        "</worksheet>"}
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, text in parts.items():
-            z.writestr(name, text)
-
-
 def _date(rng):
     return f"{rng.integers(1, 13):02d}-{rng.integers(1, 29):02d}-{rng.integers(2008, 2017)}"
 
@@ -665,9 +627,8 @@ def _write_cmmd(root, plan, size, rng):
                      view, windows=0, patient_id=id1)
         subtype = CMMD_SUBTYPES[rng.integers(4)] if d2 and pathology == M else None
         rows.append([id1, pt["side"], pt["age"], len(views), kind, pathology.title(), subtype])
-    write_xlsx(root / "CMMD_clinicaldata_revision.xlsx", ["ID1", "LeftRight", "Age", "number",
-                                                          "abnormality", "classification",
-                                                          "subtype"], sorted(rows))
+    header = ["ID1", "LeftRight", "Age", "number", "abnormality", "classification", "subtype"]
+    utils.write_xlsx(root / "CMMD_clinicaldata_revision.xlsx", header, sorted(rows))
 
 
 def _subtracted(img, marks, strength):
@@ -707,7 +668,7 @@ def _write_cdd_cesm(root, plan, size, rng):
                     rows.append(common + [birads, "mass" if kind == "mass" else "calcifications",
                                           view, " ".join(LOOK[kind][pathology]).lower(),
                                           "phantom", "Malignant" if pathology == M else "Benign"])
-    write_xlsx(root / "Radiology manual annotations.xlsx", head, rows, sheet="all")
+    utils.write_xlsx(root / "Radiology manual annotations.xlsx", head, rows, sheet="all")
 
 
 WRITERS_2D = {"vindr": _write_vindr, "rsna": _write_rsna, "cbis-ddsm": _write_cbis,

@@ -673,7 +673,6 @@ def train(args):
     schedules = make_schedules(args, world)
 
     # ---------------- data ----------------
-    recipe = dict(data.RECIPES[args.recipe])
     sources = [str(phantoms.synthetic_archive()) if s == "synthetic" else s for s in args.sources]
     source = sources[0]  # its exams.csv, if any, feeds the density probe
     remote = dict(manifest=args.manifest, cache_bytes=args.cache_bytes,
@@ -682,7 +681,7 @@ def train(args):
     patch = student.backbone.patch_size
     stream = build_stream(args, sources, patch, remote)
     collate = functools.partial(data.collate_pretrain, patch_size=patch,
-                                tissue_masking=recipe.get("tissue_aware", False))
+                                tissue_masking=stream.multicrop.tissue_aware)
     has_labels = os.path.exists(os.path.join(source, "exams.csv"))  # density labels (data.py)
     # rank 0 alone reads the probe's images while the others wait in the first all-reduce: the
     # cap keeps that wait (and the images' memory at --global-size) inside the collective timeout

@@ -205,8 +205,12 @@ def exam_file(folder, row, root):
     hits); for DICOMweb (root None), the UIDs alone (immutable): any server URL or proxy hits."""
     views = [f"dicomweb:{row[v]}" if root is None else utils.file_identity(Path(root) / row[v])
              for v in cohorts.VIEWS]
-    ident = json.dumps([row["patient"], row["exam"]] + views)
-    return Path(folder) / f"{hashlib.sha1(ident.encode()).hexdigest()[:20]}.pt"
+    return _cache_file(folder, [row["patient"], row["exam"]] + views)
+
+
+def _cache_file(folder, ident):
+    """folder/<sha1 of the JSON of ident, 20 hex>.pt: one cache file per exam or image."""
+    return Path(folder) / f"{hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:20]}.pt"
 
 
 def embed_exams(net, rows, root, folder, device, *, size, chunk, workers, precision, batch=128,
@@ -261,14 +265,17 @@ def _absent_views(row, root):
             if not (root / row[v]).exists()]
 
 
-def feature_matrix(records, features):
-    """(M, F) float32: per statistic of --features, the four views in DBT-DINO's order."""
+def feature_matrix(records, features, views=cohorts.VIEWS):
+    """(M, F) float32: per statistic of --features, the four views in DBT-DINO's order; views None:
+    records of one 2-D image each ({stat: (D,)})."""
     stats = FEATURES[features]
-    x = torch.stack([torch.cat([r[v][s] for s in stats for v in cohorts.VIEWS]) for r in records])
+    x = torch.stack([torch.cat([r[s] for s in stats] if views is None else
+                               [r[v][s] for s in stats for v in views]) for r in records])
     bad = int((~torch.isfinite(x).all(1)).sum())
     if bad:
-        raise ValueError(f"--features {features}: {bad} exams have non-finite features (cls-std of "
-                         "a one-slice view is undefined); choose patch features")
+        what = "exams" if views else "images"
+        raise ValueError(f"--features {features}: {bad} {what} have non-finite features (cls-std "
+                         "of a one-slice view or one image is undefined); choose patch features")
     return x.float()  # (M, F)
 
 
@@ -471,8 +478,7 @@ def run_risk(args, rows, split, x, writer, backbone=""):
 # ----------------------------------------------------------------------------- 2-D benchmarks
 def image_file(folder, path):
     """A 2-D image's cache file, named as exam_file names an exam's (path, size, mtime)."""
-    ident = json.dumps(["2d"] + utils.file_identity(Path(path)))
-    return Path(folder) / f"{hashlib.sha1(ident.encode()).hexdigest()[:20]}.pt"
+    return _cache_file(folder, ["2d"] + utils.file_identity(Path(path)))
 
 
 @torch.inference_mode()
@@ -571,12 +577,8 @@ def run_2d(args, device, dataset, root):
                                      args.fraction, args.seed)
     parts["train"] = [parts["train"][i] for i in keep]
     rows, y, weight = image_rows(parts, classes)
-    stats = FEATURES[args.features]
     order = rows["train"] + rows["val"] + rows["test"]
-    x = torch.stack([torch.cat([records[k][s] for s in stats]) for k in order]).float()  # (M, F)
-    if not torch.isfinite(x).all():
-        raise ValueError(f"--features {args.features}: cls-std is undefined for one image; "
-                         "choose another")
+    x = feature_matrix([records[k] for k in order], args.features, views=None)  # (M, F)
     n_tr, n_va = len(rows["train"]), len(rows["val"])
     utils.write_args(args.out, args, "probe.py", stale, embeddings=info)
     writer = utils.JsonlWriter(Path(args.out) / "metrics.jsonl")
@@ -679,7 +681,7 @@ def embeddings(args, backbone, rows, root, device, client=None, images=None):
     if args.compile:  # before a bf16-weights copy (copies stay compiled); get_args refuses DenseNet
         model.compile_blocks(net, log=utils.log)  # its measured gain: model.compile_blocks
     size = args.size or net.config["img_size"]
-    how = preprocessing(args)
+    how = utils.preprocessing(args.backbone, args.preprocess)
     key = cache_key(net, size, args.precision, device, how)
     folder = Path(args.cache or utils.cache_base() / "embeddings") / key
     kw = dict(size=size, chunk=args.chunk, workers=args.workers, precision=args.precision,
@@ -691,20 +693,6 @@ def embeddings(args, backbone, rows, root, device, client=None, images=None):
     source = dict(source=client.url) if client else {}  # redacted: never user info
     return records, dict(counts, backbone=desc, size=size, cache=str(folder), preprocess=how,
                          **source)
-
-
-def preprocessing(args):
-    """--preprocess, where auto is what the backbone was trained with (its backbone.json; none
-    when nothing is recorded); a choice that differs from the recorded one is said once."""
-    recorded = utils.recorded_preprocess(args.backbone)
-    if args.preprocess == "auto":
-        how = recorded or "none"
-        said = "as the backbone was trained" if recorded else "the backbone records none"
-        utils.log(f"preprocessing: {how} ({said})")
-        return how
-    if recorded and recorded != args.preprocess:
-        utils.log(f"--preprocess {args.preprocess}: the backbone was trained with {recorded}")
-    return args.preprocess
 
 
 def which_data(args):
@@ -849,9 +837,7 @@ def get_args(argv=None):
                    help="DenseNet-121 state dict (torchvision's file); '' = random")
     g.add_argument("--size", type=num(int, 0), default=0, help="input side; 0 = the backbone's own "
                    "(tiny 112, hub ViT 518, DenseNet 224)")
-    g.add_argument("--preprocess", default="auto", choices=["auto", "none", "clahe"],
-                   help="what each displayed slice or image goes through before the backbone; "
-                   "auto: the backbone's own (pretrain.py's backbone.json), else none")
+    utils.add_preprocess_flag(g)
     g = p.add_argument_group("speed")
     g.add_argument("--chunk", type=num(int, 1), default=75, help="slices per forward pass")
     g.add_argument("--workers", type=num(int, 0), default=2, help="decoding loader workers")

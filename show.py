@@ -59,7 +59,8 @@ def last_block_attention(vit, x):
 def tissue_share(cls_attention, tissue):
     """The share of CLS attention on tissue: cls_attention (nh, N) the CLS token's attention to the
     N patches (registers left out), tissue (N,) each patch's tissue fraction in [0, 1] -> the mean
-    over heads of sum(a * f) / sum(a) (renormalised over the patches: CLS and registers take some)."""
+    over heads of sum(a * f) / sum(a) (renormalised over the patches: CLS and registers take
+    some)."""
     a = cls_attention.double()
     return float(((a * tissue.double()).sum(-1) / a.sum(-1)).mean())
 
@@ -143,10 +144,7 @@ def run_show(args):
     if not isinstance(net, model.ViT):
         raise ValueError("show needs a ViT backbone (DenseNet-121 has no attention)")
     net, size = net.float().eval(), args.size or net.config["img_size"]
-    recorded = utils.recorded_preprocess(args.backbone)
-    clahe = (recorded if args.preprocess == "auto" else args.preprocess) == "clahe"
-    utils.log(f"preprocessing: {'clahe' if clahe else 'none'} (the backbone records "
-              f"{recorded or 'none'})")
+    clahe = utils.preprocessing(args.backbone, args.preprocess) == "clahe"
     paths = [args.image] if Path(args.image).is_file() and not args.image.endswith(".csv") \
         else dicom.scan(args.image)
     x, img, s, n = model_input(paths[0], args.slice, size, clahe)  # a bad file: before --out
@@ -189,8 +187,7 @@ def get_args(argv=None):
     g.add_argument("--arch", default="auto", help="model.build name of --backbone (auto: by width)")
     g.add_argument("--size", type=utils.number(int, 0), default=0, help="input side, a multiple of "
                    "14; 0 = the backbone's own (tiny 112, hub ViT 518)")
-    g.add_argument("--preprocess", default="auto", choices=["auto", "none", "clahe"],
-                   help="auto: what the backbone was trained with (its backbone.json), else none")
+    utils.add_preprocess_flag(g)
     g = p.add_argument_group("data")
     g.add_argument("--image", required=True, help="a DICOM volume or 2-D image; or a folder or "
                    ".csv manifest of them (attention.png of the first, attention in tissue of all)")

@@ -1,5 +1,6 @@
 """What every script needs in order to run: torch.distributed from torchrun, rank-0 logs,
-seeding, argparse types, atomic files and checkpoints, run folders, metrics.jsonl and run figures.
+seeding, argparse types, atomic files and checkpoints, tables (CSV, .xlsx read and written), run
+folders, metrics.jsonl and run figures.
 
 Run-folder rules (pretrain.py, probe.py, detect.py, show.py, `metrics.py compare`):
 - A fresh run refuses an --out holding a run (ckpt.pt or an output) in one line saying what to do.
@@ -24,6 +25,7 @@ import uuid
 import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 import numpy as np
 import torch
@@ -191,6 +193,42 @@ def read_xlsx(path, sheet=None):
             for r in grid[1:]] if grid else []
 
 
+def write_xlsx(path, header, rows, sheet="Sheet1"):
+    """One sheet as Excel writes it (a zip of XML): text in the shared strings, numbers as
+    numbers, None or "" an absent cell; 26 columns at most."""
+    strings, xml = {}, []
+    for i, row in enumerate([header] + rows, 1):
+        cells = [f'<c r="{chr(65 + j)}{i}" t="s"><v>{strings.setdefault(v, len(strings))}</v></c>'
+                 if isinstance(v, str) else f'<c r="{chr(65 + j)}{i}"><v>{v}</v></c>'
+                 for j, v in enumerate(row) if v not in (None, "")]
+        xml.append(f'<row r="{i}">{"".join(cells)}</row>')
+    ns = "http://schemas.openxmlformats.org/"
+    main, rel = f'xmlns="{ns}spreadsheetml/2006/main"', f"{ns}officeDocument/2006/relationships"
+    rels, ct = f'<Relationships xmlns="{ns}package/2006/relationships">', \
+        "application/vnd.openxmlformats-officedocument.spreadsheetml."
+    parts = {
+        "[Content_Types].xml": f'<Types xmlns="{ns}package/2006/content-types"><Default Extension='
+        '"rels" ContentType="application/vnd.openxmlformats-package.relationships+xml"/><Default '
+        'Extension="xml" ContentType="application/xml"/><Override PartName="/xl/workbook.xml" '
+        f'ContentType="{ct}sheet.main+xml"/><Override PartName="/xl/worksheets/sheet1.xml" '
+        f'ContentType="{ct}worksheet+xml"/><Override PartName="/xl/sharedStrings.xml" '
+        f'ContentType="{ct}sharedStrings+xml"/></Types>',
+        "_rels/.rels": f'{rels}<Relationship Id="rId1" Type="{rel}/officeDocument" '
+        'Target="xl/workbook.xml"/></Relationships>',
+        "xl/workbook.xml": f'<workbook {main} xmlns:r="{rel}"><sheets><sheet name='
+        f'"{escape(sheet)}" sheetId="1" r:id="rId1"/></sheets></workbook>',
+        "xl/_rels/workbook.xml.rels": f'{rels}<Relationship Id="rId1" Type="{rel}/worksheet" '
+        f'Target="worksheets/sheet1.xml"/><Relationship Id="rId2" Type="{rel}/sharedStrings" '
+        'Target="sharedStrings.xml"/></Relationships>',
+        "xl/sharedStrings.xml": f'<sst {main} count="{len(strings)}">' + "".join(
+            f'<si><t xml:space="preserve">{escape(s)}</t></si>' for s in strings) + "</sst>",
+        "xl/worksheets/sheet1.xml": f'<worksheet {main}><sheetData>{"".join(xml)}</sheetData>'
+        "</worksheet>"}
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, text in parts.items():
+            z.writestr(name, text)
+
+
 def _xml(zf, member):
     """A member's XML, namespaces dropped from tags and attributes (r:id -> id, strict OOXML)."""
     root = ET.fromstring(zf.read(member))
@@ -339,6 +377,28 @@ def recorded_preprocess(spec):
         return json.loads(sidecar.read_text())["preprocess"]
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"{sidecar}: not pretrain.py's backbone.json (no preprocess)") from None
+
+
+def add_preprocess_flag(g):
+    """--preprocess, shared by probe.py, detect.py and show.py (resolved by `preprocessing`)."""
+    g.add_argument("--preprocess", default="auto", choices=["auto", "none", "clahe"],
+                   help="what each displayed slice or image goes through before the backbone; "
+                   "auto: the backbone's own (pretrain.py's backbone.json), else none")
+
+
+def preprocessing(spec, choice):
+    """--preprocess `choice` for --backbone `spec`: auto is what the backbone was trained with
+    (recorded_preprocess; none when nothing is recorded). Said in one line; a choice that differs
+    from the recorded one is said as such."""
+    recorded = recorded_preprocess(spec)
+    if choice == "auto":
+        how = recorded or "none"
+        log(f"preprocessing: {how} (" + ("as the backbone was trained" if recorded else
+                                        "the backbone records none") + ")")
+        return how
+    if recorded and recorded != choice:
+        log(f"--preprocess {choice}: the backbone was trained with {recorded}")
+    return choice
 
 
 # -------------------------------------------------------- run folders, progress line, metrics.jsonl
@@ -618,7 +678,8 @@ def radar_point(centre, k, n, value, radius=RADAR_RADIUS):
     """Pixel of `value` (0 at the centre, 1 on the rim) on axis k of n: axis 0 points up, the
     others follow clockwise, as in MammoDINO's Figure 2."""
     angle = -math.pi / 2 + 2 * math.pi * k / n
-    return centre[0] + radius * value * math.cos(angle), centre[1] + radius * value * math.sin(angle)
+    r = radius * value  # px from the centre
+    return centre[0] + r * math.cos(angle), centre[1] + r * math.sin(angle)
 
 
 def draw_radar(axes, polygons, title, path):
