@@ -544,7 +544,7 @@ def bench_read(args, device):
     """Time and peak memory (each in a fresh process) of one slice against a full decode, native
     and JPEG 2000; the sample path (bench_sample_path) native with and without the crop pyramid,
     and JPEG 2000; CLAHE on one full-size slice; mammodino's sample path without and with CLAHE,
-    native."""
+    native; the embedding loader's slices/s per worker."""
     rows, repeats = [], 1 if args.quick else args.repeats
     for enc in ("native", "j2k"):
         shape = (8, 512, 384) if args.quick else FULL_SIZE
@@ -559,18 +559,51 @@ def bench_read(args, device):
     native = path.replace("phantom_j2k_", "phantom_native_")  # both written in the loop above
     rows += [bench_sample_path(args, native, pyramid) for pyramid in (True, False)]
     rows += [bench_sample_path(args, path), bench_clahe(args, native)]  # path: j2k
-    return rows + [bench_sample_path(args, native, name="mammodino", clahe=clahe)
-                   for clahe in (False, True)]  # what MammoDINO's CLAHE costs the sample path
+    rows += [bench_sample_path(args, native, name="mammodino", clahe=clahe)
+             for clahe in (False, True)]  # what MammoDINO's CLAHE costs the sample path
+    return rows + bench_embed_loader(args, native)
+
+
+def bench_embed_loader(args, path):
+    """Slices/s that one loader worker hands the embedding loop (probe.py embed): a DataLoader with
+    one worker over data.VolumeReader, timed from its first volume to its last, the consumer's time
+    left out (and, with_consumer_copy, counted: one copy of each volume, as to a GPU). mapped: an
+    uncompressed volume handed over as its file's mapped bytes; decoded: frame by frame into
+    shared memory."""
+    volumes, rows = 2 if args.quick else 6, []
+    for mapped in (True, False):
+        reader = data.VolumeReader([path] * volumes, mapped=mapped)
+        loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=1,
+                                             prefetch_factor=1)
+        slices, t0, copied, buffer = 0, None, 0.0, None
+        for _, item in loader:
+            if t0 is None:  # the worker's start-up and first volume are left out
+                t0, buffer = time.perf_counter(), torch.empty_like(item["stored"])
+                continue
+            slices += len(item["stored"])
+            t1 = time.perf_counter()
+            buffer.copy_(item["stored"])  # the consumer's one read (what a copy to a GPU does)
+            copied += time.perf_counter() - t1
+        seconds = time.perf_counter() - t0
+        rows.append(dict(bench="embed_loader", impl="mapped" if mapped else "decoded", workers=1,
+                         volumes=volumes - 1, slices_per_s_per_core=slices / (seconds - copied),
+                         with_consumer_copy=slices / seconds))
+    return rows
 
 
 def bench_clahe(args, path):
-    """Ms of preprocess.clahe on one full-size slice on one thread (MammoDINO's per-image cost)."""
+    """Ms of CLAHE on one full-size slice on one thread (MammoDINO's per-image cost): clahe of the
+    displayed slice, and what the stream does instead (data.read_clahe: decode, then CLAHE with
+    bins looked up from the stored integers, no displayed slice)."""
     image = dicom.read_dbt(path, frames=[1])[0][0]  # (H, W)
-    fns = {"clahe": lambda: preprocess.clahe(image)}
+    meta, scratch = dicom.index_volume(path), {}
+    fns = {"clahe": lambda: preprocess.clahe(image),
+           "read+clahe": lambda: data.read_clahe(meta, 1, scratch)}
     with utils.one_thread():
         secs = interleaved(fns, 1 if args.quick else args.repeats, args.warmup,
                            torch.device("cpu"))
-    return dict(bench="clahe", shape=list(image.shape), ms=1e3 * secs["clahe"])
+    return dict(bench="clahe", shape=list(image.shape), ms=1e3 * secs["clahe"],
+                read_and_clahe_ms=1e3 * secs["read+clahe"])
 
 
 def bench_sample_path(args, path, pyramid=True, name="dbt-dino", clahe=False):

@@ -27,7 +27,7 @@ import pacs
 import preprocess
 import utils
 
-INDEX_VERSION = 3  # bump when the cached per-volume index changes meaning
+INDEX_VERSION = 4  # bump when the cached per-volume index changes meaning
 # Crop recipes: MultiCrop(global_size=..., local_size=..., **RECIPES[name]), or the same keywords to
 # PretrainStream. Crop sizes live with the model and schedule in pretrain.PRESETS. dbt-dino's scales
 # are DBT-DINO §6.1's. MammoDINO publishes no numbers: DINOv2's scales, our tissue fractions and k.
@@ -67,15 +67,30 @@ def volume_index(path, cache_dir):
     return meta, mask
 
 
-def read_slice(meta, s):
+def read_slice(meta, s, scratch=None):
     """Slice s of an indexed volume as displayed, canonical orientation: (H, W) float tensor.
     dicom.read_slices' arithmetic, but apply_voi's float copy of the mirrored view is the only copy:
-    read_slices' array and the mirrored copy cost 3 ms a full-size slice."""
-    stored, _ = dicom.decode_slice(meta, s)  # (H, W) integers, full resolution
+    read_slices' array and the mirrored copy cost 3 ms a full-size slice. scratch: a dict the
+    caller keeps, whose arrays the decode and the VOI reuse (fresh 10 and 20 MB arrays cost ~4 ms
+    of page faults a full-size slice); the slice is then valid until its next use."""
+    stored, _ = dicom.decode_slice(meta, s, out=_scratch(scratch, "stored", meta))  # (H, W)
     stored = stored[:, ::-1] if meta["flip"] else stored  # a view; the copy below mirrors it
     x = dicom.apply_voi(stored, *meta["voi"][s], meta["bits_stored"], meta["signed"],
-                        meta["invert"])
-    return torch.from_numpy(np.ascontiguousarray(x))  # (H, W), C order already: no copy
+                        meta["invert"], out=_scratch(scratch, "shown", meta))
+    return torch.from_numpy(x)  # (H, W), C order
+
+
+def _scratch(scratch, role, meta):
+    """A reusable (H, W) array from `scratch` (None: none): "stored" (uncompressed frames only, as
+    decode_slice reads them) or "shown" (float32)."""
+    if scratch is None or (role == "stored" and not meta.get("native")):
+        return None
+    dtype = np.float32 if role == "shown" else np.dtype(
+        f"{'i' if meta['signed'] else 'u'}{meta['bits_allocated'] // 8}")
+    shape = (meta["rows"], meta["cols"])
+    if role not in scratch or scratch[role].shape != shape or scratch[role].dtype != dtype:
+        scratch[role] = np.empty(shape, dtype)
+    return scratch[role]
 
 
 # ------------------------------------------------------------------------ multi-crop augmentation
@@ -334,6 +349,7 @@ class PretrainStream(torch.utils.data.IterableDataset):
     def __init__(self, source, *, seed=0, cache_dir=None, slices_per_volume=4, shuffle_buffer=16,
                  dicomweb=None, clahe=False, weights=None, **crop):
         self.client, self.prefetch, self.clahe = None, 0, clahe
+        self._scratch = ({}, {})  # read_slice's reused arrays, for s and for s'
         sources = list(source) if isinstance(source, (list, tuple)) else [source]
         source = sources[0]
         self.source_of, self.draw_p = None, None  # one source: volumes by permutation (shard)
@@ -537,15 +553,23 @@ class PretrainStream(torch.utils.data.IterableDataset):
         """One item: a random slice s of a volume (volume_index's meta, mask) through MultiCrop."""
         S = meta["n_frames"]
         s = int(rng.integers(S))  # drawn before the crops' draws
-        read = functools.partial(read_slice, meta)
-        if self.clahe:
-            read = functools.partial(clahe_slice, read)
-        return self.multicrop(read(s), mask, meta["mask_stride"], rng, s, S, read)
+        # s and s' each reuse their own arrays from one sample to the next
+        first, second = (functools.partial(read_clahe if self.clahe else read_slice, meta,
+                                           scratch=scratch) for scratch in self._scratch)
+        return self.multicrop(first(s), mask, meta["mask_stride"], rng, s, S, second)
 
 
-def clahe_slice(read, s):
-    """read(s), a displayed slice (H, W) tensor, through preprocess.clahe: (H, W) in [0, 1]."""
-    return torch.from_numpy(preprocess.clahe(read(s).numpy()))
+def read_clahe(meta, s, scratch=None):
+    """preprocess.clahe(read_slice(meta, s)), bit for bit: (H, W) in [0, 1]. Its histogram bins
+    are looked up from the stored integers (preprocess.clahe_stored), so the displayed slice is
+    never made: 25 ms less per full-size slice."""
+    stored, _ = dicom.decode_slice(meta, s, out=_scratch(scratch, "stored", meta))  # (H, W)
+
+    def display(values):  # the slice's VOI, applied to a table of stored values
+        return dicom.apply_voi(values, *meta["voi"][s], meta["bits_stored"], meta["signed"],
+                               meta["invert"])
+
+    return torch.from_numpy(preprocess.clahe_stored(stored, display, meta["flip"]))
 
 
 # ------------------------------------------------------------------------ iBOT masks and collate
@@ -768,10 +792,12 @@ def density_eval_set(root, size=112, max_exams=None, exclude=(), clahe=False):
 class VolumeReader(torch.utils.data.Dataset):
     """One item per volume, decoded on a loader worker one slice at a time: (i, dict) with the
     stored integers (S, H, W) and their display parameters, or (i, message) when it cannot be
-    read."""
+    read. An uncompressed little-endian volume whose unused bits are clear is not decoded at all:
+    its stored integers are the file's own bytes, mapped (mapped_volume), so nothing is copied
+    through the worker; pages come from the page cache as the consumer reads them."""
 
-    def __init__(self, paths):
-        self.paths = [str(p) for p in paths]
+    def __init__(self, paths, mapped=True):
+        self.paths, self.mapped = [str(p) for p in paths], mapped
 
     def __len__(self):
         return len(self.paths)
@@ -782,24 +808,70 @@ class VolumeReader(torch.utils.data.Dataset):
     def read(self, i, path):
         try:
             meta = dicom.index_volume(path)  # headers + the volume's one orientation decision
-            first, _ = dicom.decode_slice(meta, 0)  # (H, W): gives the stored dtype
-            dtype = torch.from_numpy(first[:0]).dtype
-            stored = torch.empty((meta["n_frames"], *first.shape), dtype=dtype)  # (S, H, W)
-            if torch.utils.data.get_worker_info() is not None:
-                # decode into shared memory: the hand-over to the main process then moves a file
-                # descriptor, not the volume, whose copy costs page faults on 590 MB of fresh memory
-                # (50 -> 63 slices/s with 1 worker, 71 -> 95 with 2; 60 x 2457 x 1996, 2 cores,
-                # median of 4 alternated runs)
-                stored.share_memory_()
-            out = stored.numpy()  # (S, H, W), the same memory
-            out[0] = first
-            for s in range(1, meta["n_frames"]):
-                out[s] = dicom.decode_slice(meta, s)[0]
+            stored = _mapping(meta) if self.mapped else None
+            if stored is None:
+                stored = self._decoded(meta)
         except (ValueError, OSError) as e:
             return i, str(e)
         rows, sigmoid = dicom.voi_rows(meta)
         return i, {"stored": stored, "rows": rows, "sigmoid": sigmoid, "invert": meta["invert"],
                    "flip": meta["flip"]}
+
+    def _decoded(self, meta):
+        """The volume decoded frame by frame: (S, H, W) integers, in shared memory on a worker."""
+        first, _ = dicom.decode_slice(meta, 0)  # (H, W): gives the stored dtype
+        dtype = torch.from_numpy(first[:0]).dtype
+        stored = torch.empty((meta["n_frames"], *first.shape), dtype=dtype)  # (S, H, W)
+        if torch.utils.data.get_worker_info() is not None:
+            # decode into shared memory: the hand-over to the main process then moves a file
+            # descriptor, not the volume, whose copy costs page faults on 590 MB of fresh memory
+            # (50 -> 63 slices/s with 1 worker, 71 -> 95 with 2; 60 x 2457 x 1996, 2 cores,
+            # median of 4 alternated runs)
+            stored.share_memory_()
+        out = stored.numpy()  # (S, H, W), the same memory
+        out[0] = first
+        for s in range(1, meta["n_frames"]):  # uncompressed frames: read into it directly
+            dicom.decode_slice(meta, s, out=out[s])
+        return stored
+
+
+def mapped_volume(path, offset, shape, dtype):
+    """(S, H, W) tensor over a file's own bytes (np.memmap, copy-on-write: writable, the file never
+    written)."""
+    return torch.from_numpy(np.memmap(path, np.dtype(dtype), "c", offset, tuple(shape)))
+
+
+class _MappedVolume:
+    """What a worker hands over for a mappable volume: unpickled in the main process as
+    mapped_volume's tensor, so the volume's bytes never pass through the pipe or shared memory."""
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __reduce__(self):
+        return mapped_volume, self.args
+
+
+def _mapping(meta):
+    """The volume as mapped_volume (on a worker: a _MappedVolume), or None when it must be decoded:
+    compressed, big-endian, frames in several files or not back to back, or junk in the bits
+    above BitsStored (one pass over the mapped bytes looks; pydicom would clear them)."""
+    offsets, file = meta.get("native"), meta["frames"][0][0]
+    if not offsets or dicom.NATIVE[meta["transfer_syntax"]] != "<" or sys.byteorder != "little":
+        return None
+    size = meta["rows"] * meta["cols"] * meta["bits_allocated"] // 8
+    if any(f != file for f, _ in meta["frames"]) or any(
+            o != offsets[0] + k * size for k, o in enumerate(offsets)):
+        return None
+    dtype = f"{'i' if meta['signed'] else 'u'}{meta['bits_allocated'] // 8}"
+    args = (file, offsets[0], (meta["n_frames"], meta["rows"], meta["cols"]), dtype)
+    stored = mapped_volume(*args)  # (S, H, W)
+    if meta["bits_stored"] < meta["bits_allocated"]:
+        hi = 1 << (meta["bits_stored"] - meta["signed"])
+        values = stored.numpy()
+        if values.max() >= hi or (meta["signed"] and values.min() < -hi):
+            return None
+    return _MappedVolume(*args) if torch.utils.data.get_worker_info() is not None else stored
 
 
 class RemoteVolumeReader(VolumeReader):
@@ -808,7 +880,7 @@ class RemoteVolumeReader(VolumeReader):
     CacheFull come back as the item, for embed_volumes to raise."""
 
     def __init__(self, client, uids):
-        self.client = client
+        self.client, self.mapped = client, False  # unpinned once read: the cache may evict it
         self.uids = list(uids)
         self.paths = ["/".join(u[c] for c in pacs.UID_COLUMNS) for u in self.uids]  # log labels
 

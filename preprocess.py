@@ -42,12 +42,46 @@ def clahe(image, clip_limit=0.01, kernel_size=None, nbins=256):
               else [int(k) for k in np.broadcast_to(kernel_size, 2)])  # tile sides
         tiles = [-(-s // k) for s, k in zip(x.shape, ks)]  # histogram tiles per side, with padding
         key, hist = _clahe_hists(x, scale, _clahe_lut(u0, u1, nbins), ks, tiles, nbins)
-        kpix = ks[0] * ks[1]
-        clim = int(max(clip_limit * kpix, 1)) if clip_limit > 0 else kpix
-        maps = np.cumsum(_clip_hist(hist.reshape(-1, nbins), clim), -1).astype(np.float64)
-        maps *= 16383 / kpix  # skimage's map_histogram, rounding included
-        maps = np.minimum(maps, 16383).astype(np.int64).reshape(*tiles, nbins)
-        return _clahe_map(key, maps, ks)
+        return _clahe_finish(key, hist, ks, tiles, clip_limit, nbins)
+
+
+def clahe_stored(stored, display, flip=False, clip_limit=0.01, nbins=256):
+    """clahe(display(stored)[:, ::-1] if flip else display(stored)), bit for bit, without the
+    displayed image: display maps stored integers to float32 in [0, 1] elementwise (data.py passes
+    dicom.apply_voi), so it is applied once to a table of every stored value, and each pixel's
+    histogram bin is one lookup of its stored value (16 bits at most). The slice's VOI pass and
+    clahe's rescaling passes are skipped: ~30% less time for VOI + CLAHE of a full-size slice."""
+    x = np.asarray(stored)
+    if x.ndim != 2 or x.dtype.kind not in "iu" or x.dtype.itemsize > 2:
+        raise ValueError(f"clahe_stored: expected (H, W) integers of <= 16 bits, got {x.dtype} "
+                         f"{x.shape}")
+    with utils.one_thread():
+        bits, signed = 8 * x.dtype.itemsize, x.dtype.kind == "i"
+        code = np.arange(2 ** bits)  # a pixel's bit pattern, read as unsigned
+        value = code - (code >= 2 ** (bits - 1)) * 2 ** bits if signed else code
+        shown = torch.from_numpy(np.asarray(display(value.astype(x.dtype)), np.float32))
+        levels = torch.mul(shown, 65535.0).round_().to(torch.int64)  # clahe's, per stored value
+        lo, hi = (int(v) for v in np.asarray([x.min(), x.max()]).astype(np.int64))
+        present = levels[torch.from_numpy(code[(value >= lo) & (value <= hi)])]
+        u0, u1 = float(present.min()), float(present.max())
+        if u1 <= u0:
+            return np.zeros(x.shape, np.float32)
+        ks = [max(n // 8, 1) for n in x.shape]
+        tiles = [-(-n // k) for n, k in zip(x.shape, ks)]
+        lut = _clahe_lut(u0, u1, nbins)[levels]  # stored bit pattern -> bin
+        view = x.view(np.uint16 if bits == 16 else np.uint8)
+        key, hist = _clahe_hists(view[:, ::-1] if flip else view, None, lut, ks, tiles, nbins)
+        return _clahe_finish(key, hist, ks, tiles, clip_limit, nbins)
+
+
+def _clahe_finish(key, hist, ks, tiles, clip_limit, nbins):
+    """Tile histograms -> clipped maps -> each pixel mapped: clahe's second half."""
+    kpix = ks[0] * ks[1]
+    clim = int(max(clip_limit * kpix, 1)) if clip_limit > 0 else kpix
+    maps = np.cumsum(_clip_hist(hist.reshape(-1, nbins), clim), -1).astype(np.float64)
+    maps *= 16383 / kpix  # skimage's map_histogram, rounding included
+    maps = np.minimum(maps, 16383).astype(np.int64).reshape(*tiles, nbins)
+    return _clahe_map(key, maps, ks)
 
 
 def _clahe_input(image):
@@ -97,7 +131,8 @@ def _chunks(n, rows, band, shift):
 
 def _clahe_hists(x, scale, lut, ks, tiles, nbins):
     """Bin every pixel -> (key (H, W) tensor: bin + _clahe_cols, tile histograms (h0, h1, nbins)
-    int64 numpy of the reflect-padded image), a chunk of rows at a time."""
+    int64 numpy of the reflect-padded image), a chunk of rows at a time. x: a float32 tensor whose
+    rint(x * scale) index lut, or (scale None) a numpy array of unsigned integers that do."""
     (S0, S1), (k0, k1) = x.shape, ks
     cols = _clahe_cols(S1, k1, tiles[1], nbins)
     lut = lut.to(cols.dtype)
@@ -109,8 +144,11 @@ def _clahe_hists(x, scale, lut, ks, tiles, nbins):
     hist = torch.zeros(tiles[0], n, dtype=torch.int64)
     for r0, r1 in _chunks(S0, rows, k0, 0):
         m = r1 - r0
-        torch.mul(x[r0:r1], scale, out=levels[:m]).round_()  # half to even, as np.rint
-        levels_int[:m].copy_(levels[:m])
+        if scale is None:  # stored integers (a mirrored view, maybe): one cast, no rounding
+            np.copyto(levels_int[:m].numpy(), x[r0:r1], casting="unsafe")
+        else:
+            torch.mul(x[r0:r1], scale, out=levels[:m]).round_()  # half to even, as np.rint
+            levels_int[:m].copy_(levels[:m])
         chunk = key[r0:r1]
         torch.index_select(lut, 0, levels_int[:m].view(-1), out=chunk.view(-1))
         chunk.add_(cols)

@@ -45,7 +45,8 @@ def test_bench_quick_produces_the_tables(tmp_path, monkeypatch):
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert {r["bench"] for r in rows} == {"backbone", "precision", "embed", "pretrain", "losses",
-                                          "read", "sample_path", "clahe", "detect"}
+                                          "read", "sample_path", "clahe", "detect",
+                                          "embed_loader"}
     paths = [(r["recipe"], r["impl"], r["encoding"].split()[0], r["clahe"]) for r in rows
              if r["bench"] == "sample_path"]
     assert paths == [("dbt-dino", "pyramid", "Explicit", False), ("dbt-dino", "direct", "Explicit",
@@ -54,13 +55,18 @@ def test_bench_quick_produces_the_tables(tmp_path, monkeypatch):
                      ("mammodino", "pyramid", "Explicit", True)]
     clahe = [r for r in rows if r["bench"] == "clahe"]
     assert len(clahe) == 1 and clahe[0]["shape"] == [512, 384] and clahe[0]["ms"] > 0
+    assert clahe[0]["read_and_clahe_ms"] > 0
+    loader = [r for r in rows if r["bench"] == "embed_loader"]
+    assert [r["impl"] for r in loader] == ["mapped", "decoded"]
+    assert all(r["volumes"] == 1 and r["slices_per_s_per_core"] > r["with_consumer_copy"] > 0
+               for r in loader)
     losses = [r for r in rows if r["bench"] == "losses"]
     assert [r["impl"] for r in losses] == ["eager"]
     assert losses[0]["ms"] > 0 and losses[0]["loss_diff"] == 0
     detect = [r for r in rows if r["bench"] == "detect"]
     assert len(detect) == 1 and detect[0]["slices"] == 8 and detect[0]["slices_per_s"] > 0
     for header in ("slices_per_s", "vs_timm", "cos_patch_min", "data_wait_share", "images_per_s",
-                   "mem_ratio", "samples_per_s_per_core"):
+                   "mem_ratio", "samples_per_s_per_core", "slices_per_s_per_core"):
         assert header in run.stdout  # each table printed its figure
     backbone = {r["impl"]: r for r in rows if r["bench"] == "backbone"}
     assert backbone["timm"]["vs_timm"] == 1.0 and backbone["ours"]["max_abs_diff"] == 0.0
