@@ -497,6 +497,93 @@ def load_pretrained(model, path_or_state_dict):
 
 
 # --------------------------------------------------------------------------------------------------
+# Training a ViT: DINOv2's layer-wise LR decay (pretrain.py) and which parameters train (probe.py)
+
+EMBEDDINGS = ("pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens")
+PATCH_EMBED_LR_MULT = 0.2  # DINOv2's patch_embed_lr_mult
+
+
+def layer_id(name, depth):
+    """DINOv2's layer of a parameter named backbone.* (a ViT) or otherwise (a head): 0 for the
+    embeddings, i + 1 for backbone.blocks.i, depth + 1 for the final norm and every head."""
+    if not name.startswith("backbone."):
+        return depth + 1
+    short = name[len("backbone."):]
+    if short.startswith(EMBEDDINGS):
+        return 0
+    return int(short.split(".")[1]) + 1 if short.startswith("blocks.") else depth + 1
+
+
+def param_groups(module, depth, layer_decay, patch_embed_lr_mult=PATCH_EMBED_LR_MULT):
+    """AdamW groups of `module`'s parameters that require grad, by DINOv2's rule: lr_mult =
+    layer_decay^(depth + 1 - layer_id) (x patch_embed_lr_mult for patch_embed), wd_mult 0 on
+    biases, norms and LayerScale gammas, last_layer True for a DINO head's prototype layer."""
+    groups = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:  # frozen: no group, so no step and no weight decay either
+            continue
+        lr_mult = layer_decay ** (depth + 1 - layer_id(name, depth))
+        lr_mult *= patch_embed_lr_mult if "patch_embed" in name else 1.0
+        wd_mult = 0.0 if name.endswith(".bias") or "norm" in name or "gamma" in name else 1.0
+        key = (lr_mult, wd_mult, "last_layer" in name)
+        groups.setdefault(key, dict(params=[], lr_mult=lr_mult, wd_mult=wd_mult, last_layer=key[2]))
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def set_trainable(vit, n_blocks):
+    """Freeze `vit` except its last n_blocks blocks and the final norm; -1: every parameter
+    (the embeddings too), 0: none. -> the names of the parameters left trainable."""
+    first = 0 if n_blocks == -1 else vit.n_blocks - n_blocks  # the first trainable block
+    for name, p in vit.named_parameters():
+        block = int(name.split(".")[1]) if name.startswith("blocks.") else None
+        p.requires_grad_(n_blocks == -1 or (n_blocks > 0 and (
+            name.startswith("norm.") or (block is not None and block >= first))))
+    return [name for name, p in vit.named_parameters() if p.requires_grad]
+
+
+def image_stats(backbone, x, stats):
+    """(B, 3, H, W) -> (B, F): per image, the `stats` (names as probe.aggregate's: patch_mean,
+    patch_std (unbiased), patch_min, patch_max of the normed patch tokens, cls_mean the CLS
+    token), concatenated in that order; differentiable."""
+    o = backbone.forward_features(x)
+    p, cls = o["x_norm_patchtokens"].float(), o["x_norm_clstoken"].float()  # (B, N, D), (B, D)
+    s = dict(patch_mean=p.mean(1), patch_std=p.std(1), patch_min=p.amin(1), patch_max=p.amax(1),
+             cls_mean=cls)
+    return torch.cat([s[k] for k in stats], 1)  # (B, F)
+
+
+class Classifier(nn.Module):
+    """probe.py's fine-tuned network: grey images (B, 1, H, W), repeated to 3 channels, through
+    the backbone, image_stats, standardised, a Linear to `out` logits. The standardisation is a
+    BatchNorm without affine terms (MAE's linear-probe head): batch statistics in training; in
+    evaluation the statistics the caller sets (probe.py: the train images' under the current
+    weights, a frozen probe's). Names backbone.*, norm.*, head.*: param_groups' layers."""
+
+    def __init__(self, backbone, stats, out):
+        super().__init__()
+        self.backbone, self.stats = backbone, stats
+        n = len(stats) * backbone.embed_dim  # F
+        self.norm = nn.BatchNorm1d(n, eps=1e-12, affine=False)
+        self.head = nn.Linear(n, out)
+
+    def forward(self, x):  # (B, 1, H, W) -> (B, out)
+        f = image_stats(self.backbone, x.expand(-1, 3, -1, -1), self.stats)  # (B, F)
+        return self.head(self.norm(f))
+
+
+def block_count(path):
+    """The transformer blocks of a backbone file, read memory-mapped (cheap), or None when it
+    cannot be read so (load_backbone then says why)."""
+    try:
+        state = backbone_state_dict(torch.load(path, map_location="cpu", weights_only=True,
+                                               mmap=True), path)
+    except Exception:  # a legacy (non-zip) or broken file: the real load names the problem
+        return None
+    return len({k.split(".")[1] for k in state if k.startswith("blocks.")}) or None
+
+
+# --------------------------------------------------------------------------------------------------
 # The frozen backbones of the downstream scripts
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -70,7 +70,7 @@ import utils
 STUDENT_TEMP, CENTER_MOMENTUM = 0.1, 0.9  # DINOv2's defaults for both DINO and iBOT
 MIN_LR = 1e-6
 CLIP_GRAD = 3.0
-PATCH_EMBED_LR_MULT = 0.2
+PATCH_EMBED_LR_MULT = model.PATCH_EMBED_LR_MULT
 WARMUP_TEACHER_TEMP, TEACHER_TEMP = 0.04, 0.07  # DINO's advice: > 0.07 is unstable, warm up
 HELDOUT_PATIENTS = 40  # phantom patients the quick probe is fit and scored on: 160 images
 # Presets set the defaults of the flags below; explicit flags override them. Steps are iterations.
@@ -389,26 +389,11 @@ def make_schedules(args, world_size):
 
 
 def param_groups(student, layer_decay, patch_embed_lr_mult=PATCH_EMBED_LR_MULT):
-    """AdamW groups with DINOv2's multipliers: lr x layer_decay^(depth + 1 - layer_id) (layer 0 =
-    embeddings, i + 1 = blocks.i, depth + 1 = final norm and heads), x0.2 for patch_embed; no weight
-    decay on biases, norms and LayerScale gammas; the prototype layer follows the last-layer lr."""
-    depth, groups = student.backbone.n_blocks, {}
-    for name, p in student.named_parameters():
-        layer_id = depth + 1
-        if name.startswith("backbone."):
-            short = name[len("backbone."):]
-            if short.startswith(("pos_embed", "patch_embed", "mask_token", "cls_token",
-                                 "register_tokens")):
-                layer_id = 0
-            elif short.startswith("blocks."):
-                layer_id = int(short.split(".")[1]) + 1
-        lr_mult = layer_decay ** (depth + 1 - layer_id)
-        lr_mult *= patch_embed_lr_mult if "patch_embed" in name else 1.0
-        wd_mult = 0.0 if name.endswith(".bias") or "norm" in name or "gamma" in name else 1.0
-        key = (lr_mult, wd_mult, "last_layer" in name)
-        groups.setdefault(key, dict(params=[], lr_mult=lr_mult, wd_mult=wd_mult, last_layer=key[2]))
-        groups[key]["params"].append(p)
-    return list(groups.values())
+    """AdamW groups with DINOv2's multipliers (model.param_groups, the rule probe.py's fine-tuning
+    shares): lr x layer_decay^(depth + 1 - layer_id) (layer 0 = embeddings, i + 1 = blocks.i,
+    depth + 1 = final norm and heads), x0.2 for patch_embed; no weight decay on biases, norms and
+    LayerScale gammas; the prototype layer follows the last-layer lr."""
+    return model.param_groups(student, student.backbone.n_blocks, layer_decay, patch_embed_lr_mult)
 
 
 # --------------------------------------------------------------------------------------------------

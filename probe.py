@@ -7,6 +7,7 @@
     python show.py --image X.dcm --backbone dbt_dino.pth                  # attention maps
     python probe.py --task cancer --data /data/vindr-mammo                # a 2-D benchmark
     python probe.py --task cancer --data synthetic --dataset rsna         # its phantom, ~20 s
+    python probe.py --task cancer --data /data/vindr-mammo --finetune-blocks 2   # fine-tuned
 
 MammoDINO's 2-D benchmarks (VinDr-Mammo, RSNA, CBIS-DDSM, CMMD, CDD-CESM): --data is the folder as
 downloaded, its layout told by its tables (--dataset overrides). cohorts.py reads them, labels by
@@ -46,9 +47,28 @@ metrics.json, predictions.csv, head.pt and confusion.png or roc.png (a panel per
 line names every file in --out. A year the test split cannot score (no cancers within it, or no
 negatives) is printed with the reason, null in metrics.json (the reason in not_scored) and left
 out of the mean (auroc_mean_years).
+
+Fine-tuning (--finetune-blocks N, the 2-D tasks and DBT density; 0, the default, is all the above):
+the last N blocks, the final norm and the head train (-1: every parameter) on the images, each
+decoded once as the frozen path decodes it (same --size, --preprocess) and held in memory as
+float16. The head is the frozen one on the same --features of each image, standardised
+(model.Classifier: batch statistics in training; after every epoch, for validation and test, the
+frozen path's, the train images' mean and std under the current weights, un-augmented).
+AdamW (weight decay 0.05, none on biases, norms, gammas) with pretrain.py's layer-wise decay
+(model.param_groups: block i at --lr x --layer-decay^(depth - i)), one epoch of linear warm-up,
+a cosine to 0 over --epochs (0: 20), --batch-size 64; the epoch of lowest val loss is kept, and
+training stops after --patience epochs without a lower one. Each training image is mirrored at
+odds 1/2, then rotated (up to 10 degrees), scaled (0.9-1.1) and shifted (up to 5 % of its side)
+by one affine map. DBT density: each view's slices at 1/4, 1/2 and 3/4 of its depth; an epoch
+gives every train exam a random one of each view, with the exam's label; an exam scores the mean
+of its 12 images' probabilities (val loss too). --out also gets ckpt.pt after every epoch (the
+trainable weights, optimizer, step, RNG state, best state, patience), which --resume auto
+continues exactly; metrics.jsonl has a record per epoch, metrics.json `finetune` (blocks, epochs
+run, best epoch, ...), head.pt the fine-tuned backbone (hub keys) beside the head.
 """
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -384,17 +404,20 @@ def _standardise(x, train):
     return (x - mu) / sd, mu, sd
 
 
-def fit_linear(args, x, y, tr, va, n_classes, writer, weight=None):
+def head_loss(logits, target, weight=None):
+    """One logit: the logistic loss; more: cross-entropy, `weight` per class."""
+    if logits.shape[1] == 1:
+        return F.binary_cross_entropy_with_logits(logits[:, 0], target.float())
+    return F.cross_entropy(logits, target, weight=weight)
+
+
+def fit_linear(args, x, y, tr, va, te, n_classes, writer, weight=None):
     """A linear head on features standardised by the train rows, its LR by lr_search: two classes
     take one logit and the logistic loss, more take cross-entropy (`weight`: per class). ->
-    (probs of every row: (M,) of class 1 or (M, C), head, (mean, std), the search's best)."""
+    (probs of the te rows: (n,) of class 1 or (n, C), head, (mean, std), the search's best)."""
     z, mu, sd = _standardise(x, tr)
     yt, out = torch.as_tensor(np.asarray(y)), 1 if n_classes == 2 else n_classes
-
-    def loss(logits, target):
-        if out == 1:
-            return F.binary_cross_entropy_with_logits(logits[:, 0], target.float())
-        return F.cross_entropy(logits, target, weight=weight)
+    loss = functools.partial(head_loss, weight=weight)
     task = TASKS.get(args.task, TASKS["density"])  # the 2-D tasks: density's epochs and range
     best = lr_search(lambda: nn.Linear(z.shape[1], out), loss, (z[tr], (yt[tr],)),
                      (z[va], (yt[va],)), lr_range=task["lr"], trials=args.trials,
@@ -403,17 +426,16 @@ def fit_linear(args, x, y, tr, va, n_classes, writer, weight=None):
     head = nn.Linear(z.shape[1], out)
     head.load_state_dict(best["state"])
     with torch.no_grad():
-        logits = head(z)  # (M, out)
+        logits = head(z[te])  # (n, out)
         probs = torch.sigmoid(logits[:, 0]) if out == 1 else torch.softmax(logits, 1)
     return probs.double().numpy(), head, (mu, sd), best
 
 
-def run_density(args, rows, split, x, writer, backbone=""):
+def run_density(args, rows, split, x, writer, backbone="", fit=fit_linear):
     y, patients = cohorts.density_targets(rows), np.array([r["patient"] for r in rows])
     tr, va, te = cohorts.split_indices(split, "density")
     tr = tr[cohorts.stratified_subset(y[tr], args.fraction, args.seed)]
-    probs, head, (mu, sd), best = fit_linear(args, x, y, tr, va, 4, writer)
-    probs = probs[te]  # (n_test, 4)
+    probs, head, (mu, sd), best = fit(args, x, y, tr, va, te, 4, writer)  # probs (n_test, 4)
     groups = {c: np.array([rows[i][c] for i in te]) for c in args.subgroups}
     majority = int(np.bincount(y[tr], minlength=4).argmax())  # ties: the first class
     report = metrics.density_report(y[te], probs, patients[te], groups, args.n_boot, args.seed,
@@ -561,11 +583,13 @@ def run_2d(args, device, dataset, root):
     backbone = model.load_backbone(args.backbone, args.arch, args.weights)
     parts, counts, excluded, rule = read_2d(args, dataset, root)
     classes = cohorts.classes(dataset, args.task)
-    stale = utils.check_run_folder(args.out, "metrics.json", args.overwrite, "probe.py",
-                                   ("predictions.csv", "head.pt", "confusion.png", "roc.png"))
+    stale, ckpt = start_run(args)
     images = sorted({im for units in parts.values() for u in units
                      for im in cohorts.unit_images(u)})
-    records, info = embeddings(args, backbone, None, root, device, images=images)
+    if args.finetune_blocks:  # the images themselves, decoded once: {index: (1, size, size)}
+        records, info = ft_inputs(args, backbone, [root / im for im in images])
+    else:
+        records, info = embeddings(args, backbone, None, root, device, images=images)
     parts = cohorts.drop_unreadable(parts, images, records, counts)
     test = parts["test"]
     tally = cohorts.tally(counts, [u for units in parts.values() for u in units], excluded)
@@ -578,15 +602,14 @@ def run_2d(args, device, dataset, root):
     parts["train"] = [parts["train"][i] for i in keep]
     rows, y, weight = image_rows(parts, classes)
     order = rows["train"] + rows["val"] + rows["test"]
-    x = feature_matrix([records[k] for k in order], args.features, views=None)  # (M, F)
+    x = (torch.stack([records[k][None] for k in order]) if args.finetune_blocks  # (M, 1, 1, S, S)
+         else feature_matrix([records[k] for k in order], args.features, views=None))  # (M, F)
     n_tr, n_va = len(rows["train"]), len(rows["val"])
-    utils.write_args(args.out, args, "probe.py", stale, embeddings=info)
-    writer = utils.JsonlWriter(Path(args.out) / "metrics.jsonl")
-    writer.truncate_after(-1)
-    probs, head, (mu, sd), best = fit_linear(
+    writer = start_writer(args, stale, info, ckpt)
+    probs, head, (mu, sd), best = fitter(args, backbone, device, ckpt, info)(
         args, x, y["train"] + y["val"] + y["test"], np.arange(n_tr), np.arange(n_tr, n_tr + n_va),
-        len(classes), writer, weight)
-    probs, at = probs[n_tr + n_va:], np.cumsum([0] + [len(u["rows"]) for u in test])
+        np.arange(n_tr + n_va, len(order)), len(classes), writer, weight)
+    at = np.cumsum([0] + [len(u["rows"]) for u in test])  # probs: the test images'
     unit_probs = np.stack([probs[a:b].mean(0) for a, b in zip(at[:-1], at[1:])])  # (n,) or (n, C)
     labels, patients = np.array([u["label"] for u in test]), np.array([u["patient"] for u in test])
     report = metrics.class_report(labels, unit_probs, patients, args.n_boot, args.seed)
@@ -597,7 +620,7 @@ def run_2d(args, device, dataset, root):
                   train_images=n_tr, class_weights=weight.tolist() if len(classes) > 2 else None,
                   features=args.features, fraction=args.fraction, lr=best["lr"],
                   best_epoch=best["epoch"] + 1, val_loss=best["val_loss"],
-                  backbone=info["backbone"], size=info["size"])
+                  backbone=info["backbone"], size=info["size"], **best.get("report", {}))
     report_2d(args, report, test, unit_probs, head, (mu, sd))
     return report
 
@@ -632,13 +655,337 @@ def report_2d(args, report, test, probs, head, standardise):
              for u, p in zip(test, probs)]
     utils.atomic_write(out / "predictions.csv", utils.csv_text(preds))
     utils.save_checkpoint(out / "head.pt", {"task": report["task"], "features": args.features,
-                                            "head": head.state_dict(), "classes": classes,
+                                            **head_state(head), "classes": classes,
                                             "feature_mean": standardise[0],
                                             "feature_std": standardise[1], "lr": report["lr"]})
     text = json.dumps(utils.finite(report), indent=1, allow_nan=False)
     utils.atomic_write(out / "metrics.json", text + "\n")
     utils.log(baseline_line(report["backbone"], args.backbone))
     utils.log(utils.folder_line(out))
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+FT_EPOCHS = 20  # --epochs 0 with --finetune-blocks
+FT_SLICES = 3  # DBT: slices of each view held for fine-tuning, at 1/4, 1/2 and 3/4 of its depth
+FT_WARMUP_EPOCHS = 1  # linear LR warm-up, then a half cosine to 0 at the last step
+FT_WEIGHT_DECAY = 0.05  # AdamW's, x model.param_groups' wd_mult (none on biases, norms, gammas)
+# each training image: mirrored left-right at odds AUG_FLIP, then one affine map: rotated by up
+# to AUG_DEGREES, scaled by a factor in AUG_SCALE, shifted by up to AUG_SHIFT of its side
+AUG_FLIP, AUG_DEGREES, AUG_SCALE, AUG_SHIFT = 0.5, 10.0, (0.9, 1.1), 0.05
+# flags that change neither the weights nor the choices: a resume may change them
+RESUME_FREE = ("command", "out", "resume", "overwrite", "device", "amp", "compile",
+               "grad_checkpoint", "chunk", "workers", "precision", "cache", "n_boot", "rule",
+               "subgroups", "trials", "manifest", "dicomweb_credentials", "dicomweb_ca_bundle",
+               "cache_bytes")
+OUTPUTS = ("predictions.csv", "head.pt", "confusion.png", "roc.png")
+
+
+def dbt_slices(path, size, clahe=False):
+    """FT_SLICES slices of a DBT view of S slices (k S // (FT_SLICES + 1), k = 1, 2, ...), as the
+    frozen path shows them (dicom.read_dbt: displayed, chest wall left; CLAHE; stretched to a
+    square) -> (FT_SLICES, size, size) in [0, 1]."""
+    meta = dicom.index_volume(path)
+    frames = [(k + 1) * meta["n_frames"] // (FT_SLICES + 1) for k in range(FT_SLICES)]
+    x = dicom.read_dbt(path, frames=frames, meta=meta)[0]  # (k, H, W)
+    x = np.stack([preprocess.clahe(s) for s in x]) if clahe else x
+    x = F.interpolate(torch.from_numpy(x)[:, None], (size, size), mode="bilinear", antialias=True)
+    return x[:, 0].clamp(0, 1)  # (k, size, size)
+
+
+class SliceReader(data.ViewReader):
+    """data.ViewReader for DBT views: (i, dbt_slices of view i) or (i, message naming it)."""
+
+    def __getitem__(self, i):
+        try:
+            return i, dbt_slices(self.paths[i], self.size, self.clahe)
+        except (ValueError, OSError) as e:
+            return i, f"{self.paths[i]}: {e}"
+
+
+def ft_inputs(args, backbone, paths, dbt=False):
+    """Fine-tuning's inputs, each file decoded once as the frozen path decodes it (2-D:
+    data.ViewReader; DBT views: SliceReader), held in memory as float16, grey (0.5 MB a 518-px
+    image) -> ({index into paths: (k, size, size)}, info as embeddings' for args.json)."""
+    net, desc = backbone
+    print(f"*** {baseline_line(desc, args.backbone)} ***", flush=True)
+    size = args.size or net.config["img_size"]
+    how = utils.preprocessing(args.backbone, args.preprocess)
+    reader = (SliceReader if dbt else data.ViewReader)(paths, size, clahe=how == "clahe")
+    loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=args.workers)
+    stats, out = dict(units=0, seconds=0.0, wait_seconds=0.0, skipped=0), {}
+    for i, x in decoded(loader, len(paths), "view" if dbt else "image", stats):
+        out[i] = (x if dbt else x[:1]).half()  # (k, size, size): 2-D views are grey x 3
+    n = args.finetune_blocks
+    tuned = "every parameter" if n == -1 else f"the last {n} block{'s' * (n > 1)}, the final norm"
+    return out, dict(decoded=len(out), skipped=stats["skipped"], seconds=stats["seconds"],
+                     size=size, preprocess=how, backbone=f"{desc}; fine-tuned: {tuned}, head",
+                     weights=cache_key(net, size, "fp32", torch.device("cpu"), how))
+
+
+def exam_inputs(args, backbone, rows, root):
+    """DBT fine-tuning's inputs: ft_inputs of each exam's four views -> ({row index: (4,
+    FT_SLICES, size, size)} of the exams whose every view was read, info)."""
+    views, info = ft_inputs(args, backbone, [Path(root) / r[v] for r in rows
+                                             for v in cohorts.VIEWS], dbt=True)
+    out = {j: torch.stack([views[4 * j + k] for k in range(4)]) for j in range(len(rows))
+           if all(4 * j + k in views for k in range(4))}
+    return out, dict(info, skipped=len(rows) - len(out))
+
+
+def augment(x, g):
+    """(B, 1, S, S) training images, every draw from g: mirrored at odds AUG_FLIP, then rotated,
+    scaled and shifted (the AUG_ constants) in one affine map, sampled bilinearly, black outside
+    the image as around the breast."""
+    u = torch.rand(len(x), 5, generator=g)  # (B, 5): flip, angle, scale, shift x, shift y
+    sign = torch.where(u[:, 0] < AUG_FLIP, -1.0, 1.0)
+    angle = math.radians(AUG_DEGREES) * (2 * u[:, 1] - 1)
+    scale = AUG_SCALE[0] + (AUG_SCALE[1] - AUG_SCALE[0]) * u[:, 2]
+    shift = 2 * AUG_SHIFT * (2 * u[:, 3:] - 1)  # (B, 2): grid coordinates run -1..1 per side
+    cos, sin = angle.cos() / scale, angle.sin() / scale
+    theta = torch.stack([torch.stack([sign * cos, -sign * sin, shift[:, 0]], 1),  # output ->
+                         torch.stack([sin, cos, shift[:, 1]], 1)], 1)  # input: (B, 2, 3)
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def ft_lr(step, total, warmup):
+    """The LR factor at `step` of `total`: linear warm-up over `warmup`, then a half cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def set_lr(opt, lr):
+    """Each model.param_groups group's LR (lr x lr_mult) and weight decay for this step."""
+    for g in opt.param_groups:
+        g["lr"], g["weight_decay"] = lr * g["lr_mult"], FT_WEIGHT_DECAY * g["wd_mult"]
+
+
+def _amp(args, device):
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=args.amp and device.type == "cuda")
+
+
+def image_chunks(x, rows, chunk):
+    """The images of `rows` of x (M, V, S, H, W), about `chunk` at a time, whole rows: -> (row
+    count, (c, 1, H, W) float32)."""
+    per = max(1, chunk // (x.shape[1] * x.shape[2]))
+    for start in range(0, len(rows), per):
+        part = x[rows[start:start + per]]  # (r, V, S, H, W)
+        yield len(part), part.flatten(0, 2)[:, None].float()
+
+
+@torch.no_grad()
+def ft_predict(net, x, rows, args, device):
+    """Each row's probability, the mean of its images' (DBT: 4 views x FT_SLICES slices), no
+    augmentation -> (n,) of class 1 or (n, C), float64."""
+    net.eval()
+    out = []
+    for n, imgs in image_chunks(x, rows, args.chunk):
+        with _amp(args, device):
+            logits = net(imgs.to(device)).float()  # (n V S, out)
+        p = torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, 1)
+        out.append(p.reshape(n, -1, *p.shape[1:]).mean(1).double().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def standardise(net, x, rows, args, device):
+    """Set the network's standardisation to the frozen path's under the current weights: the
+    mean and variance of the features of the `rows`' images (the train split's), un-augmented."""
+    net.eval()
+    f = []
+    for _, imgs in image_chunks(x, rows, args.chunk):
+        with _amp(args, device):
+            f.append(model.image_stats(net.backbone, imgs.to(device).expand(-1, 3, -1, -1),
+                                       net.stats).float())  # (c, F)
+    f = torch.cat(f)
+    net.norm.running_mean.copy_(f.mean(0))
+    net.norm.running_var.copy_(f.var(0, unbiased=False))
+
+
+def prob_loss(p, y, weight=None):
+    """head_loss on probabilities (a row's mean over its images): the validation loss."""
+    p = p.clamp(1e-7, 1 - 1e-7)
+    if p.ndim == 1:
+        return F.binary_cross_entropy(p, y.double()).item()
+    return F.nll_loss(p.log(), y, weight=None if weight is None else weight.double()).item()
+
+
+def row_batches(rows, size, x):
+    """`rows` in batches of `size`; a last batch of a single image joins the one before it (a
+    BatchNorm in training needs two)."""
+    parts = list(rows.split(size))
+    if len(parts) > 1 and len(parts[-1]) * x.shape[1] < 2:
+        parts[-2:] = [torch.cat(parts[-2:])]
+    return parts
+
+
+def ft_epoch(net, opt, x, y, rows, g, step, lr_at, args, device, weight=None):
+    """One pass over the train rows in an order from g, `--batch-size` rows a step: per row and
+    view a slice drawn from g (2-D: the image), augmented, the row's label; the LR set per step
+    by lr_at. -> (mean loss, next step)."""
+    net.train()
+    total = 0.0
+    for idx in row_batches(rows[torch.randperm(len(rows), generator=g)], args.batch_size, x):
+        b, (V, S) = len(idx), x.shape[1:3]
+        pick = torch.randint(S, (b, V), generator=g)  # (b, V): a slice of each view
+        imgs = x[idx[:, None], torch.arange(V), pick].flatten(0, 1)[:, None]  # (b V, 1, H, W)
+        imgs = augment(imgs.to(device).float(), g)
+        target = y[idx].repeat_interleave(V).to(device)  # (b V,)
+        set_lr(opt, lr_at(step))
+        with _amp(args, device):
+            logits = net(imgs)
+        loss = head_loss(logits.float(), target, weight)
+        if not torch.isfinite(loss):
+            raise ValueError(f"fine-tuning: non-finite training loss at step {step}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total, step = total + loss.item() * b, step + 1
+    return total / len(rows), step
+
+
+def trainable_state(net):
+    """What fine-tuning changes: the trainable parameters and the standardisation's statistics."""
+    keep = {n for n, p in net.named_parameters() if p.requires_grad}
+    keep |= {n for n, _ in net.named_buffers()}
+    return {k: v.detach().cpu().clone() for k, v in net.state_dict().items() if k in keep}
+
+
+def build_finetuned(args, vit, out, device, ckpt=None):
+    """model.Classifier over `vit` with --finetune-blocks of it trainable, its AdamW
+    (model.param_groups, --layer-decay) and g, the generator of every draw; with a ckpt.pt, all as
+    it was saved. -> (net, optimizer, g, epochs done, steps done, early-stopping state)."""
+    if args.finetune_blocks > vit.n_blocks:
+        raise ValueError(f"--finetune-blocks {args.finetune_blocks}: the backbone has "
+                         f"{vit.n_blocks} blocks")
+    model.set_trainable(vit, args.finetune_blocks)
+    vit.grad_checkpointing = args.grad_checkpoint
+    torch.manual_seed(args.seed)  # the head's initialisation
+    net = model.Classifier(vit, FEATURES[args.features], out).to(device)
+    if args.compile:  # after set_trainable: the compiled blocks guard on it
+        model.compile_blocks(vit, log=utils.log)
+    opt = torch.optim.AdamW(model.param_groups(net, vit.n_blocks, args.layer_decay))
+    g = torch.Generator().manual_seed(args.seed)
+    if ckpt is None:
+        return net, opt, g, 0, 0, dict(best=None, best_loss=math.inf, best_epoch=-1, bad_epochs=0)
+    net.load_state_dict(ckpt["model"], strict=False)
+    opt.load_state_dict(ckpt["optimizer"])
+    g.set_state(ckpt["rng"]["generator"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    return net, opt, g, ckpt["epoch"], ckpt["step"], ckpt["early_stop"]
+
+
+def fine_tune(args, x, y, tr, va, te, n_classes, writer, weight=None, *, vit, device, ckpt,
+              weights):
+    """fit_linear's stand-in: the ViT's last --finetune-blocks blocks, final norm and the head
+    trained on the images x (M, V, S, H, W) of the tr rows (AdamW, warm-up + cosine); the epoch of
+    lowest val loss kept, stopping after --patience epochs without a lower one; ckpt.pt after
+    every epoch. -> (probs of the te rows, the model.Classifier, (mean, std), best)."""
+    y, tr, va, te = (torch.as_tensor(np.asarray(a)) for a in (y, tr, va, te))
+    w = None if weight is None else weight.to(device)
+    net, opt, g, done, step, state = build_finetuned(args, vit, 1 if n_classes == 2 else
+                                                     n_classes, device, ckpt)
+    epochs, per_epoch = args.epochs or FT_EPOCHS, len(row_batches(tr, args.batch_size, x))
+
+    def lr_at(s):  # the LR at step s
+        return args.lr * ft_lr(s, epochs * per_epoch, FT_WARMUP_EPOCHS * per_epoch)
+    n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    utils.log(f"fine-tuning {n_train:,} parameters: {len(tr)} train rows, {epochs} epochs of "
+              f"{per_epoch} steps, lr {args.lr:g}, layer decay {args.layer_decay:g}"
+              + (f"; resumed after epoch {done}" if ckpt else ""))
+    while done < epochs and state["bad_epochs"] < args.patience:
+        t0 = time.perf_counter()
+        train_loss, step = ft_epoch(net, opt, x, y, tr, g, step, lr_at, args, device, w)
+        standardise(net, x, tr, args, device)
+        val_loss, done = prob_loss(ft_predict(net, x, va, args, device), y[va], weight), done + 1
+        if val_loss < state["best_loss"]:
+            state.update(best=trainable_state(net), best_loss=val_loss, best_epoch=done - 1,
+                         bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        seconds = time.perf_counter() - t0
+        writer.write(dict(step=done, split="finetune", epoch=done, lr=lr_at(step - 1),
+                          train_loss=train_loss, val_loss=val_loss, seconds=seconds))
+        utils.log(f"epoch {done}/{epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f} "
+                  f"(best {state['best_loss']:.4f}, epoch {state['best_epoch'] + 1}), "
+                  f"{seconds:.1f} s")
+        utils.save_checkpoint(Path(args.out) / "ckpt.pt", dict(
+            version=1, epoch=done, step=step, args=vars(args), weights=weights,
+            model=trainable_state(net), optimizer=opt.state_dict(), early_stop=state,
+            rng=dict(generator=g.get_state(), torch=torch.get_rng_state())))
+    if state["best"] is None:
+        raise ValueError("fine-tuning: no epoch reached a finite validation loss; lower --lr")
+    net.load_state_dict(state["best"], strict=False)
+    report = dict(blocks=args.finetune_blocks, trainable_parameters=n_train, epochs=epochs,
+                  epochs_run=done, best_epoch=state["best_epoch"] + 1, lr=args.lr,
+                  layer_decay=args.layer_decay, patience=args.patience,
+                  weight_decay=FT_WEIGHT_DECAY, warmup_epochs=FT_WARMUP_EPOCHS,
+                  augmentation=dict(flip=AUG_FLIP, degrees=AUG_DEGREES, scale=AUG_SCALE,
+                                    shift=AUG_SHIFT), images_per_row=list(x.shape[1:3]))
+    mean, std = net.norm.running_mean.cpu(), net.norm.running_var.cpu().sqrt()
+    return (ft_predict(net, x, te, args, device).numpy(), net, (mean, std),
+            dict(lr=args.lr, epoch=state["best_epoch"], val_loss=state["best_loss"],
+                 report=dict(finetune=report)))
+
+
+def load_resume(path, args):
+    """ckpt.pt -> dict, checked as pretrain.py's: a file that is no probe.py fine-tuning
+    checkpoint, or whose flags differ from these (all but RESUME_FREE), is one line naming it."""
+    ckpt = utils.read_checkpoint(path)
+    need = {"epoch", "step", "args", "weights", "model", "optimizer", "rng", "early_stop"}
+    have = set(ckpt) if isinstance(ckpt, dict) else set()
+    if not need <= have:
+        raise ValueError(f"{path}: not a probe.py fine-tuning ckpt.pt (it lacks "
+                         f"{sorted(need - have)}); use another --out, or --overwrite")
+    utils.check_resume_flags(path, ckpt["args"], args,
+                             [k for k in vars(args) if k not in RESUME_FREE])
+    return ckpt
+
+
+def start_run(args):
+    """--out, checked before any work -> (the old run's files --overwrite clears, the ckpt.pt
+    to resume or None). Only fine-tuning keeps one (--resume auto continues it exactly); a frozen
+    run is marked by its metrics.json, and its cheap LR search simply runs again."""
+    path = Path(args.out) / "ckpt.pt"
+    if args.resume == "auto" and path.exists():
+        return [], load_resume(path, args)
+    marker, other = (("ckpt.pt", "metrics.json") if args.finetune_blocks
+                     else ("metrics.json", "ckpt.pt"))
+    return utils.check_run_folder(args.out, marker, args.overwrite, "probe.py",
+                                  OUTPUTS + (other,)), None
+
+
+def start_writer(args, stale, info, ckpt):
+    """args.json, once the inputs are read (the old run's files cleared first), and metrics.jsonl
+    cut to what a resumed run keeps (an interrupted frozen run's curves: the search starts again).
+    A resume from other weights, size or preprocessing is refused first, the folder untouched."""
+    if ckpt and ckpt["weights"] != info["weights"]:
+        raise ValueError(f"{Path(args.out) / 'ckpt.pt'}: fine-tuned from other backbone weights, "
+                         "--size or --preprocess; use another --out, or --overwrite")
+    utils.write_args(args.out, args, "probe.py", stale,
+                     **{"inputs" if args.finetune_blocks else "embeddings": info})
+    writer = utils.JsonlWriter(Path(args.out) / "metrics.jsonl")
+    writer.truncate_after(ckpt["epoch"] if ckpt else -1)
+    return writer
+
+
+def fitter(args, backbone, device, ckpt, info):
+    """What trains the head: fit_linear on cached features, or fine_tune on the images."""
+    if not args.finetune_blocks:
+        return fit_linear
+    return functools.partial(fine_tune, vit=backbone[0], device=device, ckpt=ckpt,
+                             weights=info["weights"])
+
+
+def head_state(head):
+    """head.pt's weights: the linear head's, and after fine-tuning the whole backbone too (hub
+    keys: model.load_pretrained takes it)."""
+    if isinstance(head, model.Classifier):
+        return dict(head=head.head.state_dict(),
+                    backbone={k: v.cpu() for k, v in head.backbone.state_dict().items()})
+    return dict(head=head.state_dict())
 
 
 # ----------------------------------------------------------------------------- probe and embed
@@ -728,27 +1075,30 @@ def run_probe(args, device):
     # bad labels and a bad split column fail before any embedding
     (cohorts.density_targets if args.task == "density" else cohorts.risk_targets)(rows)
     splits = np.array(cohorts.assign_splits(rows, args.seed))
-    stale = utils.check_run_folder(args.out, "metrics.json", args.overwrite, "probe.py",
-                                   ("predictions.csv", "head.pt", "confusion.png", "roc.png"))
-    records, info = embeddings(args, backbone, rows, root, device, client)
+    stale, ckpt = start_run(args)
+    if args.finetune_blocks:  # FT_SLICES slices of each view: {row: (4, FT_SLICES, size, size)}
+        records, info = exam_inputs(args, backbone, rows, root)
+    else:
+        records, info = embeddings(args, backbone, rows, root, device, client)
     if not records:
         raise ValueError("no exam could be embedded")
     keep = sorted(records)
     split = splits[keep]  # from the whole table, so a skipped exam moves no one to another split
-    x = feature_matrix([records[j] for j in keep], args.features)
-    utils.write_args(args.out, args, "probe.py", stale, embeddings=info)
-    writer = utils.JsonlWriter(Path(args.out) / "metrics.jsonl")
-    writer.truncate_after(-1)  # an interrupted run's curves: the (cheap) search starts again
+    x = (torch.stack([records[j] for j in keep]) if args.finetune_blocks
+         else feature_matrix([records[j] for j in keep], args.features))
+    writer = start_writer(args, stale, info, ckpt)
     run = run_density if args.task == "density" else run_risk
+    kw = dict(fit=fitter(args, backbone, device, ckpt, info)) if args.finetune_blocks else {}
     report, preds, head, (mu, sd), best, n_train = run(args, [rows[j] for j in keep], split, x,
-                                                       writer, info["backbone"])
+                                                       writer, info["backbone"], **kw)
     report.update(task=args.task, features=args.features, fraction=args.fraction, n_train=n_train,
                   lr=best["lr"], best_epoch=best["epoch"] + 1, val_loss=best["val_loss"],
-                  backbone=info["backbone"], exams_left_out=info["skipped"])
+                  backbone=info["backbone"], exams_left_out=info["skipped"],
+                  **best.get("report", {}))
     out = Path(args.out)
     utils.atomic_write(out / "predictions.csv", utils.csv_text(preds))
     utils.save_checkpoint(out / "head.pt", {"task": args.task, "features": args.features,
-                                            "head": head.state_dict(), "feature_mean": mu,
+                                            **head_state(head), "feature_mean": mu,
                                             "feature_std": sd, "lr": best["lr"]})
     # metrics.json last: it marks a finished run
     text = json.dumps(utils.finite(report), indent=1, allow_nan=False)  # strict JSON: no NaN
@@ -842,7 +1192,7 @@ def get_args(argv=None):
     g.add_argument("--chunk", type=num(int, 1), default=75, help="slices per forward pass")
     g.add_argument("--workers", type=num(int, 0), default=2, help="decoding loader workers")
     g.add_argument("--precision", default="autocast", choices=PRECISIONS,
-                   help="autocast: bf16 on CUDA, fp32 on CPU")
+                   help="embedding: autocast is bf16 on CUDA, fp32 on CPU (fine-tuning: --amp)")
     g.add_argument("--compile", action="store_true", help="torch.compile the ViT's blocks "
                    "(model.compile_blocks: features equal to 1e-5, cache shared with eager runs)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -852,13 +1202,30 @@ def get_args(argv=None):
     g.add_argument("--features", default="patch-mean-std", choices=sorted(FEATURES),
                    help="statistics fed to the head (all six are cached)")
     g.add_argument("--trials", type=num(int, 1, 1000), default=24, help="LR search trials")
-    g.add_argument("--epochs", type=num(int, 0), default=0,
-                   help="epochs per trial; 0 = the paper's (density 75, risk 100)")
-    g.add_argument("--batch-size", type=num(int, 1), default=64, help="head training batch")
+    g.add_argument("--epochs", type=num(int, 0), default=0, help="epochs per trial; 0 = the "
+                   f"paper's (density 75, risk 100); fine-tuning's: 0 = {FT_EPOCHS}")
+    g.add_argument("--batch-size", type=num(int, 1), default=64,
+                   help="head training batch; fine-tuning: images, or DBT exams (4 images each)")
     g.add_argument("--fraction", type=num(float, 0.05, 1.0), default=1.0,
                    help="stratified fraction of the training split (sample-efficiency curve)")
     g.add_argument("--seed", type=num(int, 0, utils.SEED_MAX), default=0,
                    help="splits, subsets, LR search, head init")
+    g = p.add_argument_group("fine-tuning (--finetune-blocks; 2-D tasks and DBT density)")
+    g.add_argument("--finetune-blocks", type=num(int, -1), default=0, help="train the ViT's last "
+                   "N blocks, its final norm and the head on the images (-1: every parameter); 0: "
+                   "the frozen backbone, embeddings cached")
+    g.add_argument("--lr", type=num(float, 0, lo_open=True), default=1e-3,
+                   help="peak LR of the head and final norm (block i: x --layer-decay^(depth "
+                   f"- i)), after {FT_WARMUP_EPOCHS} epoch of linear warm-up; cosine to 0")
+    g.add_argument("--layer-decay", type=num(float, 0, 1, lo_open=True), default=0.75,
+                   help="block i's LR x this^(depth - i), pretrain.py's rule (model.param_groups)")
+    g.add_argument("--patience", type=num(int, 1), default=5,
+                   help="stop after this many epochs without a lower val loss")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (ignored on CPU)")
+    g.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute the blocks in backward: same numbers, far less memory")
+    g.add_argument("--resume", default="", choices=["", "auto"],
+                   help="auto: continue the fine-tuning run in --out from its ckpt.pt, exactly")
     g = p.add_argument_group("report")
     g.add_argument("--subgroups", default="", help="comma-separated columns: accuracy per value")
     g.add_argument("--rule", default="mirai", choices=metrics.RISK_RULES, help="per-year AUROC "
@@ -878,10 +1245,39 @@ def get_args(argv=None):
         p.error(f"argument --size: {args.size} is not a multiple of the ViT patch size 14")
     if args.size and args.backbone == "densenet121" and args.size < 32:  # five stride-2 stages
         p.error(f"argument --size: {args.size} is below DenseNet-121's 32 px")
+    check_finetune(p, args)
     args.subgroups = [c for c in args.subgroups.split(",") if c]
     what = args.task if args.command == "probe" else args.command
     args.out = args.out or f"runs/{what}-{time.strftime('%Y%m%d-%H%M%S')}"
     return args
+
+
+def check_finetune(p, args):
+    """--finetune-blocks and its flags against the rest: one line each (p.error: exit code 2)."""
+    n, bad = args.finetune_blocks, ""
+    if not n and args.resume:
+        p.error("argument --resume: only fine-tuning (--finetune-blocks) keeps a ckpt.pt; the "
+                "frozen path's LR search simply runs again")
+    elif not n:
+        return
+    if args.backbone == "densenet121":
+        bad = "fine-tunes a ViT; the DenseNet-121 baseline (--backbone) is frozen only"
+    elif args.command == "embed":
+        bad = "probe.py embed fills the frozen path's cache only"
+    elif args.task == "risk":
+        bad = "the risk head is frozen only; fine-tuning is for the 2-D tasks and DBT density"
+    elif "cls_std" in FEATURES[args.features]:
+        bad = f"--features {args.features}: one image has no CLS std"
+    elif pacs.is_dicomweb(args.data):
+        bad = "fine-tuning reads local files only, not a DICOMweb --data"
+    if bad:
+        p.error(f"argument --finetune-blocks: {bad}")
+    spec = utils.backbone_file(args.backbone)[0]
+    name = "tiny" if args.arch == "auto" else args.arch.removesuffix("_reg")
+    depth = (model.block_count(spec) if spec and args.arch == "auto"
+             else model.PRESETS.get(name, {}).get("depth"))  # None: the load says why
+    if depth is not None and n > depth:
+        p.error(f"argument --finetune-blocks: {n} is more than the backbone's {depth} blocks")
 
 
 def main(argv=None):

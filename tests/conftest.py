@@ -60,3 +60,16 @@ def inproc(script, *argv):
     finally:
         sys.argv = saved
     return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
+
+
+def dies_on_call(real, n):
+    """`real` wrapped to raise KeyboardInterrupt on its n-th call (a killed run), as the resume tests
+    use it."""
+    calls = []
+
+    def wrapped(*a, **kw):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    return wrapped

@@ -12,6 +12,7 @@ import metrics
 import model
 import phantoms
 import pretrain
+from conftest import dies_on_call
 
 
 def ce(t, s, temp=0.1):
@@ -307,15 +308,9 @@ def _losses(run):
 
 def test_resume_auto_replays_the_uninterrupted_run_exactly(tmp_path, monkeypatch):
     pretrain.train(_train(tmp_path, "full"))
-    calls, real_step = [], pretrain.train_step
-
-    def killed_in_step_4(*a, **kw):  # dies in step 4: step 3 was logged, ckpt.pt holds step 2
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real_step(*a, **kw)
-
-    monkeypatch.setattr(pretrain, "train_step", killed_in_step_4)
+    real_step = pretrain.train_step
+    # dies in step 4: step 3 was logged, ckpt.pt holds step 2
+    monkeypatch.setattr(pretrain, "train_step", dies_on_call(real_step, 4))
     with pytest.raises(KeyboardInterrupt):
         pretrain.train(_train(tmp_path, "killed"))
     assert list(_losses(tmp_path / "killed")) == [1, 2, 3]
