@@ -85,12 +85,8 @@ def _fg(ds, i, macro, key):
     return value
 
 
-def read_header(path, pixels=False):
-    """The header; pixels=True also keeps the Pixel Data element unread (values over 1 KB are
-    deferred: its value_tell and length say where the frames' bytes are)."""
+def read_header(path):
     try:
-        if pixels:
-            return pydicom.dcmread(path, defer_size=1024)
         return pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as e:  # InvalidDicomError, truncated headers, empty files
         raise ValueError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e})") from None
@@ -111,8 +107,7 @@ def parse_headers(path):
     """Parse the header(s) once: all that reading and displaying any slice needs, JSON-able."""
     path = Path(path)
     if path.is_dir():  # legacy layout: one file per slice, one series
-        heads = [(p, read_header(p, pixels=True)) for p in sorted(path.iterdir())
-                 if _dicom_name(p)]
+        heads = [(p, read_header(p)) for p in sorted(path.iterdir()) if _dicom_name(p)]
         if not heads:
             raise ValueError(f"{path}: empty folder")
         problem = _not_one_series([h for _, h in heads])
@@ -124,14 +119,11 @@ def parse_headers(path):
         ds = heads[0][1]
         frames = [[str(p), None] for p, _ in heads]
         voi = [_frame_voi(h, 0) for _, h in heads]
-        native = [_native_offsets(h, 1) for _, h in heads]
-        native = [o[0] for o in native] if all(native) else None
     else:
-        ds = read_header(path, pixels=True)
+        ds = read_header(path)
         n = int(ds.get("NumberOfFrames") or 1)
         frames = [[str(path), i if "NumberOfFrames" in ds else None] for i in range(n)]
         voi = [_frame_voi(ds, i) for i in range(n)]
-        native = _native_offsets(ds, n)
     ts = str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
     if "Rows" not in ds or "BitsAllocated" not in ds:  # structured reports, presentation states
         raise ValueError(f"{path}: no image in this DICOM (SOP class {ds.get('SOPClassUID', '?')})")
@@ -156,23 +148,40 @@ def parse_headers(path):
                 pixel_spacing=[float(v) for v in spacing] if spacing else None,
                 sop_class=str(ds.get("SOPClassUID")), transfer_syntax=ts,
                 slice_order="stored" if not path.is_dir() else "z",
-                bits_allocated=int(ds.BitsAllocated), native=native)
+                bits_allocated=int(ds.BitsAllocated), native=_native_offsets(ts, frames, ds))
 
 
-def _native_offsets(ds, n):
-    """File offsets of n uncompressed greyscale frames of 8 or 16 bits, or None (pydicom decodes
-    the others): the Pixel Data value's start, plus one frame's bytes per frame."""
-    ts = str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
-    bits = int(ds.get("BitsAllocated") or 0)
-    pixels = ds.get_item(0x7FE00010, keep_deferred=True)  # where its bytes are, none read
-    if ts not in NATIVE or bits not in (8, 16) or ds.get("SamplesPerPixel", 1) != 1:
-        return None
-    if getattr(pixels, "value_tell", None) is None:  # not deferred: its value is already read
-        return None
-    size = int(ds.Rows) * int(ds.Columns) * bits // 8
-    if pixels.length == 0xFFFFFFFF or pixels.length < n * size:  # too short: pydicom's error
-        return None
-    return [pixels.value_tell + i * size for i in range(n)]
+def _native_offsets(ts, frames, ds):
+    """File offset of each frame of an uncompressed greyscale volume of 8 (little endian) or 16
+    bits, or None (pydicom decodes the others): per file, its header read again with the Pixel
+    Data value deferred (its start and length, none of it read), plus a frame's bytes per index."""
+    bits = int(ds.BitsAllocated)
+    if ts not in NATIVE or bits not in (8, 16) or (bits == 8 and NATIVE[ts] == ">"):
+        return None  # (8-bit big endian: pydicom swaps the bytes of each 16-bit word)
+    size, starts, offsets = int(ds.Rows) * int(ds.Columns) * bits // 8, {}, []
+    for file, index in frames:
+        if file not in starts:
+            try:
+                pixels = pydicom.dcmread(file, defer_size=1024).get_item(0x7FE00010,
+                                                                        keep_deferred=True)
+            except Exception:  # pydicom's decode says what is wrong, as for any other file
+                return None
+            start = getattr(pixels, "value_tell", None)  # None: not deferred, or no Pixel Data
+            starts[file] = None if start is None or pixels.length == 0xFFFFFFFF else (
+                start, pixels.length)
+        if starts[file] is None or starts[file][1] < ((index or 0) + 1) * size:
+            return None
+        offsets.append(starts[file][0] + (index or 0) * size)
+    return offsets
+
+
+def _pixel_data_at(fh, start, ts):
+    """Is the Pixel Data tag right before `start` in the open file (its element header: 12 bytes
+    with explicit VR, 8 implicit)? False once a file was rewritten since it was indexed."""
+    head = 8 if ts == "1.2.840.10008.1.2" else 12
+    fh.seek(start - head)
+    tag = fh.read(4)
+    return tag == (b"\x7f\xe0\x00\x10" if NATIVE[ts] == ">" else b"\xe0\x7f\x10\x00")
 
 
 def _voi_row(slope, icpt, c, w, fn, bits_stored, signed):
@@ -241,11 +250,12 @@ def apply_voi(x, slope, icpt, c, w, fn, bits_stored=16, signed=0, invert=False, 
 
 
 def decode_slice(meta, s, reduce=0, out=None):
-    """Output slice s -> (stored (h, w) in native byte order, factor). reduce=0: the full frame,
-    pydicom decoding it (factor 1). reduce=r > 0: a JPEG 2000 frame decodes r wavelet levels down,
-    h = ceil(H / 2**r), factor = 2**r (_j2k_reduced; a 2457 x 1996 phantom frame: 160, 60, 20 ms
-    at r = 0, 1, 2 on one core, medians); any other frame, or one that cannot be reduced by r,
-    decodes in full with factor 1."""
+    """Output slice s -> (stored (h, w) in native byte order, factor). reduce=0: the full frame
+    (factor 1), uncompressed ones read here (_read_native), the others decoded by pydicom; into
+    `out` when given. reduce=r > 0: a JPEG 2000 frame decodes r wavelet levels down, h = ceil(H /
+    2**r), factor = 2**r (_j2k_reduced; a 2457 x 1996 phantom frame: 160, 60, 20 ms at r = 0, 1,
+    2 on one core, medians); any other frame, or one that cannot be reduced by r, decodes in full
+    with factor 1."""
     if reduce < 0:
         raise ValueError(f"reduce must be >= 0, got {reduce}")
     if reduce and meta["transfer_syntax"] in J2K:
@@ -258,8 +268,9 @@ def decode_slice(meta, s, reduce=0, out=None):
 def _decode_full(meta, s, out=None):
     """Stored (H, W) of output slice s, native byte order (into `out` when given): uncompressed
     frames read here (_read_native), the others decoded by pydicom, one frame each."""
-    if meta.get("native"):
-        return _read_native(meta, s, out)
+    stored = _read_native(meta, s, out) if meta.get("native") else None
+    if stored is not None:
+        return stored
     file, index = meta["frames"][s]
     try:
         stored = pixel_array(file, index=index)
@@ -279,15 +290,18 @@ def _decode_full(meta, s, out=None):
 def _read_native(meta, s, out=None):
     """An uncompressed frame's bytes read straight into (H, W) integers, as pydicom.pixels gives
     them: byte-swapped to native order, the bits above BitsStored cleared (unsigned) or filled
-    with the sign (signed). 1.6 ms for a 2457 x 1996 frame against pydicom's 4 ms (its header
-    parse and an unconditional two-pass shift); readinto also writes a VolumeReader's shared
-    memory directly."""
-    file, _ = meta["frames"][s]
+    with the sign (signed). 2.0 ms for a 2457 x 1996 frame against pydicom's 4.0 ms (its header
+    parse and an unconditional two-pass shift). None when the Pixel Data element is no longer
+    where the index found it (the caller then decodes with pydicom)."""
+    file, index = meta["frames"][s]
     bits, stored = meta["bits_allocated"], meta["bits_stored"]
     dtype = np.dtype(f"{'i' if meta['signed'] else 'u'}{bits // 8}")  # native byte order
-    out = np.empty((meta["rows"], meta["cols"]), dtype) if out is None else out
+    out = np.empty((meta["rows"], meta["cols"]), dtype) if out is None else out  # (H, W)
     try:
         with open(file, "rb") as fh:
+            start = meta["native"][s] - (index or 0) * out.nbytes  # the Pixel Data value's
+            if not _pixel_data_at(fh, start, meta["transfer_syntax"]):
+                return None  # rewritten since it was indexed: pydicom reads it afresh
             fh.seek(meta["native"][s])
             got = fh.readinto(memoryview(out).cast("B"))
     except OSError as e:

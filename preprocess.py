@@ -5,8 +5,9 @@ resize: the tile histograms are one bincount over tile-offset bins, a chunk of r
 stays in cache; clipping is vectorised over all tiles; the bilinear mapping is two gathers and a
 lerp per chunk. otsu_threshold is skimage's threshold_otsu for float images, and tissue_mask our
 rule (MammoDINO publishes none): Otsu, opening, the largest component, holes filled. data.py calls
-tissue_mask once per volume (its index); data.PretrainStream(clahe=True) applies clahe to each
-slice read, but no recipe turns it on yet.
+tissue_mask once per volume (its index); the mammodino recipe equalises each slice read through
+clahe_stored (data.read_clahe: the same numbers from the stored integers, without the displayed
+slice).
 """
 
 import numpy as np
@@ -50,17 +51,17 @@ def clahe_stored(stored, display, flip=False, clip_limit=0.01, nbins=256):
     displayed image: display maps stored integers to float32 in [0, 1] elementwise (data.py passes
     dicom.apply_voi), so it is applied once to a table of every stored value, and each pixel's
     histogram bin is one lookup of its stored value (16 bits at most). The slice's VOI pass and
-    clahe's rescaling passes are skipped: ~30% less time for VOI + CLAHE of a full-size slice."""
+    clahe's rescaling passes are skipped: decode + CLAHE of a full-size slice 24% faster."""
     x = np.asarray(stored)
     if x.ndim != 2 or x.dtype.kind not in "iu" or x.dtype.itemsize > 2:
         raise ValueError(f"clahe_stored: expected (H, W) integers of <= 16 bits, got {x.dtype} "
                          f"{x.shape}")
     with utils.one_thread():
         bits, signed = 8 * x.dtype.itemsize, x.dtype.kind == "i"
-        code = np.arange(2 ** bits)  # a pixel's bit pattern, read as unsigned
-        value = code - (code >= 2 ** (bits - 1)) * 2 ** bits if signed else code
+        code = np.arange(2 ** bits)  # (2^bits,) a pixel's bit pattern, read as unsigned
+        value = code - (code >= 2 ** (bits - 1)) * 2 ** bits if signed else code  # (2^bits,)
         shown = torch.from_numpy(np.asarray(display(value.astype(x.dtype)), np.float32))
-        levels = torch.mul(shown, 65535.0).round_().to(torch.int64)  # clahe's, per stored value
+        levels = torch.mul(shown, 65535.0).round_().to(torch.int64)  # (2^bits,) clahe's levels
         lo, hi = (int(v) for v in np.asarray([x.min(), x.max()]).astype(np.int64))
         present = levels[torch.from_numpy(code[(value >= lo) & (value <= hi)])]
         u0, u1 = float(present.min()), float(present.max())
@@ -68,7 +69,7 @@ def clahe_stored(stored, display, flip=False, clip_limit=0.01, nbins=256):
             return np.zeros(x.shape, np.float32)
         ks = [max(n // 8, 1) for n in x.shape]
         tiles = [-(-n // k) for n, k in zip(x.shape, ks)]
-        lut = _clahe_lut(u0, u1, nbins)[levels]  # stored bit pattern -> bin
+        lut = _clahe_lut(u0, u1, nbins)[levels]  # (2^bits,) stored bit pattern -> bin
         view = x.view(np.uint16 if bits == 16 else np.uint8)
         key, hist = _clahe_hists(view[:, ::-1] if flip else view, None, lut, ks, tiles, nbins)
         return _clahe_finish(key, hist, ks, tiles, clip_limit, nbins)

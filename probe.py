@@ -172,7 +172,9 @@ def decoded(loader, total, what, stats):
             utils.log(f"skipped unreadable {what}: {item}")
             stats["skipped"] += 1
         else:
-            stats["units"] += len(item["stored"]) if isinstance(item, dict) else 1
+            # a volume's slices; fine-tuning's DBT view its FT_SLICES slices; an image one
+            stats["units"] += (len(item["stored"]) if isinstance(item, dict)
+                               else len(item) if what == "view" else 1)
             yield i, item
         if n % every == 0 or n == total:
             spent = time.perf_counter() - t0
@@ -604,6 +606,7 @@ def run_2d(args, device, dataset, root):
     order = rows["train"] + rows["val"] + rows["test"]
     x = (torch.stack([records[k][None] for k in order]) if args.finetune_blocks  # (M, 1, 1, S, S)
          else feature_matrix([records[k] for k in order], args.features, views=None))  # (M, F)
+    del records  # fine-tuning's images: held once, in x
     n_tr, n_va = len(rows["train"]), len(rows["val"])
     writer = start_writer(args, stale, info, ckpt)
     probs, head, (mu, sd), best = fitter(args, backbone, device, ckpt, info)(
@@ -687,7 +690,7 @@ def dbt_slices(path, size, clahe=False):
     meta = dicom.index_volume(path)
     frames = [(k + 1) * meta["n_frames"] // (FT_SLICES + 1) for k in range(FT_SLICES)]
     x = dicom.read_dbt(path, frames=frames, meta=meta)[0]  # (k, H, W)
-    x = np.stack([preprocess.clahe(s) for s in x]) if clahe else x
+    x = np.stack([preprocess.clahe(s) for s in x]) if clahe else x  # (k, H, W)
     x = F.interpolate(torch.from_numpy(x)[:, None], (size, size), mode="bilinear", antialias=True)
     return x[:, 0].clamp(0, 1)  # (k, size, size)
 
@@ -737,14 +740,14 @@ def augment(x, g):
     scaled and shifted (the AUG_ constants) in one affine map, sampled bilinearly, black outside
     the image as around the breast."""
     u = torch.rand(len(x), 5, generator=g)  # (B, 5): flip, angle, scale, shift x, shift y
-    sign = torch.where(u[:, 0] < AUG_FLIP, -1.0, 1.0)
-    angle = math.radians(AUG_DEGREES) * (2 * u[:, 1] - 1)
-    scale = AUG_SCALE[0] + (AUG_SCALE[1] - AUG_SCALE[0]) * u[:, 2]
+    sign = torch.where(u[:, 0] < AUG_FLIP, -1.0, 1.0)  # (B,)
+    angle = math.radians(AUG_DEGREES) * (2 * u[:, 1] - 1)  # (B,) radians
+    scale = AUG_SCALE[0] + (AUG_SCALE[1] - AUG_SCALE[0]) * u[:, 2]  # (B,)
     shift = 2 * AUG_SHIFT * (2 * u[:, 3:] - 1)  # (B, 2): grid coordinates run -1..1 per side
     cos, sin = angle.cos() / scale, angle.sin() / scale
     theta = torch.stack([torch.stack([sign * cos, -sign * sin, shift[:, 0]], 1),  # output ->
                          torch.stack([sin, cos, shift[:, 1]], 1)], 1)  # input: (B, 2, 3)
-    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)  # (B, S, S, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -799,7 +802,7 @@ def standardise(net, x, rows, args, device):
         with _amp(args, device):
             f.append(model.image_stats(net.backbone, imgs.to(device).expand(-1, 3, -1, -1),
                                        net.stats).float())  # (c, F)
-    f = torch.cat(f)
+    f = torch.cat(f)  # (n images, F)
     net.norm.running_mean.copy_(f.mean(0))
     net.norm.running_var.copy_(f.var(0, unbiased=False))
 
@@ -835,7 +838,7 @@ def ft_epoch(net, opt, x, y, rows, g, step, lr_at, args, device, weight=None):
         target = y[idx].repeat_interleave(V).to(device)  # (b V,)
         set_lr(opt, lr_at(step))
         with _amp(args, device):
-            logits = net(imgs)
+            logits = net(imgs)  # (b V, out)
         loss = head_loss(logits.float(), target, weight)
         if not torch.isfinite(loss):
             raise ValueError(f"fine-tuning: non-finite training loss at step {step}; lower --lr")
@@ -924,7 +927,7 @@ def fine_tune(args, x, y, tr, va, te, n_classes, writer, weight=None, *, vit, de
                   weight_decay=FT_WEIGHT_DECAY, warmup_epochs=FT_WARMUP_EPOCHS,
                   augmentation=dict(flip=AUG_FLIP, degrees=AUG_DEGREES, scale=AUG_SCALE,
                                     shift=AUG_SHIFT), images_per_row=list(x.shape[1:3]))
-    mean, std = net.norm.running_mean.cpu(), net.norm.running_var.cpu().sqrt()
+    mean, std = net.norm.running_mean.cpu(), (net.norm.running_var.cpu() + net.norm.eps).sqrt()
     return (ft_predict(net, x, te, args, device).numpy(), net, (mean, std),
             dict(lr=args.lr, epoch=state["best_epoch"], val_loss=state["best_loss"],
                  report=dict(finetune=report)))
@@ -1084,8 +1087,9 @@ def run_probe(args, device):
         raise ValueError("no exam could be embedded")
     keep = sorted(records)
     split = splits[keep]  # from the whole table, so a skipped exam moves no one to another split
-    x = (torch.stack([records[j] for j in keep]) if args.finetune_blocks
-         else feature_matrix([records[j] for j in keep], args.features))
+    x = (torch.stack([records[j] for j in keep]) if args.finetune_blocks  # (M, 4, k, S, S)
+         else feature_matrix([records[j] for j in keep], args.features))  # (M, F)
+    del records  # fine-tuning's images: held once, in x
     writer = start_writer(args, stale, info, ckpt)
     run = run_density if args.task == "density" else run_risk
     kw = dict(fit=fitter(args, backbone, device, ckpt, info)) if args.finetune_blocks else {}
@@ -1259,6 +1263,11 @@ def check_finetune(p, args):
         p.error("argument --resume: only fine-tuning (--finetune-blocks) keeps a ckpt.pt; the "
                 "frozen path's LR search simply runs again")
     elif not n:
+        unused = [f"--{k.replace('_', '-')}" for k in ("lr", "layer_decay", "patience", "amp",
+                                                       "grad_checkpoint")
+                  if getattr(args, k) != p.get_default(k)]
+        if unused:  # the frozen path would silently ignore them
+            p.error(f"argument {unused[0]}: only fine-tuning (--finetune-blocks) uses it")
         return
     if args.backbone == "densenet121":
         bad = "fine-tunes a ViT; the DenseNet-121 baseline (--backbone) is frozen only"

@@ -63,8 +63,8 @@ def inproc(script, *argv):
 
 
 def dies_on_call(real, n):
-    """`real` wrapped to raise KeyboardInterrupt on its n-th call (a killed run), as the resume tests
-    use it."""
+    """`real` wrapped to raise KeyboardInterrupt on its n-th call: a killed run, for the resume
+    tests."""
     calls = []
 
     def wrapped(*a, **kw):

@@ -239,7 +239,9 @@ def test_zero_blocks_is_the_frozen_cached_path(archive, full_run, tmp_path, monk
     (["--finetune-blocks", "1", "--task", "risk"], "the risk head is frozen only"),
     (["embed", "--finetune-blocks", "1"], "embed fills the frozen path's cache only"),
     (["--finetune-blocks", "1", "--backbone", "densenet121"], "DenseNet-121 baseline"),
-    (["--finetune-blocks", "1", "--features", "cls-mean-std"], "one image has no CLS std")])
+    (["--finetune-blocks", "1", "--features", "cls-mean-std"], "one image has no CLS std"),
+    (["--lr", "0.01"], "argument --lr: only fine-tuning (--finetune-blocks) uses it"),
+    (["--grad-checkpoint"], "argument --grad-checkpoint: only fine-tuning")])
 def test_bad_flags_are_one_line_and_exit_2(argv, says):
     run = inproc("probe.py", *argv)
     assert run.returncode == 2 and says in run.stderr, run.stderr

@@ -81,7 +81,8 @@ def test_legacy_series_and_cut_short_files(tmp_path):
         assert np.array_equal(dicom.decode_slice(meta, z)[0], frames[z]), z
     last = Path(meta["frames"][2][0])
     last.write_bytes(last.read_bytes()[:meta["native"][2] + 1000])  # into the frame
-    with pytest.raises(ValueError, match=rf"{last.name}: cannot decode frame 2: the file is cut short"):
+    cut = rf"{last.name}: cannot decode frame 2: the file is cut short"
+    with pytest.raises(ValueError, match=cut):
         dicom.decode_slice(meta, 2)
 
 
@@ -149,3 +150,35 @@ def _mapped_file(address):
         if lo <= address < hi:
             return rest[4] if len(rest) == 5 else None
     return None
+
+
+def test_a_file_rewritten_since_indexing_is_read_afresh(tmp_path):
+    """The index's offset no longer points at Pixel Data once a slice file's header grew: the frame
+    is then decoded by pydicom, not read from the stale offset."""
+    series = tmp_path / "series"
+    series.mkdir()
+    frames = np.random.default_rng(2).integers(0, 1024, (2, 64, 48)).astype(np.uint16)
+    for z, f in enumerate(frames):
+        ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+        ds.Rows, ds.Columns, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 64, 48, 10, 9, 0
+        ds.ImagePositionPatient, ds.PixelData = [0, 0, float(z)], f.astype("<u2").tobytes()
+        ds.save_as(series / f"{z}.dcm")
+    meta = dicom.parse_headers(series)
+    ds = pydicom.dcmread(series / "0.dcm")
+    ds.ImageComments = "re-exported " * 20  # a longer header: Pixel Data moves
+    ds.PixelData = frames[1].astype("<u2").tobytes()
+    ds.save_as(series / "0.dcm")
+    assert np.array_equal(dicom.decode_slice(meta, 0)[0], frames[1])
+
+
+def test_headers_without_rows_and_32_bit_clahe(tmp_path):
+    """A header with Pixel Data but no Rows is still one line ("no image"); 32-bit data (too many
+    values for clahe_stored's table) is equalised as clahe(read_slice) all the same."""
+    ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    del ds.Rows
+    ds.save_as(tmp_path / "norows.dcm")
+    with pytest.raises(ValueError, match=r"norows\.dcm: no image"):
+        dicom.parse_headers(tmp_path / "norows.dcm")
+    meta = dicom.index_volume(TEST_FILES / "rtdose.dcm")  # 32-bit, 15 frames of 10 x 10
+    want = torch.from_numpy(preprocess.clahe(data.read_slice(meta, 3).numpy()))
+    assert meta["native"] is None and torch.equal(data.read_clahe(meta, 3), want)
