@@ -589,7 +589,7 @@ def run_2d(args, device, dataset, root):
     images = sorted({im for units in parts.values() for u in units
                      for im in cohorts.unit_images(u)})
     if args.finetune_blocks:  # the images themselves, decoded once: {index: (1, size, size)}
-        records, info = ft_inputs(args, backbone, [root / im for im in images])
+        records, info = ft_inputs(args, backbone, [root / im for im in images], ckpt=ckpt)
     else:
         records, info = embeddings(args, backbone, None, root, device, images=images)
     parts = cohorts.drop_unreadable(parts, images, records, counts)
@@ -705,14 +705,17 @@ class SliceReader(data.ViewReader):
             return i, f"{self.paths[i]}: {e}"
 
 
-def ft_inputs(args, backbone, paths, dbt=False):
+def ft_inputs(args, backbone, paths, dbt=False, ckpt=None):
     """Fine-tuning's inputs, each file decoded once as the frozen path decodes it (2-D:
     data.ViewReader; DBT views: SliceReader), held in memory as float16, grey (0.5 MB a 518-px
-    image) -> ({index into paths: (k, size, size)}, info as embeddings' for args.json)."""
+    image) -> ({index into paths: (k, size, size)}, info as embeddings' for args.json). A resume
+    (ckpt) from other weights, size or preprocessing is refused before any decoding."""
     net, desc = backbone
     print(f"*** {baseline_line(desc, args.backbone)} ***", flush=True)
     size = args.size or net.config["img_size"]
     how = utils.preprocessing(args.backbone, args.preprocess)
+    weights = cache_key(net, size, "fp32", torch.device("cpu"), how)
+    check_weights(args, ckpt, weights)
     reader = (SliceReader if dbt else data.ViewReader)(paths, size, clahe=how == "clahe")
     loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=args.workers)
     stats, out = dict(units=0, seconds=0.0, wait_seconds=0.0, skipped=0), {}
@@ -722,14 +725,14 @@ def ft_inputs(args, backbone, paths, dbt=False):
     tuned = "every parameter" if n == -1 else f"the last {n} block{'s' * (n > 1)}, the final norm"
     return out, dict(decoded=len(out), skipped=stats["skipped"], seconds=stats["seconds"],
                      size=size, preprocess=how, backbone=f"{desc}; fine-tuned: {tuned}, head",
-                     weights=cache_key(net, size, "fp32", torch.device("cpu"), how))
+                     weights=weights)
 
 
-def exam_inputs(args, backbone, rows, root):
+def exam_inputs(args, backbone, rows, root, ckpt=None):
     """DBT fine-tuning's inputs: ft_inputs of each exam's four views -> ({row index: (4,
     FT_SLICES, size, size)} of the exams whose every view was read, info)."""
     views, info = ft_inputs(args, backbone, [Path(root) / r[v] for r in rows
-                                             for v in cohorts.VIEWS], dbt=True)
+                                             for v in cohorts.VIEWS], dbt=True, ckpt=ckpt)
     out = {j: torch.stack([views[4 * j + k] for k in range(4)]) for j in range(len(rows))
            if all(4 * j + k in views for k in range(4))}
     return out, dict(info, skipped=len(rows) - len(out))
@@ -960,13 +963,18 @@ def start_run(args):
                                   OUTPUTS + (other,)), None
 
 
+def check_weights(args, ckpt, weights):
+    """A resume must see the backbone weights, --size and --preprocess it was fine-tuned from."""
+    if ckpt and ckpt["weights"] != weights:
+        raise ValueError(f"{Path(args.out) / 'ckpt.pt'}: fine-tuned from other backbone weights, "
+                         "--size or --preprocess; use another --out, or --overwrite")
+
+
 def start_writer(args, stale, info, ckpt):
     """args.json, once the inputs are read (the old run's files cleared first), and metrics.jsonl
     cut to what a resumed run keeps (an interrupted frozen run's curves: the search starts again).
     A resume from other weights, size or preprocessing is refused first, the folder untouched."""
-    if ckpt and ckpt["weights"] != info["weights"]:
-        raise ValueError(f"{Path(args.out) / 'ckpt.pt'}: fine-tuned from other backbone weights, "
-                         "--size or --preprocess; use another --out, or --overwrite")
+    check_weights(args, ckpt, info.get("weights"))
     utils.write_args(args.out, args, "probe.py", stale,
                      **{"inputs" if args.finetune_blocks else "embeddings": info})
     writer = utils.JsonlWriter(Path(args.out) / "metrics.jsonl")
@@ -1080,7 +1088,7 @@ def run_probe(args, device):
     splits = np.array(cohorts.assign_splits(rows, args.seed))
     stale, ckpt = start_run(args)
     if args.finetune_blocks:  # FT_SLICES slices of each view: {row: (4, FT_SLICES, size, size)}
-        records, info = exam_inputs(args, backbone, rows, root)
+        records, info = exam_inputs(args, backbone, rows, root, ckpt)
     else:
         records, info = embeddings(args, backbone, rows, root, device, client)
     if not records:

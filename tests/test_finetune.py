@@ -165,6 +165,12 @@ def test_a_killed_run_resumes_exactly(archive, full_run, tmp_path, monkeypatch):
         probe.main(ft_argv(archive, killed))  # a fresh start never lands on it
     with pytest.raises(ValueError, match="--lr 0.001 in the checkpoint, 0.002 now"):
         probe.main(ft_argv(archive, killed, "--resume", "auto", "--lr", "0.002"))
+    # other backbone weights (the same file rewritten): refused before a single image is decoded
+    with monkeypatch.context() as m:
+        m.setattr(probe, "cache_key", lambda *a, **k: "other weights")
+        m.setattr(data.ViewReader, "__getitem__", lambda *a: pytest.fail("decoded before the check"))
+        with pytest.raises(ValueError, match="ckpt.pt: fine-tuned from other backbone weights"):
+            probe.main(ft_argv(archive, killed, "--resume", "auto"))
     probe.main(ft_argv(archive, killed, "--resume", "auto"))
     a, b = (torch.load(f / "head.pt", weights_only=True) for f in (full_run, killed))
     for part in ("head", "backbone"):
