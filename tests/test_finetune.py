@@ -168,7 +168,7 @@ def test_a_killed_run_resumes_exactly(archive, full_run, tmp_path, monkeypatch):
     # other backbone weights (the same file rewritten): refused before a single image is decoded
     with monkeypatch.context() as m:
         m.setattr(probe, "cache_key", lambda *a, **k: "other weights")
-        m.setattr(data.ViewReader, "__getitem__", lambda *a: pytest.fail("decoded before the check"))
+        m.setattr(data.ViewReader, "__getitem__", lambda *a: pytest.fail("decoded first"))
         with pytest.raises(ValueError, match="ckpt.pt: fine-tuned from other backbone weights"):
             probe.main(ft_argv(archive, killed, "--resume", "auto"))
     probe.main(ft_argv(archive, killed, "--resume", "auto"))
