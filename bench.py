@@ -651,17 +651,16 @@ def time_inference(device, image_size=518, n_slices=64, name="vitb14", channels=
     autocast on CUDA). NMS is left out on purpose: an untrained head scores every anchor near its
     0.05 prior, so NMS would sort ~10^4 boxes per slice, a cost a trained detector (a few boxes
     above threshold) never pays."""
-    import detect  # bench may time the scripts' own steps
     device = torch.device(device)
     det = retinanet.Detector(model.build(name), channels, 0.0).to(device).eval()
     anchors = retinanet.make_anchors(image_size, retinanet.grid_sizes(image_size)).to(device)
     x = torch.rand(chunk, 3, image_size, image_size, device=device)  # (chunk, 3, H, W)
-    with detect._autocast(device):
+    with utils.autocast(device):
         det(x[:2])  # warm-up
     sync(device)
     t0 = time.perf_counter()
     for _ in range(math.ceil(n_slices / chunk)):
-        with detect._autocast(device):
+        with utils.autocast(device):
             logits, deltas = det(x)
         # score threshold 0.5: no untrained box passes
         retinanet.postprocess(logits.float(), deltas.float(), anchors, image_size, 0.5, 0.2)

@@ -293,10 +293,6 @@ def make_batch(samples, negatives, volumes, cache, step, args):
 
 
 # --- volume inference, 3-D candidates, the submission ---------------------------------------------
-def _autocast(device, amp=True):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
-
-
 @torch.no_grad()
 def predict_volume(det, anchors, vol, args, device, cache):
     """Every slice, in chunks -> per-slice detections in original pixels: slices (n,), boxes (n, 4),
@@ -310,7 +306,7 @@ def predict_volume(det, anchors, vol, args, device, cache):
         x = cache.get(vol, frames, keep=False)  # (n, 1, S, S)
         if mid in frames:
             image = x[mid - start, 0]  # (S, S), the central slice, for the mask
-        with _autocast(device, args.amp):
+        with utils.autocast(device, args.amp):
             logits, deltas = det(x.to(device).expand(-1, 3, -1, -1))
         dets = retinanet.postprocess(logits.float(), deltas.float(), anchors, args.image_size,
                                      args.score_thresh, args.nms_iou)
@@ -565,7 +561,7 @@ def train(det, anchors, split, cache, args, device, ckpt=None):
         t1 = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        with _autocast(device, args.amp):
+        with utils.autocast(device, args.amp):
             logits, deltas = det(images.to(device))
         targets = [b.to(device) for b in targets]
         losses = retinanet.detection_loss(logits.float(), deltas.float(), anchors, targets, args)

@@ -175,6 +175,20 @@ def _native_offsets(ts, frames, ds):
     return offsets
 
 
+def stored_dtype(meta):
+    """The numpy dtype (native byte order) of an uncompressed volume's stored integers."""
+    return np.dtype(f"{'i' if meta['signed'] else 'u'}{meta['bits_allocated'] // 8}")
+
+
+def unused_bits_set(values, meta):
+    """Do any of `values` (stored integers as read) hold bits above BitsStored: values a signed
+    or unsigned BitsStored-bit integer cannot take? One pass (two for signed data)."""
+    if meta["bits_stored"] >= meta["bits_allocated"]:
+        return False
+    hi = 1 << (meta["bits_stored"] - meta["signed"])  # past the largest value it can hold
+    return bool(values.max() >= hi or (meta["signed"] and values.min() < -hi))
+
+
 def _pixel_data_at(fh, start, ts):
     """Is the Pixel Data tag right before `start` in the open file (its element header: 12 bytes
     with explicit VR, 8 implicit)? False once a file was rewritten since it was indexed."""
@@ -294,9 +308,8 @@ def _read_native(meta, s, out=None):
     parse and an unconditional two-pass shift). None when the Pixel Data element is no longer
     where the index found it (the caller then decodes with pydicom)."""
     file, index = meta["frames"][s]
-    bits, stored = meta["bits_allocated"], meta["bits_stored"]
-    dtype = np.dtype(f"{'i' if meta['signed'] else 'u'}{bits // 8}")  # native byte order
-    out = np.empty((meta["rows"], meta["cols"]), dtype) if out is None else out  # (H, W)
+    bits = meta["bits_allocated"]
+    out = np.empty((meta["rows"], meta["cols"]), stored_dtype(meta)) if out is None else out
     try:
         with open(file, "rb") as fh:
             start = meta["native"][s] - (index or 0) * out.nbytes  # the Pixel Data value's
@@ -311,12 +324,10 @@ def _read_native(meta, s, out=None):
                          f"{out.nbytes} bytes)")
     if bits > 8 and NATIVE[meta["transfer_syntax"]] != ("<" if sys.byteorder == "little" else ">"):
         out.byteswap(inplace=True)
-    if stored < bits:  # a pass to look; the fix only when the unused bits hold something
-        hi = 1 << (stored - meta["signed"])  # past the largest value BitsStored can hold
-        if out.max() >= hi or (meta["signed"] and out.min() < -hi):
-            shift = bits - stored
-            np.left_shift(out, shift, out=out)
-            np.right_shift(out, shift, out=out)  # arithmetic for signed: the sign fills them
+    if unused_bits_set(out, meta):  # a pass to look; the fix only when they hold something
+        shift = bits - meta["bits_stored"]
+        np.left_shift(out, shift, out=out)
+        np.right_shift(out, shift, out=out)  # arithmetic for signed: the sign fills them
     return out
 
 

@@ -531,6 +531,14 @@ def param_groups(module, depth, layer_decay, patch_embed_lr_mult=PATCH_EMBED_LR_
     return list(groups.values())
 
 
+def set_rates(optimizer, lr, wd, last_layer_lr=None):
+    """This step's LR and weight decay in each param_groups group: lr x lr_mult (a DINO head's
+    prototype layer: last_layer_lr x lr_mult, when given) and wd x wd_mult."""
+    for g in optimizer.param_groups:
+        top = last_layer_lr if g["last_layer"] and last_layer_lr is not None else lr
+        g["lr"], g["weight_decay"] = top * g["lr_mult"], wd * g["wd_mult"]
+
+
 def set_trainable(vit, n_blocks):
     """Freeze `vit` except its last n_blocks blocks and the final norm; -1: every parameter
     (the embeddings too), 0: none. -> the names of the parameters left trainable."""

@@ -39,9 +39,7 @@ def clahe(image, clip_limit=0.01, kernel_size=None, nbins=256):
         x, scale, u0, u1 = _clahe_input(image)
         if u1 <= u0:
             return np.zeros(x.shape, np.float32)
-        ks = ([max(s // 8, 1) for s in x.shape] if kernel_size is None
-              else [int(k) for k in np.broadcast_to(kernel_size, 2)])  # tile sides
-        tiles = [-(-s // k) for s, k in zip(x.shape, ks)]  # histogram tiles per side, with padding
+        ks, tiles = _tiling(x.shape, kernel_size)
         key, hist = _clahe_hists(x, scale, _clahe_lut(u0, u1, nbins), ks, tiles, nbins)
         return _clahe_finish(key, hist, ks, tiles, clip_limit, nbins)
 
@@ -67,12 +65,19 @@ def clahe_stored(stored, display, flip=False, clip_limit=0.01, nbins=256):
         u0, u1 = float(present.min()), float(present.max())
         if u1 <= u0:
             return np.zeros(x.shape, np.float32)
-        ks = [max(n // 8, 1) for n in x.shape]
-        tiles = [-(-n // k) for n, k in zip(x.shape, ks)]
+        ks, tiles = _tiling(x.shape)
         lut = _clahe_lut(u0, u1, nbins)[levels]  # (2^bits,) stored bit pattern -> bin
         view = x.view(np.uint16 if bits == 16 else np.uint8)
         key, hist = _clahe_hists(view[:, ::-1] if flip else view, None, lut, ks, tiles, nbins)
         return _clahe_finish(key, hist, ks, tiles, clip_limit, nbins)
+
+
+def _tiling(shape, kernel_size=None):
+    """-> (tile sides: kernel_size, by default 1/8 of each side; histogram tiles per side, the
+    last one reaching into the reflect padding)."""
+    ks = ([max(s // 8, 1) for s in shape] if kernel_size is None
+          else [int(k) for k in np.broadcast_to(kernel_size, 2)])
+    return ks, [-(-s // k) for s, k in zip(shape, ks)]
 
 
 def _clahe_finish(key, hist, ks, tiles, clip_limit, nbins):

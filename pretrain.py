@@ -444,9 +444,7 @@ def train_step(student, teacher, batch, centers, optimizer, sched, args):
     """One iteration on a collated batch (data.collate_pretrain, on the device): student step,
     teacher EMA, centers. `sched`: this iteration's schedule values. Returns 0-d loss terms."""
     raw = student.module if isinstance(student, DDP) else student
-    for g in optimizer.param_groups:
-        g["lr"] = (sched["last_layer_lr"] if g["last_layer"] else sched["lr"]) * g["lr_mult"]
-        g["weight_decay"] = sched["wd"] * g["wd_mult"]
+    model.set_rates(optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"])
     glob = batch["global"]  # (2B, 3, G, G)
     masks = batch["masks"]  # (2B, N)
     idx = batch["mask_indices"]  # (M,)

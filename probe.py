@@ -761,17 +761,6 @@ def ft_lr(step, total, warmup):
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def set_lr(opt, lr):
-    """Each model.param_groups group's LR (lr x lr_mult) and weight decay for this step."""
-    for g in opt.param_groups:
-        g["lr"], g["weight_decay"] = lr * g["lr_mult"], FT_WEIGHT_DECAY * g["wd_mult"]
-
-
-def _amp(args, device):
-    return torch.autocast(device.type, dtype=torch.bfloat16,
-                          enabled=args.amp and device.type == "cuda")
-
-
 def image_chunks(x, rows, chunk):
     """The images of `rows` of x (M, V, S, H, W), about `chunk` at a time, whole rows: -> (row
     count, (c, 1, H, W) float32)."""
@@ -788,7 +777,7 @@ def ft_predict(net, x, rows, args, device):
     net.eval()
     out = []
     for n, imgs in image_chunks(x, rows, args.chunk):
-        with _amp(args, device):
+        with utils.autocast(device, args.amp):
             logits = net(imgs.to(device)).float()  # (n V S, out)
         p = torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, 1)
         out.append(p.reshape(n, -1, *p.shape[1:]).mean(1).double().cpu())
@@ -802,7 +791,7 @@ def standardise(net, x, rows, args, device):
     net.eval()
     f = []
     for _, imgs in image_chunks(x, rows, args.chunk):
-        with _amp(args, device):
+        with utils.autocast(device, args.amp):
             f.append(model.image_stats(net.backbone, imgs.to(device).expand(-1, 3, -1, -1),
                                        net.stats).float())  # (c, F)
     f = torch.cat(f)  # (n images, F)
@@ -839,8 +828,8 @@ def ft_epoch(net, opt, x, y, rows, g, step, lr_at, args, device, weight=None):
         imgs = x[idx[:, None], torch.arange(V), pick].flatten(0, 1)[:, None]  # (b V, 1, H, W)
         imgs = augment(imgs.to(device).float(), g)
         target = y[idx].repeat_interleave(V).to(device)  # (b V,)
-        set_lr(opt, lr_at(step))
-        with _amp(args, device):
+        model.set_rates(opt, lr_at(step), FT_WEIGHT_DECAY)
+        with utils.autocast(device, args.amp):
             logits = net(imgs)  # (b V, out)
         loss = head_loss(logits.float(), target, weight)
         if not torch.isfinite(loss):

@@ -452,6 +452,11 @@ def check_resume_flags(path, saved, args, keys):
         raise ValueError(f"{path}: does not fit the flags: " + "; ".join(diffs))
 
 
+def autocast(device, amp=True):
+    """bf16 autocast on CUDA when `amp`; a no-op context on the CPU (slow bf16 matmuls there)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
 @contextlib.contextmanager
 def one_thread():
     """Torch on one thread inside the block, the caller's count restored after: for per-core
