@@ -218,7 +218,7 @@ class MultiCrop:
         level = self._level(box, size)
         while len(levels) <= level:
             levels.append(_half(levels[-1]))
-        return _resample(levels[level], box, size, level, flip)[None].clamp(0, 1)
+        return _resample(levels[level], box, size, level, flip)[None].clamp_(0, 1)
 
     def _level(self, box, size):
         """The pyramid level a crop is resampled from (0 without the pyramid)."""
@@ -233,18 +233,22 @@ class MultiCrop:
 
     def _photo(self, x, rng, blur_p, solarize_p, jitter=0.4):
         """Grey version of DINOv2's colour augmentation: (1, h, w) -> (1, h, w), the one channel
-        that _grey_stack repeats to 3."""
+        that _grey_stack repeats to 3. In place on x, a crop made for this call."""
         # ColorJitter(brightness .4, contrast .4) in random order, clamped after each; its
         # saturation and hue (and RandomGrayscale) do nothing on grey
         if rng.random() < 0.8:
             b, c = rng.uniform(1 - jitter, 1 + jitter, 2)
             for op in rng.permutation(2):
-                x = (x * b if op == 0 else (x - x.mean()) * c + x.mean()).clamp(0, 1)
+                if op == 0:
+                    x.mul_(b).clamp_(0, 1)
+                else:  # contrast: (x - mean) c + mean
+                    mean = x.mean()
+                    x.sub_(mean).mul_(c).add_(mean).clamp_(0, 1)
         if rng.random() < blur_p:
             x = gaussian_blur(x, float(rng.uniform(0.1, 2.0)))
         if rng.random() < solarize_p:
             x = torch.where(x >= 0.5, 1 - x, x)
-        return x.clamp(0, 1)
+        return x.clamp_(0, 1)
 
 
 def _grey_stack(crops):
@@ -263,11 +267,18 @@ def gaussian_blur(x, sigma, k=9):
 
     def rows_of_transpose(y):  # y (a, b) -> y.T (b, a) blurred along a's rows
         n = y.shape[1]
-        i = (torch.arange(n)[:, None] + torch.arange(k) - k // 2).abs()  # (n, k) reflected
-        i = torch.where(i > n - 1, 2 * (n - 1) - i, i)
-        return F.embedding_bag(i, _transposed(y), per_sample_weights=g.expand(n, k), mode="sum")
+        return F.embedding_bag(_reflected(n, k), _transposed(y),
+                               per_sample_weights=g.expand(n, k), mode="sum")
 
     return rows_of_transpose(rows_of_transpose(x[0]))[None]  # (1, h, w)
+
+
+@functools.lru_cache(maxsize=16)
+def _reflected(n, k):
+    """Each of n pixels' k neighbours, centred, reflected at the ends: (n, k) indices (the crop
+    sizes are few, so they are made once)."""
+    i = (torch.arange(n)[:, None] + torch.arange(k) - k // 2).abs()  # (n, k)
+    return torch.where(i > n - 1, 2 * (n - 1) - i, i)
 
 
 def _half(x):

