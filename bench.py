@@ -543,8 +543,8 @@ def read_once(path, which):
 def bench_read(args, device):
     """Time and peak memory (each in a fresh process) of one slice against a full decode, native
     and JPEG 2000; the sample path (bench_sample_path) native with and without the crop pyramid,
-    and JPEG 2000; CLAHE on one full-size slice; mammodino's sample path without and with CLAHE,
-    native; the embedding loader's slices/s per worker."""
+    and JPEG 2000, and both at --mip-margin 1; CLAHE on one full-size slice; mammodino's sample
+    path without and with CLAHE, native; the embedding loader's slices/s per worker."""
     rows, repeats = [], 1 if args.quick else args.repeats
     for enc in ("native", "j2k"):
         shape = (8, 512, 384) if args.quick else FULL_SIZE
@@ -559,6 +559,8 @@ def bench_read(args, device):
     native = path.replace("phantom_j2k_", "phantom_native_")  # both written in the loop above
     rows += [bench_sample_path(args, native, pyramid) for pyramid in (True, False)]
     rows += [bench_sample_path(args, path), bench_clahe(args, native)]  # path: j2k
+    # issue 23's sketch, each crop from the smallest level at least its size: faster, less exact
+    rows += [bench_sample_path(args, p, margin=1.0) for p in (native, path)]
     rows += [bench_sample_path(args, native, name="mammodino", clahe=clahe)
              for clahe in (False, True)]  # what MammoDINO's CLAHE costs the sample path
     return rows + bench_embed_loader(args, native)
@@ -606,13 +608,15 @@ def bench_clahe(args, path):
                 read_and_clahe_ms=1e3 * secs["read+clahe"])
 
 
-def bench_sample_path(args, path, pyramid=True, name="dbt-dino", clahe=False):
+def bench_sample_path(args, path, pyramid=True, name="dbt-dino", clahe=False,
+                      margin=data.MultiCrop.MIP_MARGIN):
     """Samples/s per core (one thread, as a loader worker has: tells how many workers one GPU
-    needs): read -> VOI (-> CLAHE) -> crops (pyramid or direct) -> augmentation -> collate."""
+    needs): read -> VOI (-> CLAHE) -> crops (pyramid at `margin`, or direct) -> augmentation ->
+    collate."""
     import pretrain
     preset = pretrain.PRESETS["tiny" if args.quick else name]
     recipe = dict(data.RECIPES[name], global_size=preset["global_size"],
-                  local_size=preset["local_size"], pyramid=pyramid, clahe=clahe)
+                  local_size=preset["local_size"], pyramid=pyramid, clahe=clahe, mip_margin=margin)
     manifest = os.path.join(args.cache, "one-volume.csv")  # a --data manifest naming this volume
     Path(manifest).write_text(f"path\n{os.path.abspath(path)}\n")
     stream = data.PretrainStream(manifest, cache_dir=os.path.join(args.cache, "index"), **recipe)
@@ -624,7 +628,8 @@ def bench_sample_path(args, path, pyramid=True, name="dbt-dino", clahe=False):
             data.collate_pretrain([next(it) for _ in range(batch)])
             times.append(time.perf_counter() - t0)
     return dict(bench="sample_path", impl="pyramid" if pyramid else "direct", recipe=name,
-                clahe=clahe, encoding=dicom.read_header(path).file_meta.TransferSyntaxUID.name,
+                mip_margin=margin if pyramid else None, clahe=clahe,
+                encoding=dicom.read_header(path).file_meta.TransferSyntaxUID.name,
                 global_size=recipe["global_size"], n_local=len(samples[0]["local_crops"]),
                 samples_per_s_per_core=batch / statistics.median(times))
 

@@ -97,7 +97,9 @@ class MultiCrop:
     """DINOv2's multi-crop augmentation of one grey slice, after DINO's DataAugmentationDINO.
 
     multicrop(image, mask, stride, rng, s, n_slices, read): image is slice s (H, W) in [0, 1] of a
-    volume of n_slices, mask its tissue mask subsampled by `stride`, rng a numpy Generator. Returns
+    volume of n_slices (a tensor, or a Pyramid that reads it at the resolution the crops ask for;
+    read(s') may return either), mask its tissue mask subsampled by `stride`, rng a numpy
+    Generator. Returns
     global_crops (2, 3, G, G), local_crops (n_local, 3, L, L), global_tissue (2, G/p, G/p) (tissue
     fraction per patch), slice_index [s, s'] and, for adjacent_k > 0, adjacent (2, 3, G, G): the
     pair, global crop 1's box and flip cut from slice s and from s' = read(s'), each with the mild
@@ -106,11 +108,20 @@ class MultiCrop:
     Geometry: torchvision's RandomResizedCrop (area fraction uniform in scale, aspect log-uniform in
     [3/4, 4/3], 10 tries, then its centred fallback), bicubic antialiased resize, flip with p 0.5.
     pyramid (mip-mapping): a crop is resampled from the smallest of the slice's 2x2-mean copies
-    (_half, made once per slice as crops need them) whose box side is >= MIP_MARGIN x its output
+    (Pyramid: made once per slice as crops need them) whose box side is >= mip_margin x its output
     side, with torch's resize weights summed over each block (_taps): the direct resize of the
     slice with each block replaced by its mean, in two embedding_bag passes (_resample: 3x torch's
-    resize even from the slice itself, to 2e-5). Boxes, flips, draws: unchanged; pixels: mean 2e-4,
-    max 0.028 off the direct resize on full-size slices (margin 2: 0.038). pyramid=False: direct.
+    resize even from the slice itself, to 2e-5). Boxes, flips, draws: unchanged. Pixels against
+    the direct resize on full-size phantom slices (5-pixel steps, sharpened further by CLAHE),
+    before the photometry: margin 2.5 (the default until 2026-12-03) kept dbt-dino's crops
+    within 0.025 but mammodino's (CLAHE on) only within 0.04-0.06, beyond issue 23's 0.03; 4
+    within 0.040 (a box edge splitting a 2x2 block), 5 within 0.020, the default 6 within 0.011:
+    at 6 the papers' global crops (224-518 px of a ~2000 px slice) all come from the slice itself
+    and only mammodino's largest locals from level 1, so the pyramid pays mainly for smaller
+    crops and lower margins (tests/test_loader.py measures the bound). Margin 1 (each
+    crop from the smallest level at least its size, issue 23's sketch, with JPEG 2000 decoded at
+    that level) is faster and mean 5e-4, max 0.08 off (0.13 from JPEG 2000). pyramid=False: the
+    direct resize.
     Photometry, DINOv2's as released (dinov2/data/augmentations.py): colour jitter with p 0.8
     (brightness, contrast factors uniform in [0.6, 1.4], random order), Gaussian blur (9 taps, sigma
     in [0.1, 2]), solarize. Its GaussianBlur(p) blurs with probability 1 - p: global crop 1 is never
@@ -131,12 +142,17 @@ class MultiCrop:
     # MammoDINO's "conservative tissue-aware transforms" for the adjacent pair (its numbers are not
     # public; ours): no blur, no solarize, brightness and contrast in [0.8, 1.2] (DINOv2: 0.6-1.4)
     PAIR_PHOTO, PAIR_JITTER = (0.0, 0.0), 0.2
-    MIP_MARGIN = 2.5  # a level serves crops whose box there is >= MIP_MARGIN x the output side
+    MIP_MARGIN = 6.0  # a level serves crops whose box there is >= mip_margin x the output side
 
     def __init__(self, *, patch_size=14, global_size=112, local_size=56, n_local=8,
                  global_scale=(0.32, 1.0), local_scale=(0.05, 0.32), tissue_aware=False,
-                 min_tissue_global=0.5, min_tissue_local=0.3, adjacent_k=0, pyramid=True):
+                 min_tissue_global=0.5, min_tissue_local=0.3, adjacent_k=0, pyramid=True,
+                 mip_margin=MIP_MARGIN):
+        if mip_margin < 1:
+            raise ValueError(f"mip_margin must be >= 1 (a crop is never upsampled from a level "
+                             f"smaller than it), got {mip_margin}")
         self.patch_size, self.n_local, self.pyramid = patch_size, n_local, pyramid
+        self.mip_margin = mip_margin
         self.global_size, self.global_scale = global_size, global_scale
         self.local_size, self.local_scale = local_size, local_scale
         self.tissue_aware = tissue_aware
@@ -144,7 +160,8 @@ class MultiCrop:
         self.adjacent_k = adjacent_k
 
     def __call__(self, image, mask, stride, rng, s=0, n_slices=1, read=None):
-        shape, levels = image.shape, [image]  # (H, W); the pyramid so far
+        levels = image if isinstance(image, Pyramid) else Pyramid.of(image)
+        shape = levels.shape  # (H, W), full resolution: the boxes are drawn in it
         boxes = [self._box(rng, shape, self.global_scale, mask, stride, self.min_tissue_global)
                  for _ in range(2)]
         flips = [bool(f) for f in rng.random(2) < 0.5]
@@ -168,8 +185,9 @@ class MultiCrop:
             # drawn from a generator of its own (one draw here), so the pair's recipe can change
             # without moving any later sample's crops
             pair_rng = np.random.default_rng(int(rng.integers(2 ** 63)))
-            pair = [self._crop(view, boxes[0], flips[0], self.global_size)
-                    for view in (levels, [read(s2)])]
+            view = read(s2)
+            view = view if isinstance(view, Pyramid) else Pyramid.of(view)
+            pair = [self._crop(v, boxes[0], flips[0], self.global_size) for v in (levels, view)]
             out["adjacent"] = _grey_stack([self._photo(x, pair_rng, *self.PAIR_PHOTO,
                                                        self.PAIR_JITTER) for x in pair])
 
@@ -209,20 +227,19 @@ class MultiCrop:
 
     def _crop(self, levels, box, flip, size):
         """The slice cut to box (top, left, h, w), resized, flipped if `flip`: (1, size, size).
-        levels: the slice (H, W) and the 2x2 means made so far, appended to as crops need."""
+        levels: the slice's Pyramid."""
         if not self.pyramid:
             t, l, h, w = box
             x = F.interpolate(levels[0][None, None, t:t + h, l:l + w], size=(size, size),
                               mode="bicubic", align_corners=False, antialias=True)[0]
             return (x.flip(-1) if flip else x).clamp(0, 1)
         level = self._level(box, size)
-        while len(levels) <= level:
-            levels.append(_half(levels[-1]))
-        return _resample(levels[level], box, size, level, flip)[None].clamp_(0, 1)
+        img = levels[level]
+        return _resample(img, box, size, level, flip, levels.shifts[level])[None].clamp_(0, 1)
 
     def _level(self, box, size):
         """The pyramid level a crop is resampled from (0 without the pyramid)."""
-        side = int(min(box[2:]) // (self.MIP_MARGIN * size))  # 2**level <= side < 2**(level + 1)
+        side = int(min(box[2:]) // (self.mip_margin * size))  # 2**level <= side < 2**(level + 1)
         return max(side.bit_length() - 1, 0) if self.pyramid else 0
 
     def _tissue_grid(self, mask, stride, box, flip):
@@ -281,6 +298,40 @@ def _reflected(n, k):
     return torch.where(i > n - 1, 2 * (n - 1) - i, i)
 
 
+class Pyramid:
+    """One slice at the resolutions its crops ask for, each made once (mip-mapping): level L is
+    2**L times smaller, the 2x2 means (_half) of level L - 1, or what read(L) gave.
+    read(level) -> ((h, w) tensor, factor, shift): the slice at 1 / factor of its resolution,
+    factor = 2**r for some r <= level (1: in full), its blocks shifted by shift (rows, columns;
+    _taps); called only when no finer level is there yet, so a JPEG 2000 slice is decoded once,
+    at the level the first crop asks for (read_level), unless a later crop needs a finer one.
+    shape: the full-resolution (H, W), known before any read. shifts: each level's shift (a 2x2
+    mean keeps its parent's)."""
+
+    def __init__(self, shape, read):
+        self.shape, self.read, self.levels, self.shifts = tuple(shape), read, {}, {}
+
+    @classmethod
+    def of(cls, image):
+        """The pyramid of a slice already read in full."""
+        pyramid = cls(image.shape, None)
+        pyramid.levels[0], pyramid.shifts[0] = image, (0.0, 0.0)
+        return pyramid
+
+    def __getitem__(self, level):
+        if level in self.levels:
+            return self.levels[level]
+        finer = [k for k in self.levels if k < level]
+        if not finer:  # nothing finer yet: read at this level (or finer, where it must)
+            image, factor, shift = self.read(level)
+            finer = [factor.bit_length() - 1]
+            assert 2 ** finer[0] == factor and finer[0] <= level, (factor, level)
+            self.levels[finer[0]], self.shifts[finer[0]] = image, shift
+        for k in range(max(finer) + 1, level + 1):  # each from the one above it
+            self.levels[k], self.shifts[k] = _half(self.levels[k - 1]), self.shifts[k - 1]
+        return self.levels[level]
+
+
 def _half(x):
     """2x2 means of x (h, w) -> (h // 2, w // 2), an odd last row or column left out (_taps gives
     its weight to the level's last pixel). Bilinear at exactly 1/2 samples midway between 4 pixels,
@@ -288,24 +339,27 @@ def _half(x):
     return F.interpolate(x[None, None], scale_factor=0.5, mode="bilinear")[0, 0]
 
 
-def _taps(start, length, size, level, n):
+def _taps(start, length, size, level, n, shift=0.0):
     """torch's antialiased bicubic resize weights (PIL's kernel, a = -0.5) of `size` outputs over
     pixels [start, start + length) of the slice's axis, summed over each 2**level block: bags of
-    level pixel indices (clamped to its n) and their weights, each (size, K)."""
+    level pixel indices (clamped to its n) and their weights, each (size, K). shift: where the
+    level's blocks sit against [c 2**level, (c + 1) 2**level), in full-resolution pixels (< 0:
+    to the left, as a JPEG 2000 reduction's: read_level); the box moves the other way."""
+    start = start - shift
     s = length / size
     scale = max(s, 1.0)
     center = start + s * (np.arange(size) + 0.5)  # (size,)
     lo = np.maximum(np.floor(center - 2 * scale + 0.5), start)[:, None]  # (size, 1) first pixel
     hi = np.minimum(np.floor(center + 2 * scale + 0.5), start + length)[:, None]  # past the last
-    first = lo.astype(np.int64) >> level  # (size, 1) each bag's first block
-    k = int(((hi.astype(np.int64) - 1 >> level) - first).max()) + 1  # blocks per bag
+    first = np.floor(lo).astype(np.int64) >> level  # (size, 1) each bag's first block
+    k = int(((np.ceil(hi).astype(np.int64) - 1 >> level) - first).max()) + 1  # blocks per bag
     j = (first << level) + np.arange(k << level)  # (size, K * 2**level) their pixels
     x = np.minimum(np.abs(j + 0.5 - center[:, None]) / scale, 2)
     x[(j < lo) | (j >= hi)] = 2  # where the kernel is 0
     w = np.where(x < 1, (1.5 * x - 2.5) * x * x + 1, ((-0.5 * x + 2.5) * x - 4) * x + 2)
     w = sum(w[:, i::1 << level] for i in range(1 << level))  # (size, K) per block
     w = (w / w.sum(1, keepdims=True)).astype(np.float32)
-    return torch.from_numpy(np.minimum(first + np.arange(k), n - 1)), torch.from_numpy(w)
+    return torch.from_numpy(np.clip(first + np.arange(k), 0, n - 1)), torch.from_numpy(w)
 
 
 def _transposed(y):
@@ -313,12 +367,13 @@ def _transposed(y):
     return torch.from_numpy(np.ascontiguousarray(y.numpy().T))
 
 
-def _resample(img, box, size, level, flip):
-    """Box (top, left, h, w) of the slice resized to (size, size) from its pyramid level `img`:
-    rows, then columns, each an embedding_bag over the level's pixels (flipped: bags reversed)."""
+def _resample(img, box, size, level, flip, shift=(0.0, 0.0)):
+    """Box (top, left, h, w) of the slice resized to (size, size) from its pyramid level `img`
+    (its blocks shifted by `shift`, rows and columns: _taps): rows, then columns, each an
+    embedding_bag over the level's pixels (flipped: bags reversed)."""
     t, l, h, w = box
-    rows, w_rows = _taps(t, h, size, level, img.shape[0])
-    cols, w_cols = _taps(l, w, size, level, img.shape[1])
+    rows, w_rows = _taps(t, h, size, level, img.shape[0], shift[0])
+    cols, w_cols = _taps(l, w, size, level, img.shape[1], shift[1])
     if flip:
         cols, w_cols = cols.flip(0), w_cols.flip(0)
     lo, hi = int(cols.min()), int(cols.max()) + 1
@@ -564,9 +619,36 @@ class PretrainStream(torch.utils.data.IterableDataset):
         S = meta["n_frames"]
         s = int(rng.integers(S))  # drawn before the crops' draws
         # s and s' each reuse their own arrays from one sample to the next
-        first, second = (functools.partial(read_clahe if self.clahe else read_slice, meta,
-                                           scratch=scratch) for scratch in self._scratch)
+        first, second = (functools.partial(self._pyramid, meta, scratch=scratch)
+                         for scratch in self._scratch)
         return self.multicrop(first(s), mask, meta["mask_stride"], rng, s, S, second)
+
+    def _pyramid(self, meta, s, scratch):
+        """Slice s as a Pyramid: read at the resolution the first crop asks for (read_level);
+        with CLAHE, equalised in full first (MammoDINO equalises the image, not the crop)."""
+        if self.clahe:
+            return Pyramid.of(read_clahe(meta, s, scratch))
+        return Pyramid((meta["rows"], meta["cols"]), lambda level: read_level(meta, s, level,
+                                                                             scratch))
+
+
+def read_level(meta, s, level, scratch=None):
+    """Slice s as read_slice gives it, at 1 / 2**r of its resolution for the largest r <= level
+    its frame allows: (image, 2**r, shift) (Pyramid.read). A JPEG 2000 frame decodes r wavelet
+    levels down (dicom.read_reduced; a full-size frame: 60 ms at r = 1, 20 at r = 2, 160 in
+    full); any other frame, or a mirrored one whose width 2**r does not divide, is read in full.
+    A reduction's sample c is centred on pixel c 2**r (the wavelet's low-pass sits on the even
+    samples), 2**(r - 1) - 1/2 pixels left of a 2x2-mean block's centre: its shift, mirrored for a
+    mirrored slice (without it, crops at margin 1 were 0.32 off the direct resize at edges; with
+    it 0.13)."""
+    aligned = not meta["flip"] or meta["cols"] % 2 ** level == 0
+    if level and meta["transfer_syntax"] in dicom.J2K and aligned:
+        image, factor = dicom.read_reduced(meta, s, level)  # (h, w), stored orientation
+        image = image[:, ::-1] if meta["flip"] else image
+        shift = 0.5 - factor / 2  # full-resolution pixels (< 0: left); 0 when not reduced
+        shift = (shift, -shift if meta["flip"] else shift)  # rows, columns
+        return torch.from_numpy(np.ascontiguousarray(image)), factor, shift
+    return read_slice(meta, s, scratch), 1, (0.0, 0.0)
 
 
 def read_clahe(meta, s, scratch=None):

@@ -11,6 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import data
 import model
 import utils
 from conftest import inproc
@@ -47,12 +48,16 @@ def test_bench_quick_produces_the_tables(tmp_path, monkeypatch):
     assert {r["bench"] for r in rows} == {"backbone", "precision", "embed", "pretrain", "losses",
                                           "read", "sample_path", "clahe", "detect",
                                           "embed_loader"}
-    paths = [(r["recipe"], r["impl"], r["encoding"].split()[0], r["clahe"]) for r in rows
-             if r["bench"] == "sample_path"]
-    assert paths == [("dbt-dino", "pyramid", "Explicit", False), ("dbt-dino", "direct", "Explicit",
-                     False), ("dbt-dino", "pyramid", "JPEG", False),
-                     ("mammodino", "pyramid", "Explicit", False),
-                     ("mammodino", "pyramid", "Explicit", True)]
+    paths = [(r["recipe"], r["impl"], r["encoding"].split()[0], r["clahe"], r["mip_margin"])
+             for r in rows if r["bench"] == "sample_path"]
+    margin = data.MultiCrop.MIP_MARGIN
+    assert paths == [("dbt-dino", "pyramid", "Explicit", False, margin),
+                     ("dbt-dino", "direct", "Explicit", False, None),
+                     ("dbt-dino", "pyramid", "JPEG", False, margin),
+                     ("dbt-dino", "pyramid", "Explicit", False, 1.0),
+                     ("dbt-dino", "pyramid", "JPEG", False, 1.0),
+                     ("mammodino", "pyramid", "Explicit", False, margin),
+                     ("mammodino", "pyramid", "Explicit", True, margin)]
     clahe = [r for r in rows if r["bench"] == "clahe"]
     assert len(clahe) == 1 and clahe[0]["shape"] == [512, 384] and clahe[0]["ms"] > 0
     assert clahe[0]["read_and_clahe_ms"] > 0

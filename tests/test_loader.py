@@ -1,13 +1,15 @@
 """The loader's fast paths (issue 23) against their references: uncompressed frames read from the
 file (dicom._read_native) against pydicom.pixels, byte order and unused bits included; read_slice's
 reused arrays; CLAHE from stored integers (preprocess.clahe_stored) against clahe of the displayed
-slice."""
+slice; the crop pyramid (data.Pyramid) and JPEG 2000 read at the level it asks for (read_level)
+against the direct resize of the full slice."""
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 import torch
+import torch.nn.functional as F
 from pydicom.pixels import pixel_array
 
 import data
@@ -182,3 +184,127 @@ def test_headers_without_rows_and_32_bit_clahe(tmp_path):
     meta = dicom.index_volume(TEST_FILES / "rtdose.dcm")  # 32-bit, 15 frames of 10 x 10
     want = torch.from_numpy(preprocess.clahe(data.read_slice(meta, 3).numpy()))
     assert meta["native"] is None and torch.equal(data.read_clahe(meta, 3), want)
+
+
+def direct(image, box, size):
+    """The direct resize of box (top, left, h, w) of image (H, W): (size, size)."""
+    t, l, h, w = box
+    return F.interpolate(image[None, None, t:t + h, l:l + w], size=(size, size), mode="bicubic",
+                         align_corners=False, antialias=True)[0, 0]
+
+
+def test_reduced_jpeg2000_levels_sit_where_their_samples_are(tmp_path):
+    """read_level decodes a JPEG 2000 slice 1 and 2 wavelet levels down, with the shift of its
+    samples (each centred on every 2**r-th pixel, not between two; mirrored with the slice). On a
+    linear ramp, which both the wavelet and the bicubic kernel keep, a crop resampled from it with
+    that shift is the direct resize of the full slice to rounding (5e-4); ignoring the shift
+    moves it by 0.5 (level 1) and 1.5 (level 2) pixels: 0.001-0.006 here. Each orientation: a
+    slice read as stored and one mirrored."""
+    rows, cols = np.mgrid[0:256, 0:192]
+    flips = set()
+    for mirrored in (False, True):
+        # (256, 192): 0..956, 10 bits; unequal slopes, so row and column shifts cannot cancel
+        ramp = 3 * rows + (191 - cols if mirrored else cols)
+        path = tmp_path / f"ramp{int(mirrored)}.dcm"
+        phantoms.write_bto(path, np.stack([ramp, ramp]).astype(np.uint16), encoding="j2k")
+        meta, _ = data.volume_index(path, tmp_path / "idx")
+        flips.add(meta["flip"])
+        box, inner = (37, 29, 170, 130), (slice(3, -3),) * 2  # away from the box's cut edges
+        want = direct(data.read_slice(meta, 1), box, 24)
+        for level in (1, 2):
+            image, factor, shift = data.read_level(meta, 1, level)
+            assert factor == 2 ** level and image.shape == (256 // factor, 192 // factor)
+            got = data._resample(image, box, 24, level, False, shift)
+            assert (got - want)[inner].abs().max() < 5e-4, (mirrored, level)
+            unshifted = data._resample(image, box, 24, level, False, (0.0, 0.0))
+            assert (unshifted - want)[inner].abs().max() > 8e-4, (mirrored, level)
+    assert flips == {False, True}
+
+
+def test_pyramid_reads_once_at_the_first_level_asked_for():
+    """A Pyramid reads the slice at the level its first crop asks for, makes coarser levels as 2x2
+    means of it (keeping its shift), and reads again only for a finer level."""
+    calls = []
+
+    def read(level):
+        calls.append(level)
+        marked = torch.full((64 >> level, 48 >> level), float(level))  # which read made it
+        return marked, 2 ** level, (0.5 - 2 ** level / 2, 0.25)
+
+    pyramid = data.Pyramid((64, 48), read)
+    assert pyramid[2].shape == (16, 12) and calls == [2]
+    assert torch.equal(pyramid[3], data._half(pyramid[2])) and calls == [2]
+    assert pyramid.shifts[3] == pyramid.shifts[2] == (-1.5, 0.25)
+    assert torch.equal(pyramid[1], torch.full((32, 24), 1.0)) and calls == [2, 1]
+    assert torch.equal(pyramid[2], torch.full((16, 12), 2.0))  # the read, not a mean of level 1
+    assert pyramid[0].shape == (64, 48) and calls == [2, 1, 0]
+    image = torch.rand(8, 6)
+    assert data.Pyramid.of(image)[0] is image
+    assert torch.equal(data.Pyramid.of(image)[1], data._half(image))
+
+
+def test_a_jpeg2000_stream_decodes_each_slice_once_at_the_level_its_crops_need(tmp_path,
+                                                                              monkeypatch):
+    """At --mip-margin 1 every crop of these sizes comes from level 1 or coarser, so the stream
+    decodes each JPEG 2000 slice once, reduced, never in full (a mirrored slice of odd width, whose
+    reduction would not line up, is read in full); the draws are the direct path's and the crops
+    are within mean 0.005 of its resize of the full slice (a margin this low gives up the 0.03
+    maximum: data.MultiCrop)."""
+    volume, _ = phantoms.make_phantom((3, 280, 223), seed=1)
+    stored = phantoms.quantize(volume)
+    reads = []
+    decode = dicom.decode_slice
+    monkeypatch.setattr(dicom, "decode_slice", lambda meta, s, reduce=0, out=None: (
+        reads.append(reduce), decode(meta, s, reduce, out))[1])
+    for name, frames in (("even", stored[:, :, :222]), ("odd-mirrored", stored[:, :, ::-1])):
+        folder = tmp_path / name
+        folder.mkdir()
+        phantoms.write_bto(folder / "v.dcm", np.ascontiguousarray(frames), encoding="j2k")
+        crops = {}
+        for pyramid in (True, False):
+            stream = data.PretrainStream(folder, cache_dir=tmp_path / "idx", global_size=28,
+                                         local_size=14, n_local=4, mip_margin=1.0,
+                                         pyramid=pyramid, **data.RECIPES["dbt-dino"])
+            meta, mask = data.volume_index(stream.paths[0], tmp_path / "idx")
+            rng = np.random.default_rng(4)
+            reads.clear()
+            crops[pyramid] = [stream.sample(meta, mask, rng) for _ in range(6)]
+            if pyramid:
+                assert meta["flip"] == (name == "odd-mirrored"), name
+                assert len(reads) == 6, (name, reads)  # one read per sample: slice s
+                assert all(r == 0 for r in reads) if meta["flip"] else min(reads) >= 1, reads
+        for ours, theirs in zip(crops[True], crops[False]):
+            assert torch.equal(ours["global_tissue"], theirs["global_tissue"])
+            for key in ("global_crops", "local_crops"):
+                assert (ours[key] - theirs[key]).abs().mean() < 0.005, (name, key)
+
+
+def test_full_size_crops_of_an_equalised_slice_stay_within_the_tolerance(tmp_path):
+    """Issue 23's bound on the pyramid, where it is hardest: crops of CLAHE'd full-size slices
+    (2457 x 1996, the phantom's 5-pixel steps sharpened), mammodino's sizes, before photometry.
+    At the default margin every crop (some from level 1) is within mean 0.005, max 0.03 of the
+    direct resize; at 2.5, this default until the issue's last changes, one goes beyond 0.03."""
+    path = phantoms.write_phantom_dicom(tmp_path / "v.dcm", (2, 2457, 1996), "native", seed=2)
+    meta, mask = data.volume_index(path, tmp_path / "idx")
+    slices = [data.read_clahe(meta, s) for s in range(2)]
+    worst = {}
+    for margin in (data.MultiCrop.MIP_MARGIN, 2.5):
+        made = {}
+        for pyramid in (True, False):
+            multicrop = data.MultiCrop(global_size=224, local_size=98, pyramid=pyramid,
+                                       mip_margin=margin, **data.RECIPES["mammodino"])
+            made[pyramid], crop = [], multicrop._crop
+
+            def spy(levels, box, flip, size, crop=crop, multicrop=multicrop, out=made[pyramid]):
+                out.append((multicrop._level(box, size), crop(levels, box, flip, size)))
+                return out[-1][1]
+
+            multicrop._crop, rng = spy, np.random.default_rng(1)
+            for k in range(12):
+                multicrop(slices[k % 2], mask, meta["mask_stride"], rng, k % 2, 2,
+                          lambda s: slices[s])
+        diffs = [(level, (x - want).abs()) for (level, x), (_, want) in zip(*made.values())]
+        assert any(level for level, _ in diffs), margin  # the pyramid served some crops
+        assert all(d.mean() <= 0.005 for _, d in diffs), margin
+        worst[margin] = max(float(d.max()) for _, d in diffs)
+    assert worst[data.MultiCrop.MIP_MARGIN] <= 0.03 < worst[2.5], worst

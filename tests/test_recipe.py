@@ -310,7 +310,8 @@ def test_tissue_grid_of_a_flipped_crop_is_mirrored(multicrop):
     grid_f = multicrop._tissue_grid(mask, 1, box, True)
     assert (grid - grid.flip(-1)).abs().max() > 0.3  # the box really is asymmetric
     assert torch.equal(grid_f, grid.flip(-1))
-    crop, crop_f = multicrop._crop([img], box, False, G), multicrop._crop([img], box, True, G)
+    levels = data.Pyramid.of(img)
+    crop, crop_f = multicrop._crop(levels, box, False, G), multicrop._crop(levels, box, True, G)
     assert torch.equal(crop_f, crop.flip(-1))
 
 

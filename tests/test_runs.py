@@ -180,6 +180,7 @@ def test_resume_from_elsewhere_and_overwrite_with_bad_data_leave_a_run_whole(
     (["--steps", "-5"], "argument --steps: -5 is outside [1, inf]"),
     (["--batch-size", "0"], "argument --batch-size: 0 is outside [1, inf]"),
     (["--workers", "-1"], "argument --workers: -1 is outside [0, inf]"),
+    (["--mip-margin", "0.5"], "argument --mip-margin: 0.5 is outside [1, inf]"),
     (["--steps", "ten"], "argument --steps: 'ten' is not an integer"),
     (["--recipe", "nosuch"], "argument --recipe: invalid choice: 'nosuch'"),
     (["--model", "vitz14"], "argument --model: invalid choice: 'vitz14'"),
