@@ -139,6 +139,14 @@ def test_resume_failures_are_one_line_naming_the_file(finished, archive, tmp_pat
     with pytest.raises(ValueError,
                        match="does not fit the flags: --seed 0 in the checkpoint, 7 now"):
         pretrain.train(args)
+    # a run from before --mip-margin resampled its crops at 2.5: resumed only with that margin
+    old = torch.load(finished / "ckpt.pt", weights_only=True)
+    del old["args"]["mip_margin"]
+    torch.save(old, tmp_path / "old.pt")
+    args = pretrain.get_args(["--data", str(archive), "--out", str(tmp_path / "r"), "--resume",
+                              str(tmp_path / "old.pt"), *SMALL])
+    with pytest.raises(ValueError, match="--mip-margin 2.5 in the checkpoint, 6.0 now"):
+        pretrain.train(args)
     assert not (tmp_path / "r").exists()  # no failed start made a run folder
     # a broken ckpt.pt found by --resume auto: the same one line, from the CLI
     corrupt = tmp_path / "corrupt"
