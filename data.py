@@ -75,8 +75,7 @@ def read_slice(meta, s, scratch=None):
     of page faults a full-size slice); the slice is then valid until its next use."""
     stored, _ = dicom.decode_slice(meta, s, out=_scratch(scratch, "stored", meta))  # (H, W)
     stored = stored[:, ::-1] if meta["flip"] else stored  # a view; the copy below mirrors it
-    x = dicom.apply_voi(stored, *meta["voi"][s], meta["bits_stored"], meta["signed"],
-                        meta["invert"], out=_scratch(scratch, "shown", meta))
+    x = dicom.display_slice(meta, stored, s, out=_scratch(scratch, "shown", meta))
     return torch.from_numpy(x)  # (H, W), C order
 
 
@@ -658,11 +657,7 @@ def read_clahe(meta, s, scratch=None):
     if meta["bits_allocated"] > 16:  # 32-bit data: too many values for a table
         return torch.from_numpy(preprocess.clahe(read_slice(meta, s, scratch).numpy()))
     stored, _ = dicom.decode_slice(meta, s, out=_scratch(scratch, "stored", meta))  # (H, W)
-
-    def display(values):  # the slice's VOI, applied to a table of stored values
-        return dicom.apply_voi(values, *meta["voi"][s], meta["bits_stored"], meta["signed"],
-                               meta["invert"])
-
+    display = functools.partial(dicom.display_slice, meta, s=s)  # applied to a table of values
     return torch.from_numpy(preprocess.clahe_stored(stored, display, meta["flip"]))
 
 
@@ -873,10 +868,8 @@ def density_eval_set(root, size=112, max_exams=None, exclude=(), clahe=False):
             meta = dicom.parse_headers(root / e[col])  # one header parse per view
             x = dicom.orient(meta)  # (H, W) the displayed central slice, decoded once for both uses
             x = np.ascontiguousarray(x[:, ::-1] if meta["flip"] else x)  # chest wall left
-            x = preprocess.clahe(x) if clahe else x
-            x = F.interpolate(torch.from_numpy(x)[None, None], size=(size, size), mode="bilinear",
-                              antialias=True)[0]  # (1, size, size)
-            images.append(x[0].clamp(0, 1).expand(3, -1, -1))  # (3, size, size)
+            x = preprocess.squares(x[None], size, clahe)[0, 0]  # (size, size)
+            images.append(x.clamp(0, 1).expand(3, -1, -1))  # (3, size, size)
             labels.append("abcd".index(e["density"]))
             groups.append(patients.setdefault(e["patient"], len(patients)))
     return dict(images=torch.stack(images), labels=torch.tensor(labels),

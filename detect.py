@@ -157,9 +157,7 @@ def read_resized(vol, frames, size, clahe=False):
     preprocess.clahe, as the mammodino recipe trains), resized (aspect not kept, as DBT-DINO) ->
     (n, 1, size, size) float32 in [0, 1]."""
     x, _ = dicom.read_dbt(vol["path"], frames=frames, view=vol["view"])  # (n, H, W)
-    x = np.stack([preprocess.clahe(s) for s in x]) if clahe else x
-    return F.interpolate(torch.from_numpy(x)[:, None], size=(size, size), mode="bilinear",
-                         align_corners=False, antialias=True)
+    return preprocess.squares(x, size, clahe)  # (n, 1, size, size)
 
 
 def to_model(vol, boxes, size):

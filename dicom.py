@@ -244,16 +244,9 @@ def apply_voi(x, slope, icpt, c, w, fn, bits_stored=16, signed=0, invert=False, 
     intercept of 0 are skipped (x * 1 and x + 0 are x exactly): 6.5 -> 4.8 ms a full-size LINEAR
     slice on one core. (Blocks of rows that stay in the cache gain nothing: each pass is bound by
     arithmetic, not memory.)"""
-    row, sigmoid = _voi_row(slope, icpt, c, w, fn, bits_stored, signed)
+    (slope, icpt, c, w), sigmoid = _voi_row(slope, icpt, c, w, fn, bits_stored, signed)
     x = np.asarray(x)
     out = np.empty(x.shape, np.float32) if out is None else out
-    _voi_block(x, out, row, sigmoid, invert)
-    return out
-
-
-def _voi_block(x, out, row, sigmoid, invert):
-    """apply_voi's arithmetic: x stored values -> out float32, in place."""
-    slope, icpt, c, w = row
     ops = [(np.multiply, slope)] if slope != 1 else []
     ops += [(np.add, icpt)] if icpt != 0 else []
     ops += [(np.subtract, c)]
@@ -272,6 +265,7 @@ def _voi_block(x, out, row, sigmoid, invert):
         np.clip(out, 0, 1, out=out)
     if invert:  # MONOCHROME1 is inverted after VOI
         np.subtract(1, out, out=out)
+    return out
 
 
 def decode_slice(meta, s, reduce=0, out=None):
@@ -431,9 +425,11 @@ def _j2k_stored(im, precision, j2k_signed, signed):
     return arr
 
 
-def _display(meta, stored, s):
-    """Stored (H, W) of slice s -> displayed float32 (H, W) in [0, 1]."""
-    return apply_voi(stored, *meta["voi"][s], meta["bits_stored"], meta["signed"], meta["invert"])
+def display_slice(meta, stored, s, out=None):
+    """Stored values of slice s (any shape) -> displayed float32 in [0, 1] (apply_voi with the
+    slice's own parameters; into `out` when given)."""
+    return apply_voi(stored, *meta["voi"][s], meta["bits_stored"], meta["signed"], meta["invert"],
+                     out=out)
 
 
 def read_reduced(meta, s, reduce=0):
@@ -441,7 +437,7 @@ def read_reduced(meta, s, reduce=0):
     decode_slice(meta, s, reduce)'s stored values through the unchanged display transform (rescale
     and VOI act per pixel, so they apply to reduced values as they are)."""
     stored, factor = decode_slice(meta, s, reduce)
-    return _display(meta, stored, s), factor
+    return display_slice(meta, stored, s), factor
 
 
 def read_slices(meta, frames):
@@ -468,7 +464,7 @@ def orient(meta):
     Returns the displayed central slice (H, W), for the tissue mask."""
     s = meta["n_frames"] // 2
     stored, _ = decode_slice(meta, s)
-    shown = _display(meta, stored, s)
+    shown = display_slice(meta, stored, s)
     meta["side"] = edge_side(shown if meta["invert"] else stored)
     meta["flip"] = edge_side(shown) == "R"
     return shown

@@ -12,6 +12,7 @@ slice).
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 import utils
@@ -70,6 +71,16 @@ def clahe_stored(stored, display, flip=False, clip_limit=0.01, nbins=256):
         view = x.view(np.uint16 if bits == 16 else np.uint8)
         key, hist = _clahe_hists(view[:, ::-1] if flip else view, None, lut, ks, tiles, nbins)
         return _clahe_finish(key, hist, ks, tiles, clip_limit, nbins)
+
+
+def squares(x, size, equalise=False):
+    """Displayed slices (k, H, W) float32 numpy -> (k, 1, size, size) tensor: each through clahe
+    when `equalise`, then stretched to a square by antialiased bilinear resizing (aspect not
+    kept, as DBT-DINO feeds slices). detect.py's slices, probe.py's fine-tuning views, the quick
+    probe's."""
+    x = np.stack([clahe(s) for s in x]) if equalise else x  # (k, H, W)
+    return F.interpolate(torch.from_numpy(x)[:, None], size=(size, size), mode="bilinear",
+                         align_corners=False, antialias=True)
 
 
 def _tiling(shape, kernel_size=None):

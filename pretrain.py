@@ -70,7 +70,6 @@ import utils
 STUDENT_TEMP, CENTER_MOMENTUM = 0.1, 0.9  # DINOv2's defaults for both DINO and iBOT
 MIN_LR = 1e-6
 CLIP_GRAD = 3.0
-PATCH_EMBED_LR_MULT = model.PATCH_EMBED_LR_MULT
 WARMUP_TEACHER_TEMP, TEACHER_TEMP = 0.04, 0.07  # DINO's advice: > 0.07 is unstable, warm up
 HELDOUT_PATIENTS = 40  # phantom patients the quick probe is fit and scored on: 160 images
 # Presets set the defaults of the flags below; explicit flags override them. Steps are iterations.
@@ -392,12 +391,12 @@ def make_schedules(args, world_size):
     }
 
 
-def param_groups(student, layer_decay, patch_embed_lr_mult=PATCH_EMBED_LR_MULT):
+def param_groups(student, layer_decay):
     """AdamW groups with DINOv2's multipliers (model.param_groups, the rule probe.py's fine-tuning
     shares): lr x layer_decay^(depth + 1 - layer_id) (layer 0 = embeddings, i + 1 = blocks.i,
     depth + 1 = final norm and heads), x0.2 for patch_embed; no weight decay on biases, norms and
     LayerScale gammas; the prototype layer follows the last-layer lr."""
-    return model.param_groups(student, student.backbone.n_blocks, layer_decay, patch_embed_lr_mult)
+    return model.param_groups(student, student.backbone.n_blocks, layer_decay)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -690,9 +690,7 @@ def dbt_slices(path, size, clahe=False):
     meta = dicom.index_volume(path)
     frames = [(k + 1) * meta["n_frames"] // (FT_SLICES + 1) for k in range(FT_SLICES)]
     x = dicom.read_dbt(path, frames=frames, meta=meta)[0]  # (k, H, W)
-    x = np.stack([preprocess.clahe(s) for s in x]) if clahe else x  # (k, H, W)
-    x = F.interpolate(torch.from_numpy(x)[:, None], (size, size), mode="bilinear", antialias=True)
-    return x[:, 0].clamp(0, 1)  # (k, size, size)
+    return preprocess.squares(x, size, clahe)[:, 0].clamp(0, 1)  # (k, size, size)
 
 
 class SliceReader(data.ViewReader):
@@ -960,10 +958,9 @@ def check_weights(args, ckpt, weights):
 
 
 def start_writer(args, stale, info, ckpt):
-    """args.json, once the inputs are read (the old run's files cleared first), and metrics.jsonl
-    cut to what a resumed run keeps (an interrupted frozen run's curves: the search starts again).
-    A resume from other weights, size or preprocessing is refused first, the folder untouched."""
-    check_weights(args, ckpt, info.get("weights"))
+    """args.json, once the inputs are read (the old run's files cleared first; ft_inputs refused
+    a resume from other weights, size or preprocessing before), and metrics.jsonl cut to what a
+    resumed run keeps (an interrupted frozen run's curves: the search starts again)."""
     utils.write_args(args.out, args, "probe.py", stale,
                      **{"inputs" if args.finetune_blocks else "embeddings": info})
     writer = utils.JsonlWriter(Path(args.out) / "metrics.jsonl")
